@@ -1,0 +1,307 @@
+"""The quota engine: turns a plan (subjects and their limits) into script calls.
+
+Each subject is one Redis hash slot (`rl:{scope:id}`); a reserve visits them in order and, when
+a later one denies, releases what the earlier ones reserved, so a reserve is all or nothing.
+The decision logic itself lives in lua/; this module only builds keys and arguments, follows
+the slots, and shapes the replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Final, Literal
+from zoneinfo import ZoneInfo
+
+import orjson
+
+from ratelimitd.policy import Limit, Subject
+from ratelimitd.scripts import RedisClient, Scripts, run
+
+_METRIC_CODES: Final = {
+    "requests": "r", "tokens": "t", "input_tokens": "i", "output_tokens": "o",
+    "cost_usd": "c", "concurrent": "n",
+}
+_ALGORITHM_CODES: Final = {"sliding": "s", "calendar": "c", "token_bucket": "b"}
+_RID_PREFIX: Final = "rsv_"
+
+SettleStatus = Literal["applied", "duplicate", "not_found", "conflict"]
+_SETTLE_STATUS: Final[dict[int, SettleStatus]] = {
+    0: "not_found", 1: "applied", 2: "duplicate", 3: "conflict",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Prices:
+    """Micro-USD per 1M tokens: tokens x price / 1000 is nano-USD."""
+
+    input: int
+    output: int
+    cached_input: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveRequest:
+    plan: Sequence[tuple[Subject, Sequence[Limit]]]
+    input_tokens: int
+    max_output_tokens: int
+    prices: Prices
+    min_output_tokens: int = 16
+    idempotency_key: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    limit: Limit
+    subject: Subject
+    remaining: int
+    reset_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    allowed: bool
+    reservation_id: str
+    expires_at_ms: int
+    input_tokens: int
+    max_output_tokens: int
+    states: list[LimitState]
+    denied_by: LimitState | None = None
+    retry_after_ms: int | None = None      # None: the call can never fit this limit
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    status: SettleStatus
+    state: str = ""                  # "c" committed, "x" released, "r" still reserved
+    input_tokens: int = 0
+    cached_input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nano: int = 0
+    reserved_tokens: int = 0
+    reserved_cost_nano: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    reservation_ttl_ms: int = 300_000
+    timezone: str = "UTC"
+
+
+@dataclass(slots=True)
+class _Calendar:
+    """Period boundaries of the configured timezone, cached while the period lasts.
+
+    Lua has no timezone database, so the script gets the starts of the previous, current and
+    next two periods (by the daemon's clock) and picks the one Redis time falls in: daylight
+    saving is right, and a daemon clock off by up to a period still yields Redis-time answers.
+    """
+
+    zone: ZoneInfo
+    cache: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+
+    def boundaries(self, period: str, now_ms: int) -> str:
+        hit = self.cache.get(period)
+        if hit and hit[0] <= now_ms < hit[1]:
+            return hit[2]
+        local = datetime.fromtimestamp(now_ms / 1000, self.zone)
+        start = _period_start(local, period)
+        starts = [_shift(start, period, k) for k in (-1, 0, 1, 2)]
+        ms = [int(s.timestamp() * 1000) for s in starts]
+        text = ",".join(str(m) for m in ms)
+        self.cache[period] = (ms[1], ms[2], text)
+        return text
+
+
+def _period_start(local: datetime, period: str) -> datetime:
+    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.replace(day=1) if period == "month" else day
+
+
+def _shift(start: datetime, period: str, k: int) -> datetime:
+    """Start of the k-th period after `start`, at local midnight (DST-aware)."""
+    if period == "month":
+        months = start.month - 1 + k
+        naive = start.replace(tzinfo=None, year=start.year + months // 12, month=months % 12 + 1)
+    else:
+        naive = start.replace(tzinfo=None) + timedelta(days=k)
+    return naive.replace(tzinfo=start.tzinfo)
+
+
+def _keys(tag: str, rand: str) -> list[str]:
+    base = f"rl:{{{tag}}}"
+    return [base, f"{base}:cc", f"{base}:r:{rand}"]
+
+
+def reservation_id(primary: Subject, rand: str) -> str:
+    tag = base64.urlsafe_b64encode(primary.tag.encode()).rstrip(b"=").decode()
+    return f"{_RID_PREFIX}{rand}.{tag}"
+
+
+def parse_reservation_id(rid: str) -> tuple[str, str] | None:
+    """rid -> (random part, primary subject tag), or None when it cannot be ours."""
+    if not rid.startswith(_RID_PREFIX) or len(rid) > 1024:
+        return None
+    rand, _, tag64 = rid[len(_RID_PREFIX):].partition(".")
+    if not rand or not tag64 or not all(c.isalnum() or c in "-_" for c in rand):
+        return None
+    try:
+        tag = base64.urlsafe_b64decode(tag64 + "=" * (-len(tag64) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return rand, tag
+
+
+class Engine:
+    """Reserve, commit and release against Redis. Production always runs on Redis time."""
+
+    def __init__(self, client: RedisClient, settings: EngineSettings | None = None) -> None:
+        self.client = client
+        self.settings = settings or EngineSettings()
+        self.scripts = Scripts.register(client)
+        self._calendar = _Calendar(ZoneInfo(self.settings.timezone))
+        self._clock: Callable[[], int] | None = None
+
+    @classmethod
+    def with_test_clock(
+        cls, client: RedisClient, clock: Callable[[], int], settings: EngineSettings | None = None
+    ) -> Engine:
+        """An engine whose scripts use `clock()` (ms) instead of Redis TIME. Tests only."""
+        engine = cls(client, settings)
+        engine._clock = clock
+        return engine
+
+    def _clock_arg(self) -> str:
+        return "" if self._clock is None else str(self._clock())
+
+    def _now_ms(self) -> int:
+        return time.time_ns() // 1_000_000 if self._clock is None else self._clock()
+
+    def _limit_args(self, limits: Sequence[Limit]) -> list[str | int]:
+        args: list[str | int] = []
+        now = self._now_ms()
+        for lim in limits:
+            if lim.algorithm == "calendar":
+                p1: str | int = self._calendar.boundaries(lim.period, now)
+                p2 = 0
+            elif lim.algorithm == "token_bucket":
+                p1, p2 = lim.window_ms, lim.burst
+            else:
+                p1, p2 = lim.window_ms, lim.buckets
+            args += [lim.lid, _ALGORITHM_CODES[lim.algorithm], _METRIC_CODES[lim.metric],
+                     lim.limit, p1, p2]
+        return args
+
+    # -- reserve ---------------------------------------------------------------------------
+
+    async def reserve(self, req: ReserveRequest) -> ReserveResult:
+        primary = req.plan[0][0]
+        if req.idempotency_key is not None:
+            digest = hashlib.sha256(f"{primary.tag}\0{req.idempotency_key}".encode()).digest()
+            rand = base64.urlsafe_b64encode(digest[:18]).decode()
+        else:
+            rand = secrets.token_urlsafe(18)
+        rid = reservation_id(primary, rand)
+        mode = "dry" if req.dry_run else ("retry" if req.idempotency_key is not None else "reserve")
+        others = orjson.dumps([s.tag for s, _ in req.plan[1:]]).decode()
+        grant = req.max_output_tokens
+        states: list[LimitState] = []
+        reserved: list[tuple[Subject, int]] = []     # (subject, granted output) per slot
+        first: list[int] | None = None
+        for index, (subject, limits) in enumerate(req.plan):
+            reply = await run(
+                self.scripts.reserve,
+                _keys(subject.tag, rand),
+                [self._clock_arg(), mode, rand, self.settings.reservation_ttl_ms,
+                 req.input_tokens, grant, req.min_output_tokens, req.prices.input,
+                 req.prices.cached_input, req.prices.output, others if index == 0 else "[]",
+                 len(limits), *self._limit_args(limits)],
+            )
+            status = int(reply[0])
+            states += _states(subject, limits, reply)
+            if status == 0:
+                await self._undo(reserved, rand)
+                denied = _states(subject, limits, reply)[int(reply[3]) - 1]
+                retry = int(reply[4])
+                return ReserveResult(False, "", 0, req.input_tokens, 0, states, denied,
+                                     None if retry < 0 else retry)
+            if first is None:
+                first = reply
+            grant = min(grant, int(reply[1]))
+            reserved.append((subject, int(reply[1])))
+        assert first is not None
+        if not req.dry_run:
+            await self._shrink(reserved, rand, grant)
+        return ReserveResult(True, "" if req.dry_run else rid, int(first[2]), int(first[5]),
+                             grant, states, duplicate=int(first[0]) == 2)
+
+    async def _undo(self, reserved: list[tuple[Subject, int]], rand: str) -> None:
+        """A later slot denied: give back what the earlier slots reserved."""
+        for subject, _ in reserved:
+            await self._settle(subject.tag, rand, "release", 0, 0, 0)
+
+    async def _shrink(self, reserved: list[tuple[Subject, int]], rand: str, grant: int) -> None:
+        """A later slot granted less output: earlier slots keep only the final grant."""
+        for subject, granted in reserved:
+            if granted > grant:
+                await self._settle(subject.tag, rand, "resize", 0, 0, grant)
+
+    # -- commit / release ------------------------------------------------------------------
+
+    async def commit(
+        self, rid: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
+    ) -> SettleResult:
+        """Replaces the estimate by the actual usage, on every subject the reserve charged."""
+        return await self._settle_all(rid, "commit", input_tokens, cached_input_tokens,
+                                      output_tokens)
+
+    async def release(self, rid: str) -> SettleResult:
+        """Refunds a call that never happened and frees its concurrency slot."""
+        return await self._settle_all(rid, "release", 0, 0, 0)
+
+    async def _settle_all(
+        self, rid: str, mode: str, input_tokens: int, cached: int, output: int
+    ) -> SettleResult:
+        parsed = parse_reservation_id(rid)
+        if parsed is None:
+            return SettleResult("not_found")
+        rand, primary = parsed
+        reply = await self._settle(primary, rand, mode, input_tokens, cached, output)
+        result = _settle_result(reply)
+        if result.status in ("applied", "duplicate"):
+            # Each slot settles exactly once on its own, so a repeat also finishes what a
+            # crash may have left half done; the primary's record holds the usage to apply.
+            for tag in orjson.loads(reply[8] or "[]"):
+                await self._settle(tag, rand, mode, result.input_tokens,
+                                   result.cached_input_tokens, result.output_tokens)
+        return result
+
+    async def _settle(
+        self, tag: str, rand: str, mode: str, input_tokens: int, cached: int, output: int
+    ) -> list[object]:
+        reply: list[object] = await run(
+            self.scripts.settle, _keys(tag, rand),
+            [self._clock_arg(), mode, rand, self.settings.reservation_ttl_ms,
+             input_tokens, cached, output],
+        )
+        return reply
+
+
+def _states(subject: Subject, limits: Sequence[Limit], reply: list[object]) -> list[LimitState]:
+    values = [int(v) for v in reply[6:]]  # type: ignore[call-overload]
+    return [LimitState(lim, subject, values[2 * k], values[2 * k + 1])
+            for k, lim in enumerate(limits)]
+
+
+def _settle_result(reply: list[object]) -> SettleResult:
+    status, state, *numbers = reply[:8]
+    text = state.decode() if isinstance(state, bytes) else str(state)
+    n = [int(v) for v in numbers]  # type: ignore[call-overload]
+    return SettleResult(_SETTLE_STATUS[int(status)], text, *n)  # type: ignore[call-overload]

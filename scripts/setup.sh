@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what ratelimitd needs on a fresh Debian machine (as root) and leaves a virtualenv in
+# .venv. `scripts/setup.sh dev` also installs the test and lint tools. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_install() {
+    # Debian's redis-server package would start a system-wide Redis on port 6379; ratelimitd
+    # starts its own, so keep the package's service from starting (policy-rc.d exit 101).
+    export DEBIAN_FRONTEND=noninteractive
+    local policy=/usr/sbin/policy-rc.d created=0
+    if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' >"$policy"; chmod +x "$policy"; created=1; fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    if [ "$created" = 1 ]; then rm -f "$policy"; fi
+}
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ "${1:-}" = bench ]; then command -v wrk >/dev/null 2>&1 || need+=(wrk); fi
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "missing: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
+        exit 1
+    fi
+    apt_install "${need[@]}"
+fi
+
+python3 -m venv .venv
+extra=""
+case "${1:-}" in dev|bench) extra="[dev]" ;; esac
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e ".${extra}"
