@@ -2,299 +2,268 @@
 -- entry script, so every script stays one atomic EVALSHA over the keys of one hash slot.
 --
 -- Units: every amount is an integer (requests, tokens, cost in nano-USD); times are integer ms of
--- Redis server time (TIME), unless a test-built engine passes an explicit clock.
+-- Redis server time (TIME), unless a test-built engine passes an explicit clock. Numbers go to
+-- redis.call as Lua numbers: Redis formats them with %.17g, exact for integers below 2^53.
 --
 -- Limit state lives in the subject hash K, in fields prefixed by the limit's short id (lid):
 --   sliding window:  lid:h = newest sub-bucket index, lid:t = running total, lid:<i> = sub-bucket
 --                    i mod (n+1). n+1 cells make the counted span cover the whole window plus at
 --                    most one sub-bucket: conservative by <= 1/n of the window, never generous.
 --   calendar period: lid:p = start of the period the value belongs to, lid:v = value.
---   token bucket:    lid:l = level (may go below 0 after an overrun), lid:s = last refill time.
--- In-flight reservations (metric "concurrent") are members of the sorted set Z scored by expiry.
+--   token bucket:    lid:l = level (below 0 after an overrun), lid:s = last refill time.
+-- K's field `x` is the expiry K was last given, so most calls skip PEXPIRE.
+-- In-flight reservations (metric "concurrent", code n) are a sliding window as long as the
+-- reservation TTL: a reserve adds 1 to the current sub-bucket, its commit or release takes it
+-- back, and an abandoned one slides out after the TTL (plus at most one sub-bucket), so a
+-- crashed gateway cannot leak slots.
+
+local tonumber, floor, ceil, format = tonumber, math.floor, math.ceil, string.format
 
 local function now_ms(override)
   if override ~= '' then return tonumber(override) end
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 
-local function int(n) return string.format('%d', n) end
+-- A call's usage in each metric: u = {requests, input, output, fixed, po, inflight}, where
+-- fixed is the input side's price numerator (tokens x micro-USD per 1M), po the output price,
+-- and inflight 1 while the call holds a concurrency slot (settle sets 0 when it ends).
+local function usage_of(requests, input, cached, output, pi, pc, po)
+  return {requests = requests, input = input, output = output,
+          fixed = (input - cached) * pi + cached * pc, po = po, inflight = 1}
+end
 
--- Usage of one call in every metric. u = {requests, input, output, fixed, po}: fixed is the
--- price numerator of the input side (tokens x micro-USD per 1M), po the output price.
 local function amount(metric, u)
   if metric == 'r' then return u.requests end
   if metric == 't' then return u.input + u.output end
   if metric == 'i' then return u.input end
   if metric == 'o' then return u.output end
-  if metric == 'c' then return math.ceil((u.fixed + u.output * u.po) / 1000) end
-  return 0
+  if metric == 'c' then return ceil((u.fixed + u.output * u.po) / 1000) end
+  return u.inflight
 end
 
--- Cost in nano-USD of a call: prices are micro-USD per 1M tokens, so tokens x price / 1000.
--- Cached input tokens are part of input tokens and priced at pc instead of pi.
-local function usage_of(requests, input, cached, output, pi, pc, po)
-  return {requests = requests, input = input, output = output,
-          fixed = (input - cached) * pi + cached * pc, po = po}
-end
-
--- Parses the limit specs ARGV[first ..] (6 values each):
---   lid, algorithm (s|c|b), metric (r|t|i|o|c|n), limit, p1, p2
+-- A limit from its spec: lid, algorithm (s|c|b), metric (r|t|i|o|c|n), limit, p1, p2.
 --   sliding: p1 = window ms, p2 = sub-buckets;  token bucket: p1 = window ms, p2 = burst;
---   calendar: p1 = comma-separated period boundaries (ms), p2 unused.
+--   calendar: p1 = comma-separated period starts (ms), p2 unused.
+-- The fields every call sets are named here, so Lua sizes the table once (rarer ones, such as
+-- the cells to drop after a pause, are added when needed).
+local function new_limit(lid, algo, metric, limit, p1, p2)
+  return {lid = lid, algo = algo, metric = metric, limit = tonumber(limit), p1 = p1,
+          p2 = tonumber(p2), f1 = false, f2 = false, used = 0, dirty = false,
+          cur = 0, w = 0, head = 0, total = 0, cell = 0, cellf = false}
+end
+
 local function parse_limits(first, count)
   local limits = {}
   for k = 0, count - 1 do
     local a = first + k * 6
-    limits[k + 1] = {lid = ARGV[a], algo = ARGV[a + 1], metric = ARGV[a + 2],
-                     limit = tonumber(ARGV[a + 3]), p1 = ARGV[a + 4], p2 = tonumber(ARGV[a + 5])}
+    limits[k + 1] = new_limit(ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+                              ARGV[a + 5])
   end
   return limits
 end
 
 -- Capacity of a limit in its own metric (a token bucket holds up to its burst).
 local function capacity(lim)
-  if lim.algo == 'b' and lim.metric ~= 'n' then return lim.p2 end
+  if lim.algo == 'b' then return lim.p2 end
   return lim.limit
 end
 
-local function capacity_left(lim) return capacity(lim) - lim.used end
-
--- Fields of K every limit needs before a decision; one HMGET for all limits.
-local function base_fields(lim, now)
-  local lid = lim.lid
-  if lim.metric == 'n' then return {} end
-  if lim.algo == 's' then
-    local n = lim.p2
-    local w = tonumber(lim.p1) / n
-    lim.w = w
-    lim.cur = math.floor(now / w)
-    return {lid .. ':h', lid .. ':t', lid .. ':' .. (lim.cur % (n + 1))}
-  elseif lim.algo == 'c' then
-    return {lid .. ':p', lid .. ':v'}
-  else
-    return {lid .. ':l', lid .. ':s'}
-  end
-end
-
--- Brings a sliding window to the current sub-bucket (in memory; apply() writes it back).
--- Needs lim.vals = {head, total, value of the cell the current bucket maps to}.
--- Returns the cells that fall out and are not read yet, so the caller can fetch them in one go.
-local function sliding_advance(lim)
-  local n = lim.p2
-  local head, total = tonumber(lim.vals[1]), tonumber(lim.vals[2]) or 0
-  local cur = lim.cur
-  if head == nil then head = cur end
-  if head > cur then cur = head; lim.cur = cur end  -- clock stepped back: keep the newer bucket
-  lim.head, lim.total, lim.clear, lim.clear_all = head, total, {}, false
-  lim.cell = tonumber(lim.vals[3]) or 0
-  if cur == head then return {} end
-  if cur - head > n then
-    lim.total, lim.cell, lim.clear_all = 0, 0, true
-    return {}
-  end
-  -- cells of buckets head+1 .. cur now hold buckets that slid out of the window
-  lim.total = total - lim.cell
-  lim.cell = 0
-  local missing = {}
-  for b = head + 1, cur - 1 do
-    local f = lim.lid .. ':' .. (b % (n + 1))
-    lim.clear[#lim.clear + 1] = f
-    missing[#missing + 1] = f
-  end
-  return missing
-end
-
--- Loads and advances the state of every limit (in memory) and fills lim.used.
--- zcount: in-flight reservations not yet expired (only read when a limit needs it).
-local function load_limits(K, Z, limits, now)
-  local fields, owners = {}, {}
-  for _, lim in ipairs(limits) do
-    local f = base_fields(lim, now)
-    lim.vals = {}
-    for j = 1, #f do fields[#fields + 1] = f[j]; owners[#owners + 1] = {lim, j} end
-  end
-  if #fields > 0 then
-    local got = redis.call('HMGET', K, unpack(fields))
-    for j = 1, #fields do owners[j][1].vals[owners[j][2]] = got[j] end
-  end
-  local extra, extra_owner = {}, {}
-  local inflight = nil
-  for _, lim in ipairs(limits) do
-    if lim.metric == 'n' then
-      if inflight == nil then inflight = redis.call('ZCOUNT', Z, '(' .. int(now), '+inf') end
-      lim.used = inflight
-    elseif lim.algo == 's' then
-      local missing = sliding_advance(lim)
-      for j = 1, #missing do extra[#extra + 1] = missing[j]; extra_owner[#extra_owner + 1] = lim end
-    elseif lim.algo == 'c' then
-      local start, stop = nil, nil
-      local prev = nil
-      for b in string.gmatch(lim.p1, '[^,]+') do
-        local v = tonumber(b)
-        if prev ~= nil and prev <= now and now < v then start, stop = prev, v end
-        prev = v
-      end
-      if start == nil then
-        lim.stale, lim.used, lim.start, lim.stop = true, 0, now, now + 1
+-- Reads every limit's state (one HMGET) and brings it to `now`, in memory; write_limits()
+-- stores what changed. Sets lim.used for each limit; returns K's `x` field.
+local function load_limits(K, limits, now)
+  local fields, slot, nf = {'x'}, {}, 1
+  for k, lim in ipairs(limits) do
+    local lid = lim.lid
+    slot[k] = nf + 1
+    if lim.algo == 's' then
+      local n = lim.p2
+      lim.w = tonumber(lim.p1) / n
+      lim.cur = floor(now / lim.w)
+      lim.f1, lim.f2, lim.cellf = lid .. ':h', lid .. ':t', lid .. ':' .. (lim.cur % (n + 1))
+      fields[nf + 1], fields[nf + 2], fields[nf + 3] = lim.f1, lim.f2, lim.cellf
+      nf = nf + 3
+    else
+      if lim.algo == 'c' then
+        lim.f1, lim.f2 = lid .. ':p', lid .. ':v'
       else
-        lim.start, lim.stop = start, stop
-        lim.used = (tonumber(lim.vals[1]) == start) and (tonumber(lim.vals[2]) or 0) or 0
+        lim.f1, lim.f2 = lid .. ':l', lid .. ':s'
       end
+      fields[nf + 1], fields[nf + 2] = lim.f1, lim.f2
+      nf = nf + 2
+    end
+  end
+  local v = redis.call('HMGET', K, unpack(fields))
+  local clear = nil
+  for k, lim in ipairs(limits) do
+    local i = slot[k]
+    if lim.algo == 's' then
+      local n, cur = lim.p2, lim.cur
+      local head, total = tonumber(v[i]) or cur, tonumber(v[i + 1]) or 0
+      local cell = tonumber(v[i + 2]) or 0
+      if head > cur then cur = head; lim.cur = cur; lim.cellf = lim.lid .. ':' .. (cur % (n + 1)) end
+      if cur > head then
+        -- cells of buckets head+1 .. cur hold buckets that slid out of the window
+        if cur - head > n then
+          total, lim.clear_all = 0, true
+        else
+          total = total - cell
+          for b = head + 1, cur - 1 do
+            clear = clear or {}
+            clear[#clear + 1] = {lim, lim.lid .. ':' .. (b % (n + 1))}
+          end
+        end
+        cell = 0
+        lim.moved = true
+      end
+      lim.head, lim.total, lim.cell, lim.used = head, total, cell, total
+    elseif lim.algo == 'c' then
+      local prev = nil
+      for b in string.gmatch(lim.p1, '%d+') do
+        b = tonumber(b)
+        if prev ~= nil and prev <= now and now < b then lim.start, lim.stop = prev, b end
+        prev = b
+      end
+      if lim.start == nil then lim.stale, lim.start, lim.stop = true, now, now + 1 end
+      lim.used = (tonumber(v[i]) == lim.start) and (tonumber(v[i + 1]) or 0) or 0
     else
       local window, burst, rate = tonumber(lim.p1), lim.p2, lim.limit
-      local level, ts = tonumber(lim.vals[1]), tonumber(lim.vals[2])
-      if level == nil then level, ts = burst, now end
-      if ts > now then ts = now end
+      local level, ts = tonumber(v[i]), tonumber(v[i + 1])
+      if level == nil or ts > now then level, ts = level or burst, now end
       if level < burst then
-        local add = math.floor((now - ts) * rate / window)
+        local add = floor((now - ts) * rate / window)
         if add > 0 then
           level = level + add
-          -- advance the refill clock only by the time those whole units took: never generous
-          ts = ts + math.ceil(add * window / rate)
+          -- the refill clock moves only by the time those whole units took: never generous
+          ts = ts + ceil(add * window / rate)
         end
       end
       if level >= burst then level, ts = burst, now end
-      lim.level, lim.ts = level, ts
-      lim.used = burst - level
+      lim.level, lim.ts, lim.used = level, ts, burst - level
     end
   end
-  if #extra > 0 then
-    local got = redis.call('HMGET', K, unpack(extra))
-    for j = 1, #extra do
-      local lim = extra_owner[j]
+  if clear then
+    local f = {}
+    for j = 1, #clear do f[j] = clear[j][2] end
+    local got = redis.call('HMGET', K, unpack(f))
+    for j = 1, #clear do
+      local lim = clear[j][1]
       lim.total = lim.total - (tonumber(got[j]) or 0)
+      lim.used = lim.total
+      lim.drop = lim.drop or {}
+      lim.drop[#lim.drop + 1] = f[j]
     end
   end
-  for _, lim in ipairs(limits) do
-    if lim.algo == 's' and lim.metric ~= 'n' then lim.used = lim.total end
-  end
+  return tonumber(v[1]) or 0
 end
 
--- What a reply says of a limit: {remaining, ms until it is back to full}.
-local function describe(lim, now)
-  local remaining, reset = capacity_left(lim), 0
-  if lim.metric == 'n' then
-    reset = 0
-  elseif lim.algo == 's' then
-    -- the window is empty again once the newest non-empty sub-bucket slides out
-    if lim.total > 0 then
-      local newest = lim.cell > 0 and lim.cur or lim.head
-      reset = (newest + lim.p2 + 1) * lim.w - now
-    end
-  elseif lim.algo == 'c' then
-    reset = lim.stop - now
-  elseif lim.level < lim.p2 then
-    reset = math.ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit)
-  end
-  if remaining < 0 then remaining = 0 end
-  return remaining, reset
-end
-
-
--- Adds delta (may be negative) to a loaded limit, in memory and in the write list `out`.
--- ref: the sub-bucket / period the delta belongs to (nil: the current one).
-local function add_to_limit(lim, delta, ref, out)
-  local lid = lim.lid
+-- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
+-- belongs to (nil: the current one). A refund for a sub-bucket or period that is over is
+-- dropped; an overrun there is charged to the current one, in full.
+local function add_to_limit(lim, delta, ref)
   if lim.algo == 's' then
-    local n = lim.p2
     local target = ref or lim.cur
-    if target < lim.cur - n then
-      if delta < 0 then return end      -- that sub-bucket slid out: nothing to refund
-      target = lim.cur                  -- an overrun is charged now, in full
+    if target < lim.cur - lim.p2 then
+      if delta < 0 then return end
+      target = lim.cur
     end
     lim.total = lim.total + delta
     lim.used = lim.total
     if target == lim.cur then
       lim.cell = lim.cell + delta
-      lim.cell_written = true
-      out[#out + 1] = lid .. ':' .. (target % (n + 1)); out[#out + 1] = int(lim.cell)
     else
-      lim.cell_writes = lim.cell_writes or {}
-      local f = lid .. ':' .. (target % (n + 1))
-      lim.cell_writes[f] = (lim.cell_writes[f] or 0) + delta
+      lim.incr = lim.incr or {}
+      lim.incr[#lim.incr + 1] = {lim.lid .. ':' .. (target % (lim.p2 + 1)), delta}
     end
-    lim.dirty = true
   elseif lim.algo == 'c' then
     if lim.stale then return end
     if ref ~= nil and ref ~= lim.start and (delta < 0 or ref > lim.start) then return end
-    lim.used = lim.used + delta
-    if lim.used < 0 then lim.used = 0 end
-    out[#out + 1] = lid .. ':p'; out[#out + 1] = int(lim.start)
-    out[#out + 1] = lid .. ':v'; out[#out + 1] = int(lim.used)
+    lim.used = math.max(0, lim.used + delta)
   else
-    lim.level = lim.level - delta
-    if lim.level > lim.p2 then lim.level = lim.p2 end
+    lim.level = math.min(lim.p2, lim.level - delta)
     lim.used = lim.p2 - lim.level
-    out[#out + 1] = lid .. ':l'; out[#out + 1] = int(lim.level)
-    out[#out + 1] = lid .. ':s'; out[#out + 1] = int(lim.ts)
   end
+  lim.dirty = true
 end
 
--- Writes what add_to_limit() collected, plus the housekeeping of advanced sliding windows.
-local function write_limits(K, limits, out)
-  local drop = {}
+-- How long K must live so that no limit forgets usage that still counts.
+local function state_ttl(lim, now)
+  if lim.algo == 's' then return (lim.cur + lim.p2 + 1) * lim.w - now end
+  if lim.algo == 'c' then return lim.stop - now end
+  return ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit)
+end
+
+-- Writes what changed (one HSET), drops slid-out cells, and extends K's life when needed.
+local function write_limits(K, limits, now, x)
+  local out, drop, need, n = {}, {}, 1000, 0
   for _, lim in ipairs(limits) do
-    if lim.algo == 's' and lim.metric ~= 'n' and (lim.dirty or lim.cur ~= lim.head) then
-      local n = lim.p2
-      out[#out + 1] = lim.lid .. ':h'; out[#out + 1] = int(lim.cur)
-      out[#out + 1] = lim.lid .. ':t'; out[#out + 1] = int(lim.total)
-      if lim.cell_writes then
-        for f, d in pairs(lim.cell_writes) do
-          redis.call('HINCRBY', K, f, int(d))
+    if lim.algo == 's' then
+      if lim.dirty or lim.moved then
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.cur, lim.f2, lim.total
+        out[n + 5], out[n + 6] = lim.cellf, lim.cell
+        n = n + 6
+        if lim.clear_all then
+          for c = 0, lim.p2 do
+            local f = lim.lid .. ':' .. c
+            if f ~= lim.cellf then drop[#drop + 1] = f end
+          end
+        end
+        if lim.drop then
+          for _, f in ipairs(lim.drop) do drop[#drop + 1] = f end
+        end
+        if lim.incr then
+          for _, inc in ipairs(lim.incr) do redis.call('HINCRBY', K, inc[1], inc[2]) end
         end
       end
-      if lim.clear_all then
-        for c = 0, n do
-          if c ~= lim.cur % (n + 1) then drop[#drop + 1] = lim.lid .. ':' .. c end
-        end
+    elseif lim.dirty then
+      if lim.algo == 'c' then
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.start, lim.f2, lim.used
       else
-        for _, f in ipairs(lim.clear) do drop[#drop + 1] = f end
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.level, lim.f2, lim.ts
       end
-      if not lim.cell_written then
-        out[#out + 1] = lim.lid .. ':' .. (lim.cur % (n + 1)); out[#out + 1] = int(lim.cell)
-      end
+      n = n + 4
     end
-  end
-  if #drop > 0 then redis.call('HDEL', K, unpack(drop)) end
-  if #out > 0 then redis.call('HSET', K, unpack(out)) end
-end
-
--- How long K must live so no limit forgets usage that still counts.
-local function state_ttl(limits, now)
-  local need = 1000
-  for _, lim in ipairs(limits) do
-    local t = 0
-    if lim.metric == 'n' then t = 0
-    elseif lim.algo == 's' then t = (lim.cur + lim.p2 + 1) * lim.w - now
-    elseif lim.algo == 'c' then t = lim.stop - now
-    else t = math.ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit) end
+    local t = state_ttl(lim, now)
     if t > need then need = t end
   end
-  return need
+  if #drop > 0 then redis.call('HDEL', K, unpack(drop)) end
+  if n == 0 then return end
+  -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
+  if x < now + need then
+    x = now + need + floor(need / 8) + 1000
+    out[n + 1], out[n + 2] = 'x', x
+    redis.call('HSET', K, unpack(out))
+    redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
+  else
+    redis.call('HSET', K, unpack(out))
+  end
 end
 
--- Extends K's TTL when it would run out before `need`; with some slack, so a busy subject does
--- not pay a PEXPIRE on every call.
-local function keep_alive(K, need)
-  local left = redis.call('PTTL', K)
-  if left >= 0 and left >= need then return end
-  if left == -2 then return end  -- K holds nothing yet (nothing was written)
-  redis.call('PEXPIRE', K, int(need + math.floor(need / 8) + 1000))
+-- What a reply says of a limit: remaining, and ms until it is back to full.
+local function describe(lim, now)
+  local remaining, reset = capacity(lim) - lim.used, 0
+  if lim.metric == 'n' then
+    reset = 0  -- a slot frees when a call ends, which no clock can tell
+  elseif lim.algo == 's' then
+    -- the window is empty again once the newest non-empty sub-bucket slides out
+    if lim.total > 0 then
+      reset = ((lim.cell > 0 and lim.cur or lim.head) + lim.p2 + 1) * lim.w - now
+    end
+  elseif lim.algo == 'c' then
+    reset = lim.stop - now
+  elseif lim.level < lim.p2 then
+    reset = ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit)
+  end
+  if remaining < 0 then remaining = 0 end
+  return remaining, reset
 end
 
 -- Milliseconds until `need` more units fit in a loaded limit; -1 when they never can.
-local function retry_after(K, Z, lim, need, now)
-  if lim.metric == 'n' then
-    local first = redis.call('ZRANGEBYSCORE', Z, '(' .. int(now), '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    if #first == 0 then return 0 end
-    -- a commit or release may free the slot before it expires: ask again within a second
-    return math.min(1000, tonumber(first[2]) - now)
-  end
+local function retry_after(K, lim, need, now)
   if need > capacity(lim) then return -1 end
   if lim.algo == 'c' then return lim.stop - now end
   if lim.algo == 'b' then
-    return math.max(1, math.ceil((need - lim.level) * tonumber(lim.p1) / lim.limit))
+    return math.max(1, ceil((need - lim.level) * tonumber(lim.p1) / lim.limit))
   end
   -- sliding: walk from the oldest counted sub-bucket until enough has slid out
   local n = lim.p2
@@ -308,8 +277,39 @@ local function retry_after(K, Z, lim, need, now)
     local freed = 0
     for j = 1, #fields do
       freed = freed + (tonumber(got[j]) or 0)
-      if freed >= excess then return (lim.cur - n + j - 1 + n + 1) * lim.w - now end
+      if freed >= excess then return (lim.cur + j) * lim.w - now end
     end
   end
   return (lim.cur + n + 1) * lim.w - now
+end
+
+-- A reservation record is one string: a header line
+--   state expires input output pi pc po (actual) input cached output
+-- then a line with the other subjects of the reservation (opaque to Lua), then one line per
+-- charged limit: its spec, the sub-bucket or period charged, and the amount.
+local function parse_record(raw)
+  local lines = {}
+  for line in string.gmatch(raw, '[^\n]+') do lines[#lines + 1] = line end
+  local h = {}
+  for w in string.gmatch(lines[1], '%S+') do h[#h + 1] = w end
+  local rec = {s = h[1], e = tonumber(h[2]), i = tonumber(h[3]), o = tonumber(h[4]),
+               pi = tonumber(h[5]), pc = tonumber(h[6]), po = tonumber(h[7]),
+               u = {tonumber(h[8]), tonumber(h[9]), tonumber(h[10])}, sec = lines[2] or '[]',
+               charges = {}}
+  for j = 3, #lines do
+    local c = {}
+    for w in string.gmatch(lines[j], '%S+') do c[#c + 1] = w end
+    if #c == 8 then
+      local lim = new_limit(c[1], c[2], c[3], c[4], c[5], c[6])
+      lim.spec = table.concat(c, ' ', 1, 6)
+      lim.ref, lim.amt = tonumber(c[7]), tonumber(c[8])
+      rec.charges[#rec.charges + 1] = lim
+    end
+  end
+  return rec
+end
+
+local function record_header(rec)
+  return format('%s %d %d %d %d %d %d %d %d %d', rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc,
+                rec.po, rec.u[1], rec.u[2], rec.u[3])
 end

@@ -136,8 +136,9 @@ def _shift(start: datetime, period: str, k: int) -> datetime:
 
 
 def _keys(tag: str, rand: str) -> list[str]:
+    """The subject's limit state and its record of one reservation: one hash slot."""
     base = f"rl:{{{tag}}}"
-    return [base, f"{base}:cc", f"{base}:r:{rand}"]
+    return [base, f"{base}:r:{rand}"]
 
 
 def reservation_id(primary: Subject, rand: str) -> str:
@@ -193,6 +194,9 @@ class Engine:
                 p2 = 0
             elif lim.algorithm == "token_bucket":
                 p1, p2 = lim.window_ms, lim.burst
+            elif lim.metric == "concurrent":
+                # in-flight calls are a sliding window as long as a reservation lives
+                p1, p2 = self.settings.reservation_ttl_ms, lim.buckets
             else:
                 p1, p2 = lim.window_ms, lim.buckets
             args += [lim.lid, _ALGORITHM_CODES[lim.algorithm], _METRIC_CODES[lim.metric],
@@ -219,7 +223,7 @@ class Engine:
             reply = await run(
                 self.scripts.reserve,
                 _keys(subject.tag, rand),
-                [self._clock_arg(), mode, rand, self.settings.reservation_ttl_ms,
+                [self._clock_arg(), mode, self.settings.reservation_ttl_ms,
                  req.input_tokens, grant, req.min_output_tokens, req.prices.input,
                  req.prices.cached_input, req.prices.output, others if index == 0 else "[]",
                  len(limits), *self._limit_args(limits)],
@@ -288,7 +292,7 @@ class Engine:
     ) -> list[object]:
         reply: list[object] = await run(
             self.scripts.settle, _keys(tag, rand),
-            [self._clock_arg(), mode, rand, self.settings.reservation_ttl_ms,
+            [self._clock_arg(), mode, self.settings.reservation_ttl_ms,
              input_tokens, cached, output],
         )
         return reply

@@ -1,0 +1,141 @@
+"""Redis server time and memory of the quota engine, beside the `limits` library.
+
+Runs against a fresh redis-server it starts itself (loopback, free port), so every number
+comes from the same machine in the same run:
+  * server time per call (INFO commandstats, usec per call) of a 4-limit reserve with its
+    reservation record, of a commit, and of one sliding-window-counter hit of `limits`;
+  * Redis memory per active subject of the default free tier, with its sub-buckets filled as a
+    busy day would fill them, and per reservation record.
+Usage: python bench/engine_bench.py [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+
+import redis
+from limits import RateLimitItemPerMinute
+from limits.storage import RedisStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
+from redis.asyncio import Redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ratelimitd.engine import Engine, Prices, ReserveRequest  # noqa: E402
+from ratelimitd.policy import Identity, Tier, default_tiers, plan, shorthand_limits  # noqa: E402
+from tests.redis_servers import RedisServer  # noqa: E402
+
+PRICES = Prices(input=3_000_000, output=15_000_000, cached_input=1_500_000)
+USERS = 1000
+
+
+def script_usec(client: redis.Redis) -> int:
+    """Server time of every script run since the last CONFIG RESETSTAT.
+
+    Both sides make one EVALSHA per call; its time includes the commands the script runs
+    (which commandstats also lists on their own, so summing every command would count twice).
+    """
+    stats = client.info("commandstats")
+    return sum(int(stats.get(f"cmdstat_{c}", {}).get("usec", 0)) for c in ("evalsha", "eval"))
+
+
+def bench_limits(client: redis.Redis, url: str, calls: int) -> float:
+    limiter = SlidingWindowCounterRateLimiter(RedisStorage(url))
+    item = RateLimitItemPerMinute(10**9)
+    for i in range(50):                       # load the script before measuring
+        limiter.hit(item, f"warm{i}")
+    client.config_resetstat()
+    for i in range(calls):
+        limiter.hit(item, f"user{i % USERS}")
+    return script_usec(client) / calls
+
+
+async def bench_engine(client: redis.Redis, url: str, calls: int) -> tuple[float, float]:
+    aclient = Redis.from_url(url)
+    engine = Engine(aclient)
+    await engine.scripts.load(aclient)
+    # The free tier's four limits, with room enough that every reserve is admitted.
+    tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
+    plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(USERS)]
+    client.config_resetstat()
+    rids = []
+    for i in range(calls):
+        result = await engine.reserve(ReserveRequest(plans[i % USERS], 120, 500, PRICES))
+        assert result.allowed
+        rids.append(result.reservation_id)
+    reserve_usec = script_usec(client) / calls
+    client.config_resetstat()
+    for rid in rids:
+        await engine.commit(rid, 120, 80)
+    commit_usec = script_usec(client) / calls
+    await aclient.aclose()
+    return reserve_usec, commit_usec
+
+
+async def bench_memory(url: str, subjects: int) -> tuple[float, float]:
+    """Bytes per subject (limit state) and per reservation record, free tier, busy day."""
+    aclient = Redis.from_url(url)
+    await aclient.flushall()
+    now = [1_764_000_000_000]
+    engine = Engine.with_test_clock(aclient, lambda: now[0])
+    free = default_tiers()["free"]
+    plans = [plan(free, Identity(f"member-{i:06d}", "free")) for i in range(subjects)]
+    # One call in each of the 61 sub-buckets of tokens_per_day (24 min apart), then 9 more
+    # within the last minute: every ring the free tier has is as full as its limits allow.
+    steps = [24 * 60_000] * 61 + [6_000] * 9
+    rids: list[str] = []
+    for step in steps:
+        now[0] += step
+        for p in plans:
+            r = await engine.reserve(ReserveRequest(p, 20, 16, PRICES))
+            assert r.allowed, r.denied_by
+            await engine.commit(r.reservation_id, 20, 10)
+            rids.append(r.reservation_id)
+    state = 0
+    for i in range(subjects):
+        for key in await aclient.keys(f"rl:{{user:member-{i:06d}}}*"):
+            if b":r:" not in key:
+                state += await aclient.memory_usage(key) or 0
+    records = [k async for k in aclient.scan_iter(match="rl:*:r:*", count=1000)]
+    record_bytes = sum([await aclient.memory_usage(k) or 0 for k in records[:2000]])
+    await aclient.aclose()
+    return state / subjects, record_bytes / min(len(records), 2000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--subjects", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = RedisServer(Path(tmp))
+        try:
+            client = redis.Redis(port=server.port)
+            version = client.info("server")["redis_version"]
+            limits_usec = bench_limits(client, server.url, args.calls)
+            client.flushall()
+            reserve_usec, commit_usec = asyncio.run(bench_engine(client, server.url, args.calls))
+            per_subject, per_record = asyncio.run(bench_memory(server.url, args.subjects))
+        finally:
+            server.stop()
+    ratio = reserve_usec / limits_usec
+    print(f"redis-server {version}, {args.calls} calls each, server time from INFO commandstats")
+    print("| what | Redis server time per call | vs `limits` hit |")
+    print("|---|---|---|")
+    print(f"| `limits` sliding-window-counter hit (baseline) | {limits_usec:.2f} µs | 1.00x |")
+    print(f"| reserve, 4 limits + reservation record | {reserve_usec:.2f} µs | {ratio:.2f}x "
+          f"(target <= 3x: {'met' if ratio <= 3 else 'MISSED'}) |")
+    print(f"| commit | {commit_usec:.2f} µs | {commit_usec / limits_usec:.2f}x |")
+    print()
+    print(f"memory, default free tier, rings filled by a busy day ({args.subjects} subjects):")
+    print(f"  limit state per active subject: {per_subject:.0f} bytes "
+          f"(target <= 3072: {'met' if per_subject <= 3072 else 'MISSED'})")
+    print(f"  per reservation record (kept ttl_s after commit): {per_record:.0f} bytes")
+
+
+if __name__ == "__main__":
+    main()
