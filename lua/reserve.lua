@@ -9,7 +9,8 @@
 --       12.. limit specs, 6 values each (see new_limit)
 --   mode retry: an idempotent retry; a live record of the same id answers instead.
 -- Reply: {status, granted output, expires at ms, denying limit (1-based, 0 = none),
---         retry after ms (-1 = never fits), input tokens, then per limit: remaining, reset ms}
+--         retry after ms (-1 = never fits), input tokens, reserved cost (nano-USD),
+--         then per limit: remaining, reset ms}
 --   status: 1 reserved, 0 denied, 2 the record of an earlier identical reserve, 3 dry run.
 
 local K, R = KEYS[1], KEYS[2]
@@ -21,7 +22,9 @@ local limits = parse_limits(12, tonumber(ARGV[11]))
 local x = load_limits(K, limits, now)
 
 local function reply(status, granted, expires, deny, retry, inp)
-  local out = {status, granted, expires, deny, retry, inp}
+  local cost = 0
+  if status ~= 0 then cost = amount('c', usage_of(1, inp, 0, granted, pi, pi, po)) end
+  local out = {status, granted, expires, deny, retry, inp, cost}
   for _, lim in ipairs(limits) do
     local remaining, reset = describe(lim, now)
     out[#out + 1] = remaining; out[#out + 1] = reset

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import secrets
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -72,6 +73,7 @@ class ReserveResult:
     input_tokens: int
     max_output_tokens: int
     states: list[LimitState]
+    reserved_cost_nano: int = 0
     denied_by: LimitState | None = None
     retry_after_ms: int | None = None      # None: the call can never fit this limit
     duplicate: bool = False
@@ -234,28 +236,34 @@ class Engine:
                 await self._undo(reserved, rand)
                 denied = _states(subject, limits, reply)[int(reply[3]) - 1]
                 retry = int(reply[4])
-                return ReserveResult(False, "", 0, req.input_tokens, 0, states, denied,
+                return ReserveResult(False, "", 0, req.input_tokens, 0, states, 0, denied,
                                      None if retry < 0 else retry)
             if first is None:
                 first = reply
             grant = min(grant, int(reply[1]))
             reserved.append((subject, int(reply[1])))
         assert first is not None
-        if not req.dry_run:
-            await self._shrink(reserved, rand, grant)
+        cost = int(first[6])
+        if not req.dry_run and any(granted > grant for _, granted in reserved):
+            cost = await self._shrink(reserved, rand, grant)
         return ReserveResult(True, "" if req.dry_run else rid, int(first[2]), int(first[5]),
-                             grant, states, duplicate=int(first[0]) == 2)
+                             grant, states, cost, duplicate=int(first[0]) == 2)
 
     async def _undo(self, reserved: list[tuple[Subject, int]], rand: str) -> None:
         """A later slot denied: give back what the earlier slots reserved."""
         for subject, _ in reserved:
             await self._settle(subject.tag, rand, "release", 0, 0, 0)
 
-    async def _shrink(self, reserved: list[tuple[Subject, int]], rand: str, grant: int) -> None:
-        """A later slot granted less output: earlier slots keep only the final grant."""
+    async def _shrink(self, reserved: list[tuple[Subject, int]], rand: str, grant: int) -> int:
+        """A later slot granted less output: earlier slots keep only the final grant.
+
+        Returns the reservation's cost at that grant (nano-USD)."""
+        cost = 0
         for subject, granted in reserved:
             if granted > grant:
-                await self._settle(subject.tag, rand, "resize", 0, 0, grant)
+                cost = _settle_result(await self._settle(subject.tag, rand, "resize", 0, 0,
+                                                         grant)).reserved_cost_nano
+        return cost
 
     # -- commit / release ------------------------------------------------------------------
 
@@ -282,7 +290,7 @@ class Engine:
         if result.status in ("applied", "duplicate"):
             # Each slot settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
-            for tag in orjson.loads(reply[8] or "[]"):
+            for tag in orjson.loads(typing.cast(bytes, reply[8]) or b"[]"):
                 await self._settle(tag, rand, mode, result.input_tokens,
                                    result.cached_input_tokens, result.output_tokens)
         return result
@@ -299,7 +307,7 @@ class Engine:
 
 
 def _states(subject: Subject, limits: Sequence[Limit], reply: list[object]) -> list[LimitState]:
-    values = [int(v) for v in reply[6:]]  # type: ignore[call-overload]
+    values = [int(v) for v in reply[7:]]  # type: ignore[call-overload]
     return [LimitState(lim, subject, values[2 * k], values[2 * k + 1])
             for k, lim in enumerate(limits)]
 

@@ -98,9 +98,13 @@ def parse_duration(text: str) -> int:
 
 
 def format_duration(ms: int) -> str:
-    for suffix, unit in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
-        if ms % unit == 0:
-            return f"{ms // unit}{suffix}"
+    """60000 -> '60s', 3600000 -> '1h', 86400000 -> '24h', as windows are usually written."""
+    if ms % 3_600_000 == 0:
+        return f"{ms // 3_600_000}h"
+    if ms % 60_000 == 0 and ms > 60_000:
+        return f"{ms // 60_000}m"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
     return f"{ms}ms"
 
 

@@ -34,7 +34,7 @@ import tiktoken
 import tiktoken.model
 
 # pyproject ignores missing imports for tiktoken.* only; tiktoken_ext ships no py.typed.
-import tiktoken_ext.openai_public  # type: ignore[import-untyped]
+import tiktoken_ext.openai_public
 
 __all__ = [
     "DEFAULT_ENCODING",

@@ -1,0 +1,71 @@
+"""Rate-limit response headers: IETF RateLimit-Policy / RateLimit and OpenAI's x-ratelimit-*."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final
+
+from ratelimitd.engine import LimitState
+
+# draft-ietf-httpapi-ratelimit-headers quota units ("qu"); the first two are registered there.
+_QUOTA_UNITS: Final = {
+    "requests": "requests", "concurrent": "concurrent-requests", "tokens": "tokens",
+    "input_tokens": "input-tokens", "output_tokens": "output-tokens", "cost_usd": "nano-usd",
+}
+_PERIOD_S: Final = {"day": 86_400}
+_TOKEN_METRICS: Final = ("tokens", "input_tokens", "output_tokens")
+
+
+def seconds_up(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+def go_duration(ms: int) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = math.ceil(ms / 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _window_s(state: LimitState) -> int | None:
+    lim = state.limit
+    if lim.metric == "concurrent":
+        return None
+    if lim.algorithm == "calendar":
+        return _PERIOD_S.get(lim.period)
+    return lim.window_ms // 1000 or None
+
+
+def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
+                      denied: bool) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if not states:
+        return headers
+    policies, current = [], []
+    for state in states:
+        lim = state.limit
+        quota = lim.burst if lim.algorithm == "token_bucket" else lim.limit
+        item = f'"{lim.name}";q={quota}'
+        window = _window_s(state)
+        if window:
+            item += f";w={window}"
+        policies.append(f'{item};qu="{_QUOTA_UNITS[lim.metric]}"')
+        current.append(f'"{lim.name}";r={state.remaining};t={seconds_up(state.reset_ms)}')
+    headers["RateLimit-Policy"] = ", ".join(policies)
+    headers["RateLimit"] = ", ".join(current)
+    for suffix, metrics in (("requests", ("requests",)), ("tokens", _TOKEN_METRICS)):
+        tightest = min((s for s in states if s.limit.metric in metrics),
+                       key=lambda s: s.remaining, default=None)
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest.limit.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest.remaining)
+            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest.reset_ms)
+    if denied and retry_after_ms is not None:
+        headers["Retry-After"] = str(seconds_up(retry_after_ms))
+    return headers
