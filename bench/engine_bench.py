@@ -57,7 +57,7 @@ def bench_limits(client: redis.Redis, url: str, calls: int) -> float:
 async def bench_engine(client: redis.Redis, url: str, calls: int) -> tuple[float, float]:
     aclient = Redis.from_url(url)
     engine = Engine(aclient)
-    await engine.scripts.load(aclient)
+    await engine.scripts.load()
     # The free tier's four limits, with room enough that every reserve is admitted.
     tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
     plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(USERS)]

@@ -5,16 +5,54 @@ from __future__ import annotations
 from typing import Final
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    SSLConnection,
+    UnixDomainSocketConnection,
+)
 from redis.asyncio.sentinel import Sentinel
+from redis.connection import HiredisRespSerializer
+from redis.typing import EncodableT
 
 from ratelimitd.config import RedisConfig
 from ratelimitd.scripts import RedisClient
 
-# Concurrent Redis calls one daemon process may have; more wait (up to the timeout) for a free
-# connection instead of opening sockets without bound.
+# Concurrent Redis calls one daemon process may have; past it a call fails (503) at once instead
+# of opening sockets without bound.
 MAX_CONNECTIONS: Final = 64
+
+
+class _HiredisPacking(AbstractConnection):
+    """redis-py packs commands with hiredis (C) on sync connections but in Python on asyncio
+    ones, where that is most of a call's client CPU; this packs them with hiredis too. The
+    bytes on the wire are the same."""
+
+    _serializer: Final = HiredisRespSerializer()
+
+    def pack_command(self, *args: EncodableT) -> list[bytes]:
+        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]
+        return packed
+
+
+class HiredisConnection(_HiredisPacking, Connection):
+    pass
+
+
+class HiredisUnixConnection(_HiredisPacking, UnixDomainSocketConnection):
+    pass
+
+
+class HiredisSSLConnection(_HiredisPacking, SSLConnection):
+    pass
+
+
+_HIREDIS_CLASSES: Final[dict[type[AbstractConnection], type[AbstractConnection]]] = {
+    Connection: HiredisConnection, UnixDomainSocketConnection: HiredisUnixConnection,
+    SSLConnection: HiredisSSLConnection,
+}
 
 
 def connect(config: RedisConfig, url: str) -> RedisClient:
@@ -25,9 +63,10 @@ def connect(config: RedisConfig, url: str) -> RedisClient:
                                      max_connections=MAX_CONNECTIONS)
     if config.mode == "sentinel":
         return _sentinel_master(url, timeout)
-    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout,
-                                           socket_timeout=timeout,
-                                           socket_connect_timeout=timeout)
+    pool = ConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, socket_timeout=timeout,
+                                   socket_connect_timeout=timeout)
+    # from_url picks the class from the url's scheme; swap in its hiredis-packing twin
+    pool.connection_class = _HIREDIS_CLASSES.get(pool.connection_class, pool.connection_class)
     return Redis(connection_pool=pool)
 
 

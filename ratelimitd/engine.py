@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 import time
 import typing
@@ -22,7 +23,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from ratelimitd.policy import Limit, Subject
-from ratelimitd.scripts import RedisClient, Scripts, run
+from ratelimitd.scripts import RedisClient, ScriptRunner
 
 _METRIC_CODES: Final = {
     "requests": "r", "tokens": "t", "input_tokens": "i", "output_tokens": "o",
@@ -30,6 +31,7 @@ _METRIC_CODES: Final = {
 }
 _ALGORITHM_CODES: Final = {"sliding": "s", "calendar": "c", "token_bucket": "b"}
 _RID_PREFIX: Final = "rsv_"
+_RID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 SettleStatus = Literal["applied", "duplicate", "not_found", "conflict"]
 _SETTLE_STATUS: Final[dict[int, SettleStatus]] = {
@@ -153,7 +155,7 @@ def parse_reservation_id(rid: str) -> tuple[str, str] | None:
     if not rid.startswith(_RID_PREFIX) or len(rid) > 1024:
         return None
     rand, _, tag64 = rid[len(_RID_PREFIX):].partition(".")
-    if not rand or not tag64 or not all(c.isalnum() or c in "-_" for c in rand):
+    if not _RID_RANDOM.fullmatch(rand) or not tag64:
         return None
     try:
         tag = base64.urlsafe_b64decode(tag64 + "=" * (-len(tag64) % 4)).decode()
@@ -168,9 +170,10 @@ class Engine:
     def __init__(self, client: RedisClient, settings: EngineSettings | None = None) -> None:
         self.client = client
         self.settings = settings or EngineSettings()
-        self.scripts = Scripts.register(client)
+        self.scripts = ScriptRunner(client)
         self._calendar = _Calendar(ZoneInfo(self.settings.timezone))
         self._clock: Callable[[], int] | None = None
+        self._specs: dict[Limit, list[bytes]] = {}
 
     @classmethod
     def with_test_clock(
@@ -187,23 +190,31 @@ class Engine:
     def _now_ms(self) -> int:
         return time.time_ns() // 1_000_000 if self._clock is None else self._clock()
 
-    def _limit_args(self, limits: Sequence[Limit]) -> list[str | int]:
-        args: list[str | int] = []
-        now = self._now_ms()
+    def _limit_args(self, limits: Sequence[Limit]) -> list[bytes]:
+        """The scripts' limit specs; all but calendar boundaries are encoded once per limit."""
+        args: list[bytes] = []
+        now: int | None = None
         for lim in limits:
+            spec = self._specs.get(lim)
+            if spec is None:
+                spec = self._specs[lim] = self._encode_spec(lim)
             if lim.algorithm == "calendar":
-                p1: str | int = self._calendar.boundaries(lim.period, now)
-                p2 = 0
-            elif lim.algorithm == "token_bucket":
-                p1, p2 = lim.window_ms, lim.burst
-            elif lim.metric == "concurrent":
-                # in-flight calls are a sliding window as long as a reservation lives
-                p1, p2 = self.settings.reservation_ttl_ms, lim.buckets
+                now = self._now_ms() if now is None else now
+                args += [*spec[:4], self._calendar.boundaries(lim.period, now).encode(), b"0"]
             else:
-                p1, p2 = lim.window_ms, lim.buckets
-            args += [lim.lid, _ALGORITHM_CODES[lim.algorithm], _METRIC_CODES[lim.metric],
-                     lim.limit, p1, p2]
+                args += spec
         return args
+
+    def _encode_spec(self, lim: Limit) -> list[bytes]:
+        if lim.algorithm == "token_bucket":
+            p1, p2 = lim.window_ms, lim.burst
+        elif lim.metric == "concurrent":
+            # in-flight calls are a sliding window as long as a reservation lives
+            p1, p2 = self.settings.reservation_ttl_ms, lim.buckets
+        else:
+            p1, p2 = lim.window_ms, lim.buckets
+        return [str(v).encode() for v in (lim.lid, _ALGORITHM_CODES[lim.algorithm],
+                                          _METRIC_CODES[lim.metric], lim.limit, p1, p2)]
 
     # -- reserve ---------------------------------------------------------------------------
 
@@ -222,7 +233,7 @@ class Engine:
         reserved: list[tuple[Subject, int]] = []     # (subject, granted output) per slot
         first: list[int] | None = None
         for index, (subject, limits) in enumerate(req.plan):
-            reply = await run(
+            reply = await self.scripts.run(
                 self.scripts.reserve,
                 _keys(subject.tag, rand),
                 [self._clock_arg(), mode, self.settings.reservation_ttl_ms,
@@ -298,7 +309,7 @@ class Engine:
     async def _settle(
         self, tag: str, rand: str, mode: str, input_tokens: int, cached: int, output: int
     ) -> list[object]:
-        reply: list[object] = await run(
+        reply: list[object] = await self.scripts.run(
             self.scripts.settle, _keys(tag, rand),
             [self._clock_arg(), mode, self.settings.reservation_ttl_ms,
              input_tokens, cached, output],

@@ -77,7 +77,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.reason if exc.status != 413 else (
             f"body: larger than the {request.app[CONFIG].server.max_body_bytes} bytes allowed")
-        return error_response(ApiError(exc.status, code, message))
+        # a 405 must say which methods the resource allows (RFC 9110, 15.5.6)
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(ApiError(exc.status, code, message, allow))
     except RedisError as exc:
         log.warning("redis unavailable: %s", type(exc).__name__)
         return error_response(_backend_unavailable())
@@ -284,9 +286,8 @@ async def readyz(request: web.Request) -> web.Response:
     scripts = services.engine.scripts
     try:
         await services.redis.ping()
-        loaded = await services.redis.script_exists(scripts.reserve.sha, scripts.settle.sha)
-        if not all(loaded):
-            await scripts.load(services.redis)
+        if not await scripts.loaded():
+            await scripts.load()
     except RedisError as exc:
         return json_response({"ready": False, "redis": f"unavailable ({type(exc).__name__})"},
                              503)
@@ -312,7 +313,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         prices=PriceTable.from_config(config.pricing), executor=executor,
         service_tokens=tuple(resolve_secret(t).encode() for t in config.server.service_tokens))
     try:
-        await engine.scripts.load(client)
+        await engine.scripts.load()
     except RedisError as exc:  # /readyz says so; scripts load on first use
         log.warning("could not load scripts at startup: %s", exc)
     yield

@@ -1,0 +1,142 @@
+"""Throughput and latency of one daemon process, beside a no-op aiohttp handler.
+
+Both servers run as one process on loopback and get the same wrk load (same threads,
+connections and duration), alternating so machine noise hits both: the daemon answers
+reserve + commit pairs (bench/reserve_commit.lua) on its embedded Redis, the no-op handler
+answers the same requests with a constant. Target: >= 0.35x the no-op throughput.
+Usage: python bench/http_bench.py [--duration 10] [--connections 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.redis_servers import free_port  # noqa: E402
+
+CONFIG = """
+[server]
+listen = ["127.0.0.1:{port}"]
+[redis]
+data_dir = "{data}"
+[tiers.bench]
+requests_per_minute = 1000000000
+tokens_per_day = 1000000000000
+daily_budget_usd = 1000000.0
+max_concurrent = 1000000
+max_output_tokens = 4000
+"""
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):  # noqa: S310 (loopback only)
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer")
+
+
+def ms(text: str) -> float:
+    """wrk's durations: 812.00us, 1.25ms, 1.02s, 1.10m."""
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if match is None:
+        raise ValueError(f"unexpected wrk duration {text!r}")
+    number, unit = match.groups()
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
+
+
+def run_wrk(port: int, args: argparse.Namespace) -> Result:
+    out = subprocess.run(
+        ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{args.duration}s",
+         "--latency", "-s", str(BENCH / "reserve_commit.lua"), f"http://127.0.0.1:{port}"],
+        capture_output=True, text=True, check=True).stdout
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    except (AttributeError, ValueError) as exc:
+        raise RuntimeError(f"could not read wrk's output:\n{out}") from exc
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = int(bad.group(1)) if bad else 0
+    errors += sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    return Result(rps, p50, p99, errors)
+
+
+def bench_server(cmd: list[str], port: int, args: argparse.Namespace) -> Result:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/healthz", proc) if "serve" in cmd else \
+            time.sleep(1.5)
+        run_wrk(port, argparse.Namespace(**{**vars(args), "duration": 2}))  # warm-up
+        return run_wrk(port, args)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: run bash scripts/setup.sh bench")
+    python = sys.executable
+    daemon_runs, noop_runs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            port = free_port()
+            noop_runs.append(bench_server([python, str(BENCH / "noop_server.py"), str(port)],
+                                          port, args))
+            port = free_port()
+            config = Path(tmp) / "bench.toml"
+            config.write_text(CONFIG.format(port=port, data=Path(tmp) / "state"))
+            daemon = [str(Path(python).parent / "ratelimitd"), "serve", "--config", str(config)]
+            daemon_runs.append(bench_server(daemon, port, args))
+    noop = max(noop_runs, key=lambda r: r.rps)
+    ours = max(daemon_runs, key=lambda r: r.rps)
+    ratio = ours.rps / noop.rps
+    print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s, best of {args.rounds} "
+          "alternating rounds, one server process each, loopback")
+    print("| server | requests/s | reserve+commit pairs/s | p50 | p99 | errors |")
+    print("|---|---|---|---|---|---|")
+    print(f"| no-op aiohttp handler (baseline) | {noop.rps:,.0f} | - | {noop.p50_ms:.2f} ms | "
+          f"{noop.p99_ms:.2f} ms | {noop.errors} |")
+    print(f"| ratelimitd, embedded Redis | {ours.rps:,.0f} | {ours.rps / 2:,.0f} | "
+          f"{ours.p50_ms:.2f} ms | {ours.p99_ms:.2f} ms | {ours.errors} |")
+    print(f"throughput vs no-op: {ratio:.2f}x (target >= 0.35x: "
+          f"{'met' if ratio >= 0.35 else 'MISSED'})")
+    if ours.errors:
+        print(f"WARNING: {ours.errors} requests failed or were not 2xx")
+
+
+if __name__ == "__main__":
+    main()
