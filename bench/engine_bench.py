@@ -25,9 +25,9 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratelimitd.engine import Engine, Prices, ReserveRequest  # noqa: E402
-from ratelimitd.policy import Identity, Tier, default_tiers, plan, shorthand_limits  # noqa: E402
-from tests.redis_servers import RedisServer  # noqa: E402
+from ratelimitd.engine import Engine, Prices, ReserveRequest
+from ratelimitd.policy import Identity, Tier, default_tiers, plan, shorthand_limits
+from tests.redis_servers import RedisServer
 
 PRICES = Prices(input=3_000_000, output=15_000_000, cached_input=1_500_000)
 USERS = 1000

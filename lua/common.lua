@@ -101,7 +101,12 @@ local function load_limits(K, limits, now)
       local n, cur = lim.p2, lim.cur
       local head, total = tonumber(v[i]) or cur, tonumber(v[i + 1]) or 0
       local cell = tonumber(v[i + 2]) or 0
-      if head > cur then cur = head; lim.cur = cur; lim.cellf = lim.lid .. ':' .. (cur % (n + 1)) end
+      if head > cur then
+        -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
+        cur = head
+        lim.cur, lim.cellf = cur, lim.lid .. ':' .. (cur % (n + 1))
+        cell = tonumber(redis.call('HGET', K, lim.cellf)) or 0
+      end
       if cur > head then
         -- cells of buckets head+1 .. cur hold buckets that slid out of the window
         if cur - head > n then

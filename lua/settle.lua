@@ -8,7 +8,7 @@
 --       3 how long a settled record is kept (ms, to answer repeats),
 --       4 input tokens, 5 cached input tokens, 6 output tokens (resize: the new output cap)
 -- Reply: {status, state, input, cached, output, actual cost, reserved tokens, reserved cost,
---         other subjects}
+--         other subjects}, then for a resize, per limit: remaining, reset ms (as reserve's)
 --   status: 1 applied, 2 a repeat of what is already done, 0 no such reservation,
 --           3 already settled the other way (state says which: c committed, x released)
 
@@ -60,7 +60,12 @@ if mode == 'resize' then
   rec.o = u.output
   redis.call('SET', R, record_header(rec) .. '\n' .. rec.sec .. '\n' .. table.concat(lines, '\n'),
              'KEEPTTL')
-  return reply(1)
+  local out = reply(1)
+  for _, lim in ipairs(limits) do
+    local remaining, reset = describe(lim, now)
+    out[#out + 1] = remaining; out[#out + 1] = reset
+  end
+  return out
 end
 rec.s = (mode == 'commit') and 'c' or 'x'
 -- a settled record only answers repeats: it keeps no charges

@@ -25,6 +25,10 @@ log = logging.getLogger("ratelimitd")
 SHUTDOWN_TIMEOUT_S: Final = 10.0
 
 
+class ListenError(RuntimeError):
+    """An address of [server] listen cannot be listened on (in use, no such directory...)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ratelimitd", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -45,14 +49,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workers < 1:
             parser.error("--workers must be at least 1")
         return run(load_config(args.config), args.workers)
-    except (ConfigError, EmbeddedRedisError) as exc:
+    except (ConfigError, EmbeddedRedisError, ListenError) as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         return 2
 
 
 def run(config: Config, workers: int) -> int:
-    """Starts the embedded Redis when no url is configured, then serves until SIGTERM."""
+    """Starts the embedded Redis when no url is configured, then serves until SIGTERM.
+
+    Returns the exit status: 0 after SIGTERM, else that of a worker that died."""
     embedded = None
+    status = 0
     redis_url = config.redis.url
     if not redis_url:
         embedded = EmbeddedRedis(state_directory(config.redis.data_dir))
@@ -62,13 +69,13 @@ def run(config: Config, workers: int) -> int:
     try:
         sockets = [_unix_socket(a[5:]) for a in config.server.listen if a.startswith("unix:")]
         if workers == 1:
-            _serve(config, redis_url, sockets)
+            _serve(config, redis_url, sockets, share_port=False)
         else:
-            _supervise(config, redis_url, sockets, workers)
+            status = _supervise(config, redis_url, sockets, workers)
     finally:
         if embedded is not None:
             embedded.stop()
-    return 0
+    return status
 
 
 def _unix_socket(path: str) -> socket.socket:
@@ -76,16 +83,23 @@ def _unix_socket(path: str) -> socket.socket:
     target = Path(path)
     target.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on unix:{path}: {exc.strerror or exc}") from exc
     os.chmod(path, 0o660)
     sock.listen(1024)
     return sock
 
 
-def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int) -> None:
-    """Forks the workers; SIGTERM/SIGINT are passed on, and a dead worker stops the rest."""
+def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int) -> int:
+    """Forks the workers; SIGTERM/SIGINT are passed on, and a dead worker stops the rest.
+
+    Returns 0 when the workers stopped on SIGTERM, else the failed worker's status (or 1), so
+    that a service manager sees the failure and restarts the daemon."""
     context = multiprocessing.get_context("fork")  # workers inherit the unix sockets
-    procs = [context.Process(target=_serve, args=(config, redis_url, sockets),
+    procs = [context.Process(target=_worker, args=(config, redis_url, sockets),
                              name=f"ratelimitd-worker-{i}") for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -97,19 +111,34 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    failed = 0
     while any(p.is_alive() for p in procs):
         for proc in procs:
             proc.join(0.5)
-            if proc.exitcode not in (None, 0, -signal.SIGTERM):
+            if proc.exitcode not in (None, 0, -signal.SIGTERM) and not failed:
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
+                failed = proc.exitcode if proc.exitcode and proc.exitcode > 0 else 1
                 stop(signal.SIGTERM, None)
+    return failed
 
 
-def _serve(config: Config, redis_url: str, sockets: list[socket.socket]) -> None:
-    uvloop.run(_serve_async(config, redis_url, sockets))
+def _worker(config: Config, redis_url: str, sockets: list[socket.socket]) -> None:
+    try:
+        _serve(config, redis_url, sockets, share_port=True)
+    except ListenError as exc:
+        print(f"ratelimitd: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
-async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket]) -> None:
+def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool
+           ) -> None:
+    """One serving process. share_port: the workers of one daemon bind the same TCP ports
+    (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
+    uvloop.run(_serve_async(config, redis_url, sockets, share_port))
+
+
+async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],
+                       share_port: bool) -> None:
     runner = web.AppRunner(create_app(config, redis_url), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
@@ -119,9 +148,13 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
             site: web.BaseSite = web.SockSite(runner, next(unix))
         else:
             host, _, port = address.rpartition(":")
-            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=True,
+            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=share_port,
                                backlog=1024)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         log.info("listening on %s (pid %d)", address, os.getpid())
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

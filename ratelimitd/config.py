@@ -31,6 +31,7 @@ from ratelimitd.policy import (
     shorthand_limits,
     usd_to_nano,
 )
+from ratelimitd.tokens import EncodingUnavailableError, load_encoding
 
 
 class ConfigError(ValueError):
@@ -387,11 +388,20 @@ def _check(config: Config, where: _Where) -> None:
         for i, token in enumerate(tokens):
             resolve_secret(token, where.at("server").at(key).at(str(i)))
     for i, listen in enumerate(config.server.listen):
-        if not listen.startswith("unix:") and not re.fullmatch(r"\[?[^\s\]]+\]?:\d{1,5}", listen):
+        tcp = re.fullmatch(r"\[?[^\s\]]+\]?:(\d{1,5})", listen)
+        if not listen.startswith("unix:") and (tcp is None or int(tcp.group(1)) > 65_535):
             raise where.at("server.listen").at(str(i)).error(
-                f"{listen!r}: use host:port or unix:/path/to.sock")
+                f"{listen!r}: use host:port (port 0 to 65535) or unix:/path/to.sock")
     if not config.server.listen:
         raise where.at("server.listen").error("needs at least one address")
+    # the daemon loads these at startup: a name that cannot load offline is a bad value here
+    encodings = [(where.at("tokens.default_encoding"), config.tokens.default_encoding)]
+    encodings += [(where.at("tokens.models").at(m), e) for m, e in config.tokens.models.items()]
+    for at, encoding in encodings:
+        try:
+            load_encoding(encoding)
+        except EncodingUnavailableError as exc:
+            raise at.error(str(exc)) from exc
     try:
         ZoneInfo(config.calendar.timezone)
     except (ZoneInfoNotFoundError, ValueError) as exc:

@@ -229,9 +229,7 @@ class Engine:
         mode = "dry" if req.dry_run else ("retry" if req.idempotency_key is not None else "reserve")
         others = orjson.dumps([s.tag for s, _ in req.plan[1:]]).decode()
         grant = req.max_output_tokens
-        states: list[LimitState] = []
-        reserved: list[tuple[Subject, int]] = []     # (subject, granted output) per slot
-        first: list[int] | None = None
+        slots: list[_Slot] = []
         for index, (subject, limits) in enumerate(req.plan):
             reply = await self.scripts.run(
                 self.scripts.reserve,
@@ -241,39 +239,39 @@ class Engine:
                  req.prices.cached_input, req.prices.output, others if index == 0 else "[]",
                  len(limits), *self._limit_args(limits)],
             )
-            status = int(reply[0])
-            states += _states(subject, limits, reply)
-            if status == 0:
-                await self._undo(reserved, rand)
-                denied = _states(subject, limits, reply)[int(reply[3]) - 1]
+            slot = _Slot(subject, limits, int(reply[1]), _states(subject, limits, reply[7:]))
+            if int(reply[0]) == 0:
+                await self._undo(slots, rand)
+                states = [s for done in slots for s in done.states] + slot.states
                 retry = int(reply[4])
-                return ReserveResult(False, "", 0, req.input_tokens, 0, states, 0, denied,
+                return ReserveResult(False, "", 0, req.input_tokens, 0, states, 0,
+                                     slot.states[int(reply[3]) - 1],
                                      None if retry < 0 else retry)
-            if first is None:
+            slots.append(slot)
+            grant = min(grant, slot.granted)
+            if index == 0:
                 first = reply
-            grant = min(grant, int(reply[1]))
-            reserved.append((subject, int(reply[1])))
-        assert first is not None
         cost = int(first[6])
-        if not req.dry_run and any(granted > grant for _, granted in reserved):
-            cost = await self._shrink(reserved, rand, grant)
+        if not req.dry_run and slots[0].granted > grant:
+            cost = await self._shrink(slots, rand, grant)
         return ReserveResult(True, "" if req.dry_run else rid, int(first[2]), int(first[5]),
-                             grant, states, cost, duplicate=int(first[0]) == 2)
+                             grant, [s for slot in slots for s in slot.states], cost,
+                             duplicate=int(first[0]) == 2)
 
-    async def _undo(self, reserved: list[tuple[Subject, int]], rand: str) -> None:
+    async def _undo(self, slots: list[_Slot], rand: str) -> None:
         """A later slot denied: give back what the earlier slots reserved."""
-        for subject, _ in reserved:
-            await self._settle(subject.tag, rand, "release", 0, 0, 0)
+        for slot in slots:
+            await self._settle(slot.subject.tag, rand, "release", 0, 0, 0)
 
-    async def _shrink(self, reserved: list[tuple[Subject, int]], rand: str, grant: int) -> int:
-        """A later slot granted less output: earlier slots keep only the final grant.
-
-        Returns the reservation's cost at that grant (nano-USD)."""
+    async def _shrink(self, slots: list[_Slot], rand: str, grant: int) -> int:
+        """A later slot granted less output: earlier slots keep only the final grant, and
+        report their limits as they are then. Returns the reservation's cost (nano-USD)."""
         cost = 0
-        for subject, granted in reserved:
-            if granted > grant:
-                cost = _settle_result(await self._settle(subject.tag, rand, "resize", 0, 0,
-                                                         grant)).reserved_cost_nano
+        for slot in slots:
+            if slot.granted > grant:
+                reply = await self._settle(slot.subject.tag, rand, "resize", 0, 0, grant)
+                cost = _settle_result(reply).reserved_cost_nano
+                slot.states = _states(slot.subject, slot.limits, reply[9:])
         return cost
 
     # -- commit / release ------------------------------------------------------------------
@@ -317,8 +315,20 @@ class Engine:
         return reply
 
 
-def _states(subject: Subject, limits: Sequence[Limit], reply: list[object]) -> list[LimitState]:
-    values = [int(v) for v in reply[7:]]  # type: ignore[call-overload]
+@dataclass(slots=True)
+class _Slot:
+    """One subject of a reserve: what it granted and what its limits say."""
+
+    subject: Subject
+    limits: Sequence[Limit]
+    granted: int
+    states: list[LimitState]
+
+
+def _states(subject: Subject, limits: Sequence[Limit], pairs: list[object]
+            ) -> list[LimitState]:
+    """Limit states from a script's reply tail: remaining, reset ms per limit."""
+    values = [int(v) for v in pairs]  # type: ignore[call-overload]
     return [LimitState(lim, subject, values[2 * k], values[2 * k + 1])
             for k, lim in enumerate(limits)]
 

@@ -25,7 +25,14 @@ from ratelimitd.headers import ratelimit_headers
 from ratelimitd.openapi import openapi_spec
 from ratelimitd.policy import Identity, Limit, plan
 from ratelimitd.pricing import PriceTable, nano_to_usd
-from ratelimitd.schema import ReserveBody, parse_commit, parse_release, parse_reserve, prompt_chars
+from ratelimitd.schema import (
+    ReserveBody,
+    has_content,
+    parse_commit,
+    parse_release,
+    parse_reserve,
+    prompt_chars,
+)
 from ratelimitd.scripts import RedisClient
 from ratelimitd.tokens import TokenCounter, TokenCountError
 
@@ -145,11 +152,10 @@ def _limit_json(state: LimitState) -> dict[str, Any]:
 async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
     if body.input_tokens is not None:
         return body.input_tokens
-    if body.prompt is not None and not body.prompt.strip():
-        raise invalid("prompt", "is empty", "empty_prompt")
+    if not has_content(body):
+        field = "prompt" if body.prompt is not None else "messages"
+        raise invalid(field, "is empty: it holds no text", "empty_prompt")
     chars = prompt_chars(body)
-    if body.messages is not None and chars == 0:
-        raise invalid("messages", "contain no text", "empty_prompt")
     if max_chars is not None and chars > max_chars:
         raise invalid("prompt" if body.prompt is not None else "messages",
                       f"{chars} characters; this tier allows {max_chars}", "prompt_too_long")

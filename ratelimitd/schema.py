@@ -180,6 +180,21 @@ def parse_reservation_field(body: Mapping[str, Any]) -> str:
     return _text(body, "reservation_id", required=True, max_chars=1024) or ""
 
 
+def has_content(body: ReserveBody) -> bool:
+    """False when the call sends the model nothing: only whitespace, no other part."""
+    if body.prompt is not None:
+        return bool(body.prompt.strip())
+    for message in body.messages or ():
+        content = message.get("content")
+        if isinstance(content, str) and content.strip():
+            return True
+        if isinstance(content, list) and any(
+                not isinstance(p, dict) or p.get("type") != "text"
+                or (isinstance(p.get("text"), str) and p["text"].strip()) for p in content):
+            return True  # non-text parts are named by the token counter
+    return False
+
+
 def prompt_chars(body: ReserveBody) -> int:
     """Characters of text a reserve sends to the model, for max_prompt_chars."""
     if body.prompt is not None:

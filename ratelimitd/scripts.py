@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
@@ -98,9 +99,11 @@ class ScriptRunner:
                     pipe.execute_command("EVALSHA", call.script.sha, *call.args)
                 replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
+            # a socket error is the store being unreachable, like any other connection error
+            failure = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
             for call in batch:
                 if not call.done.done():
-                    call.done.set_exception(exc)
+                    call.done.set_exception(failure)
             return
         for call, reply in zip(batch, replies, strict=True):
             if isinstance(reply, NoScriptError):
@@ -123,5 +126,7 @@ class ScriptRunner:
         try:
             await self.client.script_load(call.script.source)
             return await self.client.execute_command("EVALSHA", call.script.sha, *call.args)
-        except (ResponseError, RedisError, OSError) as exc:
+        except (ResponseError, RedisError) as exc:
             return exc
+        except OSError as exc:
+            return RedisConnectionError(str(exc))

@@ -1,6 +1,7 @@
 """Helpers for the HTTP tests: serve the real app on a real socket, read Redis, parse headers.
 
-`serve(config_dict)` builds the app with `create_app(parse_config(...), redis_server.url)` and
+The fixture `serve` (import `serve_fixture` into a test module to use it): `await
+serve(config_dict)` builds the app with `create_app(parse_config(...), redis_server.url)` and
 serves it through pytest-aiohttp's `aiohttp_client`, which binds a real localhost TCP server.
 """
 
@@ -22,6 +23,9 @@ from tests.redis_servers import RedisServer
 
 Serve = Callable[..., Awaitable[TestClient[Any, Any]]]
 
+# A well-formed reservation id (24 random characters, primary subject user:u1) never issued.
+UNKNOWN_RID = "rsv_" + "A" * 24 + ".dXNlcjp1MQ"
+
 # A tier small enough to exhaust in a few calls; prices known exactly.
 SMALL_TIER: dict[str, Any] = {
     "requests_per_minute": 5,
@@ -32,8 +36,8 @@ SMALL_TIER: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def serve(aiohttp_client: Any, redis_server: RedisServer, redis_client: Redis) -> Serve:
+@pytest.fixture(name="serve")
+def serve_fixture(aiohttp_client: Any, redis_server: RedisServer, redis_client: Redis) -> Serve:
     """Factory: `await serve({...toml as a dict...}, url=...)` -> a client of a live server.
 
     Depends on redis_client so the shared test Redis is flushed before the app touches it."""

@@ -7,16 +7,23 @@ Nothing of Redis or of ratelimitd is mocked.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import tiktoken
 from redis.asyncio import Redis
 
+from ratelimitd.scripts import ENTRY_SCRIPTS, script_source
 from tests.http_helpers import (
     SMALL_TIER,
+    UNKNOWN_RID,
     Serve,
     assert_error,
     call,
@@ -26,10 +33,10 @@ from tests.http_helpers import (
     nano,
     parse_sf_list,
     seconds_up,
-    serve,  # noqa: F401  (fixture)
+    serve_fixture,  # noqa: F401  (the `serve` fixture)
     snapshot,
 )
-from tests.redis_servers import RedisServer, free_port
+from tests.redis_servers import RedisServer, free_port, redis_binary
 
 GPT4O = {"input": 2.5, "output": 10.0, "cached_input": 1.25}
 RESERVE_KEYS = {"allowed", "reservation_id", "expires_at_ms", "input_tokens",
@@ -273,7 +280,8 @@ CHAT = [
     {"role": "system", "content": "You are a helpful assistant that answers in French."},
     {"role": "user", "name": "alice", "content": "How many legs does a spider have?"},
     {"role": "assistant", "content": "Une araignée a huit pattes. 🕷️"},
-    {"role": "user", "name": "alice", "content": "And an ant? Answer with one word, s'il te plaît."},
+    {"role": "user", "name": "alice",
+     "content": "And an ant? Answer with one word, s'il te plaît."},
 ]
 
 
@@ -300,6 +308,27 @@ async def test_prompt_count_follows_the_model_encoding(serve: Serve) -> None:
         counts[model] = body["input_tokens"]
         assert counts[model] == len(tiktoken.encoding_for_model(model).encode(prompt))
     assert counts["gpt-4o"] != counts["gpt-4"]    # o200k_base and cl100k_base really differ
+
+
+async def test_long_texts_are_counted_exactly_too(serve: Serve) -> None:
+    """Texts past a few KB are encoded off the event loop: the count is the same."""
+    client = await serve({"tiers": {"t": {"max_output_tokens": 100}}})
+    prompt = " ".join(f"token{i} 🚀 naïve café {i * 7919}" for i in range(2000))
+    assert len(prompt) > 50_000
+    resp, body = await call(client, "/v1/reserve",
+                            {"user": "u1", "tier": "t", "model": "gpt-4o", "prompt": prompt})
+    assert resp.status == 200, body
+    assert body["input_tokens"] == len(o200k().encode(prompt))
+    chat = [{"role": "user", "content": prompt}]
+    resp, body = await call(client, "/v1/reserve",
+                            {"user": "u1", "tier": "t", "model": "gpt-4o", "messages": chat})
+    assert body["input_tokens"] == cookbook_count("gpt-4o", chat)
+    resp, done = await call(client, "/v1/commit", {"reservation_id": body["reservation_id"],
+                                                  "input_tokens": 1, "output_text": prompt,
+                                                  "model": "gpt-4"})
+    assert resp.status == 200, done
+    assert done["usage"]["output_tokens"] == len(tiktoken.encoding_for_model("gpt-4")
+                                                 .encode(prompt))
 
 
 # -- reserve / commit / release ----------------------------------------------------------------
@@ -435,8 +464,9 @@ async def test_commit_after_release_and_release_after_commit_are_409(
 
 
 @pytest.mark.parametrize("rid", [
-    "rsv_AAAAAAAAAAAAAAAAAAAAAAAA.dXNlcjp1MQ",     # well-formed, never issued (user:u1)
-    "rsv_AAAA.dXNlcjpub2JvZHk",                    # another user's slot
+    UNKNOWN_RID,                                   # well-formed, never issued (user:u1)
+    "rsv_" + "B" * 24 + ".dXNlcjpub2JvZHk",        # well-formed, another user's slot
+    "rsv_AAAA.dXNlcjp1MQ",                         # random part too short
     "hello",
     "rsv_",
     "rsv_???.!!!",
@@ -453,6 +483,72 @@ async def test_commit_and_release_of_unknown_ids_are_404(serve: Serve, redis_cli
     resp, body = await call(client, "/v1/release", {"reservation_id": rid})
     assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
     assert await snapshot(redis_client) == before
+
+
+async def test_a_limit_of_another_scope_denies_all_or_nothing(serve: Serve) -> None:
+    """An ip limit lives in another Redis slot than the user's: when it denies, what the
+    user's slot had reserved is given back, and a release frees both."""
+    client = await serve({"tiers": {"t": {
+        "requests_per_minute": 100,
+        "limits": [{"name": "per_ip", "scope": "ip", "metric": "requests", "window": "1m",
+                    "limit": 2}]}}})
+
+    def from_ip(user: str, ip: str) -> dict[str, Any]:
+        return {"user": user, "tier": "t", "model": "gpt-4o", "input_tokens": 10,
+                "max_output_tokens": 10, "attributes": {"ip": ip}}
+
+    resp, a = await call(client, "/v1/reserve", from_ip("a", "2001:db8::7"))
+    assert resp.status == 200, a
+    assert limit_of(a, "per_ip")["scope"] == "ip"
+    # the same address spelled otherwise is the same subject
+    resp, b = await call(client, "/v1/reserve", from_ip("b", "2001:0DB8:0:0::7"))
+    assert resp.status == 200, b
+    assert limit_of(b, "per_ip")["remaining"] == 0
+    resp, c = await call(client, "/v1/reserve", from_ip("c", "2001:db8::7"))
+    assert resp.status == 429 and c["reason"] == "per_ip", c
+    # c's own limits kept nothing of the denied call
+    resp, c2 = await call(client, "/v1/reserve", from_ip("c", "192.0.2.1"))
+    assert resp.status == 200, c2
+    assert limit_of(c2, "requests_per_minute")["remaining"] == 99
+    # releasing a's call frees its place on the ip limit too
+    resp, _ = await call(client, "/v1/release", {"reservation_id": a["reservation_id"]})
+    assert resp.status == 200
+    resp, c3 = await call(client, "/v1/reserve", from_ip("c", "2001:db8::7"))
+    assert resp.status == 200, c3
+    assert limit_of(c3, "requests_per_minute")["remaining"] == 98
+
+
+@pytest.mark.parametrize("user", ["{u1}", "a}b{c%7D", "名前 with spaces", "x" * 256,
+                                  "user:u1", "dXNlcjp1MQ=="])
+async def test_any_user_id_gets_its_own_limits_and_a_working_reservation(
+        serve: Serve, user: str) -> None:
+    client = await serve(small())
+    resp, mine = await call(client, "/v1/reserve", {**rq(input_tokens=10), "user": user})
+    assert resp.status == 200, mine
+    resp, other = await call(client, "/v1/reserve", rq(input_tokens=10))       # user u1
+    assert limit_of(other, "requests_per_minute")["remaining"] == 4              # not shared
+    resp, done = await call(client, "/v1/commit", {"reservation_id": mine["reservation_id"],
+                                                  "input_tokens": 10, "output_tokens": 3})
+    assert resp.status == 200 and done["duplicate"] is False, done
+    resp, again = await call(client, "/v1/reserve", {**rq(input_tokens=10), "user": user})
+    assert limit_of(again, "tokens_per_day")["remaining"] == 2000 - 13 - 310
+
+
+async def test_an_expired_reservation_is_404_and_its_estimate_stays_charged(
+        serve: Serve) -> None:
+    client = await serve({**small(), "reservations": {"ttl_s": 1}})
+    resp, rsv = await call(client, "/v1/reserve", rq(input_tokens=100, max_output_tokens=100))
+    assert resp.status == 200, rsv
+    assert 0 < rsv["expires_at_ms"] - time.time() * 1000 <= 1000
+    await asyncio.sleep(1.1)
+    resp, body = await call(client, "/v1/commit", {"reservation_id": rsv["reservation_id"],
+                                                  "input_tokens": 100, "output_tokens": 10})
+    assert_error(resp, body, 404, "reservation_not_found", "expired")
+    resp, body = await call(client, "/v1/release", {"reservation_id": rsv["reservation_id"]})
+    assert_error(resp, body, 404, "reservation_not_found")
+    resp, again = await call(client, "/v1/reserve", rq(input_tokens=100, max_output_tokens=100))
+    assert limit_of(again, "tokens_per_day")["remaining"] == 2000 - 2 * 200
+    assert limit_of(again, "requests_per_minute")["remaining"] == 3
 
 
 # -- idempotency and dry runs ------------------------------------------------------------------
@@ -732,8 +828,6 @@ async def test_healthz_and_readyz(serve: Serve, redis_client: Redis) -> None:
     await redis_client.script_flush()
     resp, body = await call(client, "/readyz", method="GET")
     assert resp.status == 200 and body["ready"] is True
-    from ratelimitd.scripts import ENTRY_SCRIPTS, script_source
-    import hashlib
     shas = [hashlib.sha1(script_source(n).encode()).hexdigest() for n in ENTRY_SCRIPTS]
     assert await redis_client.script_exists(*shas) == [True, True]
 
@@ -765,6 +859,48 @@ async def test_redis_going_down_gives_503_and_readyz_says_so(serve: Serve, tmp_p
     assert time.monotonic() - started < 5                            # failures come fast
 
 
+def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port).ping()
+            return proc
+        except redis.ConnectionError:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+
+
+async def test_the_daemon_recovers_when_redis_comes_back_empty(serve: Serve,
+                                                               tmp_path: Path) -> None:
+    """A Redis restarted without its data or scripts: no daemon restart needed."""
+    port = free_port()
+    proc = start_redis(port, tmp_path / "a")
+    try:
+        client = await serve({**small(), "redis": {"timeout_ms": 200}},
+                             url=f"redis://127.0.0.1:{port}/0")
+        resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))
+        assert resp.status == 200, body
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))
+    assert_error(resp, body, 503, "backend_unavailable")
+    proc = start_redis(port, tmp_path / "b")
+    try:
+        resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))   # NOSCRIPT: reload
+        assert resp.status == 200, body
+        assert limit_of(body, "requests_per_minute")["remaining"] == 4        # an empty Redis
+        resp, body = await call(client, "/readyz", method="GET")
+        assert resp.status == 200 and body["ready"] is True
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 async def test_no_redis_answers_503_by_default(serve: Serve) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
     client = await serve({**small(), "redis": {"timeout_ms": 50}}, url=dead)
@@ -792,6 +928,6 @@ async def test_no_redis_with_on_error_allow_admits_degraded(serve: Serve) -> Non
     resp, answer = await call(client, "/v1/reserve", rq(input_tokens=-5))
     assert_error(resp, answer, 400, "invalid_request", "input_tokens")
     # commit and release have no degraded form
-    resp, answer = await call(client, "/v1/commit", {"reservation_id": "rsv_x.dXNlcjp1MQ",
+    resp, answer = await call(client, "/v1/commit", {"reservation_id": UNKNOWN_RID,
                                                     "input_tokens": 1, "output_tokens": 1})
     assert_error(resp, answer, 503, "backend_unavailable")

@@ -1,0 +1,344 @@
+"""`ratelimitd serve` as an operator runs it: a real process with its embedded redis-server on a
+unix socket, real HTTP, SIGTERM, a restart on the same data, and several workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tests.http_helpers import cost_nano, nano
+from tests.redis_servers import free_port
+
+RATELIMITD = Path(sys.executable).parent / "ratelimitd"
+STOP_WITHIN_S = 10
+
+
+class Daemon:
+    """One `ratelimitd serve` process; its log (stderr) goes to a file."""
+
+    def __init__(self, tmp_path: Path, config: str, *args: str, name: str = "d") -> None:
+        self.config_path = tmp_path / f"{name}.toml"
+        self.config_path.write_text(config)
+        self.log_path = tmp_path / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen([str(RATELIMITD), "serve", "--config",
+                                      str(self.config_path), *args],
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_exit(self, timeout: float = STOP_WITHIN_S) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait_exit()
+
+    def listening_pids(self) -> set[int]:
+        return {int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", self.log)}
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Started daemons; any still running at the end is killed, by its own pid."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait(10)
+        daemon._log.close()
+
+
+def redis_pid(data_dir: Path) -> int:
+    client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"), socket_timeout=2)
+    try:
+        return int(client.info("server")["process_id"])
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def embedded_redis_pids() -> Iterator[list[int]]:
+    """Embedded redis-servers seen by a test: killed (by pid) if a failed test left one."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie no one has reaped yet is gone for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def wait_healthy(daemon: Daemon, port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert daemon.proc.poll() is None, f"daemon exited early:\n{daemon.log}"
+        try:
+            if http(port, "GET", "/healthz") == (200, {"status": "ok"}):
+                return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < deadline, f"no /healthz within {timeout} s:\n{daemon.log}"
+        time.sleep(0.05)
+
+
+def config_text(port: int, data_dir: Path) -> str:
+    return f'''
+[server]
+listen = ["127.0.0.1:{port}"]
+
+[redis]
+data_dir = "{data_dir}"
+
+[tiers.t]
+requests_per_minute = 1000
+tokens_per_day = 100000
+daily_budget_usd = 1.0
+max_output_tokens = 1000
+'''
+
+
+RESERVE = {"user": "u1", "tier": "t", "model": "gpt-4o", "input_tokens": 1000,
+           "max_output_tokens": 1000}
+
+
+def test_serve_reserve_commit_stop_and_restart_keeps_the_spend(
+        tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
+    port, data_dir = free_port(), tmp_path / "data"
+    config = config_text(port, data_dir)
+    first = Daemon(tmp_path, config, name="first")
+    daemons.append(first)
+    wait_healthy(first, port)
+    assert "embedded redis-server on" in first.log
+    status, ready = http(port, "GET", "/readyz")
+    assert status == 200 and ready["ready"] is True, ready
+    redis_1 = redis_pid(data_dir)
+    embedded_redis_pids.append(redis_1)
+    # no TCP port: the embedded Redis answers only on its unix socket, owner-only
+    assert (data_dir / "redis.sock").stat().st_mode & 0o077 == 0
+
+    status, rsv = http(port, "POST", "/v1/reserve", RESERVE)
+    assert status == 200, rsv
+    status, done = http(port, "POST", "/v1/commit", {"reservation_id": rsv["reservation_id"],
+                                                     "input_tokens": 1000,
+                                                     "output_tokens": 250})
+    assert status == 200, done
+    spent = cost_nano(1000, 250, pi=2.5, po=10.0)
+    assert nano(done["cost_usd"]) == spent
+
+    # a second daemon on the same state directory refuses to start and harms nothing
+    other = Daemon(tmp_path, config_text(free_port(), data_dir), name="other")
+    daemons.append(other)
+    assert other.wait_exit(30) == 2
+    assert "another ratelimitd is running" in other.log
+    assert http(port, "GET", "/readyz")[0] == 200
+
+    started = time.monotonic()
+    assert first.stop() == 0, first.log
+    assert time.monotonic() - started < STOP_WITHIN_S
+    assert not alive(redis_1), "the embedded redis-server outlived the daemon"
+    assert "Traceback" not in first.log
+
+    second = Daemon(tmp_path, config, name="second")
+    daemons.append(second)
+    wait_healthy(second, port)
+    redis_2 = redis_pid(data_dir)
+    embedded_redis_pids.append(redis_2)
+    assert redis_2 != redis_1
+    status, again = http(port, "POST", "/v1/reserve", RESERVE)
+    assert status == 200, again
+    estimate = cost_nano(1000, 1000, pi=2.5, po=10.0)
+    budget = next(lim for lim in again["limits"] if lim["name"] == "daily_budget_usd")
+    assert nano(budget["remaining"]) == 1_000_000_000 - spent - estimate
+    tokens = next(lim for lim in again["limits"] if lim["name"] == "tokens_per_day")
+    assert tokens["remaining"] == 100_000 - 1250 - 2000
+    # the reservation made before the restart is still known, and already committed
+    status, repeat = http(port, "POST", "/v1/commit", {"reservation_id": rsv["reservation_id"],
+                                                       "input_tokens": 1000,
+                                                       "output_tokens": 250})
+    assert status == 200 and repeat["duplicate"] is True, repeat
+    assert second.stop() == 0, second.log
+    assert not alive(redis_2)
+
+
+def test_workers_share_the_port_and_all_stop_on_sigterm(
+        tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
+    port, data_dir = free_port(), tmp_path / "data"
+    daemon = Daemon(tmp_path, config_text(port, data_dir), "--workers", "2")
+    daemons.append(daemon)
+    wait_healthy(daemon, port)
+    deadline = time.monotonic() + 30
+    while len(daemon.listening_pids()) < 2:
+        assert time.monotonic() < deadline, daemon.log
+        assert daemon.proc.poll() is None, daemon.log
+        time.sleep(0.05)
+    workers = daemon.listening_pids()
+    assert len(workers) == 2 and daemon.proc.pid not in workers
+    assert all(alive(pid) for pid in workers)
+    embedded_redis_pids.append(redis_pid(data_dir))
+
+    # every call, whichever worker takes it, counts against the one shared Redis
+    remaining = []
+    for _ in range(12):
+        status, body = http(port, "POST", "/v1/reserve", {**RESERVE, "input_tokens": 10,
+                                                          "max_output_tokens": 10})
+        assert status == 200, body
+        remaining.append(next(lim["remaining"] for lim in body["limits"]
+                              if lim["name"] == "requests_per_minute"))
+    assert remaining == list(range(999, 987, -1))
+
+    assert daemon.stop() == 0, daemon.log
+    assert not any(alive(pid) for pid in workers), daemon.log
+    assert not alive(embedded_redis_pids[0])
+    assert "Traceback" not in daemon.log
+
+
+def test_a_dead_worker_stops_the_daemon_with_a_failure_status(
+        tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
+    """A worker killed (OOM killer, crash): the others stop and the daemon exits non-zero, so
+    that its service manager restarts it."""
+    port, data_dir = free_port(), tmp_path / "data"
+    daemon = Daemon(tmp_path, config_text(port, data_dir), "--workers", "2")
+    daemons.append(daemon)
+    wait_healthy(daemon, port)
+    deadline = time.monotonic() + 30
+    while len(daemon.listening_pids()) < 2:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.log
+        time.sleep(0.05)
+    embedded_redis_pids.append(redis_pid(data_dir))
+    victim, survivor = sorted(daemon.listening_pids())
+    os.kill(victim, signal.SIGKILL)
+    status = daemon.wait_exit()
+    assert status != 0, daemon.log
+    assert "exited with -9" in daemon.log
+    assert not alive(survivor) and not alive(embedded_redis_pids[0])
+
+
+def processes_using(path: Path) -> list[int]:
+    """Pids whose command line names `path` (read from /proc, nothing is signalled)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(path).encode() in cmdline and alive(int(entry.name)):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_port_in_use_is_a_clear_error_and_leaves_no_redis(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "c.toml"
+        config.write_text(config_text(port, data_dir))
+        for workers in ("1", "2"):
+            done = subprocess.run([str(RATELIMITD), "serve", "--config", str(config),
+                                   "--workers", workers], capture_output=True, text=True,
+                                  timeout=60, check=False)
+            assert done.returncode == 2, done.stderr
+            assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
+            assert "Traceback" not in done.stderr
+            assert processes_using(data_dir / "redis.sock") == []
+
+
+def test_serve_on_a_unix_socket(tmp_path: Path, daemons: list[Daemon],
+                                embedded_redis_pids: list[int]) -> None:
+    port, data_dir, sock = free_port(), tmp_path / "data", tmp_path / "rl.sock"
+    config = config_text(port, data_dir).replace(
+        f'listen = ["127.0.0.1:{port}"]', f'listen = ["unix:{sock}", "127.0.0.1:{port}"]')
+    daemon = Daemon(tmp_path, config)
+    daemons.append(daemon)
+    wait_healthy(daemon, port)
+    embedded_redis_pids.append(redis_pid(data_dir))
+    assert sock.stat().st_mode & 0o777 == 0o660
+    body = json.dumps(RESERVE).encode()
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        conn.sendall(b"POST /v1/reserve HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        raw = b""
+        while chunk := conn.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), raw
+    assert json.loads(payload)["allowed"] is True
+    # the same Redis behind both addresses
+    status, over_tcp = http(port, "POST", "/v1/reserve", RESERVE)
+    assert status == 200
+    assert next(lim["remaining"] for lim in over_tcp["limits"]
+                if lim["name"] == "requests_per_minute") == 998
+    assert daemon.stop() == 0, daemon.log
+
+
+def test_serve_without_redis_server_says_how_to_install_it(tmp_path: Path) -> None:
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    env = {**os.environ, "PATH": str(empty_bin)}
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n'
+                      f'[redis]\ndata_dir = "{tmp_path / "data"}"\n')
+    done = subprocess.run([str(RATELIMITD), "serve", "--config", str(config)], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert "redis-server is not installed" in done.stderr
+    assert "apt-get install redis-server" in done.stderr
+    assert "[redis] url" in done.stderr                  # ...or use a Redis of your own
+    assert "Traceback" not in done.stderr
+
+
+def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nlisten = ["127.0.0.1:8080"]\nworkers = 4\n')
+    done = subprocess.run([str(RATELIMITD), "serve", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert f"{config}: server.workers: unknown key" in done.stderr
