@@ -44,6 +44,7 @@ def script_usec(client: redis.Redis) -> int:
 
 
 def bench_limits(client: redis.Redis, url: str, calls: int) -> float:
+    client.flushall()
     limiter = SlidingWindowCounterRateLimiter(RedisStorage(url))
     item = RateLimitItemPerMinute(10**9)
     for i in range(50):                       # load the script before measuring
@@ -55,6 +56,7 @@ def bench_limits(client: redis.Redis, url: str, calls: int) -> float:
 
 
 async def bench_engine(client: redis.Redis, url: str, calls: int) -> tuple[float, float]:
+    client.flushall()
     aclient = Redis.from_url(url)
     engine = Engine(aclient)
     await engine.scripts.load()
@@ -110,20 +112,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--subjects", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds; each side keeps its best (the VM is noisy)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(Path(tmp))
         try:
             client = redis.Redis(port=server.port)
             version = client.info("server")["redis_version"]
-            limits_usec = bench_limits(client, server.url, args.calls)
-            client.flushall()
-            reserve_usec, commit_usec = asyncio.run(bench_engine(client, server.url, args.calls))
+            limits_runs, engine_runs = [], []
+            for _ in range(args.rounds):
+                limits_runs.append(bench_limits(client, server.url, args.calls))
+                engine_runs.append(asyncio.run(bench_engine(client, server.url, args.calls)))
+            limits_usec = min(limits_runs)
+            reserve_usec = min(r for r, _ in engine_runs)
+            commit_usec = min(c for _, c in engine_runs)
             per_subject, per_record = asyncio.run(bench_memory(server.url, args.subjects))
         finally:
             server.stop()
     ratio = reserve_usec / limits_usec
-    print(f"redis-server {version}, {args.calls} calls each, server time from INFO commandstats")
+    print(f"redis-server {version}, {args.calls} calls each, best of {args.rounds} alternating "
+          "rounds, server time from INFO commandstats")
     print("| what | Redis server time per call | vs `limits` hit |")
     print("|---|---|---|")
     print(f"| `limits` sliding-window-counter hit (baseline) | {limits_usec:.2f} µs | 1.00x |")

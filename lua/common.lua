@@ -17,7 +17,7 @@
 -- back, and an abandoned one slides out after the TTL (plus at most one sub-bucket), so a
 -- crashed gateway cannot leak slots.
 
-local tonumber, floor, ceil, format = tonumber, math.floor, math.ceil, string.format
+local tonumber, floor, ceil = tonumber, math.floor, math.ceil
 
 local function now_ms(override)
   if override ~= '' then return tonumber(override) end
@@ -100,6 +100,7 @@ local function load_limits(K, limits, now)
     if lim.algo == 's' then
       local n, cur = lim.p2, lim.cur
       local head, total = tonumber(v[i]) or cur, tonumber(v[i + 1]) or 0
+      lim.moved = v[i] == false          -- a new window: its head is written too
       local cell = tonumber(v[i + 2]) or 0
       if head > cur then
         -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
@@ -130,7 +131,8 @@ local function load_limits(K, limits, now)
         prev = b
       end
       if lim.start == nil then lim.stale, lim.start, lim.stop = true, now, now + 1 end
-      lim.used = (tonumber(v[i]) == lim.start) and (tonumber(v[i + 1]) or 0) or 0
+      lim.moved = tonumber(v[i]) ~= lim.start     -- a new period: its start is written too
+      lim.used = lim.moved and 0 or (tonumber(v[i + 1]) or 0)
     else
       local window, burst, rate = tonumber(lim.p1), lim.p2, lim.limit
       local level, ts = tonumber(v[i]), tonumber(v[i + 1])
@@ -204,9 +206,10 @@ local function write_limits(K, limits, now, x)
   for _, lim in ipairs(limits) do
     if lim.algo == 's' then
       if lim.dirty or lim.moved then
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.cur, lim.f2, lim.total
-        out[n + 5], out[n + 6] = lim.cellf, lim.cell
-        n = n + 6
+        -- the newest sub-bucket index changes only when the window moved
+        if lim.moved then out[n + 1], out[n + 2], n = lim.f1, lim.cur, n + 2 end
+        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f2, lim.total, lim.cellf, lim.cell
+        n = n + 4
         if lim.clear_all then
           for c = 0, lim.p2 do
             local f = lim.lid .. ':' .. c
@@ -222,11 +225,12 @@ local function write_limits(K, limits, now, x)
       end
     elseif lim.dirty then
       if lim.algo == 'c' then
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.start, lim.f2, lim.used
+        if lim.moved then out[n + 1], out[n + 2], n = lim.f1, lim.start, n + 2 end
+        out[n + 1], out[n + 2], n = lim.f2, lim.used, n + 2
       else
         out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.level, lim.f2, lim.ts
+        n = n + 4
       end
-      n = n + 4
     end
     local t = state_ttl(lim, now)
     if t > need then need = t end
@@ -288,33 +292,20 @@ local function retry_after(K, lim, need, now)
   return (lim.cur + n + 1) * lim.w - now
 end
 
--- A reservation record is one string: a header line
---   state expires input output pi pc po (actual) input cached output
--- then a line with the other subjects of the reservation (opaque to Lua), then one line per
--- charged limit: its spec, the sub-bucket or period charged, and the amount.
+-- A reservation record is one MessagePack array (packed and unpacked in C):
+--   state, expires, input, output, pi, pc, po, actual input, cached, output, other subjects,
+--   then 8 values per charged limit: its spec (the six ARGV words), the sub-bucket or period
+--   charged, and the amount. A settled record keeps no charges: it only answers repeats.
+local REC_CHARGES = 12
+
 local function parse_record(raw)
-  local lines = {}
-  for line in string.gmatch(raw, '[^\n]+') do lines[#lines + 1] = line end
-  local h = {}
-  for w in string.gmatch(lines[1], '%S+') do h[#h + 1] = w end
-  local rec = {s = h[1], e = tonumber(h[2]), i = tonumber(h[3]), o = tonumber(h[4]),
-               pi = tonumber(h[5]), pc = tonumber(h[6]), po = tonumber(h[7]),
-               u = {tonumber(h[8]), tonumber(h[9]), tonumber(h[10])}, sec = lines[2] or '[]',
-               charges = {}}
-  for j = 3, #lines do
-    local c = {}
-    for w in string.gmatch(lines[j], '%S+') do c[#c + 1] = w end
-    if #c == 8 then
-      local lim = new_limit(c[1], c[2], c[3], c[4], c[5], c[6])
-      lim.spec = table.concat(c, ' ', 1, 6)
-      lim.ref, lim.amt = tonumber(c[7]), tonumber(c[8])
-      rec.charges[#rec.charges + 1] = lim
-    end
+  local r = cmsgpack.unpack(raw)
+  local rec = {r = r, s = r[1], e = r[2], i = r[3], o = r[4], pi = r[5], pc = r[6], po = r[7],
+               u = {r[8], r[9], r[10]}, sec = r[11], charges = {}}
+  for j = REC_CHARGES, #r, 8 do
+    local lim = new_limit(r[j], r[j + 1], r[j + 2], r[j + 3], r[j + 4], r[j + 5])
+    lim.ref, lim.amt, lim.at = r[j + 6], r[j + 7], j
+    rec.charges[#rec.charges + 1] = lim
   end
   return rec
-end
-
-local function record_header(rec)
-  return format('%s %d %d %d %d %d %d %d %d %d', rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc,
-                rec.po, rec.u[1], rec.u[2], rec.u[3])
 end

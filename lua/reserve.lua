@@ -84,24 +84,19 @@ end
 est.output = grant
 -- The record keeps each limit's spec (its six ARGV words), the sub-bucket or period charged,
 -- and the amount: settle needs nothing else.
-local lines, n = {}, 0
+local expires = now + ttl
+local rec = {'r', expires, input, grant, pi, tonumber(ARGV[8]), po, 0, 0, 0, ARGV[10]}
 for k, lim in ipairs(limits) do
   local amt = amount(lim.metric, est)
   add_to_limit(lim, amt, nil)
-  local a = 12 + (k - 1) * 6
-  lines[n + 1], lines[n + 2], lines[n + 3], lines[n + 4], lines[n + 5], lines[n + 6] =
-    '\n', ARGV[a], ' ', ARGV[a + 1], ' ', ARGV[a + 2]
-  lines[n + 7], lines[n + 8], lines[n + 9], lines[n + 10], lines[n + 11], lines[n + 12] =
-    ' ', ARGV[a + 3], ' ', ARGV[a + 4], ' ', ARGV[a + 5]
-  lines[n + 13] = format(' %d %d', (lim.algo == 's' and lim.cur) or lim.start or 0, amt)
-  n = n + 13
+  local a, n = 12 + (k - 1) * 6, #rec
+  rec[n + 1], rec[n + 2], rec[n + 3], rec[n + 4] = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
+  rec[n + 5], rec[n + 6], rec[n + 7], rec[n + 8] =
+    ARGV[a + 4], ARGV[a + 5], (lim.algo == 's' and lim.cur) or lim.start or 0, amt
 end
 
-local expires = now + ttl
 if mode ~= 'dry' then
   write_limits(K, limits, now, x)
-  local header = format('r %d %d %d %s %s %s 0 0 0\n', expires, input, grant, ARGV[7], ARGV[8],
-                        ARGV[9])
-  redis.call('SET', R, header .. ARGV[10] .. table.concat(lines), 'PX', ttl)
+  redis.call('SET', R, cmsgpack.pack(rec), 'PX', ttl)
 end
 return reply(mode == 'dry' and 3 or 1, grant, expires, 0, 0, input)

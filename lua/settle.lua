@@ -48,18 +48,17 @@ end
 
 local limits = rec.charges
 local x = load_limits(K, limits, now)
-local lines = {}
-for k, lim in ipairs(limits) do
+local r = rec.r
+for _, lim in ipairs(limits) do
   local new_amt = amount(lim.metric, u)
   if new_amt ~= lim.amt then add_to_limit(lim, new_amt - lim.amt, lim.ref) end
-  lines[k] = lim.spec .. format(' %d %d', lim.ref, new_amt)
+  r[lim.at + 7] = new_amt
 end
 write_limits(K, limits, now, x)
 
 if mode == 'resize' then
-  rec.o = u.output
-  redis.call('SET', R, record_header(rec) .. '\n' .. rec.sec .. '\n' .. table.concat(lines, '\n'),
-             'KEEPTTL')
+  rec.o, r[4] = u.output, u.output
+  redis.call('SET', R, cmsgpack.pack(r), 'KEEPTTL')
   local out = reply(1)
   for _, lim in ipairs(limits) do
     local remaining, reset = describe(lim, now)
@@ -68,6 +67,7 @@ if mode == 'resize' then
   return out
 end
 rec.s = (mode == 'commit') and 'c' or 'x'
--- a settled record only answers repeats: it keeps no charges
-redis.call('SET', R, record_header(rec) .. '\n' .. rec.sec, 'PX', keep)
+r[1], r[8], r[9], r[10] = rec.s, rec.u[1], rec.u[2], rec.u[3]
+for j = #r, REC_CHARGES, -1 do r[j] = nil end   -- a settled record only answers repeats
+redis.call('SET', R, cmsgpack.pack(r), 'PX', keep)
 return reply(1)

@@ -368,6 +368,25 @@ async def test_commit_after_midnight_does_not_refund_into_the_new_day(
     assert (await left(engine, p))["user:daily_budget"] == budget - cost_nano(10, 0)
 
 
+async def test_monthly_budget_resets_at_the_local_start_of_the_month(
+    redis_client: Redis, clock: Clock
+) -> None:
+    start = local_ms(NY, 2025, 11, 29, 22)
+    month = local_ms(NY, 2025, 12, 1)
+    clock.now = start
+    engine = make_engine(redis_client, clock, timezone="America/New_York")
+    budget = cost_nano(1000, 500)
+    p = tier_plan(Limit("monthly_budget", "user", "cost_usd", budget, "calendar",
+                        period="month"))
+    res = await engine.reserve(rq(p, 1000, 500))
+    assert res.allowed and state_of(res, "monthly_budget") == (0, month - start)
+    for t in (local_ms(NY, 2025, 11, 30, 0, 0, 1), month - 1):   # a new day is not a new month
+        clock.now = t
+        assert not (await engine.reserve(rq(p, 1000, 500))).allowed
+    clock.now = month
+    assert (await engine.reserve(rq(p, 1000, 500))).allowed
+
+
 # -- 5. concurrency slots ---------------------------------------------------------------------
 
 
@@ -488,20 +507,40 @@ async def test_a_later_subject_denying_leaves_earlier_subjects_unchanged(
     assert after["user:user_budget"] == 10**10 - 2 * cost_nano(300, 200)
 
 
+async def test_idempotent_retry_charges_every_subject_once(
+    redis_client: Redis, clock: Clock
+) -> None:
+    engine = make_engine(redis_client, clock)
+    p = tier_plan(sliding("user_tokens", "tokens", "60s", 10_000),
+                  sliding("org_tokens", "tokens", "60s", 10_000, scope="org"),
+                  sliding("global_rpm", "requests", "60s", 10, scope="global"), org="o1")
+    first = await engine.reserve(rq(p, 100, 100, idempotency_key="same"))
+    again = await engine.reserve(rq(p, 100, 100, idempotency_key="same"))
+    assert first.allowed and again.duplicate and again.reservation_id == first.reservation_id
+    expected = {"user:user_tokens": 9_800, "org:org_tokens": 9_800, "global:global_rpm": 9}
+    assert await left(engine, p) == expected
+    assert (await engine.commit(first.reservation_id, 100, 20)).status == "applied"
+    assert await left(engine, p) == {**expected, "user:user_tokens": 9_880,
+                                     "org:org_tokens": 9_880}
+
+
 async def test_reply_remaining_reflects_the_final_grant_on_every_subject(
     redis_client: Redis, clock: Clock
 ) -> None:
-    """The global limit grants less output than the user's: the user's slot is shrunk to the
-    final grant, and what the reply says is left must be what is left."""
+    """Each later subject grants less output (user 1000, org 900, global 200): the earlier ones
+    are shrunk to the final grant, and what the reply says is left must be what is left."""
     engine = make_engine(redis_client, clock)
     p = tier_plan(sliding("user_tokens", "tokens", "60s", 10_000),
-                  sliding("global_tokens", "tokens", "60s", 300, scope="global"))
+                  calendar_budget(10**10, name="user_budget"),
+                  sliding("org_tokens", "tokens", "60s", 1_000, scope="org"),
+                  sliding("global_tokens", "tokens", "60s", 300, scope="global"), org="o1")
     res = await engine.reserve(rq(p, 100, 1000))
     assert res.allowed and res.max_output_tokens == 200
     assert res.reserved_cost_nano == cost_nano(100, 200)
-    assert await left(engine, p) == {"user:user_tokens": 9_700, "global:global_tokens": 0}
-    assert state_of(res, "user_tokens")[0] == 9_700
-    assert state_of(res, "global_tokens")[0] == 0
+    expected = {"user:user_tokens": 9_700, "user:user_budget": 10**10 - cost_nano(100, 200),
+                "org:org_tokens": 700, "global:global_tokens": 0}
+    assert await left(engine, p) == expected
+    assert {f"{s.subject.scope}:{s.limit.name}": s.remaining for s in res.states} == expected
 
 
 # -- 8. grant what fits -----------------------------------------------------------------------

@@ -2,10 +2,13 @@
 
 Hypothesis draws random sequences of reserves (alone, or several at once over two engines on
 their own connections), commits, releases, repeated settles and clock moves (small steps,
-window-sized waits, jumps over local midnight and daylight-saving days) against one user with
-every kind of limit: a sliding requests limit, a sliding tokens limit, a calendar-day cost
-budget (America/New_York), a token bucket on tokens and a concurrency limit. Some reservations
-are never settled and expire.
+window-sized waits, moves to just before or after a call leaves a window or expires, jumps
+over local midnight and daylight-saving days) against one user with a small tier: a sliding
+requests limit, a sliding tokens limit (60 s), a calendar-day cost budget (America/New_York), a
+token bucket on tokens and a concurrency limit; in some examples all of them with fixed sizes,
+in others a random subset with random sizes, so that each one binds on its own too. Some
+reservations are never settled and expire; the reservation TTL (90 s) is longer than the
+windows, so some commits come after their sub-bucket slid out.
 
 A reference model in Python keeps every admitted call with its timestamp and its amounts, as
 commits and releases change them, and checks, at every admission time t:
@@ -161,6 +164,7 @@ class Model:
         call = Call(res.reservation_id, now, res.expires_at_ms, inp, g, inp + g,
                     cost_nano(inp, g))
         assert res.expires_at_ms == now + TTL
+        assert res.reserved_cost_nano == call.cost
         self.refill(now)
         if self.q.burst is not None:
             assert call.tokens <= self.level, f"bucket had {self.level}, gave {call.tokens}"
@@ -309,6 +313,8 @@ _ops = st.one_of(
     st.tuples(st.just("edge"), st.integers(0, 99), st.booleans(),
               st.integers(-2 * SUB, 2 * SUB)),
 )
+
+
 def _maybe(values: st.SearchStrategy[int]) -> st.SearchStrategy[int | None]:
     return st.one_of(values, values, st.none())   # present in about two examples of three
 
