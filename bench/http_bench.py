@@ -78,8 +78,8 @@ def run_wrk(port: int, args: argparse.Namespace) -> Result:
         capture_output=True, text=True, check=True).stdout
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-        p50 = ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-        p99 = ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+        p50 = ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+        p99 = ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     except (AttributeError, ValueError) as exc:
         raise RuntimeError(f"could not read wrk's output:\n{out}") from exc
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)

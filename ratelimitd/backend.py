@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Final
 from urllib.parse import urlsplit
 
+import hiredis
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import (
@@ -14,7 +15,6 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.sentinel import Sentinel
-from redis.connection import HiredisRespSerializer
 from redis.typing import EncodableT
 
 from ratelimitd.config import RedisConfig
@@ -30,11 +30,10 @@ class _HiredisPacking(AbstractConnection):
     ones, where that is most of a call's client CPU; this packs them with hiredis too. The
     bytes on the wire are the same."""
 
-    _serializer: Final = HiredisRespSerializer()
-
     def pack_command(self, *args: EncodableT) -> list[bytes]:
-        packed: list[bytes] = self._serializer.pack(*args)  # type: ignore[arg-type]
-        return packed
+        if isinstance(args[0], str) and " " in args[0]:  # "SCRIPT LOAD": two words on the wire
+            args = (*args[0].split(), *args[1:])
+        return [hiredis.pack_command(args)]  # type: ignore[arg-type]  # stub: 1-tuple
 
 
 class HiredisConnection(_HiredisPacking, Connection):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Final
 
 from ratelimitd.engine import LimitState
+from ratelimitd.policy import Limit
 
 # draft-ietf-httpapi-ratelimit-headers quota units ("qu"); the first two are registered there.
 _QUOTA_UNITS: Final = {
@@ -33,8 +35,7 @@ def go_duration(ms: int) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-def _window_s(state: LimitState) -> int | None:
-    lim = state.limit
+def _window_s(lim: Limit) -> int | None:
     if lim.metric == "concurrent":
         return None
     if lim.algorithm == "calendar":
@@ -42,26 +43,33 @@ def _window_s(state: LimitState) -> int | None:
     return lim.window_ms // 1000 or None
 
 
+@functools.lru_cache(maxsize=4096)
+def _policy_item(lim: Limit) -> str:
+    """A limit's RateLimit-Policy item; it only changes with the configuration."""
+    quota = lim.burst if lim.algorithm == "token_bucket" else lim.limit
+    item = f'"{lim.name}";q={quota}'
+    window = _window_s(lim)
+    if window:
+        item += f";w={window}"
+    return f'{item};qu="{_QUOTA_UNITS[lim.metric]}"'
+
+
 def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
                       denied: bool) -> dict[str, str]:
     headers: dict[str, str] = {}
     if not states:
         return headers
-    policies, current = [], []
-    for state in states:
-        lim = state.limit
-        quota = lim.burst if lim.algorithm == "token_bucket" else lim.limit
-        item = f'"{lim.name}";q={quota}'
-        window = _window_s(state)
-        if window:
-            item += f";w={window}"
-        policies.append(f'{item};qu="{_QUOTA_UNITS[lim.metric]}"')
-        current.append(f'"{lim.name}";r={state.remaining};t={seconds_up(state.reset_ms)}')
-    headers["RateLimit-Policy"] = ", ".join(policies)
-    headers["RateLimit"] = ", ".join(current)
-    for suffix, metrics in (("requests", ("requests",)), ("tokens", _TOKEN_METRICS)):
-        tightest = min((s for s in states if s.limit.metric in metrics),
-                       key=lambda s: s.remaining, default=None)
+    headers["RateLimit-Policy"] = ", ".join([_policy_item(s.limit) for s in states])
+    headers["RateLimit"] = ", ".join(
+        [f'"{s.limit.name}";r={s.remaining};t={seconds_up(s.reset_ms)}' for s in states])
+    requests = tokens = None
+    for state in states:  # the tightest requests limit and tokens limit, OpenAI-style
+        metric = state.limit.metric
+        if metric == "requests" and (requests is None or state.remaining < requests.remaining):
+            requests = state
+        elif metric in _TOKEN_METRICS and (tokens is None or state.remaining < tokens.remaining):
+            tokens = state
+    for suffix, tightest in (("requests", requests), ("tokens", tokens)):
         if tightest is not None:
             headers[f"x-ratelimit-limit-{suffix}"] = str(tightest.limit.limit)
             headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest.remaining)

@@ -72,9 +72,12 @@ def error_response(err: ApiError) -> web.Response:
 
 
 @web.middleware
-async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure leaves as {"error": {"code", "message"}}."""
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Checks the service token, and turns every failure into {"error": {"code", "message"}}.
+
+    (One middleware rather than two: each is a coroutine layer on every request.)"""
     try:
+        _check_service_token(request)
         return await handler(request)
     except ApiError as err:
         return error_response(err)
@@ -95,8 +98,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(ApiError(500, "internal_error", "internal error; see the logs"))
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _check_service_token(request: web.Request) -> None:
     """Bearer service tokens on /v1/* when configured, compared in constant time."""
     tokens = request.app[SERVICES].service_tokens
     if tokens and request.path.startswith("/v1/"):
@@ -113,7 +115,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if not matched:
             raise ApiError(401, "invalid_service_token", "the service token is not valid",
                            {"WWW-Authenticate": 'Bearer realm="ratelimitd", error="invalid_token"'})
-    return await handler(request)
 
 
 def _backend_unavailable() -> ApiError:
@@ -329,7 +330,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: Config, redis_url: str) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes,
-                          middlewares=[errors_middleware, auth_middleware])
+                          middlewares=[api_middleware])
     app[CONFIG] = config
     app[REDIS_URL] = redis_url
     app.cleanup_ctx.append(_services_ctx)

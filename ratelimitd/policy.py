@@ -40,13 +40,21 @@ class Limit:
     period: str = ""              # calendar: "day" | "month"
     burst: int = 0                # token bucket capacity
     buckets: int = DEFAULT_SUB_BUCKETS
+    # Derived once: limits key caches on every request, and a dataclass hash would rebuild a
+    # tuple of every field each time.
+    lid: str = field(init=False, compare=False, repr=False)
+    _hash: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def lid(self) -> str:
-        """Short id of the limit's state in Redis; changes when the state's layout would."""
-        ident = f"{self.name}|{self.metric}|{self.algorithm}|{self.window_ms}|{self.period}|" \
-                f"{self.buckets}"
-        return hashlib.blake2s(ident.encode(), digest_size=4).hexdigest()
+    def __post_init__(self) -> None:
+        ident = (self.name, self.metric, self.algorithm, self.window_ms, self.period,
+                 self.buckets)
+        # Short id of the limit's state in Redis; changes when the state's layout would.
+        lid = hashlib.blake2s("|".join(map(str, ident)).encode(), digest_size=4).hexdigest()
+        object.__setattr__(self, "lid", lid)
+        object.__setattr__(self, "_hash", hash((*ident, self.scope, self.limit, self.burst)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def window_text(self) -> str:
@@ -60,6 +68,17 @@ class Tier:
     max_output_tokens: int | None = None
     max_prompt_chars: int | None = None
     max_input_tokens: int | None = None
+    # the limits by scope, in visiting order (see plan); derived once
+    scope_groups: tuple[tuple[str, tuple[Limit, ...]], ...] = field(
+        init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        scopes: dict[str, list[Limit]] = {}
+        for lim in self.limits:
+            scopes.setdefault(lim.scope, []).append(lim)
+        order = sorted(scopes, key=lambda scope: (_SCOPE_ORDER.get(scope, 3), scope))
+        object.__setattr__(self, "scope_groups",
+                           tuple((scope, tuple(scopes[scope])) for scope in order))
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,21 +192,23 @@ def ip_prefix(ip: str) -> str:
     return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
 
 
-def plan(tier: Tier, who: Identity) -> list[tuple[Subject, list[Limit]]]:
+def plan(tier: Tier, who: Identity) -> list[tuple[Subject, Sequence[Limit]]]:
     """Groups the tier's limits by the subject they count against, in visiting order.
 
     The caller's user always comes first, even without limits of its own: its slot holds the
     reservation record that commit and release find. A limit whose scope the request does not
     name (no org, no ip attribute…) does not apply.
     """
-    groups: dict[Subject, list[Limit]] = {Subject("user", who.user): []}
-    for lim in tier.limits:
-        sid = subject_id(lim.scope, who)
-        if sid is not None:
-            groups.setdefault(Subject(lim.scope, sid), []).append(lim)
-    primary, *others = groups.items()
-    others.sort(key=lambda item: (_SCOPE_ORDER.get(item[0].scope, 3), item[0].tag))
-    return [(s, ls) for s, ls in [primary, *others]]
+    subjects: list[tuple[Subject, Sequence[Limit]]] = [(Subject("user", who.user), ())]
+    for scope, limits in tier.scope_groups:
+        sid = subject_id(scope, who)
+        if sid is None:
+            continue
+        if scope == "user":
+            subjects[0] = (subjects[0][0], limits)
+        else:
+            subjects.append((Subject(scope, sid), limits))
+    return subjects
 
 
 def check_limits(limits: Sequence[Limit]) -> None:
