@@ -21,8 +21,10 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
 ENTRY_SCRIPTS: Final = ("reserve", "settle")
-# A batch is sent once this many calls wait, without waiting for the end of the tick.
-MAX_BATCH: Final = 256
+# A batch is sent once this many calls wait, without waiting for the end of the tick: small
+# batches let Redis run one while the daemon prepares the next, where one big batch per tick
+# makes the two take turns (measured: 8 gave ~13% more throughput than 256 in bench/).
+MAX_BATCH: Final = 8
 
 RedisClient = Redis | RedisCluster
 
