@@ -267,6 +267,15 @@ local function describe(lim, now)
   return remaining, reset
 end
 
+-- Appends describe() of every limit to a reply: remaining, reset ms per limit.
+local function with_states(out, limits, now)
+  for _, lim in ipairs(limits) do
+    local remaining, reset = describe(lim, now)
+    out[#out + 1] = remaining; out[#out + 1] = reset
+  end
+  return out
+end
+
 -- Milliseconds until `need` more units fit in a loaded limit; -1 when they never can.
 local function retry_after(K, lim, need, now)
   if need > capacity(lim) then return -1 end

@@ -24,12 +24,7 @@ local x = load_limits(K, limits, now)
 local function reply(status, granted, expires, deny, retry, inp)
   local cost = 0
   if status ~= 0 then cost = amount('c', usage_of(1, inp, 0, granted, pi, pi, po)) end
-  local out = {status, granted, expires, deny, retry, inp, cost}
-  for _, lim in ipairs(limits) do
-    local remaining, reset = describe(lim, now)
-    out[#out + 1] = remaining; out[#out + 1] = reset
-  end
-  return out
+  return with_states({status, granted, expires, deny, retry, inp, cost}, limits, now)
 end
 
 for _, lim in ipairs(limits) do

@@ -59,12 +59,7 @@ write_limits(K, limits, now, x)
 if mode == 'resize' then
   rec.o, r[4] = u.output, u.output
   redis.call('SET', R, cmsgpack.pack(r), 'KEEPTTL')
-  local out = reply(1)
-  for _, lim in ipairs(limits) do
-    local remaining, reset = describe(lim, now)
-    out[#out + 1] = remaining; out[#out + 1] = reset
-  end
-  return out
+  return with_states(reply(1), limits, now)
 end
 rec.s = (mode == 'commit') and 'c' or 'x'
 r[1], r[8], r[9], r[10] = rec.s, rec.u[1], rec.u[2], rec.u[3]

@@ -169,6 +169,17 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+def _settle_path(summary: str, schemas: str, done: str, conflict: str) -> dict[str, Any]:
+    """/v1/commit and /v1/release: the same shape, with their own schemas and 409 code."""
+    return {"post": {
+        "summary": summary, "security": [{"serviceToken": []}],
+        "requestBody": _body(f"{schemas}Request"),
+        "responses": {"200": _answer(f"{done} (or a repeat)", f"{schemas}Response"),
+                      **_errors((400, "invalid_request"), _AUTH_ERRORS,
+                                (404, "reservation_not_found"), (409, conflict), _BODY_ERRORS,
+                                _BACKEND)}}}
+
+
 def openapi_spec() -> dict[str, Any]:
     secured: list[dict[str, list[str]]] = [{"serviceToken": []}]
     return {
@@ -193,22 +204,10 @@ def openapi_spec() -> dict[str, Any]:
                     **_errors((400, "invalid_request, empty_prompt, prompt_too_long, "
                                "too_many_input_tokens, unknown_model"),
                               _AUTH_ERRORS, _BODY_ERRORS, _BACKEND)}}},
-            "/v1/commit": {"post": {
-                "summary": "Replace the estimate by the actual usage", "security": secured,
-                "requestBody": _body("CommitRequest"),
-                "responses": {"200": _answer("committed (or a repeat)", "CommitResponse"),
-                              **_errors((400, "invalid_request"), _AUTH_ERRORS,
-                                        (404, "reservation_not_found"),
-                                        (409, "reservation_released"), _BODY_ERRORS,
-                                        _BACKEND)}}},
-            "/v1/release": {"post": {
-                "summary": "Refund a call that never happened", "security": secured,
-                "requestBody": _body("ReleaseRequest"),
-                "responses": {"200": _answer("released (or a repeat)", "ReleaseResponse"),
-                              **_errors((400, "invalid_request"), _AUTH_ERRORS,
-                                        (404, "reservation_not_found"),
-                                        (409, "reservation_committed"), _BODY_ERRORS,
-                                        _BACKEND)}}},
+            "/v1/commit": _settle_path("Replace the estimate by the actual usage", "Commit",
+                                       "committed", "reservation_released"),
+            "/v1/release": _settle_path("Refund a call that never happened", "Release",
+                                        "released", "reservation_committed"),
             "/healthz": {"get": {"summary": "The process is up",
                                  "responses": {"200": _answer("up", "Health")}}},
             "/readyz": {"get": {"summary": "Redis reachable, scripts loaded, config valid",
