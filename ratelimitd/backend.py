@@ -62,7 +62,9 @@ def connect(config: RedisConfig, url: str) -> RedisClient:
                                      max_connections=MAX_CONNECTIONS)
     if config.mode == "sentinel":
         return _sentinel_master(url, timeout)
-    pool = ConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, socket_timeout=timeout,
+    # No per-read socket timeout: the script runner bounds each batch as a whole, which costs
+    # one timer per batch instead of one per reply (see scripts.ScriptRunner).
+    pool = ConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS,
                                    socket_connect_timeout=timeout)
     # from_url picks the class from the url's scheme; swap in its hiredis-packing twin
     pool.connection_class = _HIREDIS_CLASSES.get(pool.connection_class, pool.connection_class)

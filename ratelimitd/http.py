@@ -290,11 +290,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
-    scripts = services.engine.scripts
     try:
-        await services.redis.ping()
-        if not await scripts.loaded():
-            await scripts.load()
+        await services.engine.scripts.ready()
     except RedisError as exc:
         return json_response({"ready": False, "redis": f"unavailable ({type(exc).__name__})"},
                              503)
@@ -312,7 +309,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = connect(config.redis, app[REDIS_URL])
     engine = Engine(client, EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
-                                           timezone=config.calendar.timezone))
+                                           timezone=config.calendar.timezone,
+                                           redis_timeout_ms=config.redis.timeout_ms))
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
         config=config, redis=client, engine=engine,

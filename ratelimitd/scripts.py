@@ -9,7 +9,9 @@ the client. Each call still is its own atomic script.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -18,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
 ENTRY_SCRIPTS: Final = ("reserve", "settle")
@@ -55,9 +58,13 @@ class _Call:
 
 @dataclass(slots=True)
 class ScriptRunner:
-    """Runs scripts for one client, batching the calls of each event-loop tick."""
+    """Runs scripts for one client, batching the calls of each event-loop tick.
+
+    timeout_s bounds each batch as a whole (one timer per batch, not one per reply read);
+    past it every call of the batch fails with a Redis TimeoutError."""
 
     client: RedisClient
+    timeout_s: float | None = None
     reserve: Script = field(default_factory=lambda: Script.named("reserve"))
     settle: Script = field(default_factory=lambda: Script.named("settle"))
     _pending: list[_Call] = field(default_factory=list)
@@ -65,17 +72,32 @@ class ScriptRunner:
 
     async def load(self) -> None:
         """Loads every script now, so the first decisions do not pay for it."""
-        for script in (self.reserve, self.settle):
-            await self.client.script_load(script.source)
+        async with self.bounded():
+            for script in (self.reserve, self.settle):
+                await self.client.script_load(script.source)
 
-    async def loaded(self) -> bool:
-        found = await self.client.script_exists(self.reserve.sha, self.settle.sha)
-        return all(found)
+    async def ready(self) -> None:
+        """Raises a RedisError unless Redis answers and holds both scripts (loading them)."""
+        async with self.bounded():
+            await self.client.ping()
+            found = await self.client.script_exists(self.reserve.sha, self.settle.sha)
+        if not all(found):
+            await self.load()
 
-    def run(self, script: Script, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """Queues one EVALSHA; the future resolves to its reply."""
+    @contextlib.asynccontextmanager
+    async def bounded(self) -> AsyncIterator[None]:
+        """The runner's timeout around other calls, failing as a Redis TimeoutError."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                yield
+        except TimeoutError as exc:
+            raise RedisTimeoutError("Redis did not answer in time") from exc
+
+    def run(self, script: Script, args: list[Any]) -> asyncio.Future[Any]:
+        """Queues one EVALSHA of `args` (numkeys, keys..., arguments...); the future resolves
+        to its reply."""
         loop = asyncio.get_running_loop()
-        call = _Call(script, [len(keys), *keys, *args], loop.create_future())
+        call = _Call(script, args, loop.create_future())
         self._pending.append(call)
         if len(self._pending) >= MAX_BATCH:
             self._send()
@@ -93,16 +115,19 @@ class ScriptRunner:
 
     async def _execute(self, batch: list[_Call]) -> None:
         try:
-            if len(batch) == 1:
-                replies: list[Any] = [await self._one(batch[0])]
-            else:
-                pipe = self.client.pipeline(transaction=False)
-                for call in batch:
-                    pipe.execute_command("EVALSHA", call.script.sha, *call.args)
-                replies = await pipe.execute(raise_on_error=False)
+            async with asyncio.timeout(self.timeout_s):
+                if len(batch) == 1:
+                    replies: list[Any] = [await self._one(batch[0])]
+                else:
+                    pipe = self.client.pipeline(transaction=False)
+                    for call in batch:
+                        pipe.execute_command("EVALSHA", call.script.sha, *call.args)
+                    replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
-            # a socket error is the store being unreachable, like any other connection error
-            failure = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
+            # a socket error or our timer is the store being unreachable, like any other
+            failure = exc if isinstance(exc, RedisError) else (
+                RedisTimeoutError("Redis did not answer in time") if isinstance(exc, TimeoutError)
+                else RedisConnectionError(str(exc)))
             for call in batch:
                 if not call.done.done():
                     call.done.set_exception(failure)
@@ -126,8 +151,10 @@ class ScriptRunner:
     async def _reloaded(self, call: _Call) -> Any:
         """Redis lost its scripts (restart, failover, SCRIPT FLUSH): load and run again."""
         try:
-            await self.client.script_load(call.script.source)
-            return await self.client.execute_command("EVALSHA", call.script.sha, *call.args)
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.script_load(call.script.source)
+                return await self.client.execute_command("EVALSHA", call.script.sha,
+                                                         *call.args)
         except (ResponseError, RedisError) as exc:
             return exc
         except OSError as exc:
