@@ -13,11 +13,10 @@ import hashlib
 import os
 import re
 import time
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, Literal
+from typing import Final, Literal, cast
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -84,7 +83,6 @@ class ReserveResult:
 @dataclass(frozen=True, slots=True)
 class SettleResult:
     status: SettleStatus
-    state: str = ""                  # "c" committed, "x" released, "r" still reserved
     input_tokens: int = 0
     cached_input_tokens: int = 0
     output_tokens: int = 0
@@ -170,7 +168,6 @@ class Engine:
     """Reserve, commit and release against Redis. Production always runs on Redis time."""
 
     def __init__(self, client: RedisClient, settings: EngineSettings | None = None) -> None:
-        self.client = client
         self.settings = settings or EngineSettings()
         timeout = self.settings.redis_timeout_ms
         self.scripts = ScriptRunner(client, None if timeout is None else timeout / 1000)
@@ -309,7 +306,7 @@ class Engine:
         if result.status in ("applied", "duplicate"):
             # Each slot settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
-            for tag in orjson.loads(typing.cast(bytes, reply[8]) or b"[]"):
+            for tag in orjson.loads(cast(bytes, reply[8]) or b"[]"):
                 await self._settle(tag, rand, mode, result.input_tokens,
                                    result.cached_input_tokens, result.output_tokens)
         return result
@@ -342,7 +339,6 @@ def _states(subject: Subject, limits: Sequence[Limit], pairs: list[object]
 
 
 def _settle_result(reply: list[object]) -> SettleResult:
-    status, state, *numbers = reply[:8]
-    text = state.decode() if isinstance(state, bytes) else str(state)
-    n = [int(v) for v in numbers]  # type: ignore[call-overload]
-    return SettleResult(_SETTLE_STATUS[int(status)], text, *n)  # type: ignore[call-overload]
+    """settle.lua's reply: status, state (skipped: status says it), then the numbers."""
+    numbers = [int(v) for v in reply[2:8]]  # type: ignore[call-overload]
+    return SettleResult(_SETTLE_STATUS[int(reply[0])], *numbers)  # type: ignore[call-overload]

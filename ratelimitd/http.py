@@ -182,8 +182,7 @@ async def reserve(request: web.Request) -> web.Response:
     if tier.max_input_tokens is not None and input_tokens > tier.max_input_tokens:
         raise invalid("input_tokens", f"{input_tokens} input tokens; this tier allows "
                       f"{tier.max_input_tokens}", "too_many_input_tokens")
-    caps = [c for c in (body.max_output_tokens, tier.max_output_tokens) if c is not None]
-    cap = min(caps) if caps else config.reservations.default_max_output_tokens
+    cap = tier.output_cap(body.max_output_tokens, config.reservations.default_max_output_tokens)
     who = Identity(body.user, tier.name, body.org, None, body.attributes or {})
     request_ = ReserveRequest(
         plan(tier, who), input_tokens, cap, prices,

@@ -72,6 +72,12 @@ class Tier:
     scope_groups: tuple[tuple[str, tuple[Limit, ...]], ...] = field(
         init=False, compare=False, repr=False)
 
+    def output_cap(self, requested: int | None, default: int) -> int:
+        """The output cap to reserve: the requested one within the tier's, else the tier's,
+        else `default`."""
+        caps = [c for c in (requested, self.max_output_tokens) if c is not None]
+        return min(caps) if caps else default
+
     def __post_init__(self) -> None:
         scopes: dict[str, list[Limit]] = {}
         for lim in self.limits:

@@ -203,17 +203,22 @@ def test_serve_reserve_commit_stop_and_restart_keeps_the_spend(
     assert not alive(redis_2)
 
 
+def wait_for_workers(daemon: Daemon, port: int, count: int) -> None:
+    """Until `count` worker processes have logged that they listen."""
+    wait_healthy(daemon, port)
+    deadline = time.monotonic() + 30
+    while len(daemon.listening_pids()) < count:
+        assert time.monotonic() < deadline, daemon.log
+        assert daemon.proc.poll() is None, daemon.log
+        time.sleep(0.05)
+
+
 def test_workers_share_the_port_and_all_stop_on_sigterm(
         tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
     port, data_dir = free_port(), tmp_path / "data"
     daemon = Daemon(tmp_path, config_text(port, data_dir), "--workers", "2")
     daemons.append(daemon)
-    wait_healthy(daemon, port)
-    deadline = time.monotonic() + 30
-    while len(daemon.listening_pids()) < 2:
-        assert time.monotonic() < deadline, daemon.log
-        assert daemon.proc.poll() is None, daemon.log
-        time.sleep(0.05)
+    wait_for_workers(daemon, port, 2)
     workers = daemon.listening_pids()
     assert len(workers) == 2 and daemon.proc.pid not in workers
     assert all(alive(pid) for pid in workers)
@@ -242,11 +247,7 @@ def test_a_dead_worker_stops_the_daemon_with_a_failure_status(
     port, data_dir = free_port(), tmp_path / "data"
     daemon = Daemon(tmp_path, config_text(port, data_dir), "--workers", "2")
     daemons.append(daemon)
-    wait_healthy(daemon, port)
-    deadline = time.monotonic() + 30
-    while len(daemon.listening_pids()) < 2:
-        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.log
-        time.sleep(0.05)
+    wait_for_workers(daemon, port, 2)
     embedded_redis_pids.append(redis_pid(data_dir))
     victim, survivor = sorted(daemon.listening_pids())
     os.kill(victim, signal.SIGKILL)
