@@ -1,23 +1,66 @@
--- common.lua: helpers shared by every ratelimitd script. scripts.py prepends this file to each
--- entry script, so every script stays one atomic EVALSHA over the keys of one hash slot.
+-- common.lua: helpers shared by ratelimitd's Redis functions. scripts.py builds one function
+-- library from this file and the entry scripts (reserve.lua, settle.lua), each registered as a
+-- function, so every call stays one atomic FCALL over the keys of one hash slot. A library (not
+-- EVALSHA scripts) because a script would define every helper below again on every call.
 --
 -- Units: every amount is an integer (requests, tokens, cost in nano-USD); times are integer ms of
--- Redis server time (TIME), unless a test-built engine passes an explicit clock. Numbers go to
--- redis.call as Lua numbers: Redis formats them with %.17g, exact for integers below 2^53.
+-- Redis server time (TIME), unless a test-built engine passes an explicit clock.
 --
--- Limit state lives in the subject hash K, in fields prefixed by the limit's short id (lid):
---   sliding window:  lid:h = newest sub-bucket index, lid:t = running total, lid:<i> = sub-bucket
---                    i mod (n+1). n+1 cells make the counted span cover the whole window plus at
---                    most one sub-bucket: conservative by <= 1/n of the window, never generous.
---   calendar period: lid:p = start of the period the value belongs to, lid:v = value.
---   token bucket:    lid:l = level (below 0 after an overrun), lid:s = last refill time.
--- K's field `x` is the expiry K was last given, so most calls skip PEXPIRE.
+-- Speed matters here: every model call runs a reserve and a commit. Measured with callgrind,
+-- what costs most in Redis' Lua is parsing numbers from strings (strtod), building tables with
+-- named fields and formatting numbers, so arguments, state and replies are packed binary
+-- (struct, in C), a loaded limit is an array with named slots, a call reads and writes one
+-- small field per limit (one HMGET, one HSET), and older sub-buckets are touched only when a
+-- window moves on.
+--
+-- Limit state lives in the subject hash K, one field per limit named by the limit's id (lid,
+-- 8 chars), packed doubles. The first call writes these fields first, and a small hash scans its
+-- fields in order, so they stay quick to find however many sub-bucket fields follow.
+--   sliding window:  lid = SLIDING_STATE(newest sub-bucket index, running total, newest sub-bucket's
+--                    count); lid:<i> = the count of an older sub-bucket b with b mod (n+1) = i.
+--                    n+1 cells make the counted span cover the whole window plus at most one
+--                    sub-bucket: conservative by <= 1/n of the window, never generous.
+--   calendar period: lid = PAIR(start of the period the value belongs to, value).
+--   token bucket:    lid = PAIR(level (below 0 after an overrun), last refill time).
+-- K's field `x` is DOUBLE(the expiry K was last given), so most calls skip PEXPIRE.
 -- In-flight reservations (metric "concurrent", code n) are a sliding window as long as the
 -- reservation TTL: a reserve adds 1 to the current sub-bucket, its commit or release takes it
 -- back, and an abandoned one slides out after the TTL (plus at most one sub-bucket), so a
 -- crashed gateway cannot leak slots.
 
-local tonumber, floor, ceil = tonumber, math.floor, math.ceil
+-- Redis runs a library's top level without globals, so bind_globals() binds these on the first
+-- call (to the same values every time).
+local tonumber, ipairs, unpack, floor, ceil, max, min, spack, sunpack, srep
+local function bind_globals()
+  if floor then return end
+  tonumber, ipairs, unpack = _G.tonumber, _G.ipairs, _G.unpack
+  floor, ceil, max, min = _G.math.floor, _G.math.ceil, _G.math.max, _G.math.min
+  spack, sunpack, srep = _G.struct.pack, _G.struct.unpack, _G.string.rep
+end
+
+local DOUBLE, PAIR, SLIDING_STATE = '<d', '<dd', '<ddd'
+-- A limit spec, as engine.py encodes it: lid, algorithm, metric, limit, then four parameters:
+-- sliding: window ms, sub-buckets;  token bucket: window ms, burst;  calendar: the starts (ms)
+-- of the previous, current and next two periods. Codes are numbers (engine.py's _ALGORITHMS
+-- and _METRICS), which Lua compares without building strings.
+local SPEC, SPEC_SIZE = '<c8BBddddd', 50
+local ALG_SLIDING, ALG_CALENDAR, ALG_BUCKET = 1, 2, 3
+local REQUESTS, TOKENS, INPUT, OUTPUT, COST, CONCURRENT = 1, 2, 3, 4, 5, 6
+
+-- The slots of a loaded limit. Every limit: LID, ALGO, METRIC, CAP (capacity in its own metric;
+-- a token bucket holds up to its burst), USED (of CAP, as loaded and changed), DIRTY (changed),
+-- REF (settle: the sub-bucket or period the reserve charged). Then by algorithm:
+local LID, ALGO, METRIC, CAP, USED, DIRTY, REF = 1, 2, 3, 4, 5, 6, 7
+-- sliding: sub-buckets, sub-bucket ms, current and newest-stored sub-bucket, running total,
+-- current count; after a move: the old newest count, whether the window was idle for a whole
+-- window, and deltas for older sub-buckets
+local N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV, IDLE, INCR = 8, 9, 10, 11, 12, 13, 14, 15,
+                                                                  16, 17
+-- calendar: the four period starts, then the current period and whether Redis time is outside
+-- all of them
+local P0, P1, P2, P3, START, STOP, STALE = 8, 9, 10, 11, 12, 13, 14
+-- token bucket: refill per window, window ms, burst, level, last refill
+local RATE, WINDOW, BURST, LEVEL, TS = 8, 9, 10, 11, 12
 
 local function now_ms(override)
   if override ~= '' then return tonumber(override) end
@@ -25,296 +68,333 @@ local function now_ms(override)
   return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end
 
--- A call's usage in each metric: u = {requests, input, output, fixed, po, inflight}, where
--- fixed is the input side's price numerator (tokens x micro-USD per 1M), po the output price,
--- and inflight 1 while the call holds a concurrency slot (settle sets 0 when it ends).
-local function usage_of(requests, input, cached, output, pi, pc, po)
-  return {requests = requests, input = input, output = output,
-          fixed = (input - cached) * pi + cached * pc, po = po, inflight = 1}
+-- What a call counts in each metric, indexed by metric code: requests, tokens, input and
+-- output tokens, cost (nano-USD, from prices in micro-USD per 1M tokens), and in-flight calls
+-- (1 while the call holds a concurrency slot; settle counts 0 once it ends).
+local function amounts(requests, input, cached, output, pi, pc, po, inflight)
+  return {requests, input + output, input, output,
+          ceil(((input - cached) * pi + cached * pc + output * po) / 1000), inflight}
 end
 
-local function amount(metric, u)
-  if metric == 'r' then return u.requests end
-  if metric == 't' then return u.input + u.output end
-  if metric == 'i' then return u.input end
-  if metric == 'o' then return u.output end
-  if metric == 'c' then return ceil((u.fixed + u.output * u.po) / 1000) end
-  return u.inflight
+-- New arrays with room for 8 or 16 values. Lua grows a table by reallocating it, which
+-- callgrind showed to be a good share of a call, so arrays filled in a loop start here (and are
+-- read with unpack(t, 1, n)).
+local function array8()
+  return {false, false, false, false, false, false, false, false}
+end
+local function array16()
+  return {false, false, false, false, false, false, false, false,
+          false, false, false, false, false, false, false, false}
 end
 
--- A limit from its spec: lid, algorithm (s|c|b), metric (r|t|i|o|c|n), limit, p1, p2.
---   sliding: p1 = window ms, p2 = sub-buckets;  token bucket: p1 = window ms, p2 = burst;
---   calendar: p1 = comma-separated period starts (ms), p2 unused.
--- The fields every call sets are named here, so Lua sizes the table once (rarer ones, such as
--- the cells to drop after a pause, are added when needed).
-local function new_limit(lid, algo, metric, limit, p1, p2)
-  return {lid = lid, algo = algo, metric = metric, limit = tonumber(limit), p1 = p1,
-          p2 = tonumber(p2), f1 = false, f2 = false, used = 0, dirty = false,
-          cur = 0, w = 0, head = 0, total = 0, cell = 0, cellf = false}
+-- struct formats of n signed 64-bit integers or n doubles, built once per n
+local LONGS, DOUBLES = {}, {}
+local function longs(n)
+  local f = LONGS[n]
+  if not f then f = '<' .. srep('l', n); LONGS[n] = f end
+  return f
+end
+local function doubles(n)
+  local f = DOUBLES[n]
+  if not f then f = '<' .. srep('d', n); DOUBLES[n] = f end
+  return f
 end
 
-local function parse_limits(first, count)
-  local limits = {}
-  for k = 0, count - 1 do
-    local a = first + k * 6
-    limits[k + 1] = new_limit(ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
-                              ARGV[a + 5])
+-- Limits from a blob of specs. Each array is built with every slot a call sets (no holes), so
+-- Lua sizes it once.
+local function parse_specs(blob)
+  local limits, pos = array8(), 1
+  local n = #blob / SPEC_SIZE
+  for k = 1, n do
+    local lid, algo, metric, limit, a, b, c, d
+    lid, algo, metric, limit, a, b, c, d, pos = sunpack(SPEC, blob, pos)
+    if algo == ALG_SLIDING then
+      -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV
+      limits[k] = {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0}
+    elseif algo == ALG_CALENDAR then
+      -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, P0, P1, P2, P3, START, STOP, STALE
+      limits[k] = {lid, algo, metric, limit, 0, false, false, a, b, c, d, 0, 0, false}
+    else
+      -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, RATE, WINDOW, BURST, LEVEL, TS
+      limits[k] = {lid, algo, metric, b, 0, false, false, limit, a, b, 0, 0}
+    end
   end
+  for k = n + 1, 8 do limits[k] = nil end
   return limits
 end
 
--- Capacity of a limit in its own metric (a token bucket holds up to its burst).
-local function capacity(lim)
-  if lim.algo == 'b' then return lim.p2 end
-  return lim.limit
+-- The field of an older sub-bucket of a sliding window.
+local function cell_field(lim, bucket)
+  return lim[LID] .. ':' .. (bucket % (lim[N] + 1))
 end
 
--- Reads every limit's state (one HMGET) and brings it to `now`, in memory; write_limits()
--- stores what changed. Sets lim.used for each limit; returns K's `x` field.
+-- Brings a sliding window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
+-- reuse cells of sub-buckets that slid out: their fields go to `expired` (read by the caller;
+-- returned, made when first needed) and the newest count leaves SLIDING_STATE for its own field
+-- (written by write_limits).
+local function load_sliding(lim, raw, now, expired)
+  local n, cur = lim[N], floor(now / lim[WIDTH])
+  local head, total, cell = cur, 0, 0
+  if raw then head, total, cell = sunpack(SLIDING_STATE, raw) end
+  -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
+  if head > cur then cur = head end
+  if cur > head then
+    lim[MOVED], lim[PREV] = true, cell
+    if cur - head > n then
+      total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
+    else
+      expired = expired or {}
+      for b = head + 1, cur do expired[#expired + 1] = {lim, cell_field(lim, b)} end
+    end
+    cell = 0
+  end
+  lim[CUR], lim[HEAD], lim[TOTAL], lim[CELL], lim[USED] = cur, head, total, cell, total
+  return expired
+end
+
+local function load_calendar(lim, raw, now)
+  local start, stop
+  if lim[P0] <= now and now < lim[P1] then start, stop = lim[P0], lim[P1]
+  elseif lim[P1] <= now and now < lim[P2] then start, stop = lim[P1], lim[P2]
+  elseif lim[P2] <= now and now < lim[P3] then start, stop = lim[P2], lim[P3]
+  else lim[STALE], start, stop = true, now, now + 1 end
+  lim[START], lim[STOP] = start, stop
+  if raw then
+    local stored, value = sunpack(PAIR, raw)
+    if stored == start then lim[USED] = value end
+  end
+end
+
+local function load_bucket(lim, raw, now)
+  local window, burst, rate = lim[WINDOW], lim[BURST], lim[RATE]
+  local level, ts = burst, now
+  if raw then level, ts = sunpack(PAIR, raw) end
+  if ts > now then ts = now end
+  if level < burst then
+    local add = floor((now - ts) * rate / window)
+    if add > 0 then
+      level = level + add
+      -- the refill clock moves only by the time those whole units took: never generous
+      ts = ts + ceil(add * window / rate)
+    end
+  end
+  if level >= burst then level, ts = burst, now end
+  lim[LEVEL], lim[TS], lim[USED] = level, ts, burst - level
+end
+
+-- Reads every limit's state (one HMGET, and one more for windows that moved on) and brings it
+-- to `now`, in memory; write_limits() stores what changed. Sets USED of each limit; returns K's
+-- `x` field.
 local function load_limits(K, limits, now)
-  local fields, slot, nf = {'x'}, {}, 1
-  for k, lim in ipairs(limits) do
-    local lid = lim.lid
-    slot[k] = nf + 1
-    if lim.algo == 's' then
-      local n = lim.p2
-      lim.w = tonumber(lim.p1) / n
-      lim.cur = floor(now / lim.w)
-      lim.f1, lim.f2, lim.cellf = lid .. ':h', lid .. ':t', lid .. ':' .. (lim.cur % (n + 1))
-      fields[nf + 1], fields[nf + 2], fields[nf + 3] = lim.f1, lim.f2, lim.cellf
-      nf = nf + 3
+  local fields, nl = array8(), #limits
+  fields[1] = 'x'
+  for k = 1, nl do fields[k + 1] = limits[k][LID] end
+  local v = redis.call('HMGET', K, unpack(fields, 1, nl + 1))
+  local expired = false
+  for k = 1, nl do
+    local lim, raw = limits[k], v[k + 1]
+    local algo = lim[ALGO]
+    if algo == ALG_SLIDING then
+      expired = load_sliding(lim, raw, now, expired)
+    elseif algo == ALG_CALENDAR then
+      load_calendar(lim, raw, now)
     else
-      if lim.algo == 'c' then
-        lim.f1, lim.f2 = lid .. ':p', lid .. ':v'
-      else
-        lim.f1, lim.f2 = lid .. ':l', lid .. ':s'
-      end
-      fields[nf + 1], fields[nf + 2] = lim.f1, lim.f2
-      nf = nf + 2
+      load_bucket(lim, raw, now)
     end
   end
-  local v = redis.call('HMGET', K, unpack(fields))
-  local clear = nil
-  for k, lim in ipairs(limits) do
-    local i = slot[k]
-    if lim.algo == 's' then
-      local n, cur = lim.p2, lim.cur
-      local head, total = tonumber(v[i]) or cur, tonumber(v[i + 1]) or 0
-      lim.moved = v[i] == false          -- a new window: its head is written too
-      local cell = tonumber(v[i + 2]) or 0
-      if head > cur then
-        -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
-        cur = head
-        lim.cur, lim.cellf = cur, lim.lid .. ':' .. (cur % (n + 1))
-        cell = tonumber(redis.call('HGET', K, lim.cellf)) or 0
-      end
-      if cur > head then
-        -- cells of buckets head+1 .. cur hold buckets that slid out of the window
-        if cur - head > n then
-          total, lim.clear_all = 0, true
-        else
-          total = total - cell
-          for b = head + 1, cur - 1 do
-            clear = clear or {}
-            clear[#clear + 1] = {lim, lim.lid .. ':' .. (b % (n + 1))}
-          end
-        end
-        cell = 0
-        lim.moved = true
-      end
-      lim.head, lim.total, lim.cell, lim.used = head, total, cell, total
-    elseif lim.algo == 'c' then
-      local prev = nil
-      for b in string.gmatch(lim.p1, '%d+') do
-        b = tonumber(b)
-        if prev ~= nil and prev <= now and now < b then lim.start, lim.stop = prev, b end
-        prev = b
-      end
-      if lim.start == nil then lim.stale, lim.start, lim.stop = true, now, now + 1 end
-      lim.moved = tonumber(v[i]) ~= lim.start     -- a new period: its start is written too
-      lim.used = lim.moved and 0 or (tonumber(v[i + 1]) or 0)
-    else
-      local window, burst, rate = tonumber(lim.p1), lim.p2, lim.limit
-      local level, ts = tonumber(v[i]), tonumber(v[i + 1])
-      if level == nil or ts > now then level, ts = level or burst, now end
-      if level < burst then
-        local add = floor((now - ts) * rate / window)
-        if add > 0 then
-          level = level + add
-          -- the refill clock moves only by the time those whole units took: never generous
-          ts = ts + ceil(add * window / rate)
-        end
-      end
-      if level >= burst then level, ts = burst, now end
-      lim.level, lim.ts, lim.used = level, ts, burst - level
-    end
-  end
-  if clear then
+  if expired then
     local f = {}
-    for j = 1, #clear do f[j] = clear[j][2] end
+    for j = 1, #expired do f[j] = expired[j][2] end
     local got = redis.call('HMGET', K, unpack(f))
-    for j = 1, #clear do
-      local lim = clear[j][1]
-      lim.total = lim.total - (tonumber(got[j]) or 0)
-      lim.used = lim.total
-      lim.drop = lim.drop or {}
-      lim.drop[#lim.drop + 1] = f[j]
+    for j = 1, #expired do
+      local lim = expired[j][1]
+      lim[TOTAL] = lim[TOTAL] - (tonumber(got[j]) or 0)
+      lim[USED] = lim[TOTAL]
     end
   end
-  return tonumber(v[1]) or 0
+  if v[1] then return (sunpack(DOUBLE, v[1])) end
+  return 0
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
--- belongs to (nil: the current one). A refund for a sub-bucket or period that is over is
+-- belongs to (false: the current one). A refund for a sub-bucket or period that is over is
 -- dropped; an overrun there is charged to the current one, in full.
 local function add_to_limit(lim, delta, ref)
-  if lim.algo == 's' then
-    local target = ref or lim.cur
-    if target < lim.cur - lim.p2 then
+  local algo = lim[ALGO]
+  if algo == ALG_SLIDING then
+    local cur, target = lim[CUR], ref or lim[CUR]
+    if target < cur - lim[N] then
       if delta < 0 then return end
-      target = lim.cur
+      target = cur
     end
-    lim.total = lim.total + delta
-    lim.used = lim.total
-    if target == lim.cur then
-      lim.cell = lim.cell + delta
+    if target == cur then
+      lim[CELL] = lim[CELL] + delta
+    elseif lim[MOVED] and target == lim[HEAD] then
+      lim[PREV] = lim[PREV] + delta     -- written with the move
     else
-      lim.incr = lim.incr or {}
-      lim.incr[#lim.incr + 1] = {lim.lid .. ':' .. (target % (lim.p2 + 1)), delta}
+      lim[INCR] = lim[INCR] or {}
+      lim[INCR][#lim[INCR] + 1] = {cell_field(lim, target), delta}
     end
-  elseif lim.algo == 'c' then
-    if lim.stale then return end
-    if ref ~= nil and ref ~= lim.start and (delta < 0 or ref > lim.start) then return end
-    lim.used = math.max(0, lim.used + delta)
+    lim[TOTAL] = lim[TOTAL] + delta
+    lim[USED] = lim[TOTAL]
+  elseif algo == ALG_CALENDAR then
+    if lim[STALE] then return end
+    local start = lim[START]
+    if ref and ref ~= start and (delta < 0 or ref > start) then return end
+    lim[USED] = max(0, lim[USED] + delta)
   else
-    lim.level = math.min(lim.p2, lim.level - delta)
-    lim.used = lim.p2 - lim.level
+    lim[LEVEL] = min(lim[BURST], lim[LEVEL] - delta)
+    lim[USED] = lim[BURST] - lim[LEVEL]
   end
-  lim.dirty = true
+  lim[DIRTY] = true
 end
 
--- How long K must live so that no limit forgets usage that still counts.
-local function state_ttl(lim, now)
-  if lim.algo == 's' then return (lim.cur + lim.p2 + 1) * lim.w - now end
-  if lim.algo == 'c' then return lim.stop - now end
-  return ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit)
+-- A changed sliding window's fields, appended to out (from index n+1); returns the new n.
+-- After a move the old newest count gets its own field and the sub-buckets skipped on the way
+-- start at 0; the cell of the new newest one is not read until the window moves again.
+local function sliding_fields(K, lim, out, n)
+  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE, lim[CUR], lim[TOTAL], lim[CELL])
+  n = n + 2
+  if lim[IDLE] then
+    local drop = {}
+    for c = 0, lim[N] do drop[c + 1] = lim[LID] .. ':' .. c end
+    redis.call('HDEL', K, unpack(drop))
+  elseif lim[MOVED] then
+    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), lim[PREV], n + 2
+    for b = lim[HEAD] + 1, lim[CUR] - 1 do
+      out[n + 1], out[n + 2], n = cell_field(lim, b), 0, n + 2
+    end
+  end
+  if lim[INCR] then
+    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], inc[2]) end
+  end
+  return n
 end
 
--- Writes what changed (one HSET), drops slid-out cells, and extends K's life when needed.
+-- Writes what changed (one HSET) and extends K's life when needed. A window that only moved on
+-- is not written: the next load moves it again the same way.
 local function write_limits(K, limits, now, x)
-  local out, drop, need, n = {}, {}, 1000, 0
-  for _, lim in ipairs(limits) do
-    if lim.algo == 's' then
-      if lim.dirty or lim.moved then
-        -- the newest sub-bucket index changes only when the window moved
-        if lim.moved then out[n + 1], out[n + 2], n = lim.f1, lim.cur, n + 2 end
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f2, lim.total, lim.cellf, lim.cell
-        n = n + 4
-        if lim.clear_all then
-          for c = 0, lim.p2 do
-            local f = lim.lid .. ':' .. c
-            if f ~= lim.cellf then drop[#drop + 1] = f end
-          end
-        end
-        if lim.drop then
-          for _, f in ipairs(lim.drop) do drop[#drop + 1] = f end
-        end
-        if lim.incr then
-          for _, inc in ipairs(lim.incr) do redis.call('HINCRBY', K, inc[1], inc[2]) end
-        end
-      end
-    elseif lim.dirty then
-      if lim.algo == 'c' then
-        if lim.moved then out[n + 1], out[n + 2], n = lim.f1, lim.start, n + 2 end
-        out[n + 1], out[n + 2], n = lim.f2, lim.used, n + 2
+  local out, need, n = array16(), 1000, 0
+  for k = 1, #limits do
+    local lim = limits[k]
+    local algo = lim[ALGO]
+    if lim[DIRTY] then
+      if algo == ALG_SLIDING then
+        n = sliding_fields(K, lim, out, n)
+      elseif algo == ALG_CALENDAR then
+        out[n + 1], out[n + 2], n = lim[LID], spack(PAIR, lim[START], lim[USED]), n + 2
       else
-        out[n + 1], out[n + 2], out[n + 3], out[n + 4] = lim.f1, lim.level, lim.f2, lim.ts
-        n = n + 4
+        out[n + 1], out[n + 2], n = lim[LID], spack(PAIR, lim[LEVEL], lim[TS]), n + 2
       end
     end
-    local t = state_ttl(lim, now)
+    -- how long K must live so that this limit forgets no usage that still counts
+    local t
+    if algo == ALG_SLIDING then
+      t = (lim[CUR] + lim[N] + 1) * lim[WIDTH] - now
+    elseif algo == ALG_CALENDAR then
+      t = lim[STOP] - now
+    else
+      t = ceil((lim[BURST] - lim[LEVEL]) * lim[WINDOW] / lim[RATE])
+    end
     if t > need then need = t end
   end
-  if #drop > 0 then redis.call('HDEL', K, unpack(drop)) end
   if n == 0 then return end
   -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
   if x < now + need then
     x = now + need + floor(need / 8) + 1000
-    out[n + 1], out[n + 2] = 'x', x
-    redis.call('HSET', K, unpack(out))
+    out[n + 1], out[n + 2] = 'x', spack(DOUBLE, x)
+    redis.call('HSET', K, unpack(out, 1, n + 2))
     redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
   else
-    redis.call('HSET', K, unpack(out))
+    redis.call('HSET', K, unpack(out, 1, n))
   end
 end
 
--- What a reply says of a limit: remaining, and ms until it is back to full.
-local function describe(lim, now)
-  local remaining, reset = capacity(lim) - lim.used, 0
-  if lim.metric == 'n' then
-    reset = 0  -- a slot frees when a call ends, which no clock can tell
-  elseif lim.algo == 's' then
-    -- the window is empty again once the newest non-empty sub-bucket slides out
-    if lim.total > 0 then
-      reset = ((lim.cell > 0 and lim.cur or lim.head) + lim.p2 + 1) * lim.w - now
+-- A reply: seven numbers, then for every limit what remains and in how many ms it is back to
+-- full, as signed 64-bit integers; then `tail` (an opaque string) when given.
+local function packed_reply(limits, now, tail, v1, v2, v3, v4, v5, v6, v7)
+  local out, n = {v1, v2, v3, v4, v5, v6, v7, false, false, false, false, false, false, false,
+                  false, false}, 7
+  for k = 1, limits and #limits or 0 do
+    local lim = limits[k]
+    local remaining, reset, algo = lim[CAP] - lim[USED], 0, lim[ALGO]
+    if lim[METRIC] == CONCURRENT then
+      reset = 0  -- a slot frees when a call ends, which no clock can tell
+    elseif algo == ALG_SLIDING then
+      -- the window is empty again once the newest non-empty sub-bucket slides out
+      if lim[TOTAL] > 0 then
+        reset = ((lim[CELL] > 0 and lim[CUR] or lim[HEAD]) + lim[N] + 1) * lim[WIDTH] - now
+      end
+    elseif algo == ALG_CALENDAR then
+      reset = lim[STOP] - now
+    elseif lim[LEVEL] < lim[BURST] then
+      reset = ceil((lim[BURST] - lim[LEVEL]) * lim[WINDOW] / lim[RATE])
     end
-  elseif lim.algo == 'c' then
-    reset = lim.stop - now
-  elseif lim.level < lim.p2 then
-    reset = ceil((lim.p2 - lim.level) * tonumber(lim.p1) / lim.limit)
+    if remaining < 0 then remaining = 0 end
+    out[n + 1], out[n + 2], n = remaining, reset, n + 2
   end
-  if remaining < 0 then remaining = 0 end
-  return remaining, reset
-end
-
--- Appends describe() of every limit to a reply: remaining, reset ms per limit.
-local function with_states(out, limits, now)
-  for _, lim in ipairs(limits) do
-    local remaining, reset = describe(lim, now)
-    out[#out + 1] = remaining; out[#out + 1] = reset
-  end
-  return out
+  local reply = spack(longs(n + 1), n, unpack(out, 1, n))
+  if tail then return reply .. tail end
+  return reply
 end
 
 -- Milliseconds until `need` more units fit in a loaded limit; -1 when they never can.
 local function retry_after(K, lim, need, now)
-  if need > capacity(lim) then return -1 end
-  if lim.algo == 'c' then return lim.stop - now end
-  if lim.algo == 'b' then
-    return math.max(1, ceil((need - lim.level) * tonumber(lim.p1) / lim.limit))
+  if need > lim[CAP] then return -1 end
+  local algo = lim[ALGO]
+  if algo == ALG_CALENDAR then return lim[STOP] - now end
+  if algo == ALG_BUCKET then
+    return max(1, ceil((need - lim[LEVEL]) * lim[WINDOW] / lim[RATE]))
   end
-  -- sliding: walk from the oldest counted sub-bucket until enough has slid out
-  local n = lim.p2
-  local excess = lim.used + need - lim.limit
+  -- sliding: walk from the oldest counted sub-bucket until enough has slid out. Sub-buckets
+  -- after head are empty; head's count is in SLIDING_STATE until the window moves (PREV after).
+  local n, cur, head = lim[N], lim[CUR], lim[HEAD]
+  local excess, last = lim[USED] + need - lim[CAP], min(head, cur - 1)
   local fields = {}
-  for b = lim.cur - n, math.min(lim.head, lim.cur - 1) do
-    fields[#fields + 1] = lim.lid .. ':' .. (b % (n + 1))
-  end
+  for b = cur - n, last do fields[#fields + 1] = cell_field(lim, b) end
   if #fields > 0 then
     local got = redis.call('HMGET', K, unpack(fields))
     local freed = 0
     for j = 1, #fields do
-      freed = freed + (tonumber(got[j]) or 0)
-      if freed >= excess then return (lim.cur + j) * lim.w - now end
+      local b = cur - n + j - 1
+      if b == head then freed = freed + (lim[MOVED] and lim[PREV] or lim[CELL])
+      else freed = freed + (tonumber(got[j]) or 0) end
+      if freed >= excess then return (b + n + 1) * lim[WIDTH] - now end
     end
   end
-  return (lim.cur + n + 1) * lim.w - now
+  return (cur + n + 1) * lim[WIDTH] - now
 end
 
--- A reservation record is one MessagePack array (packed and unpacked in C):
---   state, expires, input, output, pi, pc, po, actual input, cached, output, other subjects,
---   then 8 values per charged limit: its spec (the six ARGV words), the sub-bucket or period
---   charged, and the amount. A settled record keeps no charges: it only answers repeats.
-local REC_CHARGES = 12
+-- A reservation record: REC, then for each charged limit the sub-bucket or period it charged
+-- (a double), then the limit specs as reserve got them, then the other subjects (the rest).
+-- The amounts charged follow from the record (input, output, prices), so they are not kept.
+-- A settled record keeps no charges: it only answers repeats.
+--   REC: state (r reserved, c committed, x released), expires, input, output, pi, pc, po,
+--        actual input, cached, output, number of charged limits
+local REC, REC_SIZE = '<c1dddddddddd', 81
+
+local RECORDS = {}
+local function record_format(n)   -- REC and n charges, built once per n
+  local f = RECORDS[n]
+  if not f then f = REC .. srep('d', n); RECORDS[n] = f end
+  return f
+end
+
+-- A settled record (no charges), or a reserved one without its charges and the rest after them.
+local function record(state, expires, input, output, pi, pc, po, u_in, u_cached, u_out, n)
+  return spack(REC, state, expires, input, output, pi, pc, po, u_in, u_cached, u_out, n)
+end
 
 local function parse_record(raw)
-  local r = cmsgpack.unpack(raw)
-  local rec = {r = r, s = r[1], e = r[2], i = r[3], o = r[4], pi = r[5], pc = r[6], po = r[7],
-               u = {r[8], r[9], r[10]}, sec = r[11], charges = {}}
-  for j = REC_CHARGES, #r, 8 do
-    local lim = new_limit(r[j], r[j + 1], r[j + 2], r[j + 3], r[j + 4], r[j + 5])
-    lim.ref, lim.amt, lim.at = r[j + 6], r[j + 7], j
-    rec.charges[#rec.charges + 1] = lim
+  local s, e, i, o, pi, pc, po, ui, uc, uo, n = sunpack(REC, raw)
+  local specs_at = REC_SIZE + 8 * n + 1
+  local rec = {s = s, e = e, i = i, o = o, pi = pi, pc = pc, po = po, u = {ui, uc, uo},
+               charges = false, sec = raw:sub(specs_at + SPEC_SIZE * n),
+               rest = raw:sub(REC_SIZE + 1)}
+  if n > 0 then
+    rec.charges = parse_specs(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
+    local refs = {sunpack(doubles(n), raw, REC_SIZE + 1)}
+    for k = 1, n do rec.charges[k][REF] = refs[k] end
   end
   return rec
 end

@@ -5,64 +5,70 @@
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
 -- ARGV: 1 clock override ('' = Redis TIME), 2 mode (commit | release | resize),
---       3 how long a settled record is kept (ms, to answer repeats),
---       4 input tokens, 5 cached input tokens, 6 output tokens (resize: the new output cap)
--- Reply: {status, state, input, cached, output, actual cost, reserved tokens, reserved cost,
---         other subjects}, then for a resize, per limit: remaining, reset ms (as reserve's)
+--       3 SETTLE_NUMBERS: how long a settled record is kept (ms, to answer repeats), input
+--         tokens, cached input tokens, output tokens (resize: the new output cap)
+-- Reply (packed_reply): status, input, cached, output, actual cost, reserved tokens, reserved
+--   cost, then for a resize, per limit: remaining, reset ms (as reserve's); then the other
+--   subjects (the opaque string reserve kept).
 --   status: 1 applied, 2 a repeat of what is already done, 0 no such reservation,
---           3 already settled the other way (state says which: c committed, x released)
+--           3 already settled the other way
 
 local K, R = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
-local mode, keep = ARGV[2], tonumber(ARGV[3])
+local mode = ARGV[2]
+local keep, input, cached, output = sunpack('<dddd', ARGV[3])
 
 local raw = redis.call('GET', R)
-if not raw then return {0, '', 0, 0, 0, 0, 0, 0, '[]'} end
+if not raw then return packed_reply(false, now, '[]', 0, 0, 0, 0, 0, 0, 0) end
 local rec = parse_record(raw)
 
-local function reply(status)
+local function reply(status, limits)
   local u = rec.u
   if rec.s ~= 'c' then u = {0, 0, 0} end
-  local actual = usage_of(1, u[1], u[2], u[3], rec.pi, rec.pc, rec.po)
-  local reserved = usage_of(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po)
-  return {status, rec.s, u[1], u[2], u[3], amount('c', actual), amount('t', reserved),
-          amount('c', reserved), rec.sec}
+  local actual = amounts(1, u[1], u[2], u[3], rec.pi, rec.pc, rec.po, 0)
+  local reserved = amounts(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po, 1)
+  return packed_reply(limits, now, rec.sec, status, u[1], u[2], u[3], actual[COST],
+                      reserved[TOKENS], reserved[COST])
 end
 
 if rec.s ~= 'r' then
   local repeated = (mode == 'commit' and rec.s == 'c') or (mode == 'release' and rec.s == 'x')
-  return reply(repeated and 2 or 3)
+  return reply(repeated and 2 or 3, false)
 end
 
+local reserved = amounts(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po, 1)
 local u
 if mode == 'commit' then
-  rec.u = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
-  u = usage_of(1, rec.u[1], rec.u[2], rec.u[3], rec.pi, rec.pc, rec.po)
-  u.inflight = 0
+  rec.u = {input, cached, output}
+  u = amounts(1, rec.u[1], rec.u[2], rec.u[3], rec.pi, rec.pc, rec.po, 0)
 elseif mode == 'release' then
-  u = usage_of(0, 0, 0, 0, rec.pi, rec.pc, rec.po)
-  u.inflight = 0
+  u = amounts(0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
 else
-  u = usage_of(1, rec.i, 0, tonumber(ARGV[6]), rec.pi, rec.pi, rec.po)
+  u = amounts(1, rec.i, 0, output, rec.pi, rec.pi, rec.po, 1)
 end
 
 local limits = rec.charges
-local x = load_limits(K, limits, now)
-local r = rec.r
-for _, lim in ipairs(limits) do
-  local new_amt = amount(lim.metric, u)
-  if new_amt ~= lim.amt then add_to_limit(lim, new_amt - lim.amt, lim.ref) end
-  r[lim.at + 7] = new_amt
+if limits then
+  local x = load_limits(K, limits, now)
+  for k = 1, #limits do
+    local lim = limits[k]
+    local metric = lim[METRIC]
+    local delta = u[metric] - reserved[metric]
+    if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
+  end
+  write_limits(K, limits, now, x)
 end
-write_limits(K, limits, now, x)
 
 if mode == 'resize' then
-  rec.o, r[4] = u.output, u.output
-  redis.call('SET', R, cmsgpack.pack(r), 'KEEPTTL')
-  return with_states(reply(1), limits, now)
+  rec.o = u[OUTPUT]
+  local u_in, u_cached, u_out = unpack(rec.u)
+  redis.call('SET', R, record('r', rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
+                              u_out, limits and #limits or 0) .. rec.rest, 'KEEPTTL')
+  return reply(1, limits)
 end
 rec.s = (mode == 'commit') and 'c' or 'x'
-r[1], r[8], r[9], r[10] = rec.s, rec.u[1], rec.u[2], rec.u[3]
-for j = #r, REC_CHARGES, -1 do r[j] = nil end   -- a settled record only answers repeats
-redis.call('SET', R, cmsgpack.pack(r), 'PX', keep)
-return reply(1)
+-- a settled record only answers repeats
+local u_in, u_cached, u_out = unpack(rec.u)
+redis.call('SET', R, record(rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
+                            u_out, 0) .. rec.sec, 'PX', keep)
+return reply(1, false)

@@ -12,11 +12,12 @@ import base64
 import hashlib
 import os
 import re
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Final, Literal, cast
+from typing import Final, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -24,11 +25,20 @@ import orjson
 from ratelimitd.policy import Limit, Subject
 from ratelimitd.scripts import RedisClient, ScriptRunner
 
+# lua/common.lua's codes
 _METRIC_CODES: Final = {
-    "requests": "r", "tokens": "t", "input_tokens": "i", "output_tokens": "o",
-    "cost_usd": "c", "concurrent": "n",
+    "requests": 1, "tokens": 2, "input_tokens": 3, "output_tokens": 4, "cost_usd": 5,
+    "concurrent": 6,
 }
-_ALGORITHM_CODES: Final = {"sliding": "s", "calendar": "c", "token_bucket": "b"}
+_ALGORITHM_CODES: Final = {"sliding": 1, "calendar": 2, "token_bucket": 3}
+# lua/common.lua's SPEC: lid, algorithm, metric, limit, then four parameters (see there)
+_SPEC: Final = struct.Struct("<8sBBddddd")
+_SPEC_HEAD: Final = struct.Struct("<8sBBd")
+_CALENDAR_STARTS: Final = struct.Struct("<dddd")
+_COUNT: Final = struct.Struct("<q")
+# lua/reserve.lua's and settle.lua's numeric arguments, packed (Lua parses strings slowly)
+_RESERVE_NUMBERS: Final = struct.Struct("<7d")
+_SETTLE_NUMBERS: Final = struct.Struct("<4d")
 _RID_PREFIX: Final = "rsv_"
 _RID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
@@ -108,9 +118,9 @@ class _Calendar:
     """
 
     zone: ZoneInfo
-    cache: dict[str, tuple[int, int, str]] = field(default_factory=dict)
+    cache: dict[str, tuple[int, int, bytes]] = field(default_factory=dict)
 
-    def boundaries(self, period: str, now_ms: int) -> str:
+    def boundaries(self, period: str, now_ms: int) -> bytes:
         hit = self.cache.get(period)
         if hit and hit[0] <= now_ms < hit[1]:
             return hit[2]
@@ -118,9 +128,9 @@ class _Calendar:
         start = _period_start(local, period)
         starts = [_shift(start, period, k) for k in (-1, 0, 1, 2)]
         ms = [int(s.timestamp() * 1000) for s in starts]
-        text = ",".join(str(m) for m in ms)
-        self.cache[period] = (ms[1], ms[2], text)
-        return text
+        packed = _CALENDAR_STARTS.pack(*ms)
+        self.cache[period] = (ms[1], ms[2], packed)
+        return packed
 
 
 def _period_start(local: datetime, period: str) -> datetime:
@@ -174,7 +184,7 @@ class Engine:
         self._random = b""
         self._calendar = _Calendar(ZoneInfo(self.settings.timezone))
         self._clock: Callable[[], int] | None = None
-        self._specs: dict[Limit, list[bytes]] = {}
+        self._specs: dict[Limit, bytes] = {}
 
     @classmethod
     def with_test_clock(
@@ -199,9 +209,9 @@ class Engine:
     def _now_ms(self) -> int:
         return time.time_ns() // 1_000_000 if self._clock is None else self._clock()
 
-    def _limit_args(self, limits: Sequence[Limit]) -> list[bytes]:
+    def _specs_arg(self, limits: Sequence[Limit]) -> bytes:
         """The scripts' limit specs; all but calendar boundaries are encoded once per limit."""
-        args: list[bytes] = []
+        parts: list[bytes] = []
         now: int | None = None
         for lim in limits:
             spec = self._specs.get(lim)
@@ -209,21 +219,23 @@ class Engine:
                 spec = self._specs[lim] = self._encode_spec(lim)
             if lim.algorithm == "calendar":
                 now = self._now_ms() if now is None else now
-                args += [*spec[:4], self._calendar.boundaries(lim.period, now).encode(), b"0"]
+                parts += (spec, self._calendar.boundaries(lim.period, now))
             else:
-                args += spec
-        return args
+                parts.append(spec)
+        return b"".join(parts)
 
-    def _encode_spec(self, lim: Limit) -> list[bytes]:
+    def _encode_spec(self, lim: Limit) -> bytes:
+        head = (lim.lid.encode(), _ALGORITHM_CODES[lim.algorithm], _METRIC_CODES[lim.metric])
+        if lim.algorithm == "calendar":
+            return _SPEC_HEAD.pack(*head, lim.limit)   # + the period starts, per call
         if lim.algorithm == "token_bucket":
-            p1, p2 = lim.window_ms, lim.burst
+            a, b = lim.window_ms, lim.burst
         elif lim.metric == "concurrent":
             # in-flight calls are a sliding window as long as a reservation lives
-            p1, p2 = self.settings.reservation_ttl_ms, lim.buckets
+            a, b = self.settings.reservation_ttl_ms, lim.buckets
         else:
-            p1, p2 = lim.window_ms, lim.buckets
-        return [str(v).encode() for v in (lim.lid, _ALGORITHM_CODES[lim.algorithm],
-                                          _METRIC_CODES[lim.metric], lim.limit, p1, p2)]
+            a, b = lim.window_ms, lim.buckets
+        return _SPEC.pack(*head, lim.limit, a, b, 0, 0)
 
     # -- reserve ---------------------------------------------------------------------------
 
@@ -240,30 +252,29 @@ class Engine:
         grant = req.max_output_tokens
         slots: list[_Slot] = []
         for index, (subject, limits) in enumerate(req.plan):
-            reply = await self.scripts.run(self.scripts.reserve, [
+            reply, _ = _unpack(await self.scripts.run(self.scripts.reserve, [
                 *_keys(subject.tag, rand), self._clock_arg(), mode,
-                self.settings.reservation_ttl_ms, req.input_tokens, grant,
-                req.min_output_tokens, req.prices.input, req.prices.cached_input,
-                req.prices.output, others if index == 0 else "[]", len(limits),
-                *self._limit_args(limits)])
-            slot = _Slot(subject, limits, int(reply[1]), _states(subject, limits, reply[7:]))
-            if int(reply[0]) == 0:
+                _RESERVE_NUMBERS.pack(self.settings.reservation_ttl_ms, req.input_tokens, grant,
+                                      req.min_output_tokens, req.prices.input,
+                                      req.prices.cached_input, req.prices.output),
+                others if index == 0 else "[]", self._specs_arg(limits)]))
+            slot = _Slot(subject, limits, reply[1], _states(subject, limits, reply[7:]))
+            if reply[0] == 0:
                 await self._undo(slots, rand)
                 states = [s for done in slots for s in done.states] + slot.states
-                retry = int(reply[4])
+                retry = reply[4]
                 return ReserveResult(False, "", 0, req.input_tokens, 0, states, 0,
-                                     slot.states[int(reply[3]) - 1],
-                                     None if retry < 0 else retry)
+                                     slot.states[reply[3] - 1], None if retry < 0 else retry)
             slots.append(slot)
             grant = min(grant, slot.granted)
             if index == 0:
                 first = reply
-        cost = int(first[6])
+        cost = first[6]
         if not req.dry_run and slots[0].granted > grant:
             cost = await self._shrink(slots, rand, grant)
-        return ReserveResult(True, "" if req.dry_run else rid, int(first[2]), int(first[5]),
-                             grant, [s for slot in slots for s in slot.states], cost,
-                             duplicate=int(first[0]) == 2)
+        return ReserveResult(True, "" if req.dry_run else rid, first[2], first[5], grant,
+                             [s for slot in slots for s in slot.states], cost,
+                             duplicate=first[0] == 2)
 
     async def _undo(self, slots: list[_Slot], rand: str) -> None:
         """A later slot denied: give back what the earlier slots reserved."""
@@ -276,9 +287,9 @@ class Engine:
         cost = 0
         for slot in slots:
             if slot.granted > grant:
-                reply = await self._settle(slot.subject.tag, rand, "resize", 0, 0, grant)
+                reply, _ = await self._settle(slot.subject.tag, rand, "resize", 0, 0, grant)
                 cost = _settle_result(reply).reserved_cost_nano
-                slot.states = _states(slot.subject, slot.limits, reply[9:])
+                slot.states = _states(slot.subject, slot.limits, reply[7:])
         return cost
 
     # -- commit / release ------------------------------------------------------------------
@@ -301,23 +312,22 @@ class Engine:
         if parsed is None:
             return SettleResult("not_found")
         rand, primary = parsed
-        reply = await self._settle(primary, rand, mode, input_tokens, cached, output)
+        reply, others = await self._settle(primary, rand, mode, input_tokens, cached, output)
         result = _settle_result(reply)
         if result.status in ("applied", "duplicate"):
             # Each slot settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
-            for tag in orjson.loads(cast(bytes, reply[8]) or b"[]"):
+            for tag in orjson.loads(others or b"[]"):
                 await self._settle(tag, rand, mode, result.input_tokens,
                                    result.cached_input_tokens, result.output_tokens)
         return result
 
     async def _settle(
         self, tag: str, rand: str, mode: str, input_tokens: int, cached: int, output: int
-    ) -> list[object]:
-        reply: list[object] = await self.scripts.run(self.scripts.settle, [
-            *_keys(tag, rand), self._clock_arg(), mode, self.settings.reservation_ttl_ms,
-            input_tokens, cached, output])
-        return reply
+    ) -> tuple[tuple[int, ...], bytes]:
+        return _unpack(await self.scripts.run(self.scripts.settle, [
+            *_keys(tag, rand), self._clock_arg(), mode,
+            _SETTLE_NUMBERS.pack(self.settings.reservation_ttl_ms, input_tokens, cached, output)]))
 
 
 @dataclass(slots=True)
@@ -330,15 +340,20 @@ class _Slot:
     states: list[LimitState]
 
 
-def _states(subject: Subject, limits: Sequence[Limit], pairs: list[object]
+def _unpack(reply: bytes) -> tuple[tuple[int, ...], bytes]:
+    """A script's packed reply (common.lua's packed_reply): its numbers, and the tail."""
+    (count,) = _COUNT.unpack_from(reply)
+    end = 8 + 8 * count
+    return struct.unpack_from(f"<{count}q", reply, 8), reply[end:]
+
+
+def _states(subject: Subject, limits: Sequence[Limit], pairs: Sequence[int]
             ) -> list[LimitState]:
     """Limit states from a script's reply tail: remaining, reset ms per limit."""
-    values = [int(v) for v in pairs]  # type: ignore[call-overload]
-    return [LimitState(lim, subject, values[2 * k], values[2 * k + 1])
+    return [LimitState(lim, subject, pairs[2 * k], pairs[2 * k + 1])
             for k, lim in enumerate(limits)]
 
 
-def _settle_result(reply: list[object]) -> SettleResult:
-    """settle.lua's reply: status, state (skipped: status says it), then the numbers."""
-    numbers = [int(v) for v in reply[2:8]]  # type: ignore[call-overload]
-    return SettleResult(_SETTLE_STATUS[int(reply[0])], *numbers)  # type: ignore[call-overload]
+def _settle_result(reply: Sequence[int]) -> SettleResult:
+    """settle.lua's reply: status, then the numbers."""
+    return SettleResult(_SETTLE_STATUS[reply[0]], *reply[1:7])

@@ -1,9 +1,14 @@
-"""The Lua scripts of lua/, and the runner that sends them to Redis.
+"""The Lua of lua/ as one Redis function library, and the runner that calls it.
 
-Scripts run by SHA (EVALSHA) and are loaded again when Redis answers NOSCRIPT. Calls made in
-the same event-loop tick (concurrent decisions) share one pipeline: one write, one read and one
-pooled connection for the whole batch instead of one each, which is most of a call's cost in
-the client. Each call still is its own atomic script.
+The library (common.lua's helpers plus one function per entry script) is loaded once with
+FUNCTION LOAD; each decision is one FCALL. Unlike EVALSHA scripts, a library defines its helpers
+once, not on every call (measured: ~2.4 us of Redis time per call). Its name carries a hash of
+the Lua, so daemons of different versions can share one Redis during a rolling upgrade, and a
+Redis that lost it (restart without persistence, failover to a node without it, FUNCTION FLUSH)
+gets it again on the next call. Calls made in the same event-loop tick (concurrent decisions)
+share one pipeline: one write, one read and one pooled connection for the whole batch instead of
+one each, which is most of a call's cost in the client. Each call still is its own atomic
+function call.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any, Final
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 LUA_DIR: Final = Path(__file__).resolve().parent.parent / "lua"
@@ -32,21 +37,39 @@ MAX_BATCH: Final = 8
 RedisClient = Redis | RedisCluster
 
 
-def script_source(name: str) -> str:
-    """An entry script with the shared helpers of common.lua in front of it."""
-    return (LUA_DIR / "common.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+@dataclass(frozen=True, slots=True)
+class Script:
+    """One entry script, registered in the library as the function `function`."""
+
+    name: str
+    function: str
 
 
 @dataclass(frozen=True, slots=True)
-class Script:
+class Library:
     name: str
     source: str
-    sha: str
+    reserve: Script
+    settle: Script
 
     @classmethod
-    def named(cls, name: str) -> Script:
-        source = script_source(name)
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())  # noqa: S324
+    def from_lua(cls, lua_dir: Path = LUA_DIR) -> Library:
+        """common.lua, then each entry script wrapped in the function that registers it."""
+        common = (lua_dir / "common.lua").read_text()
+        bodies = {name: (lua_dir / f"{name}.lua").read_text() for name in ENTRY_SCRIPTS}
+        digest = hashlib.sha1(  # noqa: S324 - a version tag, not a security boundary
+            "\0".join([common, *bodies.values()]).encode()).hexdigest()[:12]
+        name = f"ratelimitd_{digest}"
+        scripts = {entry: Script(entry, f"{name}_{entry}") for entry in ENTRY_SCRIPTS}
+        parts = [f"#!lua name={name}", common]
+        for entry, body in bodies.items():
+            parts.append(f"redis.register_function('{scripts[entry].function}', "
+                         f"function(KEYS, ARGV)\nbind_globals()\n{body}\nend)")
+        return cls(name, "\n".join(parts), scripts["reserve"], scripts["settle"])
+
+
+def _is_missing_function(reply: object) -> bool:
+    return isinstance(reply, ResponseError) and "Function not found" in str(reply)
 
 
 @dataclass(slots=True)
@@ -65,23 +88,30 @@ class ScriptRunner:
 
     client: RedisClient
     timeout_s: float | None = None
-    reserve: Script = field(default_factory=lambda: Script.named("reserve"))
-    settle: Script = field(default_factory=lambda: Script.named("settle"))
+    library: Library = field(default_factory=Library.from_lua)
     _pending: list[_Call] = field(default_factory=list)
     _flush: asyncio.Handle | None = None
 
+    @property
+    def reserve(self) -> Script:
+        return self.library.reserve
+
+    @property
+    def settle(self) -> Script:
+        return self.library.settle
+
     async def load(self) -> None:
-        """Loads every script now, so the first decisions do not pay for it."""
+        """Loads the library now (on every primary of a cluster), so the first decisions do
+        not pay for it."""
         async with self.bounded():
-            for script in (self.reserve, self.settle):
-                await self.client.script_load(script.source)
+            await self.client.function_load(self.library.source, replace=True)
 
     async def ready(self) -> None:
-        """Raises a RedisError unless Redis answers and holds both scripts (loading them)."""
+        """Raises a RedisError unless Redis answers and holds the library (loading it)."""
         async with self.bounded():
             await self.client.ping()
-            found = await self.client.script_exists(self.reserve.sha, self.settle.sha)
-        if not all(found):
+            found = await self.client.function_list(library=self.library.name)
+        if not found:
             await self.load()
 
     @contextlib.asynccontextmanager
@@ -94,7 +124,7 @@ class ScriptRunner:
             raise RedisTimeoutError("Redis did not answer in time") from exc
 
     def run(self, script: Script, args: list[Any]) -> asyncio.Future[Any]:
-        """Queues one EVALSHA of `args` (numkeys, keys..., arguments...); the future resolves
+        """Queues one FCALL of `args` (numkeys, keys..., arguments...); the future resolves
         to its reply."""
         loop = asyncio.get_running_loop()
         call = _Call(script, args, loop.create_future())
@@ -121,7 +151,7 @@ class ScriptRunner:
                 else:
                     pipe = self.client.pipeline(transaction=False)
                     for call in batch:
-                        pipe.execute_command("EVALSHA", call.script.sha, *call.args)
+                        pipe.execute_command("FCALL", call.script.function, *call.args)
                     replies = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
             # a socket error or our timer is the store being unreachable, like any other
@@ -133,7 +163,7 @@ class ScriptRunner:
                     call.done.set_exception(failure)
             return
         for call, reply in zip(batch, replies, strict=True):
-            if isinstance(reply, NoScriptError):
+            if _is_missing_function(reply):
                 reply = await self._reloaded(call)
             if call.done.done():
                 continue
@@ -144,16 +174,18 @@ class ScriptRunner:
 
     async def _one(self, call: _Call) -> Any:
         try:
-            return await self.client.execute_command("EVALSHA", call.script.sha, *call.args)
-        except NoScriptError as exc:
-            return exc
+            return await self.client.execute_command("FCALL", call.script.function, *call.args)
+        except ResponseError as exc:
+            if _is_missing_function(exc):
+                return exc
+            raise
 
     async def _reloaded(self, call: _Call) -> Any:
-        """Redis lost its scripts (restart, failover, SCRIPT FLUSH): load and run again."""
+        """Redis lost the library (restart, failover, FUNCTION FLUSH): load and call again."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.client.script_load(call.script.source)
-                return await self.client.execute_command("EVALSHA", call.script.sha,
+                await self.client.function_load(self.library.source, replace=True)
+                return await self.client.execute_command("FCALL", call.script.function,
                                                          *call.args)
         except (ResponseError, RedisError) as exc:
             return exc

@@ -8,7 +8,6 @@ Nothing of Redis or of ratelimitd is mocked.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +19,7 @@ import redis
 import tiktoken
 from redis.asyncio import Redis
 
-from ratelimitd.scripts import ENTRY_SCRIPTS, script_source
+from ratelimitd.scripts import Library
 from tests.http_helpers import (
     SMALL_TIER,
     UNKNOWN_RID,
@@ -824,12 +823,11 @@ async def test_healthz_and_readyz(serve: Serve, redis_client: Redis) -> None:
     resp, body = await call(client, "/readyz", method="GET")
     assert resp.status == 200
     assert body == {"ready": True, "redis": "ok", "scripts": "loaded", "config": "<test>"}
-    # a Redis that lost its scripts (restart, SCRIPT FLUSH) gets them back from /readyz
-    await redis_client.script_flush()
+    # a Redis that lost its functions (restart, FUNCTION FLUSH) gets them back from /readyz
+    await redis_client.function_flush()
     resp, body = await call(client, "/readyz", method="GET")
     assert resp.status == 200 and body["ready"] is True
-    shas = [hashlib.sha1(script_source(n).encode()).hexdigest() for n in ENTRY_SCRIPTS]
-    assert await redis_client.script_exists(*shas) == [True, True]
+    assert await redis_client.function_list(library=Library.from_lua().name)
 
 
 async def test_redis_going_down_gives_503_and_readyz_says_so(serve: Serve, tmp_path: Any) -> None:
@@ -891,7 +889,7 @@ async def test_the_daemon_recovers_when_redis_comes_back_empty(serve: Serve,
     assert_error(resp, body, 503, "backend_unavailable")
     proc = start_redis(port, tmp_path / "b")
     try:
-        resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))   # NOSCRIPT: reload
+        resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))   # no library: reload
         assert resp.status == 200, body
         assert limit_of(body, "requests_per_minute")["remaining"] == 4        # an empty Redis
         resp, body = await call(client, "/readyz", method="GET")
