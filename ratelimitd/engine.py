@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from ratelimitd.policy import Limit, Subject
-from ratelimitd.scripts import RedisClient, ScriptRunner
+from ratelimitd.scripts import Pipe, RedisClient, ScriptRunner
 
 # lua/common.lua's codes
 _METRIC_CODES: Final = {
@@ -177,10 +177,12 @@ def parse_reservation_id(rid: str) -> tuple[str, str] | None:
 class Engine:
     """Reserve, commit and release against Redis. Production always runs on Redis time."""
 
-    def __init__(self, client: RedisClient, settings: EngineSettings | None = None) -> None:
+    def __init__(self, client: RedisClient, settings: EngineSettings | None = None,
+                 pipe: Pipe | None = None) -> None:
+        """client: redis-py's; pipe: the hot path's connection, where there is one."""
         self.settings = settings or EngineSettings()
         timeout = self.settings.redis_timeout_ms
-        self.scripts = ScriptRunner(client, None if timeout is None else timeout / 1000)
+        self.scripts = ScriptRunner(client, None if timeout is None else timeout / 1000, pipe)
         self._random = b""
         self._calendar = _Calendar(ZoneInfo(self.settings.timezone))
         self._clock: Callable[[], int] | None = None

@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from ratelimitd.backend import connect
+from ratelimitd.backend import connect, pipelined
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.engine import Engine, EngineSettings, LimitState, ReserveRequest, ReserveResult
 from ratelimitd.errors import ApiError, invalid
@@ -307,9 +307,10 @@ async def openapi(request: web.Request) -> web.Response:
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     client = connect(config.redis, app[REDIS_URL])
+    pipe = pipelined(config.redis, app[REDIS_URL])
     engine = Engine(client, EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
                                            timezone=config.calendar.timezone,
-                                           redis_timeout_ms=config.redis.timeout_ms))
+                                           redis_timeout_ms=config.redis.timeout_ms), pipe)
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
         config=config, redis=client, engine=engine,
@@ -322,6 +323,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not load scripts at startup: %s", exc)
     yield
     executor.shutdown(wait=False, cancel_futures=True)
+    if pipe is not None:
+        await pipe.aclose()
     await client.aclose()
 
 

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -35,6 +35,12 @@ ENTRY_SCRIPTS: Final = ("reserve", "settle")
 MAX_BATCH: Final = 8
 
 RedisClient = Redis | RedisCluster
+
+
+class Pipe(Protocol):
+    """A connection that pipelines single commands (backend.PipelinedConnection)."""
+
+    async def call(self, *args: Any) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,11 +89,14 @@ class _Call:
 class ScriptRunner:
     """Runs scripts for one client, batching the calls of each event-loop tick.
 
-    timeout_s bounds each batch as a whole (one timer per batch, not one per reply read);
-    past it every call of the batch fails with a Redis TimeoutError."""
+    With a `pipe` (standalone Redis), calls go through it; otherwise (cluster, sentinel, TLS)
+    through redis-py pipelines, one per batch. timeout_s bounds each batch as a whole (one timer
+    per batch, not one per reply read); past it every call of the batch fails with a Redis
+    TimeoutError."""
 
     client: RedisClient
     timeout_s: float | None = None
+    pipe: Pipe | None = None
     library: Library = field(default_factory=Library.from_lua)
     _pending: list[_Call] = field(default_factory=list)
     _flush: asyncio.Handle | None = None
@@ -104,7 +113,10 @@ class ScriptRunner:
         """Loads the library now (on every primary of a cluster), so the first decisions do
         not pay for it."""
         async with self.bounded():
-            await self.client.function_load(self.library.source, replace=True)
+            if self.pipe is not None:
+                await self.pipe.call("FUNCTION", "LOAD", "REPLACE", self.library.source)
+            else:
+                await self.client.function_load(self.library.source, replace=True)
 
     async def ready(self) -> None:
         """Raises a RedisError unless Redis answers and holds the library (loading it)."""
@@ -123,9 +135,21 @@ class ScriptRunner:
         except TimeoutError as exc:
             raise RedisTimeoutError("Redis did not answer in time") from exc
 
-    def run(self, script: Script, args: list[Any]) -> asyncio.Future[Any]:
-        """Queues one FCALL of `args` (numkeys, keys..., arguments...); the future resolves
-        to its reply."""
+    async def run(self, script: Script, args: list[Any]) -> Any:
+        """One FCALL of `args` (numkeys, keys..., arguments...): its reply."""
+        if self.pipe is None:
+            return await self._queue(script, args)
+        try:
+            return await self.pipe.call("FCALL", script.function, *args)
+        except ResponseError as exc:
+            if not _is_missing_function(exc):
+                raise
+        # Redis lost the library (restart, failover, FUNCTION FLUSH): load and call again
+        await self.load()
+        return await self.pipe.call("FCALL", script.function, *args)
+
+    def _queue(self, script: Script, args: list[Any]) -> asyncio.Future[Any]:
+        """Queues a call for this tick's redis-py pipeline; the future resolves to its reply."""
         loop = asyncio.get_running_loop()
         call = _Call(script, args, loop.create_future())
         self._pending.append(call)

@@ -30,18 +30,21 @@ def redis_binary() -> str:
 class RedisServer:
     """One redis-server on 127.0.0.1, no persistence, stopped by stop()."""
 
-    def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, extra: list[str] | None = None,
+                 password: str | None = None) -> None:
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         args = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", str(workdir), *(extra or [])]
+        if password is not None:
+            args += ["--requirepass", password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 10
         while True:
             try:
-                redis.Redis(port=self.port).ping()
+                redis.Redis(port=self.port, password=password).ping()
                 return
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -1,0 +1,132 @@
+"""backend.PipelinedConnection against real redis-servers: the daemon's hot path to Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ratelimitd.backend import PipelinedConnection, pipelined
+from ratelimitd.config import RedisConfig
+from ratelimitd.engine import Engine
+from ratelimitd.policy import sliding
+from tests.redis_servers import RedisServer
+from tests.test_engine import rq, tier_plan
+
+
+async def test_authenticates_and_uses_the_database_of_its_url(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="s3cret pass")
+    pipe = PipelinedConnection(f"redis://:s3cret%20pass@127.0.0.1:{server.port}/3", 1.0)
+    try:
+        assert await pipe.call("SET", "greeting", "hello") == b"OK"
+        db3 = redis.Redis(port=server.port, password="s3cret pass", db=3)
+        db0 = redis.Redis(port=server.port, password="s3cret pass", db=0)
+        assert db3.get("greeting") == b"hello"
+        assert db0.get("greeting") is None
+    finally:
+        await pipe.aclose()
+        server.stop()
+
+
+async def test_a_wrong_password_fails_with_a_redis_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="right")
+    pipe = PipelinedConnection(f"redis://:wrong@127.0.0.1:{server.port}/0", 1.0)
+    try:
+        with pytest.raises(redis.RedisError):
+            await pipe.call("PING")
+    finally:
+        await pipe.aclose()
+        server.stop()
+
+
+async def test_thousands_of_concurrent_calls_each_get_their_own_reply(
+    redis_server: RedisServer,
+) -> None:
+    pipe = PipelinedConnection(redis_server.url, 5.0)
+    try:
+        replies = await asyncio.gather(*(pipe.call("ECHO", f"call-{i}") for i in range(3000)))
+    finally:
+        await pipe.aclose()
+    assert replies == [f"call-{i}".encode() for i in range(3000)]
+
+
+async def test_an_error_reply_raises_and_the_connection_goes_on(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    await redis_client.set("not-a-number", "abc")
+    pipe = PipelinedConnection(redis_server.url, 1.0)
+    try:
+        results = await asyncio.gather(pipe.call("INCR", "not-a-number"), pipe.call("PING"),
+                                       return_exceptions=True)
+        assert isinstance(results[0], ResponseError) and "not an integer" in str(results[0])
+        assert results[1] == b"PONG"
+        assert await pipe.call("ECHO", "still here") == b"still here"
+    finally:
+        await pipe.aclose()
+
+
+async def test_a_stalled_redis_fails_calls_in_time_and_a_later_call_reconnects(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path)
+    pipe = PipelinedConnection(server.url, 0.2)
+    try:
+        assert await pipe.call("PING") == b"PONG"
+        server.proc.send_signal(signal.SIGSTOP)          # Redis stops answering
+        started = time.monotonic()
+        results = await asyncio.gather(*(pipe.call("PING") for _ in range(5)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert time.monotonic() - started < 1.0
+        server.proc.send_signal(signal.SIGCONT)
+        assert await pipe.call("ECHO", "back") == b"back"   # a new connection
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        await pipe.aclose()
+        server.stop()
+
+
+async def test_a_redis_that_is_gone_fails_calls_with_a_connection_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    pipe = PipelinedConnection(server.url, 1.0)
+    assert await pipe.call("PING") == b"PONG"
+    server.stop()
+    try:
+        with pytest.raises(RedisConnectionError):
+            await pipe.call("PING")
+        with pytest.raises(RedisConnectionError):             # and cannot connect again
+            await pipe.call("PING")
+    finally:
+        await pipe.aclose()
+
+
+async def test_500_concurrent_reserves_through_the_pipe_admit_exactly_the_limit(
+    redis_server: RedisServer, redis_client: Redis
+) -> None:
+    pipe = PipelinedConnection(redis_server.url, 5.0)
+    try:
+        engine = Engine(redis_client, pipe=pipe)
+        p = tier_plan(sliding("requests_per_minute", "requests", "60s", 100), user="piped")
+        results = await asyncio.gather(*(engine.reserve(rq(p, 10, 10)) for _ in range(500)))
+        admitted = [r for r in results if r.allowed]
+        assert len(admitted) == 100
+        commits = await asyncio.gather(*(engine.commit(r.reservation_id, 10, 5)
+                                         for r in admitted))
+        assert {c.status for c in commits} == {"applied"}
+    finally:
+        await pipe.aclose()
+
+
+def test_the_pipe_serves_standalone_redis_only() -> None:
+    assert pipelined(RedisConfig(), "redis://127.0.0.1:6379/0") is not None
+    assert pipelined(RedisConfig(), "unix:///run/redis.sock") is not None
+    assert pipelined(RedisConfig(), "rediss://127.0.0.1:6379/0") is None       # TLS: redis-py
+    assert pipelined(RedisConfig(mode="cluster"), "redis://127.0.0.1:7000/0") is None
