@@ -43,9 +43,7 @@ def _window_s(lim: Limit) -> int | None:
     return lim.window_ms // 1000 or None
 
 
-@functools.lru_cache(maxsize=4096)
 def _policy_item(lim: Limit) -> str:
-    """A limit's RateLimit-Policy item; it only changes with the configuration."""
     quota = lim.burst if lim.algorithm == "token_bucket" else lim.limit
     item = f'"{lim.name}";q={quota}'
     window = _window_s(lim)
@@ -54,12 +52,18 @@ def _policy_item(lim: Limit) -> str:
     return f'{item};qu="{_QUOTA_UNITS[lim.metric]}"'
 
 
+@functools.lru_cache(maxsize=4096)
+def _policy(limits: tuple[Limit, ...]) -> str:
+    """The RateLimit-Policy header of a set of limits; it only changes with the configuration."""
+    return ", ".join([_policy_item(lim) for lim in limits])
+
+
 def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
                       denied: bool) -> dict[str, str]:
     headers: dict[str, str] = {}
     if not states:
         return headers
-    headers["RateLimit-Policy"] = ", ".join([_policy_item(s.limit) for s in states])
+    headers["RateLimit-Policy"] = _policy(tuple([s.limit for s in states]))
     headers["RateLimit"] = ", ".join(
         [f'"{s.limit.name}";r={s.remaining};t={seconds_up(s.reset_ms)}' for s in states])
     requests = tokens = None
