@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
+from collections.abc import Awaitable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -98,6 +99,8 @@ class _PipelineProtocol(asyncio.Protocol):
     tick, and resolves each waiting future with its reply, in order."""
 
     def __init__(self, timeout_s: float | None) -> None:
+        # the loop, kept: asyncio.get_running_loop() makes a getpid() system call each time
+        self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
         self._waiting: deque[asyncio.Future[Any]] = deque()
@@ -111,11 +114,10 @@ class _PipelineProtocol(asyncio.Protocol):
     def send(self, args: tuple[EncodableT, ...]) -> asyncio.Future[Any]:
         if self.closed:
             raise RedisConnectionError("the connection to Redis is closed")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future = self._loop.create_future()
         self._waiting.append(future)
         if not self._out:
-            loop.call_soon(self._write)
+            self._loop.call_soon(self._write)
         self._out.append(hiredis.pack_command(args))  # type: ignore[arg-type]
         return future
 
@@ -126,7 +128,7 @@ class _PipelineProtocol(asyncio.Protocol):
         self._out.clear()
         if self._timeout_s is not None:
             # one timer per write: when its last reply is late, so is the connection
-            asyncio.get_running_loop().call_later(self._timeout_s, self._check, self._waiting[-1])
+            self._loop.call_later(self._timeout_s, self._check, self._waiting[-1])
 
     def _check(self, last: asyncio.Future[Any], second_look: bool = False) -> None:
         if last.done():
@@ -134,7 +136,7 @@ class _PipelineProtocol(asyncio.Protocol):
         if not second_look:
             # A loop that was busy runs due timers before it reads sockets (uvloop does), so
             # a reply may be waiting unread: look again once the loop has read them.
-            asyncio.get_running_loop().call_later(0.001, self._check, last, True)
+            self._loop.call_later(0.001, self._check, last, True)
             return
         self.fail(RedisTimeoutError("Redis did not answer in time"))
 
@@ -145,7 +147,11 @@ class _PipelineProtocol(asyncio.Protocol):
                 self.fail(RedisConnectionError("Redis sent a reply nobody asked for"))
                 return
             future = self._waiting.popleft()
-            if not future.done():
+            if future.done():
+                continue
+            if isinstance(reply, ResponseError):
+                future.set_exception(reply)
+            else:
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -180,15 +186,17 @@ class PipelinedConnection:
         self._protocol: _PipelineProtocol | None = None
         self._lock = asyncio.Lock()
 
-    async def call(self, *args: EncodableT) -> Any:
-        """One command's reply; an error reply raises its ResponseError."""
+    def call(self, *args: EncodableT) -> Awaitable[Any]:
+        """One command's reply; an error reply raises its ResponseError. (A future when
+        connected: no coroutine per call.)"""
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            protocol = await self._connect()
-        reply = await protocol.send(args)
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+            return self._connect_and_call(args)
+        return protocol.send(args)
+
+    async def _connect_and_call(self, args: tuple[EncodableT, ...]) -> Any:
+        protocol = await self._connect()
+        return await protocol.send(args)
 
     async def _connect(self) -> _PipelineProtocol:
         async with self._lock:
@@ -220,13 +228,9 @@ class PipelinedConnection:
         params = self._params
         if params.get("password"):
             user = (params["username"],) if params.get("username") else ()
-            reply = await protocol.send(("AUTH", *user, params["password"]))
-            if isinstance(reply, ResponseError):
-                raise reply
+            await protocol.send(("AUTH", *user, params["password"]))
         if params.get("db"):
-            reply = await protocol.send(("SELECT", params["db"]))
-            if isinstance(reply, ResponseError):
-                raise reply
+            await protocol.send(("SELECT", params["db"]))
 
     async def aclose(self) -> None:
         if self._protocol is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -40,7 +40,7 @@ RedisClient = Redis | RedisCluster
 class Pipe(Protocol):
     """A connection that pipelines single commands (backend.PipelinedConnection)."""
 
-    async def call(self, *args: Any) -> Any: ...
+    def call(self, *args: Any) -> Awaitable[Any]: ...
 
 
 @dataclass(frozen=True, slots=True)
