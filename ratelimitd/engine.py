@@ -57,7 +57,9 @@ class Prices:
     cached_input: int
 
 
-@dataclass(frozen=True, slots=True)
+# Per-request values are plain (not frozen) dataclasses: a frozen one costs five times as much
+# to build, and a reserve builds several.
+@dataclass(slots=True)
 class ReserveRequest:
     plan: Sequence[tuple[Subject, Sequence[Limit]]]
     input_tokens: int
@@ -68,7 +70,7 @@ class ReserveRequest:
     dry_run: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LimitState:
     limit: Limit
     subject: Subject
@@ -76,7 +78,7 @@ class LimitState:
     reset_ms: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveResult:
     allowed: bool
     reservation_id: str
@@ -90,7 +92,7 @@ class ReserveResult:
     duplicate: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SettleResult:
     status: SettleStatus
     input_tokens: int = 0

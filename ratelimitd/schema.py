@@ -33,7 +33,7 @@ COMMIT_FIELDS: Final = frozenset({
 RELEASE_FIELDS: Final = frozenset({"reservation_id"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ReserveBody:
     user: str
     tier: str
@@ -49,7 +49,7 @@ class ReserveBody:
     dry_run: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitBody:
     reservation_id: str
     input_tokens: int
