@@ -29,8 +29,9 @@ from ratelimitd.config import RedisConfig
 from ratelimitd.scripts import RedisClient
 
 # Concurrent Redis calls one daemon process may have; past it a call fails (503) at once instead
-# of opening sockets without bound.
+# of opening sockets, or queueing, without bound.
 MAX_CONNECTIONS: Final = 64
+MAX_IN_FLIGHT: Final = 4096
 
 
 class _HiredisPacking(AbstractConnection):
@@ -98,10 +99,11 @@ class _PipelineProtocol(asyncio.Protocol):
     """The socket side of PipelinedConnection: queues commands, writes them once per event-loop
     tick, and resolves each waiting future with its reply, in order."""
 
-    def __init__(self, timeout_s: float | None) -> None:
+    def __init__(self, timeout_s: float | None, max_in_flight: int) -> None:
         # the loop, kept: asyncio.get_running_loop() makes a getpid() system call each time
         self._loop = asyncio.get_running_loop()
         self._timeout_s = timeout_s
+        self._max_in_flight = max_in_flight
         self._reader = hiredis.Reader(protocolError=InvalidResponse, replyError=ResponseError)
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._out: list[bytes] = []
@@ -112,9 +114,12 @@ class _PipelineProtocol(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def send(self, args: tuple[EncodableT, ...]) -> asyncio.Future[Any]:
-        if self.closed:
-            raise RedisConnectionError("the connection to Redis is closed")
         future = self._loop.create_future()
+        if self.closed or len(self._waiting) >= self._max_in_flight:
+            future.set_exception(RedisConnectionError(
+                "the connection to Redis is closed" if self.closed
+                else f"{self._max_in_flight} calls already wait for Redis"))
+            return future
         self._waiting.append(future)
         if not self._out:
             self._loop.call_soon(self._write)
@@ -177,12 +182,15 @@ class PipelinedConnection:
     which does much more per batch (command stacks, retries, a pooled connection each).
     redis-py still does everything else (loading the library, health checks, cluster and
     sentinel). timeout_s bounds each write's replies; past it, or when the connection drops,
-    every waiting call fails with a RedisError and the next call connects again.
+    every waiting call fails with a RedisError and the next call connects again. At most
+    max_in_flight calls wait at once; one more fails at once.
     """
 
-    def __init__(self, url: str, timeout_s: float | None) -> None:
+    def __init__(self, url: str, timeout_s: float | None,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self._params = parse_url(url)
         self._timeout_s = timeout_s
+        self._max_in_flight = max_in_flight
         self._protocol: _PipelineProtocol | None = None
         self._lock = asyncio.Lock()
 
@@ -203,7 +211,7 @@ class PipelinedConnection:
             if self._protocol is not None and not self._protocol.closed:
                 return self._protocol
             params, loop = self._params, asyncio.get_running_loop()
-            factory = functools.partial(_PipelineProtocol, self._timeout_s)
+            factory = functools.partial(_PipelineProtocol, self._timeout_s, self._max_in_flight)
             protocol: _PipelineProtocol | None = None
             try:
                 async with asyncio.timeout(self._timeout_s):

@@ -130,3 +130,21 @@ def test_the_pipe_serves_standalone_redis_only() -> None:
     assert pipelined(RedisConfig(), "unix:///run/redis.sock") is not None
     assert pipelined(RedisConfig(), "rediss://127.0.0.1:6379/0") is None       # TLS: redis-py
     assert pipelined(RedisConfig(mode="cluster"), "redis://127.0.0.1:7000/0") is None
+
+
+async def test_calls_past_the_in_flight_bound_fail_at_once(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    pipe = PipelinedConnection(server.url, 0.5, max_in_flight=10)
+    try:
+        assert await pipe.call("PING") == b"PONG"
+        server.proc.send_signal(signal.SIGSTOP)          # replies stop: calls pile up
+        results = await asyncio.gather(*(pipe.call("PING") for _ in range(15)),
+                                       return_exceptions=True)
+        refused = [r for r in results if isinstance(r, RedisConnectionError)]
+        timed_out = [r for r in results if isinstance(r, RedisTimeoutError)]
+        assert len(refused) == 5 and "10 calls already wait" in str(refused[0])
+        assert len(timed_out) == 10
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        await pipe.aclose()
+        server.stop()
