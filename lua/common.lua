@@ -212,8 +212,9 @@ local function load_limits(K, limits, now)
       lim[USED] = lim[TOTAL]
     end
   end
-  if v[1] then return (sunpack(DOUBLE, v[1])) end
-  return 0
+  local x = v[1]
+  if x and #x == 8 then return (sunpack(DOUBLE, x)) end
+  return 0   -- none yet, or not ours: K's expiry is set again
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
