@@ -7,23 +7,23 @@
 -- Redis server time (TIME), unless a test-built engine passes an explicit clock.
 --
 -- Speed matters here: every model call runs a reserve and a commit. Measured with callgrind,
--- what costs most in Redis' Lua is parsing numbers from strings (strtod), building tables with
--- named fields and formatting numbers, so arguments, state and replies are packed binary
--- (struct, in C), a loaded limit is an array with named slots, a call reads and writes one
--- small field per limit (one HMGET, one HSET), and older sub-buckets are touched only when a
--- window moves on.
+-- what costs most in Redis' Lua is parsing numbers from strings (strtod), building and growing
+-- tables, and formatting numbers, so arguments, state and replies are packed binary (struct,
+-- in C), a loaded limit is an array with named slots, a call reads and writes one small field
+-- per limit (one HMGET, one HSET), and older sub-buckets are touched only when a window moves.
 --
 -- Limit state lives in the subject hash K, one field per limit named by the limit's id (lid,
 -- 8 chars), packed doubles. The first call writes these fields first, and a small hash scans its
 -- fields in order, so they stay quick to find however many sub-bucket fields follow.
---   sliding window:  lid = SLIDING_STATE(newest sub-bucket index, running total, newest sub-bucket's
---                    count); lid:<i> = the count of an older sub-bucket b with b mod (n+1) = i.
+--   sliding window:  lid = SLIDING_STATE(newest sub-bucket index, running total, the newest
+--                    sub-bucket's count); lid:<i> = the count of an older sub-bucket b with
+--                    b mod (n+1) = i.
 --                    n+1 cells make the counted span cover the whole window plus at most one
 --                    sub-bucket: conservative by <= 1/n of the window, never generous.
 --   calendar period: lid = PAIR(start of the period the value belongs to, value).
 --   token bucket:    lid = PAIR(level (below 0 after an overrun), last refill time).
 -- K's field `x` is DOUBLE(the expiry K was last given), so most calls skip PEXPIRE.
--- In-flight reservations (metric "concurrent", code n) are a sliding window as long as the
+-- In-flight reservations (metric "concurrent") are a sliding window as long as the
 -- reservation TTL: a reserve adds 1 to the current sub-bucket, its commit or release takes it
 -- back, and an abandoned one slides out after the TTL (plus at most one sub-bucket), so a
 -- crashed gateway cannot leak slots.
@@ -41,8 +41,8 @@ end
 local DOUBLE, PAIR, SLIDING_STATE = '<d', '<dd', '<ddd'
 -- A limit spec, as engine.py encodes it: lid, algorithm, metric, limit, then four parameters:
 -- sliding: window ms, sub-buckets;  token bucket: window ms, burst;  calendar: the starts (ms)
--- of the previous, current and next two periods. Codes are numbers (engine.py's _ALGORITHMS
--- and _METRICS), which Lua compares without building strings.
+-- of the previous, current and next two periods. Codes are numbers (engine.py's
+-- _ALGORITHM_CODES and _METRIC_CODES), which Lua reads without building strings.
 local SPEC, SPEC_SIZE = '<c8BBddddd', 50
 local ALG_SLIDING, ALG_CALENDAR, ALG_BUCKET = 1, 2, 3
 local REQUESTS, TOKENS, INPUT, OUTPUT, COST, CONCURRENT = 1, 2, 3, 4, 5, 6
