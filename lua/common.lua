@@ -100,11 +100,11 @@ local function doubles(n)
   return f
 end
 
--- Limits from a blob of specs. Each array is built with every slot a call sets (no holes), so
--- Lua sizes it once.
-local function parse_specs(blob)
-  local limits, pos = array8(), 1
-  local n = #blob / SPEC_SIZE
+-- Limits from n specs in blob from position pos (by default: all of it). Each array is built
+-- with every slot a call sets (no holes), so Lua sizes it once.
+local function parse_specs(blob, pos, n)
+  local limits = array8()
+  pos, n = pos or 1, n or #blob / SPEC_SIZE
   for k = 1, n do
     local lid, algo, metric, limit, a, b, c, d
     lid, algo, metric, limit, a, b, c, d, pos = sunpack(SPEC, blob, pos)
@@ -381,7 +381,7 @@ local function record_format(n)   -- REC and n charges, built once per n
   return f
 end
 
--- A settled record (no charges), or a reserved one without its charges and the rest after them.
+-- A record's REC part: a settled record is only this; a resized one keeps what followed it.
 local function record(state, expires, input, output, pi, pc, po, u_in, u_cached, u_out, n)
   return spack(REC, state, expires, input, output, pi, pc, po, u_in, u_cached, u_out, n)
 end
@@ -391,9 +391,9 @@ local function parse_record(raw)
   local specs_at = REC_SIZE + 8 * n + 1
   local rec = {s = s, e = e, i = i, o = o, pi = pi, pc = pc, po = po, u = {ui, uc, uo},
                charges = false, sec = raw:sub(specs_at + SPEC_SIZE * n),
-               rest = raw:sub(REC_SIZE + 1)}
+               raw = raw}
   if n > 0 then
-    rec.charges = parse_specs(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
+    rec.charges = parse_specs(raw, specs_at, n)
     local refs = {sunpack(doubles(n), raw, REC_SIZE + 1)}
     for k = 1, n do rec.charges[k][REF] = refs[k] end
   end

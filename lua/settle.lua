@@ -63,7 +63,8 @@ if mode == 'resize' then
   rec.o = u[OUTPUT]
   local u_in, u_cached, u_out = unpack(rec.u)
   redis.call('SET', R, record('r', rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
-                              u_out, limits and #limits or 0) .. rec.rest, 'KEEPTTL')
+                              u_out, limits and #limits or 0) .. rec.raw:sub(REC_SIZE + 1),
+            'KEEPTTL')
   return reply(1, limits)
 end
 rec.s = (mode == 'commit') and 'c' or 'x'
