@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,11 +15,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ratelimitd.backend import PipelinedConnection, pipelined
+from ratelimitd.backend import PipelinedConnection, connect, pipelined
 from ratelimitd.config import RedisConfig
 from ratelimitd.engine import Engine
 from ratelimitd.policy import sliding
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, free_port, redis_binary
 from tests.test_engine import rq, tier_plan
 
 
@@ -148,3 +149,43 @@ async def test_calls_past_the_in_flight_bound_fail_at_once(tmp_path: Path) -> No
         server.proc.send_signal(signal.SIGCONT)
         await pipe.aclose()
         server.stop()
+
+
+def start_sentinel(workdir: Path, master_port: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A redis-server in sentinel mode watching the master as service "quotas"."""
+    port = free_port()
+    conf = workdir / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\ndir {workdir}\n"
+                    f"sentinel monitor quotas 127.0.0.1 {master_port} 1\n")
+    proc = subprocess.Popen([redis_binary(), str(conf), "--sentinel"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    return proc, port
+
+
+async def test_sentinel_mode_reserves_on_the_master_the_sentinel_names(tmp_path: Path) -> None:
+    master = RedisServer(tmp_path / "master")
+    sentinel, sentinel_port = start_sentinel(tmp_path, master.port)
+    url = f"redis+sentinel://127.0.0.1:{sentinel_port}/quotas"
+    config = RedisConfig(mode="sentinel", url=url, timeout_ms=2000)
+    assert pipelined(config, url) is None                       # redis-py does the whole job
+    client = connect(config, url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:                                            # the sentinel needs a moment
+            try:
+                await client.ping()
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline and sentinel.poll() is None
+                await asyncio.sleep(0.1)
+        engine = Engine(client)
+        p = tier_plan(sliding("requests_per_minute", "requests", "60s", 2), user="sentinel")
+        results = [await engine.reserve(rq(p, 10, 10)) for _ in range(3)]
+        assert [r.allowed for r in results] == [True, True, False]
+        # the state is on the master the sentinel named
+        assert redis.Redis(port=master.port).exists("rl:{user:sentinel}") == 1
+    finally:
+        await client.aclose()
+        sentinel.terminate()
+        sentinel.wait(10)
+        master.stop()
