@@ -1,4 +1,8 @@
-"""Connections to Redis: standalone, cluster or sentinel, with bounded pools and timeouts."""
+"""Connections to Redis: standalone, cluster or sentinel, with bounded pools and timeouts.
+
+redis-py serves every mode; on a standalone Redis the daemon's hot path also gets a
+PipelinedConnection of its own (see there).
+"""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ once, not on every call (measured: ~2.4 us of Redis time per call). Its name car
 the Lua, so daemons of different versions can share one Redis during a rolling upgrade, and a
 Redis that lost it (restart without persistence, failover to a node without it, FUNCTION FLUSH)
 gets it again on the next call. Calls made in the same event-loop tick (concurrent decisions)
-share one pipeline: one write, one read and one pooled connection for the whole batch instead of
-one each, which is most of a call's cost in the client. Each call still is its own atomic
-function call.
+share one write to Redis: through backend.PipelinedConnection on a standalone Redis, else as one
+redis-py pipeline per batch (cluster, sentinel, TLS). Each call still is its own atomic function
+call.
 """
 
 from __future__ import annotations
