@@ -258,7 +258,7 @@ local function sliding_fields(K, lim, out, n)
   n = n + 2
   if lim[IDLE] then
     local drop = {}
-    for c = 0, lim[N] do drop[c + 1] = lim[LID] .. ':' .. c end
+    for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
     redis.call('HDEL', K, unpack(drop))
   elseif lim[MOVED] then
     out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), lim[PREV], n + 2

@@ -58,7 +58,8 @@ class Services:
 CONFIG: Final = web.AppKey("config", Config)
 REDIS_URL: Final = web.AppKey("redis_url", str)
 SERVICES: Final = web.AppKey("services", Services)
-_HTTP_CODES: Final = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+# aiohttp's own errors inside a handler (404 and 405 are answered by routes of their own)
+_HTTP_CODES: Final = {413: "body_too_large"}
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None

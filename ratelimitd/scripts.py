@@ -207,8 +207,8 @@ class ScriptRunner:
     async def _reloaded(self, call: _Call) -> Any:
         """Redis lost the library (restart, failover, FUNCTION FLUSH): load and call again."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                await self.client.function_load(self.library.source, replace=True)
+            await self.load()
+            async with self.bounded():
                 return await self.client.execute_command("FCALL", call.script.function,
                                                          *call.args)
         except (ResponseError, RedisError) as exc:
