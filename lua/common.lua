@@ -50,12 +50,14 @@ local REQUESTS, TOKENS, INPUT, OUTPUT, COST, CONCURRENT = 1, 2, 3, 4, 5, 6
 -- The slots of a loaded limit. Every limit: LID, ALGO, METRIC, CAP (capacity in its own metric;
 -- a token bucket holds up to its burst), USED (of CAP, as loaded and changed), DIRTY (changed),
 -- REF (settle: the sub-bucket or period the reserve charged). Then by algorithm:
+-- (scripts.py writes these names, and the codes above, as numbers when it builds the library:
+-- Lua reads a name from outside a function as an upvalue, one more instruction per use.)
 local LID, ALGO, METRIC, CAP, USED, DIRTY, REF = 1, 2, 3, 4, 5, 6, 7
 -- sliding: sub-buckets, sub-bucket ms, current and newest-stored sub-bucket, running total,
 -- current count; after a move: the old newest count, whether the window was idle for a whole
 -- window, and deltas for older sub-buckets
-local N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV, IDLE, INCR = 8, 9, 10, 11, 12, 13, 14, 15,
-                                                                  16, 17
+local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
+local CELL, MOVED, PREV, IDLE, INCR = 13, 14, 15, 16, 17
 -- calendar: the four period starts, then the current period and whether Redis time is outside
 -- all of them
 local P0, P1, P2, P3, START, STOP, STALE = 8, 9, 10, 11, 12, 13, 14
@@ -123,6 +125,35 @@ local function parse_specs(blob, pos, n)
   return limits
 end
 
+-- The fields load_limits reads: K's `x`, then each limit's state.
+local function state_fields(limits)
+  local fields, nl = array8(), #limits
+  fields[1] = 'x'
+  for k = 1, nl do fields[k + 1] = limits[k][LID] end
+  for k = nl + 2, 8 do fields[k] = nil end
+  return fields
+end
+
+-- Limits parsed from a reserve's spec blob, by blob, with their state fields. Every call of
+-- one tier and subject kind sends the same blob (until a calendar period ends), so a blob is
+-- parsed once and its limits copied; 256 blobs fill the cache, which then starts over. Only
+-- a pure function of the blob is kept between calls: a call does the same with or without it.
+local PARSED, nparsed = {}, 0
+local function limits_of(blob)
+  local parsed = PARSED[blob]
+  if not parsed then
+    if nparsed >= 256 then PARSED, nparsed = {}, 0 end
+    local protos = parse_specs(blob)
+    parsed = {protos, state_fields(protos)}
+    PARSED[blob], nparsed = parsed, nparsed + 1
+  end
+  local protos = parsed[1]
+  local limits, n = array8(), #protos
+  for k = 1, n do limits[k] = {unpack(protos[k])} end
+  for k = n + 1, 8 do limits[k] = nil end
+  return limits, parsed[2]
+end
+
 -- The field of an older sub-bucket of a sliding window.
 local function cell_field(lim, bucket)
   return lim[LID] .. ':' .. (bucket % (lim[N] + 1))
@@ -182,14 +213,12 @@ local function load_bucket(lim, raw, now)
   lim[LEVEL], lim[TS], lim[USED] = level, ts, burst - level
 end
 
--- Reads every limit's state (one HMGET, and one more for windows that moved on) and brings it
--- to `now`, in memory; write_limits() stores what changed. Sets USED of each limit; returns K's
--- `x` field.
-local function load_limits(K, limits, now)
-  local fields, nl = array8(), #limits
-  fields[1] = 'x'
-  for k = 1, nl do fields[k + 1] = limits[k][LID] end
-  local v = redis.call('HMGET', K, unpack(fields, 1, nl + 1))
+-- Reads every limit's state (one HMGET of `fields`, state_fields(limits), and one more for
+-- windows that moved on) and brings it to `now`, in memory; write_limits() stores what
+-- changed. Sets USED of each limit; returns K's `x` field.
+local function load_limits(K, limits, fields, now)
+  local nl = #limits
+  local v = redis.call('HMGET', K, unpack(fields))
   local expired = false
   for k = 1, nl do
     local lim, raw = limits[k], v[k + 1]

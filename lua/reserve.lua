@@ -6,7 +6,8 @@
 --       3 RESERVE_NUMBERS: reservation ttl ms, input tokens, requested output cap, minimum
 --         output, input, cached-input and output prices (micro-USD per 1M tokens),
 --       4 the reservation's other subjects (opaque, kept in the record),
---       5 the limit specs (SPEC each, see common.lua)
+--       5 the limit specs (SPEC each, see common.lua), 6 the reservation ttl ms as text (a
+--       number passed to redis.call is formatted with printf, slowly)
 --   mode retry: an idempotent retry; a live record of the same id answers instead.
 -- Reply (packed_reply): status, granted output, expires at ms, denying limit (1-based, 0 =
 --   none), retry after ms (-1 = never fits), input tokens, reserved cost (nano-USD), then per
@@ -17,9 +18,9 @@ local K, R = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
 local mode = ARGV[2]
 local ttl, input, cap, min_out, pi, pc, po = sunpack('<ddddddd', ARGV[3])
-local limits = parse_specs(ARGV[5])
+local limits, fields = limits_of(ARGV[5])
 local nl = #limits
-local x = load_limits(K, limits, now)
+local x = load_limits(K, limits, fields, now)
 for k = 1, nl do
   if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
     return redis.error_reply('ERR calendar boundaries do not cover Redis time')
@@ -89,7 +90,7 @@ end
 if mode ~= 'dry' then
   write_limits(K, limits, now, x)
   redis.call('SET', R, spack(record_format(nl), 'r', expires, input, grant, pi, pc, po, 0, 0, 0,
-                             nl, unpack(refs, 1, nl)) .. ARGV[5] .. ARGV[4], 'PX', ttl)
+                             nl, unpack(refs, 1, nl)) .. ARGV[5] .. ARGV[4], 'PX', ARGV[6])
 end
 return packed_reply(limits, now, false, mode == 'dry' and 3 or 1, grant, expires, 0, 0, input,
                     est[COST])

@@ -5,8 +5,8 @@
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
 -- ARGV: 1 clock override ('' = Redis TIME), 2 mode (commit | release | resize),
---       3 SETTLE_NUMBERS: how long a settled record is kept (ms, to answer repeats), input
---         tokens, cached input tokens, output tokens (resize: the new output cap)
+--       3 SETTLE_NUMBERS: input tokens, cached input tokens, output tokens (resize: the new
+--         output cap), 4 how long a settled record is kept (ms, as text; to answer repeats)
 -- Reply (packed_reply): status, input, cached, output, actual cost, reserved tokens, reserved
 --   cost, then for a resize, per limit: remaining, reset ms (as reserve's); then the other
 --   subjects (the opaque string reserve kept).
@@ -16,7 +16,7 @@
 local K, R = KEYS[1], KEYS[2]
 local now = now_ms(ARGV[1])
 local mode = ARGV[2]
-local keep, input, cached, output = sunpack('<dddd', ARGV[3])
+local input, cached, output = sunpack('<ddd', ARGV[3])
 
 local raw = redis.call('GET', R)
 if not raw then return packed_reply(false, now, '[]', 0, 0, 0, 0, 0, 0, 0) end
@@ -49,7 +49,7 @@ end
 
 local limits = rec.charges
 if limits then
-  local x = load_limits(K, limits, now)
+  local x = load_limits(K, limits, state_fields(limits), now)
   for k = 1, #limits do
     local lim = limits[k]
     local metric = lim[METRIC]
@@ -71,5 +71,5 @@ rec.s = (mode == 'commit') and 'c' or 'x'
 -- a settled record only answers repeats
 local u_in, u_cached, u_out = unpack(rec.u)
 redis.call('SET', R, record(rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
-                            u_out, 0) .. rec.sec, 'PX', keep)
+                            u_out, 0) .. rec.sec, 'PX', ARGV[4])
 return reply(1, false)

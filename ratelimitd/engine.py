@@ -38,7 +38,7 @@ _CALENDAR_STARTS: Final = struct.Struct("<dddd")
 _COUNT: Final = struct.Struct("<q")
 # lua/reserve.lua's and settle.lua's numeric arguments, packed (Lua parses strings slowly)
 _RESERVE_NUMBERS: Final = struct.Struct("<7d")
-_SETTLE_NUMBERS: Final = struct.Struct("<4d")
+_SETTLE_NUMBERS: Final = struct.Struct("<3d")
 _RID_PREFIX: Final = "rsv_"
 _RID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
@@ -189,6 +189,8 @@ class Engine:
         self._calendar = _Calendar(ZoneInfo(self.settings.timezone))
         self._clock: Callable[[], int] | None = None
         self._specs: dict[Limit, bytes] = {}
+        # the records' TTL as text: a number passed on to a Redis command costs Lua a printf
+        self._ttl_text = str(self.settings.reservation_ttl_ms)
 
     @classmethod
     def with_test_clock(
@@ -261,7 +263,7 @@ class Engine:
                 _RESERVE_NUMBERS.pack(self.settings.reservation_ttl_ms, req.input_tokens, grant,
                                       req.min_output_tokens, req.prices.input,
                                       req.prices.cached_input, req.prices.output),
-                others if index == 0 else "[]", self._specs_arg(limits)]))
+                others if index == 0 else "[]", self._specs_arg(limits), self._ttl_text]))
             slot = _Slot(subject, limits, reply[1], _states(subject, limits, reply[7:]))
             if reply[0] == 0:
                 await self._undo(slots, rand)
@@ -331,7 +333,7 @@ class Engine:
     ) -> tuple[tuple[int, ...], bytes]:
         return _unpack(await self.scripts.run(self.scripts.settle, [
             *_keys(tag, rand), self._clock_arg(), mode,
-            _SETTLE_NUMBERS.pack(self.settings.reservation_ttl_ms, input_tokens, cached, output)]))
+            _SETTLE_NUMBERS.pack(input_tokens, cached, output), self._ttl_text]))
 
 
 @dataclass(slots=True)

