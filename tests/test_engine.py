@@ -838,3 +838,20 @@ async def test_clock_stepping_back_never_over_admits(redis_client: Redis, clock:
         for at, _ in admitted:
             window = sum(n for when, n in admitted if at - MINUTE < when <= at)
             assert window <= 1000, f"{window} tokens in the 60 s before {at - t0} ms"
+
+
+async def test_each_tier_gets_its_own_limits_however_many_tiers_there_are(
+    redis_client: Redis, clock: Clock
+) -> None:
+    # The Lua keeps parsed limit sets by their encoding, 256 at most, then starts over: 300
+    # tiers, twice over, must each still be held to their own request limit.
+    engine = make_engine(redis_client, clock)
+    for round_ in range(2):
+        for i in range(300):
+            allowed = 1 + i % 3
+            p = tier_plan(sliding("rpm", "requests", "60s", allowed),
+                          sliding("tpm", "tokens", "60s", 10**6 + i), user=f"u{round_}-{i}")
+            for _ in range(allowed):
+                assert (await engine.reserve(rq(p, 10, 10))).allowed
+            denied = await engine.reserve(rq(p, 10, 10))
+            assert reason(denied) == "rpm"
