@@ -65,7 +65,7 @@ local P0, P1, P2, P3, START, STOP, STALE = 8, 9, 10, 11, 12, 13, 14
 local RATE, WINDOW, BURST, LEVEL, TS = 8, 9, 10, 11, 12
 
 local function now_ms(override)
-  if override ~= '' then return tonumber(override) end
+  if override > 0 then return override end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 end

@@ -2,23 +2,23 @@
 -- (one hash slot), all or nothing, granting the largest output cap that every limit allows.
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
--- ARGV: 1 clock override ('' = Redis TIME), 2 mode (reserve | dry | retry),
---       3 RESERVE_NUMBERS: reservation ttl ms, input tokens, requested output cap, minimum
---         output, input, cached-input and output prices (micro-USD per 1M tokens),
---       4 the reservation's other subjects (opaque, kept in the record),
---       5 the limit specs (SPEC each, see common.lua), 6 the reservation ttl ms as text (a
+-- ARGV: 1 RESERVE_NUMBERS: clock override (0 = Redis TIME), mode (RESERVE, DRY_RUN, RETRY),
+--         reservation ttl ms, input tokens, requested output cap, minimum output, input,
+--         cached-input and output prices (micro-USD per 1M tokens),
+--       2 the reservation's other subjects (opaque, kept in the record),
+--       3 the limit specs (SPEC each, see common.lua), 4 the reservation ttl ms as text (a
 --       number passed to redis.call is formatted with printf, slowly)
---   mode retry: an idempotent retry; a live record of the same id answers instead.
+--   mode RETRY: an idempotent retry; a live record of the same id answers instead.
 -- Reply (packed_reply): status, granted output, expires at ms, denying limit (1-based, 0 =
 --   none), retry after ms (-1 = never fits), input tokens, reserved cost (nano-USD), then per
 --   limit: remaining, reset ms.
 --   status: 1 reserved, 0 denied, 2 the record of an earlier identical reserve, 3 dry run.
 
 local K, R = KEYS[1], KEYS[2]
-local now = now_ms(ARGV[1])
-local mode = ARGV[2]
-local ttl, input, cap, min_out, pi, pc, po = sunpack('<ddddddd', ARGV[3])
-local limits, fields = limits_of(ARGV[5])
+local RESERVE, DRY_RUN, RETRY = 1, 2, 3
+local clock, mode, ttl, input, cap, min_out, pi, pc, po = sunpack('<ddddddddd', ARGV[1])
+local now = now_ms(clock)
+local limits, fields = limits_of(ARGV[3])
 local nl = #limits
 local x = load_limits(K, limits, fields, now)
 for k = 1, nl do
@@ -27,7 +27,7 @@ for k = 1, nl do
   end
 end
 
-if mode == 'retry' then
+if mode == RETRY then
   local prev = redis.call('GET', R)
   if prev then
     local rec = parse_record(prev)
@@ -77,7 +77,8 @@ if denied then
   return packed_reply(limits, now, false, 0, 0, 0, denied[1], retry, input, 0)
 end
 
-est = amounts(1, input, 0, grant, pi, pi, po, 1)
+-- the estimate with the grant as its output (as amounts() would give it)
+est[TOKENS], est[OUTPUT], est[COST] = input + grant, grant, ceil((fixed + grant * po) / 1000)
 local expires = now + ttl
 -- the record keeps the sub-bucket or period each limit charged: settle needs nothing else
 local refs = array8()
@@ -87,10 +88,10 @@ for k = 1, nl do
   local algo = lim[ALGO]
   refs[k] = (algo == ALG_SLIDING and lim[CUR]) or (algo == ALG_CALENDAR and lim[START]) or 0
 end
-if mode ~= 'dry' then
+if mode ~= DRY_RUN then
   write_limits(K, limits, now, x)
   redis.call('SET', R, spack(record_format(nl), 'r', expires, input, grant, pi, pc, po, 0, 0, 0,
-                             nl, unpack(refs, 1, nl)) .. ARGV[5] .. ARGV[4], 'PX', ARGV[6])
+                             nl, unpack(refs, 1, nl)) .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
 end
-return packed_reply(limits, now, false, mode == 'dry' and 3 or 1, grant, expires, 0, 0, input,
+return packed_reply(limits, now, false, mode == DRY_RUN and 3 or 1, grant, expires, 0, 0, input,
                     est[COST])

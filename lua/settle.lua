@@ -4,9 +4,9 @@
 -- dropped, an overrun is charged now, in full.
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
--- ARGV: 1 clock override ('' = Redis TIME), 2 mode (commit | release | resize),
---       3 SETTLE_NUMBERS: input tokens, cached input tokens, output tokens (resize: the new
---         output cap), 4 how long a settled record is kept (ms, as text; to answer repeats)
+-- ARGV: 1 SETTLE_NUMBERS: clock override (0 = Redis TIME), mode (COMMIT, RELEASE, RESIZE),
+--         input tokens, cached input tokens, output tokens (resize: the new output cap),
+--       2 how long a settled record is kept (ms, as text; to answer repeats)
 -- Reply (packed_reply): status, input, cached, output, actual cost, reserved tokens, reserved
 --   cost, then for a resize, per limit: remaining, reset ms (as reserve's); then the other
 --   subjects (the opaque string reserve kept).
@@ -14,9 +14,9 @@
 --           3 already settled the other way
 
 local K, R = KEYS[1], KEYS[2]
-local now = now_ms(ARGV[1])
-local mode = ARGV[2]
-local input, cached, output = sunpack('<ddd', ARGV[3])
+local COMMIT, RELEASE, RESIZE = 1, 2, 3
+local clock, mode, input, cached, output = sunpack('<ddddd', ARGV[1])
+local now = now_ms(clock)
 
 local raw = redis.call('GET', R)
 if not raw then return packed_reply(false, now, '[]', 0, 0, 0, 0, 0, 0, 0) end
@@ -32,16 +32,16 @@ local function reply(status, limits)
 end
 
 if rec.s ~= 'r' then
-  local repeated = (mode == 'commit' and rec.s == 'c') or (mode == 'release' and rec.s == 'x')
+  local repeated = (mode == COMMIT and rec.s == 'c') or (mode == RELEASE and rec.s == 'x')
   return reply(repeated and 2 or 3, false)
 end
 
 local reserved = amounts(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po, 1)
 local u
-if mode == 'commit' then
+if mode == COMMIT then
   rec.u = {input, cached, output}
   u = amounts(1, rec.u[1], rec.u[2], rec.u[3], rec.pi, rec.pc, rec.po, 0)
-elseif mode == 'release' then
+elseif mode == RELEASE then
   u = amounts(0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
 else
   u = amounts(1, rec.i, 0, output, rec.pi, rec.pi, rec.po, 1)
@@ -59,7 +59,7 @@ if limits then
   write_limits(K, limits, now, x)
 end
 
-if mode == 'resize' then
+if mode == RESIZE then
   rec.o = u[OUTPUT]
   local u_in, u_cached, u_out = unpack(rec.u)
   redis.call('SET', R, record('r', rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
@@ -67,9 +67,9 @@ if mode == 'resize' then
             'KEEPTTL')
   return reply(1, limits)
 end
-rec.s = (mode == 'commit') and 'c' or 'x'
+rec.s = (mode == COMMIT) and 'c' or 'x'
 -- a settled record only answers repeats
 local u_in, u_cached, u_out = unpack(rec.u)
 redis.call('SET', R, record(rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
-                            u_out, 0) .. rec.sec, 'PX', ARGV[4])
+                            u_out, 0) .. rec.sec, 'PX', ARGV[2])
 return reply(1, false)

@@ -36,9 +36,12 @@ _SPEC: Final = struct.Struct("<8sBBddddd")
 _SPEC_HEAD: Final = struct.Struct("<8sBBd")
 _CALENDAR_STARTS: Final = struct.Struct("<dddd")
 _COUNT: Final = struct.Struct("<q")
-# lua/reserve.lua's and settle.lua's numeric arguments, packed (Lua parses strings slowly)
-_RESERVE_NUMBERS: Final = struct.Struct("<7d")
-_SETTLE_NUMBERS: Final = struct.Struct("<3d")
+# lua/reserve.lua's and settle.lua's numeric arguments, packed (Lua parses strings slowly);
+# the first two: a test clock's ms (0: Redis TIME) and the mode's code
+_RESERVE_NUMBERS: Final = struct.Struct("<9d")
+_SETTLE_NUMBERS: Final = struct.Struct("<5d")
+_RESERVE, _DRY_RUN, _RETRY = 1, 2, 3
+_SETTLE_MODES: Final = {"commit": 1, "release": 2, "resize": 3}
 _RID_PREFIX: Final = "rsv_"
 _RID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
@@ -209,8 +212,9 @@ class Engine:
         chunk, self._random = self._random[:18], self._random[18:]
         return base64.urlsafe_b64encode(chunk).decode()
 
-    def _clock_arg(self) -> str:
-        return "" if self._clock is None else str(self._clock())
+    def _clock_override(self) -> int:
+        """The scripts' clock argument: the test clock's ms, or 0 for Redis TIME."""
+        return 0 if self._clock is None else self._clock()
 
     def _now_ms(self) -> int:
         return time.time_ns() // 1_000_000 if self._clock is None else self._clock()
@@ -253,14 +257,16 @@ class Engine:
         else:
             rand = self._random_id()
         rid = reservation_id(primary, rand)
-        mode = "dry" if req.dry_run else ("retry" if req.idempotency_key is not None else "reserve")
+        mode = _DRY_RUN if req.dry_run else (_RETRY if req.idempotency_key is not None
+                                               else _RESERVE)
         others = orjson.dumps([s.tag for s, _ in req.plan[1:]]).decode()
         grant = req.max_output_tokens
         slots: list[_Slot] = []
         for index, (subject, limits) in enumerate(req.plan):
             reply, _ = _unpack(await self.scripts.run(self.scripts.reserve, [
-                *_keys(subject.tag, rand), self._clock_arg(), mode,
-                _RESERVE_NUMBERS.pack(self.settings.reservation_ttl_ms, req.input_tokens, grant,
+                *_keys(subject.tag, rand),
+                _RESERVE_NUMBERS.pack(self._clock_override(), mode,
+                                      self.settings.reservation_ttl_ms, req.input_tokens, grant,
                                       req.min_output_tokens, req.prices.input,
                                       req.prices.cached_input, req.prices.output),
                 others if index == 0 else "[]", self._specs_arg(limits), self._ttl_text]))
@@ -332,8 +338,10 @@ class Engine:
         self, tag: str, rand: str, mode: str, input_tokens: int, cached: int, output: int
     ) -> tuple[tuple[int, ...], bytes]:
         return _unpack(await self.scripts.run(self.scripts.settle, [
-            *_keys(tag, rand), self._clock_arg(), mode,
-            _SETTLE_NUMBERS.pack(input_tokens, cached, output), self._ttl_text]))
+            *_keys(tag, rand),
+            _SETTLE_NUMBERS.pack(self._clock_override(), _SETTLE_MODES[mode], input_tokens, cached,
+                                 output),
+            self._ttl_text]))
 
 
 @dataclass(slots=True)
