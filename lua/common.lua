@@ -102,11 +102,10 @@ local function doubles(n)
   return f
 end
 
--- Limits from n specs in blob from position pos (by default: all of it). Each array is built
--- with every slot a call sets (no holes), so Lua sizes it once.
-local function parse_specs(blob, pos, n)
-  local limits = array8()
-  pos, n = pos or 1, n or #blob / SPEC_SIZE
+-- Limits from a blob of specs. Each array is built with every slot a call sets (no holes), so
+-- Lua sizes it once.
+local function parse_specs(blob)
+  local limits, pos, n = array8(), 1, #blob / SPEC_SIZE
   for k = 1, n do
     local lid, algo, metric, limit, a, b, c, d
     lid, algo, metric, limit, a, b, c, d, pos = sunpack(SPEC, blob, pos)
@@ -125,28 +124,22 @@ local function parse_specs(blob, pos, n)
   return limits
 end
 
--- The fields load_limits reads: K's `x`, then each limit's state.
-local function state_fields(limits)
-  local fields, nl = array8(), #limits
-  fields[1] = 'x'
-  for k = 1, nl do fields[k + 1] = limits[k][LID] end
-  for k = nl + 2, 8 do fields[k] = nil end
-  return fields
-end
-
--- Limits parsed from a reserve's spec blob, by blob, with their state fields. Every call of
--- one tier and subject kind sends the same blob (until a calendar period ends), so a blob is
--- parsed once; 256 blobs fill the cache, which then starts over. Each call with the blob uses
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, then
+-- each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
+-- once; 256 blobs fill the cache, which then starts over. Each call with the blob uses
 -- the same limit arrays (Redis runs one call at a time): load_limits() resets every slot a
--- call sets, so a call starts from the specs alone, as after a fresh parse. Measured with
+-- call sets (but REF, which settle sets on every limit first), so a call starts from the
+-- specs alone, as after a fresh parse. Measured with
 -- callgrind, copying the arrays instead costs ~9% of a reserve (allocation and garbage).
 local PARSED, nparsed = {}, 0
 local function limits_of(blob)
   local parsed = PARSED[blob]
   if not parsed then
     if nparsed >= 256 then PARSED, nparsed = {}, 0 end
-    local protos = parse_specs(blob)
-    parsed = {protos, state_fields(protos)}
+    local limits, fields = parse_specs(blob), {'x'}
+    for k = 1, #limits do fields[k + 1] = limits[k][LID] end
+    parsed = {limits, fields}
     PARSED[blob], nparsed = parsed, nparsed + 1
   end
   return parsed[1], parsed[2]
@@ -421,10 +414,11 @@ local function parse_record(raw)
   local s, e, i, o, pi, pc, po, ui, uc, uo, n = sunpack(REC, raw)
   local specs_at = REC_SIZE + 8 * n + 1
   local rec = {s = s, e = e, i = i, o = o, pi = pi, pc = pc, po = po, u = {ui, uc, uo},
-               charges = false, sec = raw:sub(specs_at + SPEC_SIZE * n),
+               charges = false, fields = false, sec = raw:sub(specs_at + SPEC_SIZE * n),
                raw = raw}
   if n > 0 then
-    rec.charges = parse_specs(raw, specs_at, n)
+    -- the specs as the reserve got them: most likely parsed already
+    rec.charges, rec.fields = limits_of(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
     local refs = {sunpack(doubles(n), raw, REC_SIZE + 1)}
     for k = 1, n do rec.charges[k][REF] = refs[k] end
   end

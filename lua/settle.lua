@@ -49,7 +49,7 @@ end
 
 local limits = rec.charges
 if limits then
-  local x = load_limits(K, limits, state_fields(limits), now)
+  local x = load_limits(K, limits, rec.fields, now)
   for k = 1, #limits do
     local lim = limits[k]
     local metric = lim[METRIC]
