@@ -278,9 +278,12 @@ class Engine:
                 return ReserveResult(False, "", 0, req.input_tokens, 0, states, 0,
                                      slot.states[reply[3] - 1], None if retry < 0 else retry)
             slots.append(slot)
-            grant = min(grant, slot.granted)
             if index == 0:
                 first = reply
+                # a retry answers with the reservation it repeats, whatever cap it asks for
+                grant = slot.granted if reply[0] == 2 else min(grant, slot.granted)
+            else:
+                grant = min(grant, slot.granted)
         cost = first[6]
         if not req.dry_run and slots[0].granted > grant:
             cost = await self._shrink(slots, rand, grant)

@@ -444,6 +444,25 @@ async def test_idempotency_key_charges_once(redis_client: Redis, clock: Clock) -
     assert await left(engine, p) == {"user:tokens": 650, "user:max_concurrent": 4}
 
 
+@pytest.mark.parametrize("committed", [False, True])
+async def test_retry_asking_a_smaller_cap_answers_the_first_reservation_unchanged(
+    redis_client: Redis, clock: Clock, committed: bool
+) -> None:
+    engine = make_engine(redis_client, clock)
+    p = tier_plan(sliding("tokens", "tokens", "60s", 10_000), user="u1", org="o1")
+    p += tier_plan(sliding("org_tokens", "tokens", "60s", 10_000, scope="org"), user="u1",
+                   org="o1")[1:]
+    first = await engine.reserve(rq(p, 100, 800, idempotency_key="k"))
+    assert first.allowed and first.max_output_tokens == 800
+    if committed:
+        assert (await engine.commit(first.reservation_id, 100, 100)).status == "applied"
+    used = await left(engine, p)
+    again = await engine.reserve(rq(p, 100, 200, idempotency_key="k"))
+    assert again.duplicate and again.reservation_id == first.reservation_id
+    assert again.max_output_tokens == 800
+    assert await left(engine, p) == used
+
+
 async def test_dry_run_answers_as_if_reserving_and_reserves_nothing(
     redis_client: Redis, clock: Clock
 ) -> None:
