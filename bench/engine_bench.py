@@ -44,7 +44,7 @@ CONCURRENCY = 64
 def script_usec(client: redis.Redis) -> int:
     """Server time of every script run since the last CONFIG RESETSTAT.
 
-    Both sides make one EVALSHA per call; its time includes the commands the script runs
+    Each call is one EVALSHA (`limits`) or FCALL (ours); its time includes the commands it runs
     (which commandstats also lists on their own, so summing every command would count twice).
     """
     stats = client.info("commandstats")

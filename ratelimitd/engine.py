@@ -154,7 +154,7 @@ def _shift(start: datetime, period: str, k: int) -> datetime:
 
 
 def _keys(tag: str, rand: str) -> list[str | int]:
-    """EVALSHA's numkeys and keys: the subject's limit state and its record of one
+    """FCALL's numkeys and keys: the subject's limit state and its record of one
     reservation, in one hash slot."""
     base = f"rl:{{{tag}}}"
     return [2, base, f"{base}:r:{rand}"]
