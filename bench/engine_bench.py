@@ -32,9 +32,10 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratelimitd.engine import Engine, Prices, ReserveRequest
-from ratelimitd.policy import Identity, Tier, default_tiers, plan, shorthand_limits
-from tests.redis_servers import RedisServer
+from ratelimitd.policy import Identity, Prices, Tier, default_tiers, plan, shorthand_limits
+from ratelimitd.quota.engine import Engine, ReserveRequest
+from ratelimitd.store.transport import BatchTransport
+from tests.support.redis_servers import RedisServer
 
 PRICES = Prices(input=3_000_000, output=15_000_000, cached_input=1_500_000)
 USERS = 1000
@@ -88,7 +89,7 @@ async def bench_engine(client: redis.Redis, url: str, calls: int, concurrency: i
                        ) -> tuple[float, float]:
     client.flushall()
     aclient = Redis.from_url(url)
-    engine = Engine(aclient)
+    engine = Engine(BatchTransport(aclient, None))
     await engine.scripts.load()
     # The free tier's four limits, with room enough that every reserve is admitted.
     tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
@@ -115,7 +116,7 @@ async def bench_memory(url: str, subjects: int) -> tuple[float, float]:
     aclient = Redis.from_url(url)
     await aclient.flushall()
     now = [1_764_000_000_000]
-    engine = Engine.with_test_clock(aclient, lambda: now[0])
+    engine = Engine.with_test_clock(BatchTransport(aclient, None), lambda: now[0])
     free = default_tiers()["free"]
     plans = [plan(free, Identity(f"member-{i:06d}", "free")) for i in range(subjects)]
     # One call in each of the 61 sub-buckets of tokens_per_day (24 min apart), then 9 more

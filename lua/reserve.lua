@@ -2,21 +2,17 @@
 -- (one hash slot), all or nothing, granting the largest output cap that every limit allows.
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
--- ARGV: 1 RESERVE_NUMBERS: clock override (0 = Redis TIME), mode (RESERVE, DRY_RUN, RETRY),
---         reservation ttl ms, input tokens, requested output cap, minimum output, input,
---         cached-input and output prices (micro-USD per 1M tokens),
+-- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
+--         input tokens, requested output cap, minimum output, input, cached-input and output
+--         prices (micro-USD per 1M tokens),
 --       2 the reservation's other subjects (opaque, kept in the record),
---       3 the limit specs (SPEC each, see common.lua), 4 the reservation ttl ms as text (a
---       number passed to redis.call is formatted with printf, slowly)
---   mode RETRY: an idempotent retry; a live record of the same id answers instead.
--- Reply (packed_reply): status, granted output, expires at ms, denying limit (1-based, 0 =
---   none), retry after ms (-1 = never fits), input tokens, reserved cost (nano-USD), then per
---   limit: remaining, reset ms.
---   status: 1 reserved, 0 denied, 2 the record of an earlier identical reserve, 3 dry run.
+--       3 the limit specs (SPEC each), 4 the reservation ttl ms as text (a number passed to
+--       redis.call is formatted with printf, slowly)
+--   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
+-- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
 
 local K, R = KEYS[1], KEYS[2]
-local RESERVE, DRY_RUN, RETRY = 1, 2, 3
-local clock, mode, ttl, input, cap, min_out, pi, pc, po = sunpack('<ddddddddd', ARGV[1])
+local clock, mode, ttl, input, cap, min_out, pi, pc, po = sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
@@ -26,14 +22,18 @@ for k = 1, nl do
     return redis.error_reply('ERR calendar boundaries do not cover Redis time')
   end
 end
+local head = reply_head()
+head[REPLY_INPUT_TOKENS] = input
 
-if mode == RETRY then
+if mode == MODE_RETRY then
   local prev = redis.call('GET', R)
   if prev then
     local rec = parse_record(prev)
-    if rec.s ~= 'x' then
-      return packed_reply(limits, now, false, 2, rec.o, rec.e, 0, 0, rec.i,
-                          ceil((rec.i * pi + rec.o * po) / 1000))
+    if rec.state ~= RECORD_RELEASED then
+      head[REPLY_STATUS], head[REPLY_GRANTED_OUTPUT] = RESERVE_REPEAT, rec.output
+      head[REPLY_EXPIRES_AT_MS], head[REPLY_INPUT_TOKENS] = rec.expires, rec.input
+      head[REPLY_RESERVED_COST_NANO] = ceil((rec.input * pi + rec.output * po) / PRICE_DIVISOR)
+      return packed_reply(limits, now, false, head)
     end
   end
 end
@@ -47,12 +47,12 @@ for k = 1, nl do
   local lim = limits[k]
   local room, m = lim[CAP] - lim[USED], lim[METRIC]
   local max_out
-  if m == TOKENS then
+  if m == METRIC_TOKENS then
     max_out = room - input
-  elseif m == OUTPUT then
+  elseif m == METRIC_OUTPUT_TOKENS then
     max_out = room
-  elseif m == COST and po > 0 then
-    max_out = floor((room * 1000 - fixed) / po)
+  elseif m == METRIC_COST_USD and po > 0 then
+    max_out = floor((room * PRICE_DIVISOR - fixed) / po)
   else
     max_out = (est[m] <= room) and cap or -1
   end
@@ -64,34 +64,44 @@ for k = 1, nl do
   end
 end
 
+-- A concurrency slot frees when a call ends, usually long before its reservation expires: a
+-- denied caller is told to look again after at most this long
+local CONCURRENT_RETRY_MS = 1000
+
 if denied then
   est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
   local retry = 0
   for _, k in ipairs(denied) do
     local lim = limits[k]
     local r = retry_after(K, lim, est[lim[METRIC]], now)
-    -- a concurrency slot frees when a call ends, usually long before its reservation expires
-    if lim[METRIC] == CONCURRENT and r > 1000 then r = 1000 end
+    if lim[METRIC] == METRIC_CONCURRENT and r > CONCURRENT_RETRY_MS then
+      r = CONCURRENT_RETRY_MS
+    end
     if r < 0 or retry < 0 then retry = -1 elseif r > retry then retry = r end
   end
-  return packed_reply(limits, now, false, 0, 0, 0, denied[1], retry, input, 0)
+  head[REPLY_STATUS], head[REPLY_DENIED_LIMIT], head[REPLY_RETRY_AFTER_MS] =
+    RESERVE_DENIED, denied[1], retry
+  return packed_reply(limits, now, false, head)
 end
 
 -- the estimate with the grant as its output (as amounts() would give it)
-est[TOKENS], est[OUTPUT], est[COST] = input + grant, grant, ceil((fixed + grant * po) / 1000)
+est[METRIC_TOKENS], est[METRIC_OUTPUT_TOKENS] = input + grant, grant
+est[METRIC_COST_USD] = ceil((fixed + grant * po) / PRICE_DIVISOR)
 local expires = now + ttl
 -- the record keeps the sub-bucket or period each limit charged: settle needs nothing else
 local refs = array8()
 for k = 1, nl do
   local lim = limits[k]
   add_to_limit(lim, est[lim[METRIC]], false)
-  local algo = lim[ALGO]
-  refs[k] = (algo == ALG_SLIDING and lim[CUR]) or (algo == ALG_CALENDAR and lim[START]) or 0
+  refs[k] = charged_ref(lim)
 end
-if mode ~= DRY_RUN then
+if mode ~= MODE_DRY_RUN then
   write_limits(K, limits, now, x)
-  redis.call('SET', R, spack(record_format(nl), 'r', expires, input, grant, pi, pc, po, 0, 0, 0,
-                             nl, unpack(refs, 1, nl)) .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
+  redis.call('SET', R, spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
+                             po, 0, 0, 0, nl, unpack(refs, 1, nl)) .. ARGV[3] .. ARGV[2],
+             'PX', ARGV[4])
 end
-return packed_reply(limits, now, false, mode == DRY_RUN and 3 or 1, grant, expires, 0, 0, input,
-                    est[COST])
+head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
+head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires
+head[REPLY_RESERVED_COST_NANO] = est[METRIC_COST_USD]
+return packed_reply(limits, now, false, head)

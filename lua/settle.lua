@@ -4,47 +4,53 @@
 -- dropped, an overrun is charged now, in full.
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
--- ARGV: 1 SETTLE_NUMBERS: clock override (0 = Redis TIME), mode (COMMIT, RELEASE, RESIZE),
---         input tokens, cached input tokens, output tokens (resize: the new output cap),
+-- ARGV: 1 SETTLE_ARGS (wire.py): clock override (0 = Redis TIME), mode, input tokens, cached
+--         input tokens, output tokens (MODE_RESIZE: the new output cap),
 --       2 how long a settled record is kept (ms, as text; to answer repeats)
--- Reply (packed_reply): status, input, cached, output, actual cost, reserved tokens, reserved
---   cost, then for a resize, per limit: remaining, reset ms (as reserve's); then the other
---   subjects (the opaque string reserve kept).
---   status: 1 applied, 2 a repeat of what is already done, 0 no such reservation,
---           3 already settled the other way
+-- Reply (packed_reply): wire.py's SETTLE_REPLY fields, then for a resize, per limit: remaining,
+--   reset ms (as reserve's); then the other subjects (the opaque string reserve kept).
 
 local K, R = KEYS[1], KEYS[2]
-local COMMIT, RELEASE, RESIZE = 1, 2, 3
-local clock, mode, input, cached, output = sunpack('<ddddd', ARGV[1])
+local clock, mode, input, cached, output = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 
 local raw = redis.call('GET', R)
-if not raw then return packed_reply(false, now, '[]', 0, 0, 0, 0, 0, 0, 0) end
+if not raw then
+  local head = reply_head()
+  head[SETTLED_STATUS] = SETTLE_NOT_FOUND
+  return packed_reply(false, now, '[]', head)
+end
 local rec = parse_record(raw)
 
 local function reply(status, limits)
-  local u = rec.u
-  if rec.s ~= 'c' then u = {0, 0, 0} end
+  local u = rec.actual
+  if rec.state ~= RECORD_COMMITTED then u = {0, 0, 0} end
   local actual = amounts(1, u[1], u[2], u[3], rec.pi, rec.pc, rec.po, 0)
-  local reserved = amounts(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po, 1)
-  return packed_reply(limits, now, rec.sec, status, u[1], u[2], u[3], actual[COST],
-                      reserved[TOKENS], reserved[COST])
+  local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+  local head = reply_head()
+  head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u[1]
+  head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u[2], u[3]
+  head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
+  head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
+  head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
+  return packed_reply(limits, now, rec.others, head)
 end
 
-if rec.s ~= 'r' then
-  local repeated = (mode == COMMIT and rec.s == 'c') or (mode == RELEASE and rec.s == 'x')
-  return reply(repeated and 2 or 3, false)
+if rec.state ~= RECORD_RESERVED then
+  local repeated = (mode == MODE_COMMIT and rec.state == RECORD_COMMITTED)
+                   or (mode == MODE_RELEASE and rec.state == RECORD_RELEASED)
+  return reply(repeated and SETTLE_DUPLICATE or SETTLE_CONFLICT, false)
 end
 
-local reserved = amounts(1, rec.i, 0, rec.o, rec.pi, rec.pi, rec.po, 1)
+local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
 local u
-if mode == COMMIT then
-  rec.u = {input, cached, output}
-  u = amounts(1, rec.u[1], rec.u[2], rec.u[3], rec.pi, rec.pc, rec.po, 0)
-elseif mode == RELEASE then
+if mode == MODE_COMMIT then
+  rec.actual = {input, cached, output}
+  u = amounts(1, input, cached, output, rec.pi, rec.pc, rec.po, 0)
+elseif mode == MODE_RELEASE then
   u = amounts(0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
 else
-  u = amounts(1, rec.i, 0, output, rec.pi, rec.pi, rec.po, 1)
+  u = amounts(1, rec.input, 0, output, rec.pi, rec.pi, rec.po, 1)
 end
 
 local limits = rec.charges
@@ -59,17 +65,16 @@ if limits then
   write_limits(K, limits, now, x)
 end
 
-if mode == RESIZE then
-  rec.o = u[OUTPUT]
-  local u_in, u_cached, u_out = unpack(rec.u)
-  redis.call('SET', R, record('r', rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
-                              u_out, limits and #limits or 0) .. rec.raw:sub(REC_SIZE + 1),
-            'KEEPTTL')
-  return reply(1, limits)
+local u_in, u_cached, u_out = unpack(rec.actual)
+if mode == MODE_RESIZE then
+  rec.output = u[METRIC_OUTPUT_TOKENS]
+  redis.call('SET', R, record(RECORD_RESERVED, rec.expires, rec.input, rec.output, rec.pi,
+                              rec.pc, rec.po, u_in, u_cached, u_out, limits and #limits or 0)
+                       .. rec.raw:sub(RECORD_SIZE + 1), 'KEEPTTL')
+  return reply(SETTLE_APPLIED, limits)
 end
-rec.s = (mode == COMMIT) and 'c' or 'x'
+rec.state = (mode == MODE_COMMIT) and RECORD_COMMITTED or RECORD_RELEASED
 -- a settled record only answers repeats
-local u_in, u_cached, u_out = unpack(rec.u)
-redis.call('SET', R, record(rec.s, rec.e, rec.i, rec.o, rec.pi, rec.pc, rec.po, u_in, u_cached,
-                            u_out, 0) .. rec.sec, 'PX', ARGV[2])
-return reply(1, false)
+redis.call('SET', R, record(rec.state, rec.expires, rec.input, rec.output, rec.pi, rec.pc,
+                            rec.po, u_in, u_cached, u_out, 0) .. rec.others, 'PX', ARGV[2])
+return reply(SETTLE_APPLIED, false)

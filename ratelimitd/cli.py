@@ -1,4 +1,4 @@
-"""Command line: `ratelimitd serve` and `ratelimitd check-config`."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`."""
 
 from __future__ import annotations
 
@@ -17,16 +17,14 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd.config import Config, ConfigError, load_config
-from ratelimitd.embedded import EmbeddedRedis, EmbeddedRedisError, state_directory
+from ratelimitd.config import Config, load_config
+from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
+from ratelimitd.quota.runner import shipped_library
+from ratelimitd.store.embedded import EmbeddedRedis, state_directory
 
 log = logging.getLogger("ratelimitd")
 SHUTDOWN_TIMEOUT_S: Final = 10.0
-
-
-class ListenError(RuntimeError):
-    """An address of [server] listen cannot be listened on (in use, no such directory...)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,7 +37,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="processes sharing the listening sockets (default 1)")
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("path")
+    lua = commands.add_parser("lua", help="the Redis function library, as built")
+    lua.add_argument("--show", action="store_true",
+                     help="print it, each line with its source file and line")
     args = parser.parse_args(argv)
+    if args.command == "lua":
+        library = shipped_library()
+        print(library.annotated() if args.show else f"{library.name}: "
+              f"{len(library.source.splitlines())} lines; --show prints them", end="" if
+              args.show else "\n")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "check-config":

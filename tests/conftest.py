@@ -6,7 +6,11 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from tests.redis_servers import RedisServer
+from tests.support.clock import Clock
+from tests.support.http import serve_fixture
+from tests.support.redis_servers import RedisServer
+
+serve = serve_fixture
 
 
 @pytest.fixture(scope="session")
@@ -22,19 +26,6 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[Redis]:
     await client.flushall()
     yield client
     await client.aclose()
-
-
-class Clock:
-    """A test clock in ms that moves only when told: time without sleeping."""
-
-    def __init__(self, start_ms: int = 1_764_000_000_000) -> None:
-        self.now = start_ms
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
 
 
 @pytest.fixture

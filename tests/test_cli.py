@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import redis
 
-from tests.http_helpers import cost_nano, nano
-from tests.redis_servers import free_port
+from tests.support.http import cost_nano, nano
+from tests.support.redis_servers import free_port
 
 RATELIMITD = Path(sys.executable).parent / "ratelimitd"
 STOP_WITHIN_S = 10
