@@ -343,3 +343,29 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert f"{config}: server.workers: unknown key" in done.stderr
+
+
+def test_the_example_configuration_passes_check_config() -> None:
+    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    done = subprocess.run([sys.executable, "-m", "ratelimitd", "check-config", str(example)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "ok (2 tiers: free, pro)" in done.stdout
+
+
+def test_checking_a_configuration_loads_no_encoding() -> None:
+    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    probe = ("from ratelimitd.config import load_config\n"
+             "from ratelimitd.tokens.offline import load_encoding\n"
+             f"load_config({str(example)!r})\n"
+             "print(load_encoding.cache_info().currsize)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip() == "0"
+
+
+def test_lua_show_prints_the_library_with_source_lines() -> None:
+    done = subprocess.run([sys.executable, "-m", "ratelimitd", "lua", "--show"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "reserve.lua:1 " in done.stdout and "sliding.lua:" in done.stdout
+    assert "local function sliding_load" in done.stdout

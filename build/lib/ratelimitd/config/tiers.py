@@ -1,0 +1,151 @@
+"""Tiers, limits and prices from their TOML tables (the shapes the generic reader does not
+know): the seed's shorthand, `[[tiers.X.limits]]`, and `[pricing]`."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ratelimitd.config.model import PricingConfig
+from ratelimitd.config.reader import Where, no_unknown, read_value
+from ratelimitd.policy import (
+    BUILTIN_SCOPES,
+    CALENDAR_PERIODS,
+    DEFAULT_PRICES,
+    DEFAULT_SUB_BUCKETS,
+    METRICS,
+    Limit,
+    ModelPrice,
+    Tier,
+    check_limits,
+    shorthand_limits,
+)
+from ratelimitd.units import parse_duration, usd_to_nano
+
+UNKNOWN_MODEL_CHOICES: Final = ("default", "deny")
+_SHORTHAND_LIMITS: Final = ("requests_per_minute", "tokens_per_day", "daily_budget_usd",
+                            "max_concurrent")
+_SHORTHAND_CAPS: Final = ("max_output_tokens", "max_prompt_chars", "max_input_tokens")
+_LIMIT_KEYS: Final = ("name", "scope", "metric", "window", "limit", "algorithm", "burst")
+_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def _price(raw: Any, where: Where) -> ModelPrice:
+    no_unknown(raw, ("input", "output", "cached_input"), where, " like { input = 3.0, ... }")
+    for key in ("input", "output"):
+        if key not in raw:
+            raise where.error(f"needs {key} (USD per 1M tokens)")
+    values: dict[str, float] = {}
+    for key in ("input", "output", "cached_input"):
+        if key in raw:
+            values[key] = read_value(float, raw[key], where.at(key))
+            if not 0 <= values[key] <= 1_000_000:
+                raise where.at(key).error("must be between 0 and 1000000 USD per 1M tokens")
+    return ModelPrice(**values)
+
+
+def pricing(table: Any, where: Where) -> PricingConfig:
+    if not isinstance(table, Mapping):
+        raise where.error("must be a table")
+    models = dict(DEFAULT_PRICES)
+    defaults = PricingConfig()
+    unknown_model, default = defaults.unknown_model, defaults.default
+    for key, raw in table.items():
+        if key == "unknown_model":
+            unknown_model = read_value(str, raw, where.at(key))
+            if unknown_model not in UNKNOWN_MODEL_CHOICES:
+                raise where.at(key).error(f"must be default or deny, not {unknown_model!r}")
+        elif key == "default":
+            default = _price(raw, where.at(key))
+        else:
+            models[key] = _price(raw, where.at(key))
+    return PricingConfig(unknown_model, default, models)
+
+
+def tiers(table: Any, where: Where) -> dict[str, Tier]:
+    if not isinstance(table, Mapping) or not table:
+        raise where.error("must name at least one tier, like [tiers.free]")
+    return {name: _tier(name, raw, where.at(name)) for name, raw in table.items()}
+
+
+def _tier(name: str, table: Any, where: Where) -> Tier:
+    if not _NAME.match(name):
+        raise where.error("tier names use letters, digits, '_', '-' and '.'")
+    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits"], where, "")
+    numbers = {}
+    for key in (*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS):
+        if key in table:
+            kind = float if key == "daily_budget_usd" else int
+            value = read_value(kind, table[key], where.at(key))
+            if value < 0 or (value == 0 and key != "daily_budget_usd"):
+                raise where.at(key).error("must be positive")
+            numbers[key] = value
+    limits = list(shorthand_limits(*(numbers.get(k) for k in _SHORTHAND_LIMITS)))
+    raw_limits = table.get("limits", [])
+    if not isinstance(raw_limits, list):
+        raise where.at("limits").error("must be an array of tables, like [[tiers.x.limits]]")
+    limits += [_limit(raw, where.at(f"limits[{i}]")) for i, raw in enumerate(raw_limits)]
+    try:
+        check_limits(limits)
+    except ValueError as exc:
+        raise where.at("limits").error(str(exc)) from exc
+    return Tier(name, tuple(limits), *(numbers.get(k) for k in _SHORTHAND_CAPS))
+
+
+def _limit(table: Any, where: Where) -> Limit:
+    no_unknown(table, _LIMIT_KEYS, where, "")
+    for key in ("name", "metric", "limit"):
+        if key not in table:
+            raise where.error(f"needs {key}")
+    name = read_value(str, table["name"], where.at("name"))
+    if not _NAME.match(name):
+        raise where.at("name").error("use letters, digits, '_', '-' and '.' (at most 64)")
+    scope = read_value(str, table.get("scope", "user"), where.at("scope"))
+    if scope not in BUILTIN_SCOPES and not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", scope):
+        raise where.at("scope").error(f"must be one of {', '.join(BUILTIN_SCOPES)} or an "
+                                      "attribute name (lowercase letters, digits, '_')")
+    metric = read_value(str, table["metric"], where.at("metric"))
+    if metric not in METRICS:
+        raise where.at("metric").error(f"must be one of {', '.join(METRICS)}")
+    algorithm = read_value(str, table.get("algorithm", "sliding"), where.at("algorithm"))
+    if algorithm not in ("sliding", "token_bucket"):
+        raise where.at("algorithm").error("must be sliding or token_bucket")
+    amount = _amount(metric, table["limit"], where.at("limit"))
+    if metric == "concurrent":
+        if algorithm != "sliding" or "window" in table or "burst" in table:
+            raise where.error("a concurrent limit takes no window, burst or algorithm: it counts "
+                              "in-flight reservations")
+        return Limit(name, scope, "concurrent", amount, "sliding")
+    window = read_value(str, table.get("window", ""), where.at("window"))
+    if window in CALENDAR_PERIODS:
+        if algorithm != "sliding" or "burst" in table:
+            raise where.at("window").error("a calendar window (day, month) is a budget; "
+                                           "it takes no token_bucket or burst")
+        return Limit(name, scope, metric, amount, "calendar", period=window)
+    try:
+        window_ms = parse_duration(window)
+    except ValueError as exc:
+        raise where.at("window").error(f"{exc}, or day / month") from exc
+    if algorithm == "token_bucket":
+        burst = _amount(metric, table.get("burst", table["limit"]), where.at("burst"))
+        return Limit(name, scope, metric, amount, "token_bucket",
+                     window_ms=window_ms, burst=burst)
+    if "burst" in table:
+        raise where.at("burst").error("only a token_bucket limit has a burst")
+    buckets = max(d for d in range(1, DEFAULT_SUB_BUCKETS + 1) if window_ms % d == 0)
+    return Limit(name, scope, metric, amount, "sliding",
+                 window_ms=window_ms, buckets=buckets)
+
+
+def _amount(metric: str, raw: Any, where: Where) -> int:
+    """A limit in its metric's integer unit: USD become nano-USD."""
+    if metric == "cost_usd":
+        usd = read_value(float, raw, where)
+        if not 0 < usd <= 1e7:
+            raise where.error("must be more than 0 and at most 10000000 USD")
+        return usd_to_nano(usd)
+    value = read_value(int, raw, where)
+    if not 0 < value <= 10**15:
+        raise where.error("must be a whole number from 1 to 10^15")
+    return int(value)

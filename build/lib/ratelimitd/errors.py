@@ -1,0 +1,77 @@
+"""Every error ratelimitd raises on purpose, in one tree.
+
+    RatelimitdError
+    ├── ApiError               an HTTP answer: status, snake_case code, message naming the field
+    ├── ConfigError            a configuration mistake; the message names the file and the key
+    ├── StoreUnavailable       Redis did not answer, or is unreachable (wraps the driver's
+    │   │                      exception, so only store/ and its callers in quota/ know it)
+    │   └── StoreReplyError    Redis answered a call with an error reply
+    ├── TokenCountError        a prompt that cannot be counted (not text)
+    ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
+    ├── EmbeddedRedisError     the embedded redis-server cannot start
+    └── ListenError            an address of [server] listen cannot be listened on
+
+The command line turns ConfigError, EmbeddedRedisError and ListenError into one line and exit
+status 2; the HTTP edge turns StoreUnavailable into 503 backend_unavailable.
+"""
+
+from __future__ import annotations
+
+
+class RatelimitdError(Exception):
+    """The root of every error ratelimitd raises on purpose."""
+
+
+class ApiError(RatelimitdError):
+    def __init__(self, status: int, code: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def invalid(field: str, problem: str, code: str = "invalid_request") -> ApiError:
+    """A 400 that names the field at fault."""
+    return ApiError(400, code, f"{field}: {problem}")
+
+
+class ConfigError(RatelimitdError, ValueError):
+    """A configuration mistake; the message names the file and the key."""
+
+
+class StoreUnavailable(RatelimitdError):
+    """The quota store (Redis) failed a call: timeout, lost connection, or an error reply.
+
+    `timeout` tells a call that may still run in Redis (it was sent, no answer came in time)
+    from one that surely did not."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+class StoreReplyError(StoreUnavailable):
+    """Redis answered with an error reply (a script error, an unknown function...)."""
+
+    @property
+    def missing_function(self) -> bool:
+        """Redis lost the function library (restart, failover, FUNCTION FLUSH)."""
+        return "Function not found" in str(self)
+
+
+class TokenCountError(RatelimitdError, ValueError):
+    """A prompt that cannot be counted: the message says which part and why."""
+
+
+class EncodingUnavailableError(RatelimitdError, ValueError):
+    """A tiktoken encoding that cannot be loaded without the network."""
+
+
+class EmbeddedRedisError(RatelimitdError):
+    """The embedded redis-server cannot start or keep running."""
+
+
+class ListenError(RatelimitdError):
+    """An address of [server] listen cannot be listened on (in use, no such directory...)."""

@@ -1,0 +1,109 @@
+"""The decision endpoints: /v1/reserve, /v1/commit, /v1/release.
+
+Thin handlers: parse (schema.py), resolve the tier, price and count, ask the engine, shape the
+answer (answers.py). Quota decisions are made in lua/ through the engine only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ratelimitd.errors import ApiError, StoreUnavailable, TokenCountError, invalid
+from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
+from ratelimitd.http.app_keys import SERVICES, Services
+from ratelimitd.http.edge import json_response, read_json
+from ratelimitd.http.schema import (
+    ReserveBody,
+    has_content,
+    parse_commit,
+    parse_release,
+    parse_reserve,
+    prompt_chars,
+)
+from ratelimitd.policy import Identity, plan
+from ratelimitd.quota.engine import ReserveRequest
+
+log = logging.getLogger("ratelimitd.http")
+
+
+async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
+    if body.input_tokens is not None:
+        return body.input_tokens
+    if not has_content(body):
+        field = "prompt" if body.prompt is not None else "messages"
+        raise invalid(field, "is empty: it holds no text", "empty_prompt")
+    chars = prompt_chars(body)
+    if max_chars is not None and chars > max_chars:
+        raise invalid("prompt" if body.prompt is not None else "messages",
+                      f"{chars} characters; this tier allows {max_chars}", "prompt_too_long")
+    try:
+        return await services.counter.count_prompt(body.model, body.prompt, body.messages,
+                                                   services.executor)
+    except TokenCountError as exc:
+        raise ApiError(400, "invalid_request", str(exc)) from exc
+
+
+async def reserve(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    config = services.config
+    body = parse_reserve(await read_json(request))
+    tier = config.tiers.get(body.tier)
+    if tier is None:
+        raise invalid("tier", f"unknown tier {body.tier!r} (known: {', '.join(config.tiers)})")
+    prices = services.prices.for_model(body.model)
+    if prices is None:
+        raise invalid("model", f"unknown model {body.model!r}; its price is not configured",
+                      "unknown_model")
+    input_tokens = await _input_tokens(services, body, tier.max_prompt_chars)
+    if tier.max_input_tokens is not None and input_tokens > tier.max_input_tokens:
+        raise invalid("input_tokens", f"{input_tokens} input tokens; this tier allows "
+                      f"{tier.max_input_tokens}", "too_many_input_tokens")
+    cap = tier.output_cap(body.max_output_tokens, config.reservations.default_max_output_tokens)
+    who = Identity(body.user, tier.name, body.org, None, body.attributes or {})
+    reservation = ReserveRequest(
+        plan(tier, who), input_tokens, cap, prices,
+        min_output_tokens=(body.min_output_tokens if body.min_output_tokens is not None
+                           else config.reservations.min_output_tokens),
+        idempotency_key=body.idempotency_key, dry_run=body.dry_run)
+    try:
+        result = await services.engine.reserve(reservation)
+    except StoreUnavailable as exc:
+        if config.redis.on_error != "allow":
+            raise
+        log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
+        return degraded_answer(input_tokens, cap)
+    return reserve_answer(result, body.dry_run)
+
+
+async def commit(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    body = parse_commit(await read_json(request))
+    output = body.output_tokens
+    if output is None:  # output_text: counted with the commit's model, else the default encoding
+        text = body.output_text or ""
+        output = await services.counter.count_prompt(body.model or "", text, None,
+                                                     services.executor) if text else 0
+    result = await services.engine.commit(body.reservation_id, body.input_tokens, output,
+                                          body.cached_input_tokens)
+    if result.status == "not_found":
+        raise ApiError(404, "reservation_not_found",
+                       "reservation_id: unknown, or expired (reservations live "
+                       f"{services.config.reservations.ttl_s} s)")
+    if result.status == "conflict":
+        raise ApiError(409, "reservation_released",
+                       "reservation_id: this reservation was released; it cannot be committed")
+    return commit_answer(result)
+
+
+async def release(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    rid = parse_release(await read_json(request))
+    result = await services.engine.release(rid)
+    if result.status == "not_found":
+        raise ApiError(404, "reservation_not_found", "reservation_id: unknown, or expired")
+    if result.status == "conflict":
+        raise ApiError(409, "reservation_committed",
+                       "reservation_id: this reservation was committed; it cannot be released")
+    return json_response({"released": True, "duplicate": result.status == "duplicate"})

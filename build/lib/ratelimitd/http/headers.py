@@ -1,0 +1,82 @@
+"""Rate-limit response headers: IETF RateLimit-Policy / RateLimit and OpenAI's x-ratelimit-*."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Final
+
+from ratelimitd.policy import Limit
+from ratelimitd.quota.engine import LimitState
+
+# draft-ietf-httpapi-ratelimit-headers quota units ("qu"); the first two are registered there.
+_QUOTA_UNITS: Final = {
+    "requests": "requests", "concurrent": "concurrent-requests", "tokens": "tokens",
+    "input_tokens": "input-tokens", "output_tokens": "output-tokens", "cost_usd": "nano-usd",
+}
+_PERIOD_S: Final = {"day": 86_400}
+_TOKEN_METRICS: Final = ("tokens", "input_tokens", "output_tokens")
+
+
+def seconds_up(ms: int) -> int:
+    return max(0, math.ceil(ms / 1000))
+
+
+def go_duration(ms: int) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = math.ceil(ms / 1000)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def _window_s(lim: Limit) -> int | None:
+    if lim.metric == "concurrent":
+        return None
+    if lim.algorithm == "calendar":
+        return _PERIOD_S.get(lim.period)
+    return lim.window_ms // 1000 or None
+
+
+def _policy_item(lim: Limit) -> str:
+    item = f'"{lim.name}";q={lim.capacity}'
+    window = _window_s(lim)
+    if window:
+        item += f";w={window}"
+    return f'{item};qu="{_QUOTA_UNITS[lim.metric]}"'
+
+
+@functools.lru_cache(maxsize=4096)
+def _policy(limits: tuple[Limit, ...]) -> str:
+    """The RateLimit-Policy header of a set of limits; it only changes with the configuration."""
+    return ", ".join([_policy_item(lim) for lim in limits])
+
+
+def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
+                      denied: bool) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    if not states:
+        return headers
+    headers["RateLimit-Policy"] = _policy(tuple([s.limit for s in states]))
+    headers["RateLimit"] = ", ".join(
+        [f'"{s.limit.name}";r={s.remaining};t={seconds_up(s.reset_ms)}' for s in states])
+    requests = tokens = None
+    for state in states:  # the tightest requests limit and tokens limit, OpenAI-style
+        metric = state.limit.metric
+        if metric == "requests" and (requests is None or state.remaining < requests.remaining):
+            requests = state
+        elif metric in _TOKEN_METRICS and (tokens is None or state.remaining < tokens.remaining):
+            tokens = state
+    for suffix, tightest in (("requests", requests), ("tokens", tokens)):
+        if tightest is not None:
+            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest.limit.limit)
+            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest.remaining)
+            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest.reset_ms)
+    if denied and retry_after_ms is not None:
+        headers["Retry-After"] = str(seconds_up(retry_after_ms))
+    return headers

@@ -1,0 +1,210 @@
+"""Request bodies of /v1/reserve, /v1/commit and /v1/release, checked field by field.
+
+Everything a handler reads comes through here, so a bad body is refused with a 400 that names
+the field before anything is counted or charged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from ratelimitd.errors import ApiError, invalid
+
+MAX_ID_CHARS: Final = 256
+MAX_ATTRIBUTES: Final = 32
+MAX_TOKENS: Final = 100_000_000          # per call; far above any model's context
+MAX_MESSAGES: Final = 10_000
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_ATTRIBUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+RESERVE_FIELDS: Final = frozenset({
+    "api_key", "user", "tier", "org", "model", "prompt", "messages", "input_tokens",
+    "max_output_tokens", "min_output_tokens", "attributes", "idempotency_key", "dry_run",
+    "signature",
+})
+COMMIT_FIELDS: Final = frozenset({
+    "reservation_id", "input_tokens", "output_tokens", "output_text", "cached_input_tokens",
+    "model",
+})
+RELEASE_FIELDS: Final = frozenset({"reservation_id"})
+
+
+@dataclass(slots=True)
+class ReserveBody:
+    user: str
+    tier: str
+    model: str
+    org: str | None = None
+    prompt: str | None = None
+    messages: Sequence[Mapping[str, Any]] | None = None
+    input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    min_output_tokens: int | None = None
+    attributes: Mapping[str, str] | None = None
+    idempotency_key: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(slots=True)
+class CommitBody:
+    reservation_id: str
+    input_tokens: int
+    cached_input_tokens: int = 0
+    output_tokens: int | None = None
+    output_text: str | None = None
+    model: str | None = None
+
+
+def _object(data: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_request", "body: must be a JSON object")
+    for key in data:
+        if key not in allowed:
+            raise invalid(key, f"unknown field (known: {', '.join(sorted(allowed))})")
+    return data
+
+
+def _text(data: Mapping[str, Any], key: str, *, required: bool = False,
+          max_chars: int = MAX_ID_CHARS) -> str | None:
+    """An identifier-like string: non-empty, bounded, no control characters."""
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise invalid(key, "is required")
+        return None
+    if not isinstance(value, str) or not value:
+        raise invalid(key, "must be a non-empty string")
+    if len(value) > max_chars:
+        raise invalid(key, f"must be at most {max_chars} characters")
+    if _CONTROL.search(value):
+        raise invalid(key, "must not contain control characters")
+    return value
+
+
+def _count(data: Mapping[str, Any], key: str, *, maximum: int = MAX_TOKENS) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(key, "must be a whole number")
+    if not 0 <= value <= maximum:
+        raise invalid(key, f"must be between 0 and {maximum}")
+    return value
+
+
+def _attributes(data: Mapping[str, Any]) -> dict[str, str]:
+    raw = data.get("attributes")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise invalid("attributes", "must be an object of strings")
+    if len(raw) > MAX_ATTRIBUTES:
+        raise invalid("attributes", f"at most {MAX_ATTRIBUTES} attributes")
+    out: dict[str, str] = {}
+    for name in raw:
+        if not _ATTRIBUTE_NAME.fullmatch(name):
+            raise invalid(f"attributes.{name}", "names are lowercase letters, digits and '_'")
+        out[name] = _text(raw, name) or ""
+    if "ip" in out:
+        try:
+            out["ip"] = str(ipaddress.ip_address(out["ip"]))
+        except ValueError as exc:
+            raise invalid("attributes.ip", "must be an IPv4 or IPv6 address") from exc
+    return out
+
+
+def parse_reserve(data: Any) -> ReserveBody:
+    body = _object(data, RESERVE_FIELDS)
+    if "api_key" in body or "signature" in body:
+        field = "api_key" if "api_key" in body else "signature"
+        raise invalid(field, "API keys and signed requests are not available in this build "
+                      "yet; send the verified identity as user and tier")
+    sources = [k for k in ("prompt", "messages", "input_tokens") if body.get(k) is not None]
+    if len(sources) != 1:
+        raise invalid("prompt", "send exactly one of prompt, messages or input_tokens")
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise invalid("prompt", "must be a string")
+    messages = body.get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise invalid("messages", "must be an array of message objects")
+        if len(messages) > MAX_MESSAGES:
+            raise invalid("messages", f"at most {MAX_MESSAGES} messages")
+    dry_run = body.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise invalid("dry_run", "must be true or false")
+    return ReserveBody(
+        user=_text(body, "user", required=True) or "",
+        tier=_text(body, "tier", required=True) or "",
+        model=_text(body, "model", required=True) or "",
+        org=_text(body, "org"),
+        prompt=prompt,
+        messages=messages,
+        input_tokens=_count(body, "input_tokens"),
+        max_output_tokens=_count(body, "max_output_tokens"),
+        min_output_tokens=_count(body, "min_output_tokens"),
+        attributes=_attributes(body),
+        idempotency_key=_text(body, "idempotency_key"),
+        dry_run=dry_run,
+    )
+
+
+def parse_commit(data: Any) -> CommitBody:
+    body = _object(data, COMMIT_FIELDS)
+    input_tokens = _count(body, "input_tokens")
+    if input_tokens is None:
+        raise invalid("input_tokens", "is required")
+    cached = _count(body, "cached_input_tokens") or 0
+    if cached > input_tokens:
+        raise invalid("cached_input_tokens", "counts part of input_tokens, so it cannot be more")
+    output_tokens = _count(body, "output_tokens")
+    output_text = body.get("output_text")
+    if (output_tokens is None) == (output_text is None):
+        raise invalid("output_tokens", "send exactly one of output_tokens or output_text")
+    if output_text is not None and not isinstance(output_text, str):
+        raise invalid("output_text", "must be a string")
+    return CommitBody(parse_reservation_field(body), input_tokens, cached, output_tokens,
+                      output_text, _text(body, "model"))
+
+
+def parse_release(data: Any) -> str:
+    return parse_reservation_field(_object(data, RELEASE_FIELDS))
+
+
+def parse_reservation_field(body: Mapping[str, Any]) -> str:
+    return _text(body, "reservation_id", required=True, max_chars=1024) or ""
+
+
+def has_content(body: ReserveBody) -> bool:
+    """False when the call sends the model nothing: only whitespace, no other part."""
+    if body.prompt is not None:
+        return bool(body.prompt.strip())
+    for message in body.messages or ():
+        content = message.get("content")
+        if isinstance(content, str) and content.strip():
+            return True
+        if isinstance(content, list) and any(
+                not isinstance(p, dict) or p.get("type") != "text"
+                or (isinstance(p.get("text"), str) and p["text"].strip()) for p in content):
+            return True  # non-text parts are named by the token counter
+    return False
+
+
+def prompt_chars(body: ReserveBody) -> int:
+    """Characters of text a reserve sends to the model, for max_prompt_chars."""
+    if body.prompt is not None:
+        return len(body.prompt)
+    total = 0
+    for message in body.messages or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return total

@@ -1,0 +1,55 @@
+-- bucket.lua: the token bucket, refilled in whole units by Redis time.
+--
+-- State in the subject hash K:  lid = PAIR(level (below 0 after an overrun), last refill time).
+
+-- The entries of a loaded token bucket, after core.lua's: refill per window, window ms,
+-- burst, level, last refill
+local RATE, WINDOW, BURST, LEVEL, TS = 8, 9, 10, 11, 12
+
+-- spec parameters: a = window ms, b = burst; the limit is the refill per window
+local function bucket_parse(lid, algo, metric, limit, a, b)
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, RATE, WINDOW, BURST, LEVEL, TS
+  return {lid, algo, metric, b, 0, false, false, limit, a, b, 0, 0}
+end
+
+local function bucket_load(lim, raw, now)
+  local window, burst, rate = lim[WINDOW], lim[BURST], lim[RATE]
+  local level, ts = burst, now
+  if raw then level, ts = sunpack(PAIR_FORMAT, raw) end
+  if ts > now then ts = now end
+  if level < burst then
+    local add = floor((now - ts) * rate / window)
+    if add > 0 then
+      level = level + add
+      -- the refill clock moves only by the time those whole units took: never generous
+      ts = ts + ceil(add * window / rate)
+    end
+  end
+  if level >= burst then level, ts = burst, now end
+  lim[LEVEL], lim[TS], lim[USED] = level, ts, burst - level
+end
+
+local function bucket_add(lim, delta)
+  lim[LEVEL] = min(lim[BURST], lim[LEVEL] - delta)
+  lim[USED] = lim[BURST] - lim[LEVEL]
+  return true
+end
+
+local function bucket_fields(lim, out, n)
+  out[n + 1], out[n + 2] = lim[LID], spack(PAIR_FORMAT, lim[LEVEL], lim[TS])
+  return n + 2
+end
+
+-- How long until the bucket is full again (then its state can go)
+local function bucket_ttl(lim)
+  return ceil((lim[BURST] - lim[LEVEL]) * lim[WINDOW] / lim[RATE])
+end
+
+local function bucket_reset(lim)
+  if lim[LEVEL] >= lim[BURST] then return 0 end
+  return bucket_ttl(lim)
+end
+
+local function bucket_retry(lim, need)
+  return max(1, ceil((need - lim[LEVEL]) * lim[WINDOW] / lim[RATE]))
+end

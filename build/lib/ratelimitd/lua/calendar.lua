@@ -1,0 +1,60 @@
+-- calendar.lua: a budget per calendar period (day, month) of the configured timezone.
+--
+-- State in the subject hash K:  lid = PAIR(start of the period the value belongs to, value).
+-- Lua has no timezone database, so the engine sends the starts of the previous, current and
+-- next two periods (by the daemon's clock) and the call picks the one Redis time falls in.
+
+-- The entries of a loaded calendar budget, after core.lua's: the four period starts, then the
+-- current period and whether Redis time is outside all of them
+local P0, P1, P2, P3, START, STOP, STALE = 8, 9, 10, 11, 12, 13, 14
+
+-- spec parameters: the four period starts (ms)
+local function calendar_parse(lid, algo, metric, limit, a, b, c, d)
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, P0, P1, P2, P3, START, STOP, STALE
+  return {lid, algo, metric, limit, 0, false, false, a, b, c, d, 0, 0, false}
+end
+
+local function calendar_load(lim, raw, now)
+  lim[STALE] = false
+  local start, stop
+  if lim[P0] <= now and now < lim[P1] then start, stop = lim[P0], lim[P1]
+  elseif lim[P1] <= now and now < lim[P2] then start, stop = lim[P1], lim[P2]
+  elseif lim[P2] <= now and now < lim[P3] then start, stop = lim[P2], lim[P3]
+  else lim[STALE], start, stop = true, now, now + 1 end
+  lim[START], lim[STOP] = start, stop
+  if raw then
+    local stored, value = sunpack(PAIR_FORMAT, raw)
+    if stored == start then lim[USED] = value end
+  end
+end
+
+-- Adds delta to the period `ref` (false: the current one). A refund for a period that is over
+-- is dropped; an overrun for one is charged to the current one, in full.
+local function calendar_add(lim, delta, ref)
+  if lim[STALE] then return false end
+  local start = lim[START]
+  if ref and ref ~= start and (delta < 0 or ref > start) then return false end
+  lim[USED] = max(0, lim[USED] + delta)
+  return true
+end
+
+local function calendar_ref(lim)
+  return lim[START]
+end
+
+local function calendar_fields(lim, out, n)
+  out[n + 1], out[n + 2] = lim[LID], spack(PAIR_FORMAT, lim[START], lim[USED])
+  return n + 2
+end
+
+local function calendar_ttl(lim, now)
+  return lim[STOP] - now
+end
+
+local function calendar_reset(lim, now)
+  return lim[STOP] - now
+end
+
+local function calendar_retry(lim, now)
+  return lim[STOP] - now
+end

@@ -1,0 +1,168 @@
+-- limits.lua: a subject's limits, whatever their algorithm: parsed from the engine's specs,
+-- loaded from the subject hash, changed, written back, and reported. Each function here
+-- dispatches to the algorithm's own file (sliding.lua, calendar.lua, bucket.lua); a new
+-- algorithm adds a file and one branch to each.
+
+-- Parsed spec blobs kept, at most; then the cache starts over
+local MAX_PARSED_BLOBS = 256
+
+-- Limits from a blob of specs (SPEC each). Each array is built with every entry a call sets
+-- (no holes), so Lua sizes it once.
+local function parse_specs(blob)
+  local limits, pos, n = array8(), 1, #blob / SPEC_SIZE
+  for k = 1, n do
+    local lid, algo, metric, limit, a, b, c, d
+    lid, algo, metric, limit, a, b, c, d, pos = sunpack(SPEC_FORMAT, blob, pos)
+    if algo == ALG_SLIDING then
+      limits[k] = sliding_parse(lid, algo, metric, limit, a, b)
+    elseif algo == ALG_CALENDAR then
+      limits[k] = calendar_parse(lid, algo, metric, limit, a, b, c, d)
+    else
+      limits[k] = bucket_parse(lid, algo, metric, limit, a, b)
+    end
+  end
+  for k = n + 1, MAX_LIMITS do limits[k] = nil end
+  return limits
+end
+
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, then
+-- each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
+-- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
+-- each algorithm's load resets every entry a call sets (but REF, which settle sets on every
+-- limit first), so a call starts from the specs alone, as after a fresh parse. Copying the
+-- arrays instead costs allocation and garbage (docs/performance.md).
+local PARSED, nparsed = {}, 0
+local function limits_of(blob)
+  local parsed = PARSED[blob]
+  if not parsed then
+    if nparsed >= MAX_PARSED_BLOBS then PARSED, nparsed = {}, 0 end
+    local limits, fields = parse_specs(blob), {'x'}
+    for k = 1, #limits do fields[k + 1] = limits[k][LID] end
+    parsed = {limits, fields}
+    PARSED[blob], nparsed = parsed, nparsed + 1
+  end
+  return parsed[1], parsed[2]
+end
+
+-- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
+-- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
+-- USED of each limit; returns K's `x` field.
+local function load_limits(K, limits, fields, now)
+  local v = redis.call('HMGET', K, unpack(fields))
+  local expired = false
+  for k = 1, #limits do
+    local lim, raw = limits[k], v[k + 1]
+    local algo = lim[ALGO]
+    lim[USED], lim[DIRTY] = 0, false
+    if algo == ALG_SLIDING then
+      expired = sliding_load(lim, raw, now, expired)
+    elseif algo == ALG_CALENDAR then
+      calendar_load(lim, raw, now)
+    else
+      bucket_load(lim, raw, now)
+    end
+  end
+  if expired then
+    local f = {}
+    for j = 1, #expired do f[j] = expired[j][2] end
+    local got = redis.call('HMGET', K, unpack(f))
+    for j = 1, #expired do sliding_forget(expired[j][1], tonumber(got[j]) or 0) end
+  end
+  local x = v[1]
+  if x and #x == DOUBLE_SIZE then return (sunpack(DOUBLE_FORMAT, x)) end
+  return 0   -- none yet, or not ours: K's expiry is set again
+end
+
+-- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
+-- belongs to (false: the current one).
+local function add_to_limit(lim, delta, ref)
+  local algo, changed = lim[ALGO], nil
+  if algo == ALG_SLIDING then
+    changed = sliding_add(lim, delta, ref)
+  elseif algo == ALG_CALENDAR then
+    changed = calendar_add(lim, delta, ref)
+  else
+    changed = bucket_add(lim, delta)
+  end
+  if changed then lim[DIRTY] = true end
+end
+
+-- The sub-bucket or period a reserve charged, for its record (0: the algorithm needs none).
+local function charged_ref(lim)
+  local algo = lim[ALGO]
+  if algo == ALG_SLIDING then return sliding_ref(lim) end
+  if algo == ALG_CALENDAR then return calendar_ref(lim) end
+  return 0
+end
+
+-- Writes what changed (one HSET) and extends K's life when needed. A window that only moved on
+-- is not written: the next load moves it again the same way.
+local function write_limits(K, limits, now, x)
+  local out, need, n = array16(), MIN_KEY_TTL_MS, 0
+  for k = 1, #limits do
+    local lim = limits[k]
+    local algo, t = lim[ALGO], 0
+    if algo == ALG_SLIDING then
+      if lim[DIRTY] then n = sliding_fields(K, lim, out, n) end
+      t = sliding_ttl(lim, now)
+    elseif algo == ALG_CALENDAR then
+      if lim[DIRTY] then n = calendar_fields(lim, out, n) end
+      t = calendar_ttl(lim, now)
+    else
+      if lim[DIRTY] then n = bucket_fields(lim, out, n) end
+      t = bucket_ttl(lim)
+    end
+    if t > need then need = t end
+  end
+  if n == 0 then return end
+  -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
+  -- PEXPIRE takes whole ms, and `need` may be fractional (a sub-bucket width may be).
+  if x < now + need then
+    x = ceil(now + need + need / EXPIRY_SLACK_DIVISOR) + MIN_KEY_TTL_MS
+    out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
+    redis.call('HSET', K, unpack(out, 1, n + 2))
+    redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
+  else
+    redis.call('HSET', K, unpack(out, 1, n))
+  end
+end
+
+-- A new reply head: REPLY_HEAD_SIZE numbers (named by wire.py's REPLY_* or SETTLED_*),
+-- zero until set; packed_reply appends the limits after them.
+local function reply_head()
+  return {0, 0, 0, 0, 0, 0, 0, false, false, false, false, false, false, false, false, false}
+end
+
+-- A reply: the head's numbers, then for every limit what remains and in how many ms it is
+-- back to full, as signed 64-bit integers; then `tail` (an opaque string) when given.
+local function packed_reply(limits, now, tail, out)
+  local n = REPLY_HEAD_SIZE
+  for k = 1, limits and #limits or 0 do
+    local lim = limits[k]
+    local remaining, reset, algo = lim[CAP] - lim[USED], 0, lim[ALGO]
+    if lim[METRIC] == METRIC_CONCURRENT then
+      reset = 0  -- a slot frees when a call ends, which no clock can tell
+    elseif algo == ALG_SLIDING then
+      reset = sliding_reset(lim, now)
+    elseif algo == ALG_CALENDAR then
+      reset = calendar_reset(lim, now)
+    else
+      reset = bucket_reset(lim)
+    end
+    if remaining < 0 then remaining = 0 end
+    out[n + 1], out[n + 2], n = remaining, reset, n + 2
+  end
+  local reply = spack(longs(n + 1), n, unpack(out, 1, n))
+  if tail then return reply .. tail end
+  return reply
+end
+
+-- Milliseconds until `need` more units fit in a loaded limit; -1 when they never can.
+local function retry_after(K, lim, need, now)
+  if need > lim[CAP] then return -1 end
+  local algo = lim[ALGO]
+  if algo == ALG_CALENDAR then return calendar_retry(lim, now) end
+  if algo == ALG_TOKEN_BUCKET then return bucket_retry(lim, need) end
+  return sliding_retry(K, lim, need, now)
+end

@@ -1,0 +1,107 @@
+-- reserve.lua: checks and reserves one call's estimated usage on every limit of one subject
+-- (one hash slot), all or nothing, granting the largest output cap that every limit allows.
+--
+-- KEYS: 1 subject hash K, 2 reservation record R
+-- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
+--         input tokens, requested output cap, minimum output, input, cached-input and output
+--         prices (micro-USD per 1M tokens),
+--       2 the reservation's other subjects (opaque, kept in the record),
+--       3 the limit specs (SPEC each), 4 the reservation ttl ms as text (a number passed to
+--       redis.call is formatted with printf, slowly)
+--   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
+-- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
+
+local K, R = KEYS[1], KEYS[2]
+local clock, mode, ttl, input, cap, min_out, pi, pc, po = sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
+local now = now_ms(clock)
+local limits, fields = limits_of(ARGV[3])
+local nl = #limits
+local x = load_limits(K, limits, fields, now)
+for k = 1, nl do
+  if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
+    return redis.error_reply('ERR calendar boundaries do not cover Redis time')
+  end
+end
+local head = reply_head()
+head[REPLY_INPUT_TOKENS] = input
+
+if mode == MODE_RETRY then
+  local prev = redis.call('GET', R)
+  if prev then
+    local rec = parse_record(prev)
+    if rec.state ~= RECORD_RELEASED then
+      head[REPLY_STATUS], head[REPLY_GRANTED_OUTPUT] = RESERVE_REPEAT, rec.output
+      head[REPLY_EXPIRES_AT_MS], head[REPLY_INPUT_TOKENS] = rec.expires, rec.input
+      head[REPLY_RESERVED_COST_NANO] = ceil((rec.input * pi + rec.output * po) / PRICE_DIVISOR)
+      return packed_reply(limits, now, false, head)
+    end
+  end
+end
+
+-- The largest output every limit still allows; a limit that cannot fit the minimum denies.
+local est = amounts(1, input, 0, 0, pi, pi, po, 1)
+local fixed = input * pi
+local floor_out = min(min_out, cap)
+local grant, denied = cap, nil
+for k = 1, nl do
+  local lim = limits[k]
+  local room, m = lim[CAP] - lim[USED], lim[METRIC]
+  local max_out
+  if m == METRIC_TOKENS then
+    max_out = room - input
+  elseif m == METRIC_OUTPUT_TOKENS then
+    max_out = room
+  elseif m == METRIC_COST_USD and po > 0 then
+    max_out = floor((room * PRICE_DIVISOR - fixed) / po)
+  else
+    max_out = (est[m] <= room) and cap or -1
+  end
+  if max_out < floor_out then
+    denied = denied or {}
+    denied[#denied + 1] = k
+  elseif max_out < grant then
+    grant = max_out
+  end
+end
+
+-- A concurrency slot frees when a call ends, usually long before its reservation expires: a
+-- denied caller is told to look again after at most this long
+local CONCURRENT_RETRY_MS = 1000
+
+if denied then
+  est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
+  local retry = 0
+  for _, k in ipairs(denied) do
+    local lim = limits[k]
+    local r = retry_after(K, lim, est[lim[METRIC]], now)
+    if lim[METRIC] == METRIC_CONCURRENT and r > CONCURRENT_RETRY_MS then
+      r = CONCURRENT_RETRY_MS
+    end
+    if r < 0 or retry < 0 then retry = -1 elseif r > retry then retry = r end
+  end
+  head[REPLY_STATUS], head[REPLY_DENIED_LIMIT], head[REPLY_RETRY_AFTER_MS] =
+    RESERVE_DENIED, denied[1], retry
+  return packed_reply(limits, now, false, head)
+end
+
+-- the estimate with the grant as its output (as amounts() would give it)
+est[METRIC_TOKENS], est[METRIC_OUTPUT_TOKENS] = input + grant, grant
+est[METRIC_COST_USD] = ceil((fixed + grant * po) / PRICE_DIVISOR)
+local expires = now + ttl
+-- the record keeps the sub-bucket or period each limit charged: settle needs nothing else
+local refs = array8()
+for k = 1, nl do
+  local lim = limits[k]
+  add_to_limit(lim, est[lim[METRIC]], false)
+  refs[k] = charged_ref(lim)
+end
+if mode ~= MODE_DRY_RUN then
+  write_limits(K, limits, now, x)
+  redis.call('SET', R, spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
+                             po, 0, 0, 0, nl, unpack(refs, 1, nl)) .. ARGV[3] .. ARGV[2],
+             'PX', ARGV[4])
+end
+head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
+head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires
+head[REPLY_RESERVED_COST_NANO] = est[METRIC_COST_USD]
+return packed_reply(limits, now, false, head)

@@ -1,0 +1,80 @@
+-- settle.lua: commits, releases or resizes one reservation on one subject (one hash slot),
+-- exactly once. Each limit the reserve charged gets (new amount - reserved amount), in the
+-- sub-bucket or period the reserve charged; a refund for a sub-bucket that already slid out is
+-- dropped, an overrun is charged now, in full.
+--
+-- KEYS: 1 subject hash K, 2 reservation record R
+-- ARGV: 1 SETTLE_ARGS (wire.py): clock override (0 = Redis TIME), mode, input tokens, cached
+--         input tokens, output tokens (MODE_RESIZE: the new output cap),
+--       2 how long a settled record is kept (ms, as text; to answer repeats)
+-- Reply (packed_reply): wire.py's SETTLE_REPLY fields, then for a resize, per limit: remaining,
+--   reset ms (as reserve's); then the other subjects (the opaque string reserve kept).
+
+local K, R = KEYS[1], KEYS[2]
+local clock, mode, input, cached, output = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
+local now = now_ms(clock)
+
+local raw = redis.call('GET', R)
+if not raw then
+  local head = reply_head()
+  head[SETTLED_STATUS] = SETTLE_NOT_FOUND
+  return packed_reply(false, now, '[]', head)
+end
+local rec = parse_record(raw)
+
+local function reply(status, limits)
+  local u = rec.actual
+  if rec.state ~= RECORD_COMMITTED then u = {0, 0, 0} end
+  local actual = amounts(1, u[1], u[2], u[3], rec.pi, rec.pc, rec.po, 0)
+  local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+  local head = reply_head()
+  head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u[1]
+  head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u[2], u[3]
+  head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
+  head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
+  head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
+  return packed_reply(limits, now, rec.others, head)
+end
+
+if rec.state ~= RECORD_RESERVED then
+  local repeated = (mode == MODE_COMMIT and rec.state == RECORD_COMMITTED)
+                   or (mode == MODE_RELEASE and rec.state == RECORD_RELEASED)
+  return reply(repeated and SETTLE_DUPLICATE or SETTLE_CONFLICT, false)
+end
+
+local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+local u
+if mode == MODE_COMMIT then
+  rec.actual = {input, cached, output}
+  u = amounts(1, input, cached, output, rec.pi, rec.pc, rec.po, 0)
+elseif mode == MODE_RELEASE then
+  u = amounts(0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
+else
+  u = amounts(1, rec.input, 0, output, rec.pi, rec.pi, rec.po, 1)
+end
+
+local limits = rec.charges
+if limits then
+  local x = load_limits(K, limits, rec.fields, now)
+  for k = 1, #limits do
+    local lim = limits[k]
+    local metric = lim[METRIC]
+    local delta = u[metric] - reserved[metric]
+    if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
+  end
+  write_limits(K, limits, now, x)
+end
+
+local u_in, u_cached, u_out = unpack(rec.actual)
+if mode == MODE_RESIZE then
+  rec.output = u[METRIC_OUTPUT_TOKENS]
+  redis.call('SET', R, record(RECORD_RESERVED, rec.expires, rec.input, rec.output, rec.pi,
+                              rec.pc, rec.po, u_in, u_cached, u_out, limits and #limits or 0)
+                       .. rec.raw:sub(RECORD_SIZE + 1), 'KEEPTTL')
+  return reply(SETTLE_APPLIED, limits)
+end
+rec.state = (mode == MODE_COMMIT) and RECORD_COMMITTED or RECORD_RELEASED
+-- a settled record only answers repeats
+redis.call('SET', R, record(rec.state, rec.expires, rec.input, rec.output, rec.pi, rec.pc,
+                            rec.po, u_in, u_cached, u_out, 0) .. rec.others, 'PX', ARGV[2])
+return reply(SETTLE_APPLIED, false)

@@ -1,0 +1,140 @@
+-- sliding.lua: the sliding window, kept as N sub-buckets plus a running total.
+--
+-- State in the subject hash K:
+--   lid     = SLIDING_STATE(newest sub-bucket index, running total, the newest sub-bucket's count)
+--   lid:<i> = the count of an older sub-bucket b with b mod (N+1) = i.
+-- N+1 cells make the counted span cover the whole window plus at most one sub-bucket:
+-- conservative by <= 1/N of the window, never generous.
+-- In-flight reservations (metric concurrent) are a sliding window as long as the reservation
+-- TTL: a reserve adds 1 to the current sub-bucket, its commit or release takes it back, and an
+-- abandoned one slides out after the TTL (plus at most one sub-bucket), so a crashed gateway
+-- cannot leak slots.
+
+-- The entries of a loaded sliding window, after core.lua's: sub-buckets, sub-bucket ms,
+-- current and newest-stored sub-bucket, running total, current count; after a move: whether
+-- it moved, the old newest count, whether the window was idle for a whole window, and deltas
+-- for older sub-buckets
+local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
+local CELL, MOVED, PREV, IDLE, INCR = 13, 14, 15, 16, 17
+
+-- spec parameters: a = window ms, b = sub-buckets
+local function sliding_parse(lid, algo, metric, limit, a, b)
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV
+  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0}
+end
+
+-- The field of an older sub-bucket.
+local function cell_field(lim, bucket)
+  return lim[LID] .. ':' .. (bucket % (lim[N] + 1))
+end
+
+-- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
+-- reuse cells of sub-buckets that slid out: their fields go to `expired` (read by the caller,
+-- then given to sliding_forget; returned, made when first needed) and the newest count leaves
+-- SLIDING_STATE for its own field (written by sliding_fields).
+local function sliding_load(lim, raw, now, expired)
+  lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, nil, nil
+  local n, cur = lim[N], floor(now / lim[WIDTH])
+  local head, total, cell = cur, 0, 0
+  if raw then head, total, cell = sunpack(SLIDING_STATE_FORMAT, raw) end
+  -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
+  if head > cur then cur = head end
+  if cur > head then
+    lim[MOVED], lim[PREV] = true, cell
+    if cur - head > n then
+      total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
+    else
+      expired = expired or {}
+      for b = head + 1, cur do expired[#expired + 1] = {lim, cell_field(lim, b)} end
+    end
+    cell = 0
+  end
+  lim[CUR], lim[HEAD], lim[TOTAL], lim[CELL], lim[USED] = cur, head, total, cell, total
+  return expired
+end
+
+-- A cell that slid out held `count`: it no longer counts.
+local function sliding_forget(lim, count)
+  lim[TOTAL] = lim[TOTAL] - count
+  lim[USED] = lim[TOTAL]
+end
+
+-- Adds delta to the sub-bucket `ref` (false: the current one). A refund for a sub-bucket that
+-- slid out is dropped; an overrun there is charged to the current one, in full.
+local function sliding_add(lim, delta, ref)
+  local cur, target = lim[CUR], ref or lim[CUR]
+  if target < cur - lim[N] then
+    if delta < 0 then return false end
+    target = cur
+  end
+  if target == cur then
+    lim[CELL] = lim[CELL] + delta
+  elseif lim[MOVED] and target == lim[HEAD] then
+    lim[PREV] = lim[PREV] + delta     -- written with the move
+  else
+    lim[INCR] = lim[INCR] or {}
+    lim[INCR][#lim[INCR] + 1] = {cell_field(lim, target), delta}
+  end
+  lim[TOTAL] = lim[TOTAL] + delta
+  lim[USED] = lim[TOTAL]
+  return true
+end
+
+-- What a reservation record keeps to settle this limit later: the sub-bucket it charged.
+local function sliding_ref(lim)
+  return lim[CUR]
+end
+
+-- The changed window's fields, appended to out (from index n+1); returns the new n.
+-- After a move the old newest count gets its own field and the sub-buckets skipped on the way
+-- start at 0; the cell of the new newest one is not read until the window moves again.
+local function sliding_fields(K, lim, out, n)
+  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, lim[CUR], lim[TOTAL], lim[CELL])
+  n = n + 2
+  if lim[IDLE] then
+    local drop = {}
+    for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
+    redis.call('HDEL', K, unpack(drop))
+  elseif lim[MOVED] then
+    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), lim[PREV], n + 2
+    for b = lim[HEAD] + 1, lim[CUR] - 1 do
+      out[n + 1], out[n + 2], n = cell_field(lim, b), 0, n + 2
+    end
+  end
+  if lim[INCR] then
+    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], inc[2]) end
+  end
+  return n
+end
+
+-- How long K must live so that this window forgets no usage that still counts.
+local function sliding_ttl(lim, now)
+  return (lim[CUR] + lim[N] + 1) * lim[WIDTH] - now
+end
+
+-- In how many ms the window is empty again: once its newest non-empty sub-bucket slides out.
+local function sliding_reset(lim, now)
+  if lim[TOTAL] <= 0 then return 0 end
+  return ((lim[CELL] > 0 and lim[CUR] or lim[HEAD]) + lim[N] + 1) * lim[WIDTH] - now
+end
+
+-- Milliseconds until `need` more units fit: walks from the oldest counted sub-bucket until
+-- enough has slid out. Sub-buckets after head are empty; head's count is in SLIDING_STATE
+-- until the window moves (PREV after).
+local function sliding_retry(K, lim, need, now)
+  local n, cur, head = lim[N], lim[CUR], lim[HEAD]
+  local excess, last = lim[USED] + need - lim[CAP], min(head, cur - 1)
+  local fields = {}
+  for b = cur - n, last do fields[#fields + 1] = cell_field(lim, b) end
+  if #fields > 0 then
+    local got = redis.call('HMGET', K, unpack(fields))
+    local freed = 0
+    for j = 1, #fields do
+      local b = cur - n + j - 1
+      if b == head then freed = freed + (lim[MOVED] and lim[PREV] or lim[CELL])
+      else freed = freed + (tonumber(got[j]) or 0) end
+      if freed >= excess then return (b + n + 1) * lim[WIDTH] - now end
+    end
+  end
+  return (cur + n + 1) * lim[WIDTH] - now
+end

@@ -1,0 +1,209 @@
+"""The contract between the engine's Python and its Lua, written once.
+
+Every code, mode, status, packed format and reply field the two halves share is declared here.
+library.py writes them into the Lua as named constants when it builds the function library
+(`lua_constants()`), so the Lua names them and never spells a number or a format itself; the
+engine packs and decodes with the same declarations. docs/wire.md describes each format's
+fields; tests/lua/test_contract.py proves the halves agree on real Redis.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final
+
+# -- codes ----------------------------------------------------------------------------------
+
+METRIC_CODES: Final = {
+    "requests": 1, "tokens": 2, "input_tokens": 3, "output_tokens": 4, "cost_usd": 5,
+    "concurrent": 6,
+}
+ALGORITHM_CODES: Final = {"sliding": 1, "calendar": 2, "token_bucket": 3}
+
+
+class ReserveMode(IntEnum):
+    RESERVE = 1
+    DRY_RUN = 2
+    RETRY = 3          # an idempotent retry: a live record of the same id answers instead
+
+
+class SettleMode(IntEnum):
+    COMMIT = 1
+    RELEASE = 2
+    RESIZE = 3         # a later subject granted less output: keep only the final grant
+
+
+class ReserveStatus(IntEnum):
+    DENIED = 0
+    RESERVED = 1
+    REPEAT = 2         # the record of an earlier identical reserve answers
+    DRY_RUN = 3
+
+
+class SettleStatus(IntEnum):
+    NOT_FOUND = 0
+    APPLIED = 1
+    DUPLICATE = 2      # a repeat of what is already done
+    CONFLICT = 3       # already settled the other way
+
+
+# -- packed formats ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    """One packed layout: Python's struct format, Lua's (its struct library spells a string
+    field `cN` where Python spells `Ns`, and a 64-bit integer `l` where Python spells `q`),
+    and the name of each field in order."""
+
+    name: str
+    python: str
+    fields: tuple[str, ...]
+
+    @property
+    def lua(self) -> str:
+        return _to_lua(self.python)
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize(self.python)
+
+    def pack(self, *values: object) -> bytes:
+        return struct.pack(self.python, *values)
+
+
+def _to_lua(python: str) -> str:
+    out, count = [], ""
+    for char in python:
+        if char.isdigit():
+            count += char
+            continue
+        if char == "s":
+            out.append(f"c{count}")
+        elif char == "c":
+            out.append("c1" * int(count or 1))
+        else:
+            out.append((char if char != "q" else "l") * int(count or 1))
+        count = ""
+    return "".join(out)
+
+
+# A limit's spec, as the engine sends it (one per limit, concatenated). The four parameters:
+# sliding: window ms, sub-buckets; token bucket: window ms, burst; calendar: the starts (ms)
+# of the previous, current and next two periods (CALENDAR_STARTS, added per call).
+SPEC: Final = Format("SPEC", "<8sBBddddd", (
+    "lid", "algorithm", "metric", "limit", "param_a", "param_b", "param_c", "param_d"))
+SPEC_HEAD: Final = Format("SPEC_HEAD", "<8sBBd", ("lid", "algorithm", "metric", "limit"))
+CALENDAR_STARTS: Final = Format("CALENDAR_STARTS", "<dddd", (
+    "previous", "current", "next", "after_next"))
+# The numeric arguments of a call, packed (Lua parses a number from a string slowly).
+# clock_ms: a test clock's ms, 0 for Redis TIME.
+RESERVE_ARGS: Final = Format("RESERVE_ARGS", "<9d", (
+    "clock_ms", "mode", "ttl_ms", "input_tokens", "output_cap", "min_output", "price_input",
+    "price_cached_input", "price_output"))
+SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<5d", (
+    "clock_ms", "mode", "input_tokens", "cached_input_tokens", "output_tokens"))
+# Limit state in the subject hash, one field per limit (see lua/sliding.lua and the others).
+SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "total",
+                                                        "newest_count"))
+PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
+DOUBLE: Final = Format("DOUBLE", "<d", ("value",))
+# A reservation record's head (lua/record.lua): then one double per charged limit (the
+# sub-bucket or period it charged), the limits' specs, and the other subjects.
+RECORD: Final = Format("RECORD", "<c10d", (
+    "state", "expires_at_ms", "input_tokens", "output_cap", "price_input",
+    "price_cached_input", "price_output", "actual_input", "actual_cached", "actual_output",
+    "charged_limits"))
+# The states a record can be in (RECORD.state).
+RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "r", "c", "x"
+
+FORMATS: Final = (SPEC, SPEC_HEAD, CALENDAR_STARTS, RESERVE_ARGS, SETTLE_ARGS, SLIDING_STATE,
+                  PAIR, DOUBLE, RECORD)
+
+# -- replies ----------------------------------------------------------------------------------
+# A reply is a count n, then n signed 64-bit integers: the head's fields below, then per limit
+# what remains and in how many ms it is full again; then an opaque tail (settle: the other
+# subjects of the reservation).
+
+RESERVE_REPLY: Final = ("status", "granted_output", "expires_at_ms", "denied_limit",
+                        "retry_after_ms", "input_tokens", "reserved_cost_nano")
+SETTLE_REPLY: Final = ("status", "input_tokens", "cached_input_tokens", "output_tokens",
+                       "cost_nano", "reserved_tokens", "reserved_cost_nano")
+REPLY_HEAD_SIZE: Final = len(RESERVE_REPLY)
+_COUNT: Final = struct.Struct("<q")
+
+
+@dataclass(slots=True)
+class ReserveReply:
+    status: ReserveStatus
+    granted_output: int
+    expires_at_ms: int
+    denied_limit: int            # 1-based index of the denying limit; 0: none
+    retry_after_ms: int          # -1: the call can never fit the denying limit
+    input_tokens: int
+    reserved_cost_nano: int
+    limit_states: Sequence[int]  # remaining, reset ms per limit
+
+
+@dataclass(slots=True)
+class SettleReply:
+    status: SettleStatus
+    input_tokens: int
+    cached_input_tokens: int
+    output_tokens: int
+    cost_nano: int
+    reserved_tokens: int
+    reserved_cost_nano: int
+    limit_states: Sequence[int]  # a resize's limits: remaining, reset ms per limit
+    others: bytes                # the reservation's other subjects (JSON list of tags)
+
+
+def _numbers(reply: bytes) -> tuple[tuple[int, ...], bytes]:
+    (count,) = _COUNT.unpack_from(reply)
+    end = _COUNT.size * (count + 1)
+    return struct.unpack_from(f"<{count}q", reply, _COUNT.size), reply[end:]
+
+
+def decode_reserve(reply: bytes) -> ReserveReply:
+    n, _ = _numbers(reply)
+    return ReserveReply(ReserveStatus(n[0]), granted_output=n[1], expires_at_ms=n[2],
+                        denied_limit=n[3], retry_after_ms=n[4], input_tokens=n[5],
+                        reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:])
+
+
+def decode_settle(reply: bytes) -> SettleReply:
+    n, tail = _numbers(reply)
+    return SettleReply(SettleStatus(n[0]), input_tokens=n[1], cached_input_tokens=n[2],
+                       output_tokens=n[3], cost_nano=n[4], reserved_tokens=n[5],
+                       reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:], others=tail)
+
+
+# -- the Lua side -----------------------------------------------------------------------------
+
+
+def lua_constants() -> str:
+    """The Lua declarations of everything above, for the head of the function library."""
+    lines = ["-- generated from ratelimitd/quota/wire.py when the library is built"]
+
+    def ints(pairs: Sequence[tuple[str, int]]) -> None:
+        lines.append(f"local {', '.join(n for n, _ in pairs)} = "
+                     f"{', '.join(str(v) for _, v in pairs)}")
+
+    ints([(f"METRIC_{name.upper()}", code) for name, code in METRIC_CODES.items()])
+    ints([(f"ALG_{name.upper()}", code) for name, code in ALGORITHM_CODES.items()])
+    for enum in (ReserveMode, SettleMode):
+        ints([(f"MODE_{m.name}", m.value) for m in enum])
+    ints([(f"RESERVE_{s.name}", s.value) for s in ReserveStatus])
+    ints([(f"SETTLE_{s.name}", s.value) for s in SettleStatus])
+    for fmt in FORMATS:
+        lines.append(f"local {fmt.name}_FORMAT = '{fmt.lua}'")
+        ints([(f"{fmt.name}_SIZE", fmt.size)])
+    lines.append(f"local RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "
+                 f"'{RECORD_RESERVED}', '{RECORD_COMMITTED}', '{RECORD_RELEASED}'")
+    ints([(f"REPLY_{name.upper()}", i + 1) for i, name in enumerate(RESERVE_REPLY)])
+    ints([(f"SETTLED_{name.upper()}", i + 1) for i, name in enumerate(SETTLE_REPLY)])
+    ints([("REPLY_HEAD_SIZE", REPLY_HEAD_SIZE)])
+    return "\n".join(lines) + "\n"
