@@ -14,18 +14,34 @@ local function calendar_parse(lid, algo, metric, limit, a, b, c, d)
   return {lid, algo, metric, limit, 0, false, false, a, b, c, d, 0, 0, false}
 end
 
+-- The period a time falls in among the four starts: its start and stop, or false.
+local function period_of(lim, t)
+  if lim[P0] <= t and t < lim[P1] then return lim[P0], lim[P1] end
+  if lim[P1] <= t and t < lim[P2] then return lim[P1], lim[P2] end
+  if lim[P2] <= t and t < lim[P3] then return lim[P2], lim[P3] end
+  return false
+end
+
 local function calendar_load(lim, raw, now)
   lim[STALE] = false
-  local start, stop
-  if lim[P0] <= now and now < lim[P1] then start, stop = lim[P0], lim[P1]
-  elseif lim[P1] <= now and now < lim[P2] then start, stop = lim[P1], lim[P2]
-  elseif lim[P2] <= now and now < lim[P3] then start, stop = lim[P2], lim[P3]
-  else lim[STALE], start, stop = true, now, now + 1 end
-  lim[START], lim[STOP] = start, stop
+  local start, stop = period_of(lim, now)
+  if not start then lim[STALE], start, stop = true, now, now + 1 end
   if raw then
     local stored, value = sunpack(PAIR_FORMAT, raw)
-    if stored == start then lim[USED] = value end
+    if stored == start then
+      lim[USED] = value
+    elseif stored > start then
+      -- Redis time stepped back (a failover to a skewed replica, NTP): a newer period is
+      -- stored; keep counting in it, never replace it with an older one
+      local newer_start, newer_stop = period_of(lim, stored)
+      if newer_start ~= stored then
+        -- beyond the periods the engine sent: as long as the last one, to be safe
+        newer_start, newer_stop = stored, stored + (lim[P3] - lim[P2])
+      end
+      start, stop, lim[STALE], lim[USED] = newer_start, newer_stop, false, value
+    end
   end
+  lim[START], lim[STOP] = start, stop
 end
 
 -- Adds delta to the period `ref` (false: the current one). A refund for a period that is over

@@ -4,15 +4,18 @@
 -- KEYS: 1 subject hash K, 2 reservation record R
 -- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
 --         input tokens, requested output cap, minimum output, input, cached-input and output
---         prices (micro-USD per 1M tokens),
+--         prices (micro-USD per 1M tokens), the attempt,
 --       2 the reservation's other subjects (opaque, kept in the record),
---       3 the limit specs (SPEC each), 4 the reservation ttl ms as text (a number passed to
---       redis.call is formatted with printf, slowly)
+--       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
+--       the commit grace (a number passed to redis.call is formatted with printf, slowly)
 --   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
+--   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
+--   A record of this very attempt (left by a cancel that ran first) answers RESERVE_CANCELLED.
 -- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
 
 local K, R = KEYS[1], KEYS[2]
-local clock, mode, ttl, input, cap, min_out, pi, pc, po = sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
+local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
+  sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
@@ -25,16 +28,23 @@ end
 local head = reply_head()
 head[REPLY_INPUT_TOKENS] = input
 
-if mode == MODE_RETRY then
+if mode ~= MODE_DRY_RUN then
   local prev = redis.call('GET', R)
-  if prev then
-    local rec = parse_record(prev)
-    if rec.state ~= RECORD_RELEASED then
-      head[REPLY_STATUS], head[REPLY_GRANTED_OUTPUT] = RESERVE_REPEAT, rec.output
-      head[REPLY_EXPIRES_AT_MS], head[REPLY_INPUT_TOKENS] = rec.expires, rec.input
-      head[REPLY_RESERVED_COST_NANO] = ceil((rec.input * pi + rec.output * po) / PRICE_DIVISOR)
-      return packed_reply(limits, now, false, head)
-    end
+  local rec = prev and parse_record(prev)
+  if rec and rec.attempt == attempt then
+    head[REPLY_STATUS] = RESERVE_CANCELLED
+    return packed_reply(limits, now, false, head)
+  end
+  local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
+  if live and mode ~= MODE_RESERVE then
+    head[REPLY_STATUS], head[REPLY_GRANTED_OUTPUT] = RESERVE_REPEAT, rec.output
+    head[REPLY_EXPIRES_AT_MS], head[REPLY_INPUT_TOKENS] = rec.expires, rec.input
+    head[REPLY_RESERVED_COST_NANO] = ceil((rec.input * pi + rec.output * po) / PRICE_DIVISOR)
+    return packed_reply(limits, now, false, head)
+  end
+  if mode == MODE_CONFIRM then
+    head[REPLY_STATUS] = RESERVE_MISSING
+    return packed_reply(limits, now, false, head)
   end
 end
 
@@ -97,9 +107,9 @@ for k = 1, nl do
 end
 if mode ~= MODE_DRY_RUN then
   write_limits(K, limits, now, x)
-  redis.call('SET', R, spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
-                             po, 0, 0, 0, nl, unpack(refs, 1, nl)) .. ARGV[3] .. ARGV[2],
-             'PX', ARGV[4])
+  local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
+                              po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
+  redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
 end
 head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
 head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires

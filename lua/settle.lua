@@ -5,19 +5,28 @@
 --
 -- KEYS: 1 subject hash K, 2 reservation record R
 -- ARGV: 1 SETTLE_ARGS (wire.py): clock override (0 = Redis TIME), mode, input tokens, cached
---         input tokens, output tokens (MODE_RESIZE: the new output cap),
+--         input tokens, output tokens (MODE_RESIZE: the new output cap), the attempt
+--         (MODE_CANCEL: the reserve attempt to cancel),
 --       2 how long a settled record is kept (ms, as text; to answer repeats)
+--   MODE_CANCEL: a record of that attempt is released; another attempt's record is left alone
+--   (SETTLE_CONFLICT); no record becomes a released one of that attempt, which bars the
+--   attempt's reserve should it still run (a timed-out call may run late).
 -- Reply (packed_reply): wire.py's SETTLE_REPLY fields, then for a resize, per limit: remaining,
 --   reset ms (as reserve's); then the other subjects (the opaque string reserve kept).
 
 local K, R = KEYS[1], KEYS[2]
-local clock, mode, input, cached, output = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
+local clock, mode, input, cached, output, attempt = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 
 local raw = redis.call('GET', R)
 if not raw then
   local head = reply_head()
   head[SETTLED_STATUS] = SETTLE_NOT_FOUND
+  if mode == MODE_CANCEL then
+    local barred = record(RECORD_RELEASED, now, 0, 0, 0, 0, 0, 0, 0, 0, attempt, 0)
+    redis.call('SET', R, barred .. '[]', 'PX', ARGV[2])
+    head[SETTLED_STATUS] = SETTLE_APPLIED
+  end
   return packed_reply(false, now, '[]', head)
 end
 local rec = parse_record(raw)
@@ -36,6 +45,10 @@ local function reply(status, limits)
   return packed_reply(limits, now, rec.others, head)
 end
 
+if mode == MODE_CANCEL then
+  if rec.attempt ~= attempt then return reply(SETTLE_CONFLICT, false) end
+  mode = MODE_RELEASE
+end
 if rec.state ~= RECORD_RESERVED then
   local repeated = (mode == MODE_COMMIT and rec.state == RECORD_COMMITTED)
                    or (mode == MODE_RELEASE and rec.state == RECORD_RELEASED)
@@ -69,12 +82,13 @@ local u_in, u_cached, u_out = unpack(rec.actual)
 if mode == MODE_RESIZE then
   rec.output = u[METRIC_OUTPUT_TOKENS]
   redis.call('SET', R, record(RECORD_RESERVED, rec.expires, rec.input, rec.output, rec.pi,
-                              rec.pc, rec.po, u_in, u_cached, u_out, limits and #limits or 0)
-                       .. rec.raw:sub(RECORD_SIZE + 1), 'KEEPTTL')
+                              rec.pc, rec.po, u_in, u_cached, u_out, rec.attempt,
+                              limits and #limits or 0) .. rec.raw:sub(RECORD_SIZE + 1), 'KEEPTTL')
   return reply(SETTLE_APPLIED, limits)
 end
 rec.state = (mode == MODE_COMMIT) and RECORD_COMMITTED or RECORD_RELEASED
 -- a settled record only answers repeats
 redis.call('SET', R, record(rec.state, rec.expires, rec.input, rec.output, rec.pi, rec.pc,
-                            rec.po, u_in, u_cached, u_out, 0) .. rec.others, 'PX', ARGV[2])
+                            rec.po, u_in, u_cached, u_out, rec.attempt, 0) .. rec.others,
+           'PX', ARGV[2])
 return reply(SETTLE_APPLIED, false)

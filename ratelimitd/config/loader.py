@@ -35,6 +35,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "tokens": TokensConfig, "calendar": CalendarConfig, "keys": KeysConfig,
     "abuse": AbuseConfig, "anomaly": AnomalyConfig, "alerts": AlertsConfig,
 }
+# A reservation lives at most a week (its concurrency slot with it)
+MAX_RESERVATION_TTL_S: Final = 7 * 86_400
 _CHOICES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "redis": {"mode": ("standalone", "cluster", "sentinel"), "on_error": ("deny", "allow")},
 }
@@ -96,8 +98,12 @@ def _check(config: Config, where: Where) -> None:
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise where.at("calendar.timezone").error(
             f"unknown timezone {config.calendar.timezone!r}") from exc
-    if config.reservations.ttl_s < 1:
-        raise where.at("reservations.ttl_s").error("must be at least 1 second")
+    if not 1 <= config.reservations.ttl_s <= MAX_RESERVATION_TTL_S:
+        raise where.at("reservations.ttl_s").error(
+            f"must be from 1 to {MAX_RESERVATION_TTL_S} seconds")
+    if config.reservations.commit_grace_s > MAX_RESERVATION_TTL_S:
+        raise where.at("reservations.commit_grace_s").error(
+            f"must be at most {MAX_RESERVATION_TTL_S} seconds")
     if config.redis.timeout_ms < 1:
         raise where.at("redis.timeout_ms").error("must be at least 1 ms")
     if config.redis.mode == "cluster" and not config.redis.url:

@@ -39,6 +39,9 @@ class RedisConfig:
 @dataclass(frozen=True, slots=True)
 class ReservationsConfig:
     ttl_s: int = 300
+    # an uncommitted reservation's record is kept this long past its expiry, so a late
+    # commit still charges what the call really used
+    commit_grace_s: int = 3600
     min_output_tokens: int = 16
     # output cap reserved when neither the request nor the tier names one
     default_max_output_tokens: int = 4096

@@ -29,6 +29,9 @@ _SHORTHAND_LIMITS: Final = ("requests_per_minute", "tokens_per_day", "daily_budg
 _SHORTHAND_CAPS: Final = ("max_output_tokens", "max_prompt_chars", "max_input_tokens")
 _LIMIT_KEYS: Final = ("name", "scope", "metric", "window", "limit", "algorithm", "burst")
 _NAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The longest sliding or bucket window: every time the engine derives from it stays a whole
+# number of ms far below what Redis and Lua's doubles hold exactly
+MAX_WINDOW_MS: Final = 366 * 86_400_000
 
 
 def _price(raw: Any, where: Where) -> ModelPrice:
@@ -127,15 +130,22 @@ def _limit(table: Any, where: Where) -> Limit:
         window_ms = parse_duration(window)
     except ValueError as exc:
         raise where.at("window").error(f"{exc}, or day / month") from exc
+    if window_ms > MAX_WINDOW_MS:
+        raise where.at("window").error(f"{window!r} is longer than the longest window, 366d; "
+                                       "a longer budget is a calendar month")
     if algorithm == "token_bucket":
         burst = _amount(metric, table.get("burst", table["limit"]), where.at("burst"))
         return Limit(name, scope, metric, amount, "token_bucket",
                      window_ms=window_ms, burst=burst)
     if "burst" in table:
         raise where.at("burst").error("only a token_bucket limit has a burst")
-    buckets = max(d for d in range(1, DEFAULT_SUB_BUCKETS + 1) if window_ms % d == 0)
-    return Limit(name, scope, metric, amount, "sliding",
-                 window_ms=window_ms, buckets=buckets)
+    if window_ms < DEFAULT_SUB_BUCKETS:
+        raise where.at("window").error(
+            f"{window!r} is too short for a sliding window: it is kept as {DEFAULT_SUB_BUCKETS} "
+            f"sub-buckets of at least 1 ms (conservative by at most 1/{DEFAULT_SUB_BUCKETS} of "
+            f"the window), so it must be at least {DEFAULT_SUB_BUCKETS}ms")
+    return Limit(name, scope, metric, amount, "sliding", window_ms=window_ms,
+                 buckets=DEFAULT_SUB_BUCKETS)
 
 
 def _amount(metric: str, raw: Any, where: Where) -> int:

@@ -70,7 +70,8 @@ def degraded_answer(input_tokens: int, cap: int) -> web.Response:
         "reserved": {"requests": 0, "tokens": 0, "cost_usd": 0.0}, "limits": [],
         "warnings": [{"code": "backend_unavailable",
                       "message": "the quota store did not answer; admitted unchecked by "
-                                 "on_error = allow, and nothing was charged"}],
+                                 "on_error = allow: nothing is charged (what the attempt "
+                                 "reached is cancelled once Redis answers)"}],
         "duplicate": False})
 
 

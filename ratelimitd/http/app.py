@@ -67,6 +67,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     store = open_store(config.redis, app[REDIS_URL])
     engine = Engine(store.transport,
                     EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
+                                   commit_grace_ms=config.reservations.commit_grace_s * 1000,
                                    timezone=config.calendar.timezone))
     executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS,
                                   thread_name_prefix="ratelimitd-tokens")
@@ -80,6 +81,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not load the function library at startup: %s", exc)
     yield
     executor.shutdown(wait=False, cancel_futures=True)
+    await engine.aclose()
     await store.aclose()
 
 

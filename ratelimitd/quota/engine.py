@@ -1,39 +1,41 @@
 """The quota engine: turns a plan (subjects and their limits) into function calls.
 
 Each subject is one Redis hash slot (`rl:{scope:id}`); a reserve visits the subjects in order
-and, when a later one denies, releases what the earlier ones reserved, so a reserve is all or
-nothing. The decision logic itself lives in lua/; this module only builds keys and arguments
-(wire.py's formats), follows the subjects, and shapes the replies.
+and, when a later one denies or a call fails, cancels that attempt on the subjects it reached
+(compensation.py), so a reserve is all or nothing. A subject that denied lately is asked first,
+read-only, so that a reserve it will deny holds nobody else's quota meanwhile. The decision
+logic itself lives in lua/; this module only builds keys and arguments (wire.py's formats),
+follows the subjects, and shapes the replies.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import os
-import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from os import urandom as os_random
 from typing import Final, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
 
+from ratelimitd.errors import ReserveInProgress, StoreUnavailable
 from ratelimitd.policy import Limit, Prices, Subject
-from ratelimitd.quota import wire
+from ratelimitd.quota import ids, wire
 from ratelimitd.quota.calendar import Calendar
+from ratelimitd.quota.compensation import Compensator
+from ratelimitd.quota.ids import ReservationIds
 from ratelimitd.quota.runner import ScriptRunner
 from ratelimitd.quota.wire import ReserveMode, ReserveStatus, SettleMode, SettleStatus
 from ratelimitd.store.transport import Transport
 
-RID_PREFIX: Final = "rsv_"
-MAX_RID_CHARS: Final = 1024
-_RID_RANDOM: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
-# A reservation id's random part: 144 bits, drawn from the OS this many ids at a time (one
-# getrandom call per reserve was a measurable share of a reserve's CPU)
-_RANDOM_BYTES: Final = 18
-_RANDOM_BATCH: Final = 455
+# How long a daemon keeps using the id secret before reading it from Redis again (a Redis that
+# lost its data gets a new one, and every daemon must follow)
+SECRET_REFRESH_S: Final = 60.0
+# A subject that denied is asked first, read-only, for this long (at most; its retry-after
+# when shorter, but at least the minimum); the daemon remembers this many such subjects
+DENYING_MIN_MS, DENYING_MAX_MS, DENYING_MAX_SUBJECTS = 1_000, 10_000, 10_000
 
 SettleOutcome = Literal["applied", "duplicate", "not_found", "conflict"]
 _OUTCOMES: Final[dict[SettleStatus, SettleOutcome]] = {
@@ -91,6 +93,8 @@ class SettleResult:
 @dataclass(frozen=True, slots=True)
 class EngineSettings:
     reservation_ttl_ms: int = 300_000
+    # an unsettled record outlives its expiry by this much, so a late commit is still charged
+    commit_grace_ms: int = 3_600_000
     timezone: str = "UTC"
 
 
@@ -101,23 +105,10 @@ def _keys(tag: str, rand: str) -> list[str | int]:
     return [2, base, f"{base}:r:{rand}"]
 
 
-def reservation_id(primary: Subject, rand: str) -> str:
-    tag = base64.urlsafe_b64encode(primary.tag.encode()).rstrip(b"=").decode()
-    return f"{RID_PREFIX}{rand}.{tag}"
-
-
-def parse_reservation_id(rid: str) -> tuple[str, str] | None:
-    """rid -> (random part, primary subject tag), or None when it cannot be ours."""
-    if not rid.startswith(RID_PREFIX) or len(rid) > MAX_RID_CHARS:
-        return None
-    rand, _, tag64 = rid[len(RID_PREFIX):].partition(".")
-    if not _RID_RANDOM.fullmatch(rand) or not tag64:
-        return None
-    try:
-        tag = base64.urlsafe_b64decode(tag64 + "=" * (-len(tag64) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return rand, tag
+def concurrency_lid(lid: str, ttl_ms: int) -> str:
+    """A concurrency limit's state id: its sub-buckets are as wide as a reservation lives, so
+    daemons with different ttl_s must not share it."""
+    return hashlib.blake2s(f"{lid}|{ttl_ms}".encode(), digest_size=4).hexdigest()
 
 
 class Engine:
@@ -125,13 +116,19 @@ class Engine:
 
     def __init__(self, transport: Transport, settings: EngineSettings | None = None) -> None:
         self.settings = settings or EngineSettings()
+        self.transport = transport
         self.scripts = ScriptRunner(transport)
-        self._random = b""
+        self._ids: ReservationIds | None = None
+        self._ids_read_at = 0.0
         self._calendar = Calendar(ZoneInfo(self.settings.timezone))
         self._clock: Callable[[], int] | None = None
         self._specs: dict[Limit, bytes] = {}
-        # the records' TTL as text: a number passed on to a Redis command costs Lua a printf
-        self._ttl_text = str(self.settings.reservation_ttl_ms)
+        self._denying: dict[str, float] = {}       # subject tag -> until (monotonic s)
+        ttl = self.settings.reservation_ttl_ms
+        # times as text: a number passed on to a Redis command costs Lua a printf
+        self._ttl_text = str(ttl)
+        self._record_ttl_text = str(ttl + self.settings.commit_grace_ms)
+        self.compensator = Compensator(self._cancel, (ttl + self.settings.commit_grace_ms) / 1000)
 
     @classmethod
     def with_test_clock(
@@ -143,12 +140,19 @@ class Engine:
         engine._clock = clock
         return engine
 
-    def _random_id(self) -> str:
-        """The random part of a reservation id."""
-        if len(self._random) < _RANDOM_BYTES:
-            self._random = os.urandom(_RANDOM_BYTES * _RANDOM_BATCH)
-        chunk, self._random = self._random[:_RANDOM_BYTES], self._random[_RANDOM_BYTES:]
-        return base64.urlsafe_b64encode(chunk).decode()
+    async def aclose(self) -> None:
+        await self.compensator.aclose()
+
+    async def ids(self) -> ReservationIds:
+        """Reservation ids under the secret all daemons share (made once, kept in Redis)."""
+        if self._ids is not None and time.monotonic() - self._ids_read_at < SECRET_REFRESH_S:
+            return self._ids
+        await self.transport.execute("SET", ids.SEAL_REDIS_KEY, os_random(ids.SECRET_BYTES), "NX")
+        secret = await self.transport.execute("GET", ids.SEAL_REDIS_KEY)
+        if not secret:
+            raise StoreUnavailable("Redis lost the reservation id secret as it was read")
+        self._ids, self._ids_read_at = ReservationIds(bytes(secret)), time.monotonic()
+        return self._ids
 
     def _clock_override(self) -> int:
         """The scripts' clock argument: the test clock's ms, or 0 for Redis TIME."""
@@ -173,84 +177,157 @@ class Engine:
         return b"".join(parts)
 
     def _encode_spec(self, lim: Limit) -> bytes:
-        head = (lim.lid.encode(), wire.ALGORITHM_CODES[lim.algorithm],
-                wire.METRIC_CODES[lim.metric])
+        lid = lim.lid
         if lim.algorithm == "calendar":
+            head = (lid.encode(), wire.ALGORITHM_CODES[lim.algorithm],
+                    wire.METRIC_CODES[lim.metric])
             return wire.SPEC_HEAD.pack(*head, lim.limit)   # + the period starts, per call
         if lim.algorithm == "token_bucket":
             a, b = lim.window_ms, lim.burst
         elif lim.metric == "concurrent":
             # in-flight calls are a sliding window as long as a reservation lives
             a, b = self.settings.reservation_ttl_ms, lim.buckets
+            lid = concurrency_lid(lid, self.settings.reservation_ttl_ms)
         else:
             a, b = lim.window_ms, lim.buckets
+        head = (lid.encode(), wire.ALGORITHM_CODES[lim.algorithm], wire.METRIC_CODES[lim.metric])
         return wire.SPEC.pack(*head, lim.limit, a, b, 0, 0)
 
     # -- reserve ---------------------------------------------------------------------------
 
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
+        ids_ = await self.ids()
         primary = req.plan[0][0]
-        if req.idempotency_key is not None:
-            digest = hashlib.sha256(f"{primary.tag}\0{req.idempotency_key}".encode()).digest()
-            rand = base64.urlsafe_b64encode(digest[:_RANDOM_BYTES]).decode()
-        else:
-            rand = self._random_id()
-        rid = reservation_id(primary, rand)
-        mode = ReserveMode.DRY_RUN if req.dry_run else (
-            ReserveMode.RETRY if req.idempotency_key is not None else ReserveMode.RESERVE)
+        rand = (ids_.random() if req.idempotency_key is None
+                else ids_.for_key(primary.tag, req.idempotency_key))
+        call = _Attempt(req, rand, ids_.attempt(), ReserveMode.DRY_RUN if req.dry_run else (
+            ReserveMode.RETRY if req.idempotency_key is not None else ReserveMode.RESERVE))
+        denial = await self._precheck(call) if self._denying and not req.dry_run else None
+        if denial is not None:
+            return denial
+        try:
+            result = await self._reserve_all(call)
+        except (StoreUnavailable, ReserveInProgress):
+            if not req.dry_run:
+                await self.compensator.cancel_now(
+                    [(s.tag, rand, call.attempt) for s in call.reached])
+            raise
+        if result.allowed:
+            result.reservation_id = "" if req.dry_run else ids_.make(primary.tag, rand)
+        return result
+
+    async def _reserve_all(self, call: _Attempt) -> ReserveResult:
+        req = call.req
         others = orjson.dumps([s.tag for s, _ in req.plan[1:]]).decode()
         grant = req.max_output_tokens
         holds: list[_SubjectHold] = []
         first: wire.ReserveReply | None = None
         for index, (subject, limits) in enumerate(req.plan):
-            reply = wire.decode_reserve(await self.scripts.run(self.scripts.library.reserve, [
-                *_keys(subject.tag, rand),
-                wire.RESERVE_ARGS.pack(
-                    self._clock_override(), mode, self.settings.reservation_ttl_ms,
-                    req.input_tokens, grant, req.min_output_tokens, req.prices.input,
-                    req.prices.cached_input, req.prices.output),
-                others if index == 0 else "[]", self._specs_arg(limits), self._ttl_text]))
+            reply = await self._reserve_on(call, subject, limits, grant,
+                                           others if index == 0 else "[]")
             hold = _SubjectHold(subject, limits, reply.granted_output,
                                 _states(subject, limits, reply.limit_states))
             if reply.status == ReserveStatus.DENIED:
-                await self._undo(holds, rand)
-                states = [s for done in holds for s in done.states] + hold.states
-                retry = reply.retry_after_ms
-                return ReserveResult(
-                    allowed=False, reservation_id="", expires_at_ms=0,
-                    input_tokens=req.input_tokens, max_output_tokens=0, states=states,
-                    denied_by=hold.states[reply.denied_limit - 1],
-                    retry_after_ms=None if retry < 0 else retry)
+                await self._undo(call, holds)
+                if index > 0:
+                    self._remember_denial(subject, reply.retry_after_ms)
+                return _denied(req, [s for done in holds for s in done.states], hold,
+                               reply)
+            if reply.status == ReserveStatus.REPEAT:
+                if index == 0:
+                    return await self._repeat(call, reply, hold)
+                # the first reserve with this key left its record here but not on the
+                # primary: it is under way, or cut short and being cancelled
+                raise ReserveInProgress("the first reserve with this idempotency_key has not "
+                                        "finished; retry shortly")
+            if reply.status == ReserveStatus.CANCELLED:
+                raise StoreUnavailable("this reserve attempt was cancelled before it ran")
             holds.append(hold)
             if first is None:
                 first = reply
-                # a retry answers with the reservation it repeats, whatever cap it asks for
-                grant = (hold.granted if reply.status == ReserveStatus.REPEAT
-                         else min(grant, hold.granted))
-            else:
-                grant = min(grant, hold.granted)
+            grant = min(grant, hold.granted)
         assert first is not None  # the plan always has the caller's user
         cost = first.reserved_cost_nano
         if not req.dry_run and holds[0].granted > grant:
-            cost = await self._shrink(holds, rand, grant)
+            cost = await self._shrink(call, holds, grant)
         return ReserveResult(
-            allowed=True, reservation_id="" if req.dry_run else rid,
-            expires_at_ms=first.expires_at_ms, input_tokens=first.input_tokens,
-            max_output_tokens=grant, states=[s for hold in holds for s in hold.states],
-            reserved_cost_nano=cost, duplicate=first.status == ReserveStatus.REPEAT)
+            allowed=True, reservation_id="", expires_at_ms=first.expires_at_ms,
+            input_tokens=first.input_tokens, max_output_tokens=grant,
+            states=[s for hold in holds for s in hold.states], reserved_cost_nano=cost)
 
-    async def _undo(self, holds: list[_SubjectHold], rand: str) -> None:
+    async def _reserve_on(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
+                          grant: int, others: str, mode: ReserveMode | None = None
+                          ) -> wire.ReserveReply:
+        req = call.req
+        mode = call.mode if mode is None else mode
+        if mode in (ReserveMode.RESERVE, ReserveMode.RETRY):
+            call.reached.append(subject)
+        return wire.decode_reserve(await self.scripts.run(self.scripts.library.reserve, [
+            *_keys(subject.tag, call.rand),
+            wire.RESERVE_ARGS.pack(
+                self._clock_override(), mode, self.settings.reservation_ttl_ms,
+                req.input_tokens, grant, req.min_output_tokens, req.prices.input,
+                req.prices.cached_input, req.prices.output, call.attempt),
+            others, self._specs_arg(limits), self._record_ttl_text]))
+
+    async def _precheck(self, call: _Attempt) -> ReserveResult | None:
+        """Asks each subject that denied lately (after the first), read-only: a reserve it
+        denies now is answered without holding the other subjects' quota meanwhile."""
+        now = time.monotonic()
+        for subject, limits in call.req.plan[1:]:
+            until = self._denying.get(subject.tag)
+            if until is None or until < now:
+                continue
+            reply = await self._reserve_on(call, subject, limits, call.req.max_output_tokens,
+                                           "[]", ReserveMode.DRY_RUN)
+            if reply.status == ReserveStatus.DENIED:
+                self._remember_denial(subject, reply.retry_after_ms)
+                hold = _SubjectHold(subject, limits, 0,
+                                    _states(subject, limits, reply.limit_states))
+                return _denied(call.req, [], hold, reply)
+            del self._denying[subject.tag]
+        return None
+
+    def _remember_denial(self, subject: Subject, retry_after_ms: int) -> None:
+        if len(self._denying) >= DENYING_MAX_SUBJECTS:
+            self._denying.clear()
+        hold_ms = DENYING_MAX_MS if retry_after_ms < 0 else min(
+            max(retry_after_ms, DENYING_MIN_MS), DENYING_MAX_MS)
+        self._denying[subject.tag] = time.monotonic() + hold_ms / 1000
+
+    async def _repeat(self, call: _Attempt, first: wire.ReserveReply, hold: _SubjectHold
+                      ) -> ReserveResult:
+        """An idempotent retry found the first reserve's record on the primary subject: it
+        answers with that reservation once every other subject holds it too; until then the
+        first reserve is still under way (or was cut short and is being cancelled)."""
+        states = list(hold.states)
+        for subject, limits in call.req.plan[1:]:
+            reply = await self._reserve_on(call, subject, limits, 0, "[]", ReserveMode.CONFIRM)
+            if reply.status != ReserveStatus.REPEAT:
+                raise ReserveInProgress("the first reserve with this idempotency_key has not "
+                                        "finished; retry shortly")
+            states += _states(subject, limits, reply.limit_states)
+        return ReserveResult(
+            allowed=True, reservation_id="", expires_at_ms=first.expires_at_ms,
+            input_tokens=first.input_tokens, max_output_tokens=first.granted_output,
+            states=states, reserved_cost_nano=first.reserved_cost_nano, duplicate=True)
+
+    async def _undo(self, call: _Attempt, holds: list[_SubjectHold]) -> None:
         """A later subject denied: give back what the earlier subjects reserved."""
-        for hold in holds:
-            await self._settle(hold.subject.tag, rand, SettleMode.RELEASE, 0, 0, 0)
+        await self.compensator.cancel_now(
+            [(hold.subject.tag, call.rand, call.attempt) for hold in holds])
 
-    async def _shrink(self, holds: list[_SubjectHold], rand: str, grant: int) -> int:
+    async def _cancel(self, tag: str, rand: str, attempt: int) -> None:
+        await self._settle(tag, rand, SettleMode.CANCEL, 0, 0, 0, attempt)
+
+    async def _shrink(self, call: _Attempt, holds: list[_SubjectHold], grant: int) -> int:
         """A later subject granted less output: earlier subjects keep only the final grant,
         and report their limits as they are then. Returns the reservation's cost (nano-USD)."""
         cost = 0
         for hold in holds:
             if hold.granted > grant:
-                reply = await self._settle(hold.subject.tag, rand, SettleMode.RESIZE, 0, 0, grant)
+                reply = await self._settle(hold.subject.tag, call.rand, SettleMode.RESIZE, 0, 0,
+                                           grant)
                 cost = reply.reserved_cost_nano
                 hold.states = _states(hold.subject, hold.limits, reply.limit_states)
         return cost
@@ -271,7 +348,7 @@ class Engine:
     async def _settle_all(
         self, rid: str, mode: SettleMode, input_tokens: int, cached: int, output: int
     ) -> SettleResult:
-        parsed = parse_reservation_id(rid)
+        parsed = (await self.ids()).parse(rid)
         if parsed is None:
             return SettleResult("not_found")
         rand, primary = parsed
@@ -288,12 +365,26 @@ class Engine:
         return result
 
     async def _settle(
-        self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int, output: int
+        self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int,
+        output: int, attempt: int = 0
     ) -> wire.SettleReply:
         return wire.decode_settle(await self.scripts.run(self.scripts.library.settle, [
             *_keys(tag, rand),
-            wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output),
+            wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
+                                  attempt),
             self._ttl_text]))
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One reserve attempt: its request, reservation and attempt ids, mode, and the subjects
+    it sent a charging call to (what a failure must cancel)."""
+
+    req: ReserveRequest
+    rand: str
+    attempt: int
+    mode: ReserveMode
+    reached: list[Subject] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -304,6 +395,15 @@ class _SubjectHold:
     limits: Sequence[Limit]
     granted: int
     states: list[LimitState]
+
+
+def _denied(req: ReserveRequest, states: list[LimitState], hold: _SubjectHold,
+            reply: wire.ReserveReply) -> ReserveResult:
+    retry = reply.retry_after_ms
+    return ReserveResult(
+        allowed=False, reservation_id="", expires_at_ms=0, input_tokens=req.input_tokens,
+        max_output_tokens=0, states=states + hold.states,
+        denied_by=hold.states[reply.denied_limit - 1], retry_after_ms=None if retry < 0 else retry)
 
 
 def _states(subject: Subject, limits: Sequence[Limit], pairs: Sequence[int]

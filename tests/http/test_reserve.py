@@ -20,6 +20,7 @@ from tests.support.http import (
     RESERVE_KEYS,
     Serve,
     call,
+    charged_keys,
     cookbook_count,
     cost_nano,
     go_duration_ms,
@@ -153,7 +154,7 @@ async def test_a_call_that_can_never_fit_says_so_and_sends_no_retry_after(
     assert body["retry_after_ms"] is None
     assert "retrying will not help" in body["message"]
     assert "Retry-After" not in resp.headers
-    assert await redis_client.keys("*") == []
+    assert await charged_keys(redis_client) == []
 
 
 async def test_concurrency_slots_deny_then_free_on_commit_and_release(serve: Serve) -> None:

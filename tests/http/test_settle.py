@@ -235,7 +235,7 @@ async def test_any_user_id_gets_its_own_limits_and_a_working_reservation(
 
 async def test_an_expired_reservation_is_404_and_its_estimate_stays_charged(
         serve: Serve) -> None:
-    client = await serve({**small(), "reservations": {"ttl_s": 1}})
+    client = await serve({**small(), "reservations": {"ttl_s": 1, "commit_grace_s": 0}})
     resp, rsv = await call(client, "/v1/reserve", rq(input_tokens=100, max_output_tokens=100))
     assert resp.status == 200, rsv
     assert 0 < rsv["expires_at_ms"] - time.time() * 1000 <= 1000

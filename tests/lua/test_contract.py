@@ -72,8 +72,8 @@ def test_decoders_read_the_fields_in_their_declared_order(declared: tuple[str, .
 
 def test_lua_formats_describe_the_same_bytes_as_python() -> None:
     assert wire.SPEC.lua == "<c8BBddddd" and wire.SPEC.size == 50
-    assert wire.RECORD.lua == "<c1" + "d" * 10 and wire.RECORD.size == 81
-    assert wire.RESERVE_ARGS.lua == "<" + "d" * 9
+    assert wire.RECORD.lua == "<c1" + "d" * 11 and wire.RECORD.size == 89
+    assert wire.RESERVE_ARGS.lua == "<" + "d" * 10
     assert all(fmt.size == len(fmt.fields) * 8 for fmt in (wire.RESERVE_ARGS, wire.SETTLE_ARGS,
                                                            wire.CALENDAR_STARTS))
 
@@ -89,7 +89,7 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     def args(output_cap: int) -> list[object]:
         return [*keys, wire.RESERVE_ARGS.pack(clock(), wire.ReserveMode.RESERVE, 300_000, 100,
                                               output_cap, 16, PRICES.input, PRICES.cached_input,
-                                              PRICES.output),
+                                              PRICES.output, 12345),
                 "[]", engine._specs_arg([tokens, cap]), "300000"]
 
     granted = wire.decode_reserve(await engine.scripts.run(library.reserve, args(2000)))
@@ -114,11 +114,11 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     engine = Engine.with_test_clock(BatchTransport(redis_client, None), clock)
     lim = Limit("tokens_per_min", "user", "tokens", 10_000, "sliding", window_ms=60_000)
     res = await engine.reserve(ReserveRequest(tier_plan(lim), 100, 500, PRICES))
-    rand = res.reservation_id[4:].partition(".")[0]
+    rand = (await engine.ids()).parse(res.reservation_id)[0]  # type: ignore[index]
     library = shipped_library()
     reply = wire.decode_settle(await engine.scripts.run(library.settle, [
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
-        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50), "300000"]))
+        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50, 0), "300000"]))
     assert reply.status == wire.SettleStatus.APPLIED
     assert (reply.input_tokens, reply.cached_input_tokens, reply.output_tokens) == (100, 40, 50)
     assert reply.cost_nano == -(-(60 * PRICES.input + 40 * PRICES.cached_input
@@ -128,5 +128,5 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     assert reply.others == b"[]"
     again = wire.decode_settle(await engine.scripts.run(library.settle, [
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
-        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0), "300000"]))
+        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0, 0), "300000"]))
     assert again.status == wire.SettleStatus.CONFLICT

@@ -13,7 +13,8 @@ DOC = (Path(__file__).resolve().parents[2] / "docs" / "wire.md").read_text()
 
 def test_every_format_and_field_is_documented_at_its_offset() -> None:
     for fmt in wire.FORMATS:
-        assert f"## {fmt.name} (`{fmt.python}`, {fmt.size} bytes)" in DOC, fmt.name
+        assert f"## {fmt.name} (`{fmt.python}`, {fmt.size} bytes)" in DOC, (
+            f"{fmt.name}: run scripts/wire_doc.py")
         section = DOC.split(f"## {fmt.name} (")[1].split("\n## ")[0]
         items = [f"{n}s" if c == "s" else c
                  for n, c in re.findall(r"(\d*)([a-zA-Z])", fmt.python)

@@ -109,15 +109,32 @@ async def test_expired_reservation_is_not_found_and_its_estimate_stays_charged(
     redis_client: Redis, clock: Clock
 ) -> None:
     """Reservation records live in real Redis time: this one takes a short real sleep."""
-    engine = make_engine(redis_client, clock, reservation_ttl_ms=150)
+    engine = make_engine(redis_client, clock, reservation_ttl_ms=150, commit_grace_ms=100)
     p = tier_plan(sliding("tokens", "tokens", "60s", 1000))
     res = await engine.reserve(rq(p, 100, 100))
     assert res.expires_at_ms == clock.now + 150
-    await asyncio.sleep(0.3)
-    clock.advance(300)
+    await asyncio.sleep(0.4)                   # past the ttl and the commit grace
+    clock.advance(400)
     assert (await engine.commit(res.reservation_id, 10, 10)).status == "not_found"
     assert (await engine.release(res.reservation_id)).status == "not_found"
     assert (await left(engine, p))["user:tokens"] == 800
+
+
+async def test_a_late_commit_within_the_grace_charges_the_actual_usage(
+    redis_client: Redis, clock: Clock
+) -> None:
+    """A gateway that commits after the reservation expired still pays for its overrun."""
+    engine = make_engine(redis_client, clock, reservation_ttl_ms=150, commit_grace_ms=30_000)
+    p = tier_plan(sliding("tokens", "tokens", "60s", 1000))
+    res = await engine.reserve(rq(p, 100, 10))
+    await asyncio.sleep(0.3)                   # past the ttl, within the grace
+    clock.advance(300)
+    done = await engine.commit(res.reservation_id, 100, 410)
+    assert done.status == "applied" and done.reserved_tokens == 110
+    assert (await left(engine, p))["user:tokens"] == 1000 - 510
+    again = await engine.commit(res.reservation_id, 100, 410)
+    assert again.status == "duplicate"
+    assert (await left(engine, p))["user:tokens"] == 1000 - 510
 
 
 # -- 6. idempotency, dry run ------------------------------------------------------------------

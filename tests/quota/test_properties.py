@@ -35,6 +35,7 @@ from redis.asyncio import Redis
 
 from ratelimitd.policy import Identity, Limit, Prices, Subject, Tier, plan, sliding
 from ratelimitd.quota.engine import Engine, EngineSettings, ReserveRequest, ReserveResult
+from ratelimitd.quota.ids import SEAL_REDIS_KEY
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 from tests.support.redis_servers import RedisServer
@@ -195,7 +196,8 @@ class Model:
 
 
 async def snapshot(client: Redis) -> dict[bytes, bytes | None]:
-    return {k: await client.dump(k) for k in sorted([k async for k in client.scan_iter()])}
+    keys = [k async for k in client.scan_iter() if k != SEAL_REDIS_KEY.encode()]
+    return {k: await client.dump(k) for k in sorted(keys)}
 
 
 async def run_ops(url: str, quota: Quota, start: int, ops: list[tuple[Any, ...]]) -> None:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 
 from ratelimitd.config import parse_config
 from ratelimitd.http import create_app
+from ratelimitd.quota.ids import SEAL_REDIS_KEY
 from tests.support.redis_servers import RedisServer
 
 Serve = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -80,6 +81,8 @@ async def snapshot(redis: Redis) -> dict[bytes, Any]:
     """Every key with its type and value: equal snapshots mean nothing was written."""
     out: dict[bytes, Any] = {}
     for key in sorted(await redis.keys("*")):
+        if key == SEAL_REDIS_KEY.encode():      # made once, not a charge
+            continue
         kind = (await redis.type(key)).decode()
         if kind == "string":
             out[key] = ("string", await redis.get(key))
@@ -179,3 +182,8 @@ def cookbook_count(model: str, messages: list[dict[str, str]]) -> int:
     return tokens
 
 
+
+
+async def charged_keys(redis: Redis) -> list[bytes]:
+    """Every key but the reservation id secret (made once per Redis, not a charge)."""
+    return [k for k in await redis.keys("*") if k != SEAL_REDIS_KEY.encode()]

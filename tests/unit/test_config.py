@@ -335,7 +335,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ('[calendar]\ntimezone = "Mars/Olympus_Mons"\n', "calendar.timezone", "unknown timezone"),
     ("[alerts]\nthresholds = [0.5, 1.5]\n", "alerts.thresholds", "(0, 1]"),
     ('[alerts]\nthresholds = ["half"]\n', "alerts.thresholds.0", "number"),
-    ("[reservations]\nttl_s = 0\n", "reservations.ttl_s", "at least 1"),
+    ("[reservations]\nttl_s = 0\n", "reservations.ttl_s", "from 1 to 604800 seconds"),
     ('[tokens]\ndefault_encoding = "nope_base"\n', "tokens.default_encoding", "nope_base"),
     ('[tokens]\nmodels = { "my-llm" = "p99k_base" }\n', "tokens.models.my-llm", "p99k_base"),
     ('[tokens]\nmodels = { "my-llm" = 5 }\n', "tokens.models.my-llm", "string"),

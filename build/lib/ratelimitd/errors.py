@@ -6,6 +6,7 @@
     ├── StoreUnavailable       Redis did not answer, or is unreachable (wraps the driver's
     │   │                      exception, so only store/ and its callers in quota/ know it)
     │   └── StoreReplyError    Redis answered a call with an error reply
+    ├── ReserveInProgress      an idempotent retry while the first reserve has not finished
     ├── TokenCountError        a prompt that cannot be counted (not text)
     ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
     ├── EmbeddedRedisError     the embedded redis-server cannot start
@@ -59,6 +60,11 @@ class StoreReplyError(StoreUnavailable):
     def missing_function(self) -> bool:
         """Redis lost the function library (restart, failover, FUNCTION FLUSH)."""
         return "Function not found" in str(self)
+
+
+class ReserveInProgress(RatelimitdError):
+    """A retry with an idempotency key whose first reserve is still under way (or was cut
+    short): it cannot be answered with the first reserve's outcome yet."""
 
 
 class TokenCountError(RatelimitdError, ValueError):

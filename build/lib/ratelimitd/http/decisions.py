@@ -10,7 +10,13 @@ import logging
 
 from aiohttp import web
 
-from ratelimitd.errors import ApiError, StoreUnavailable, TokenCountError, invalid
+from ratelimitd.errors import (
+    ApiError,
+    ReserveInProgress,
+    StoreUnavailable,
+    TokenCountError,
+    invalid,
+)
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
 from ratelimitd.http.app_keys import SERVICES, Services
 from ratelimitd.http.edge import json_response, read_json
@@ -69,6 +75,9 @@ async def reserve(request: web.Request) -> web.Response:
         idempotency_key=body.idempotency_key, dry_run=body.dry_run)
     try:
         result = await services.engine.reserve(reservation)
+    except ReserveInProgress as exc:
+        raise ApiError(409, "idempotency_key_in_use", f"idempotency_key: {exc}",
+                       {"Retry-After": "1"}) from exc
     except StoreUnavailable as exc:
         if config.redis.on_error != "allow":
             raise
@@ -88,9 +97,11 @@ async def commit(request: web.Request) -> web.Response:
     result = await services.engine.commit(body.reservation_id, body.input_tokens, output,
                                           body.cached_input_tokens)
     if result.status == "not_found":
+        reservations = services.config.reservations
         raise ApiError(404, "reservation_not_found",
-                       "reservation_id: unknown, or expired (reservations live "
-                       f"{services.config.reservations.ttl_s} s)")
+                       f"reservation_id: unknown, or expired (reservations live "
+                       f"{reservations.ttl_s} s, and take a late commit "
+                       f"{reservations.commit_grace_s} s more)")
     if result.status == "conflict":
         raise ApiError(409, "reservation_released",
                        "reservation_id: this reservation was released; it cannot be committed")

@@ -4,7 +4,8 @@
 --   lid     = SLIDING_STATE(newest sub-bucket index, running total, the newest sub-bucket's count)
 --   lid:<i> = the count of an older sub-bucket b with b mod (N+1) = i.
 -- N+1 cells make the counted span cover the whole window plus at most one sub-bucket:
--- conservative by <= 1/N of the window, never generous.
+-- conservative by <= 1/N of the window, never generous. A sub-bucket may be a fraction of a
+-- ms wide (a 90 ms window has 60 of 1.5 ms): times that reach Redis are rounded up to whole ms.
 -- In-flight reservations (metric concurrent) are a sliding window as long as the reservation
 -- TTL: a reserve adds 1 to the current sub-bucket, its commit or release takes it back, and an
 -- abandoned one slides out after the TTL (plus at most one sub-bucket), so a crashed gateway
@@ -115,7 +116,7 @@ end
 -- In how many ms the window is empty again: once its newest non-empty sub-bucket slides out.
 local function sliding_reset(lim, now)
   if lim[TOTAL] <= 0 then return 0 end
-  return ((lim[CELL] > 0 and lim[CUR] or lim[HEAD]) + lim[N] + 1) * lim[WIDTH] - now
+  return ceil(((lim[CELL] > 0 and lim[CUR] or lim[HEAD]) + lim[N] + 1) * lim[WIDTH] - now)
 end
 
 -- Milliseconds until `need` more units fit: walks from the oldest counted sub-bucket until
@@ -133,8 +134,8 @@ local function sliding_retry(K, lim, need, now)
       local b = cur - n + j - 1
       if b == head then freed = freed + (lim[MOVED] and lim[PREV] or lim[CELL])
       else freed = freed + (tonumber(got[j]) or 0) end
-      if freed >= excess then return (b + n + 1) * lim[WIDTH] - now end
+      if freed >= excess then return ceil((b + n + 1) * lim[WIDTH] - now) end
     end
   end
-  return (cur + n + 1) * lim[WIDTH] - now
+  return ceil((cur + n + 1) * lim[WIDTH] - now)
 end

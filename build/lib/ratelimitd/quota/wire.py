@@ -28,12 +28,14 @@ class ReserveMode(IntEnum):
     RESERVE = 1
     DRY_RUN = 2
     RETRY = 3          # an idempotent retry: a live record of the same id answers instead
+    CONFIRM = 4        # a retry after REPEAT: is the first reserve's record here? charge nothing
 
 
 class SettleMode(IntEnum):
     COMMIT = 1
     RELEASE = 2
     RESIZE = 3         # a later subject granted less output: keep only the final grant
+    CANCEL = 4         # a reserve attempt failed: refund it, or bar it if it has not run yet
 
 
 class ReserveStatus(IntEnum):
@@ -41,6 +43,8 @@ class ReserveStatus(IntEnum):
     RESERVED = 1
     REPEAT = 2         # the record of an earlier identical reserve answers
     DRY_RUN = 3
+    CANCELLED = 4      # this attempt was cancelled before it ran: nothing charged
+    MISSING = 5        # CONFIRM: no live record of the first reserve here
 
 
 class SettleStatus(IntEnum):
@@ -100,12 +104,13 @@ SPEC_HEAD: Final = Format("SPEC_HEAD", "<8sBBd", ("lid", "algorithm", "metric", 
 CALENDAR_STARTS: Final = Format("CALENDAR_STARTS", "<dddd", (
     "previous", "current", "next", "after_next"))
 # The numeric arguments of a call, packed (Lua parses a number from a string slowly).
-# clock_ms: a test clock's ms, 0 for Redis TIME.
-RESERVE_ARGS: Final = Format("RESERVE_ARGS", "<9d", (
+# clock_ms: a test clock's ms, 0 for Redis TIME; attempt: a random whole number below 2^53
+# naming one reserve attempt, so that cancelling it is exact whatever runs first.
+RESERVE_ARGS: Final = Format("RESERVE_ARGS", "<10d", (
     "clock_ms", "mode", "ttl_ms", "input_tokens", "output_cap", "min_output", "price_input",
-    "price_cached_input", "price_output"))
-SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<5d", (
-    "clock_ms", "mode", "input_tokens", "cached_input_tokens", "output_tokens"))
+    "price_cached_input", "price_output", "attempt"))
+SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<6d", (
+    "clock_ms", "mode", "input_tokens", "cached_input_tokens", "output_tokens", "attempt"))
 # Limit state in the subject hash, one field per limit (see lua/sliding.lua and the others).
 SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "total",
                                                         "newest_count"))
@@ -113,10 +118,10 @@ PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
 DOUBLE: Final = Format("DOUBLE", "<d", ("value",))
 # A reservation record's head (lua/record.lua): then one double per charged limit (the
 # sub-bucket or period it charged), the limits' specs, and the other subjects.
-RECORD: Final = Format("RECORD", "<c10d", (
+RECORD: Final = Format("RECORD", "<c11d", (
     "state", "expires_at_ms", "input_tokens", "output_cap", "price_input",
     "price_cached_input", "price_output", "actual_input", "actual_cached", "actual_output",
-    "charged_limits"))
+    "attempt", "charged_limits"))
 # The states a record can be in (RECORD.state).
 RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "r", "c", "x"
 

@@ -41,6 +41,10 @@ class Transport(Protocol):
         """Whether Redis answers and holds the library `name`."""
         ...
 
+    async def execute(self, *args: Any) -> Any:
+        """One plain command (of a single key, in a cluster)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -83,6 +87,10 @@ class PipeTransport:
         async with bounded(self.timeout_s):
             return bool(await self.pipe.call("FUNCTION", "LIST", "LIBRARYNAME", name))
 
+    async def execute(self, *args: Any) -> Any:
+        async with bounded(self.timeout_s):
+            return await self.pipe.call(*args)
+
     async def aclose(self) -> None:
         await self.pipe.aclose()
 
@@ -122,6 +130,10 @@ class BatchTransport:
     async def has_library(self, name: str) -> bool:
         async with bounded(self.timeout_s):
             return bool(await self.client.function_list(library=name))
+
+    async def execute(self, *args: Any) -> Any:
+        async with bounded(self.timeout_s):
+            return await self.client.execute_command(*args)
 
     async def aclose(self) -> None:
         """The client is the Store's, closed there."""
