@@ -202,7 +202,8 @@ async def test_unknown_and_malformed_keys_get_the_same_answer(store: KeyStore,
 
 
 async def test_create_checks_its_input(store: KeyStore) -> None:
-    bad = [({"user": ""}, "user"), ({"user": "u\n1"}, "user"), ({"user": "u" * 257}, "user"),
+    bad: list[tuple[dict[str, object], str]] = [
+           ({"user": ""}, "user"), ({"user": "u\n1"}, "user"), ({"user": "u" * 257}, "user"),
            ({"tier": "gold"}, "tier"), ({"org": ""}, "org"),
            ({"expires_in_days": 0}, "expires_in_days"),
            ({"expires_in_days": 91}, "expires_in_days"),
@@ -361,6 +362,10 @@ async def test_malformed_keys_are_refused_without_redis_and_hits_need_none(
             server.stop()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 async def test_redis_never_holds_a_key_a_secret_or_the_pepper_in_clear(
         redis_client: Redis, pepper: Pepper, clock: Clock) -> None:
     keys = KeyStore(redis_client, pepper, clock=clock)
@@ -391,13 +396,13 @@ async def test_redis_never_holds_a_key_a_secret_or_the_pepper_in_clear(
         await guard.record_failure("198.51.100.7")
     dump = b""
     async for name in redis_client.scan_iter(count=1000):
-        kind = (await redis_client.type(name)).decode()
+        kind = _text(await redis_client.type(name))
         if kind == "hash":
             value = repr(await redis_client.hgetall(name)).encode()
         elif kind == "zset":
             value = repr(await redis_client.zrange(name, 0, -1, withscores=True)).encode()
         elif kind == "string":
-            value = await redis_client.get(name) or b""
+            value = _text(await redis_client.get(name) or "").encode()
         else:
             raise AssertionError(f"unexpected {kind} {name!r}")
         dump += name + b"\n" + value + b"\n"
