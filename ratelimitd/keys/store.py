@@ -419,28 +419,25 @@ class KeyStore:
         return self._decide(key_id, record, now)
 
     async def _fetch(self, key_id: str) -> Entry[_Record] | None:
-        """The record from Redis; concurrent misses of one key share one call."""
-        pending = self._inflight.get(key_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[Entry[_Record] | None] = (
-            asyncio.get_running_loop().create_future())
-        self._inflight[key_id] = future
-        try:
-            epoch, born = self.cache.epoch, self.cache.monotonic()
-            now, values = await self._read(keys=[_record_key(key_id)], args=[self._override()])
-            record = _Record.parse(values)
-            entry = Entry(record, int(now), born) if record is not None else None
-            if entry is not None:
-                self.cache.put(key_id, entry, epoch)
-            future.set_result(entry)
-            return entry
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: no "never retrieved" warning if nobody waits
-            raise
-        finally:
-            del self._inflight[key_id]
+        """The record from Redis; concurrent misses of one key share one call. The call runs
+        as its own task, so a caller that gives up (a timeout) does not fail the others."""
+        task = self._inflight.get(key_id)
+        if task is None:
+            task = asyncio.ensure_future(
+                self._load(key_id, self.cache.epoch, self.cache.monotonic()))
+            self._inflight[key_id] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key_id, None))
+        return await asyncio.shield(task)
+
+    async def _load(self, key_id: str, epoch: int, born: float) -> Entry[_Record] | None:
+        """epoch, born: the cache's epoch and the time when the miss happened."""
+        now, values = await self._read(keys=[_record_key(key_id)], args=[self._override()])
+        record = _Record.parse(values)
+        if record is None:
+            return None
+        entry = Entry(record, int(now), born)
+        self.cache.put(key_id, entry, epoch)
+        return entry
 
     def _decide(self, key_id: str, record: _Record, now: int) -> ResolvedKey | KeyFailure:
         if record.revoked_ms:

@@ -299,6 +299,16 @@ async def test_a_fetch_that_straddles_an_invalidation_is_not_cached(
     assert store.cache.epoch == epoch + 1 and len(store.cache) == 0
 
 
+async def test_a_caller_that_gives_up_does_not_fail_the_others(store: KeyStore) -> None:
+    key = await store.create("u1", "free")
+    impatient = asyncio.create_task(store.resolve(key.api_key))
+    patient = asyncio.create_task(store.resolve(key.api_key))
+    await asyncio.sleep(0)
+    impatient.cancel()
+    ok(await patient)
+    assert impatient.cancelled() and len(store.cache) == 1
+
+
 async def test_the_cache_is_bounded(redis_client: Redis, pepper: Pepper) -> None:
     small = KeyStore(redis_client, pepper, cache_size=3)
     keys = [await small.create(f"u{i}", "free") for i in range(5)]
