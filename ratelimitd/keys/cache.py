@@ -7,7 +7,8 @@ A revocation must reach every daemon within 1 s. Two mechanisms, either enough a
   entry at once (milliseconds), and a fetch in flight across an invalidation is used for its own
   request but not cached (the epoch check), so it cannot bring the old record back.
 
-Only found records are cached: a flood of made-up keys would otherwise evict the real ones.
+The store caches only records of keys not revoked: a flood of made-up keys would otherwise
+evict the real ones, and a revoked key answers in the time of an unknown one.
 Eviction is by age (entries are re-inserted on refresh, so the oldest is the first to expire).
 """
 

@@ -75,6 +75,15 @@ end
 _READ_LUA: Final = _NOW + f"""
 return {{now, redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})}}
 """
+# ARGV: clock, the key's hash. Reply: {now, 1, the record's fields} for a live key, and the
+# same short {now, 0} for an unknown or revoked one: alike in size and work (no oracle).
+_RESOLVE_LUA: Final = _NOW + f"""
+local v = redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})
+if v[1] ~= ARGV[2] or tonumber(v[7]) > 0 then
+  return {{now, (v[1] == ARGV[2]) and 2 or 0}}
+end
+return {{now, 1, v}}
+"""
 # ARGV: clock, lifetime ms (0 = none), retention ms, then field/value pairs
 _CREATE_LUA: Final = _NOW + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {0, now, 0} end
@@ -324,8 +333,9 @@ class KeyStore:
         self._clock = clock
         self._known_tiers = frozenset(known_tiers) if known_tiers is not None else None
         self.cache: ResolveCache[_Record] = ResolveCache(cache_ttl_s, cache_size)
-        self._inflight: dict[str, asyncio.Future[Entry[_Record] | None]] = {}
+        self._inflight: dict[str, asyncio.Future[Entry[_Record] | FailureReason]] = {}
         self._read = redis.register_script(_READ_LUA)
+        self._resolve = redis.register_script(_RESOLVE_LUA)
         self._create_script = redis.register_script(_CREATE_LUA)
         self._rotate_script = redis.register_script(_ROTATE_LUA)
         self._revoke_script = redis.register_script(_REVOKE_LUA)
@@ -405,12 +415,12 @@ class KeyStore:
         if not ok:
             hmac.compare_digest(digest, _NO_DIGEST)
             return KeyFailure("malformed")
-        entry = self.cache.get(key_id)
+        entry: Entry[_Record] | FailureReason | None = self.cache.get(key_id)
         if entry is None:
-            entry = await self._fetch(key_id)
-        if entry is None:
+            entry = await self._fetch(key_id, digest)
+        if isinstance(entry, str):
             hmac.compare_digest(digest, _NO_DIGEST)
-            return KeyFailure("unknown")
+            return KeyFailure(entry)
         record = entry.value
         if not hmac.compare_digest(digest, record.key_hash):
             return KeyFailure("unknown")
@@ -418,24 +428,31 @@ class KeyStore:
             entry.redis_now_ms + int((self.cache.monotonic() - entry.born) * 1000))
         return self._decide(key_id, record, now)
 
-    async def _fetch(self, key_id: str) -> Entry[_Record] | None:
-        """The record from Redis; concurrent misses of one key share one call. The call runs
-        as its own task, so a caller that gives up (a timeout) does not fail the others."""
+    async def _fetch(self, key_id: str, digest: str) -> Entry[_Record] | FailureReason:
+        """The live record from Redis, or why there is none; concurrent misses of one key
+        share one call. The call runs as its own task, so a caller that gives up (a timeout)
+        does not fail the others."""
         task = self._inflight.get(key_id)
         if task is None:
             task = asyncio.ensure_future(
-                self._load(key_id, self.cache.epoch, self.cache.monotonic()))
+                self._load(key_id, digest, self.cache.epoch, self.cache.monotonic()))
             self._inflight[key_id] = task
             task.add_done_callback(lambda _: self._inflight.pop(key_id, None))
         return await asyncio.shield(task)
 
-    async def _load(self, key_id: str, epoch: int, born: float) -> Entry[_Record] | None:
+    async def _load(self, key_id: str, digest: str, epoch: int,
+                    born: float) -> Entry[_Record] | FailureReason:
         """epoch, born: the cache's epoch and the time when the miss happened."""
-        now, values = await self._read(keys=[_record_key(key_id)], args=[self._override()])
-        record = _Record.parse(values)
-        if record is None:
-            return None
-        entry = Entry(record, int(now), born)
+        reply = await self._resolve(keys=[_record_key(key_id)],
+                                    args=[self._override(), digest])
+        if reply[1] != 1:
+            # revoked keys are not cached either, like unknown ones: a cached answer is
+            # faster, and would tell a prober which keys once existed
+            return "revoked" if reply[1] == 2 else "unknown"
+        record = _Record.parse(reply[2])
+        if record is None:  # pragma: no cover - the script answered 1: the record exists
+            return "unknown"
+        entry = Entry(record, int(reply[0]), born)
         self.cache.put(key_id, entry, epoch)
         return entry
 

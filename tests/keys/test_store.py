@@ -13,6 +13,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ratelimitd.guard import AuthFailureGuard, BlockStore
 from ratelimitd.keys import (
+    INVALIDATE_CHANNEL,
     KeyFailure,
     KeyInputError,
     KeyNotFoundError,
@@ -263,6 +264,27 @@ async def test_a_revocation_reaches_another_daemon_through_pub_sub_within_1s(
         await other.close()
 
 
+async def test_the_listener_subscribes_again_after_losing_its_connection(
+        redis_client: Redis, second_client: Redis, pepper: Pepper) -> None:
+    admin = KeyStore(redis_client, pepper)
+    other = KeyStore(second_client, pepper)
+    await other.start()
+    try:
+        await redis_client.client_kill_filter(_type="pubsub")
+        deadline = time.monotonic() + 3
+        while (await redis_client.pubsub_numsub(INVALIDATE_CHANNEL))[0][1] != 1:
+            assert time.monotonic() < deadline, "the listener did not subscribe again"
+            await asyncio.sleep(0.01)
+        await asyncio.wait_for(other.subscribed.wait(), 1)
+        key = await admin.create("u1", "free")
+        ok(await other.resolve(key.api_key))
+        await admin.revoke(key.key_id)
+        await asyncio.sleep(0.2)      # far less than the cache ttl: pub/sub did it
+        assert failure(await other.resolve(key.api_key)) == "revoked"
+    finally:
+        await other.close()
+
+
 async def test_a_revocation_reaches_a_daemon_without_pub_sub_within_1s(
         redis_client: Redis, second_client: Redis, pepper: Pepper) -> None:
     admin = KeyStore(redis_client, pepper)
@@ -349,6 +371,12 @@ async def test_a_miss_costs_one_redis_call_and_a_hit_none(redis_client: Redis,
     await redis_client.config_resetstat()
     await asyncio.gather(*(keys.resolve(warm.api_key) for _ in range(20)))
     assert await _commands(redis_client) == ONE_RESOLVE   # concurrent misses share one call
+    # a revoked key is never cached: it costs what an unknown key costs, every time
+    await keys.revoke(key.key_id)
+    for _ in range(3):
+        await redis_client.config_resetstat()
+        assert failure(await keys.resolve(key.api_key)) == "revoked"
+        assert await _commands(redis_client) == ONE_RESOLVE
 
 
 async def test_malformed_keys_are_refused_without_redis_and_hits_need_none(
