@@ -3,9 +3,11 @@
 Layout: one Redis hash per key, `rlk:{<key id>}` (its own hash slot, so every operation on a
 key is one atomic script on one slot, on a standalone Redis or a cluster). The key id is an
 HMAC of the key under the pepper (pepper.Pepper.key_id), so a resolve goes from the key
-straight to its record: one script call that reads the record and Redis' clock. Fields:
+straight to its record: one script call that reads the record and Redis' clock and checks the
+key's hash. Fields:
 
-  h   HMAC-SHA256(pepper, key), hex: checked in constant time on every resolve
+  h   HMAC-SHA256(pepper, key), hex: checked on every resolve (in the script on a miss, with
+      hmac.compare_digest on a cache hit)
   u o t   user, org ('' = none), tier
   c e r   created, expires (0 = never), revoked (0 = not) in Redis ms
   rt rf   rotated to / rotated from (key ids, '' = none)
@@ -75,8 +77,9 @@ end
 _READ_LUA: Final = _NOW + f"""
 return {{now, redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})}}
 """
-# ARGV: clock, the key's hash. Reply: {now, 1, the record's fields} for a live key, and the
-# same short {now, 0} for an unknown or revoked one: alike in size and work (no oracle).
+# ARGV: clock, the key's hash. Reply: {now, 1, the record's fields} for a key not revoked;
+# {now, 0} unknown, {now, 2} revoked: alike in size and work (no oracle). Lua compares
+# interned strings by identity, so the hash compare takes the same time either way.
 _RESOLVE_LUA: Final = _NOW + f"""
 local v = redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})
 if v[1] ~= ARGV[2] or tonumber(v[7]) > 0 then
@@ -401,12 +404,12 @@ class KeyStore:
         """The key's identity, or why it is refused.
 
         A malformed key (wrong shape or checksum) is refused without a Redis call. Every key
-        costs the same two HMACs (a malformed one hashes a stand-in of the same length) and a
-        constant-time compare (an unknown one against a digest no record has); a well-formed
-        key costs one Redis round trip on a cache miss, none on a hit. The format and its
-        checksum are public, so telling malformed from well-formed keys apart by time tells
-        an attacker nothing new; what is secret (whether a well-formed key exists, or was
-        revoked) takes the same work either way.
+        costs the same two HMACs (a malformed one hashes a stand-in of the same length). A
+        well-formed key costs one Redis round trip on a cache miss, none on a hit; unknown and
+        revoked keys are never cached and get replies of the same size, so they take the same
+        time (bench/keys_bench.py: 181.0 vs 181.5 us, interleaved). The format and its
+        checksum are public, so telling a malformed key from a well-formed one by time tells
+        a prober nothing it did not know.
         """
         ok = well_formed(api_key)
         text = api_key if ok and isinstance(api_key, str) else _STAND_IN_KEY
