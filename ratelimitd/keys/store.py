@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from ratelimitd.config import KeysConfig
@@ -365,6 +366,16 @@ class KeyStore:
     async def _listen(self) -> None:
         backoff = 0.05
         while True:
+            try:
+                if isinstance(self._redis, RedisCluster):
+                    # its pub/sub picks a node from the slot map, which the first call loads
+                    await self._redis.initialize()
+            except (RedisError, OSError) as exc:
+                log.warning("key invalidations: cannot reach the cluster (%s)",
+                            type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                continue
             pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(INVALIDATE_CHANNEL)
