@@ -28,9 +28,10 @@ def cluster_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
                                          str(workdir / "nodes.conf"),
                                          "--cluster-port", str(free_port())])
     node = redis.Redis(port=server.port)
-    node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+    node.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)  # type: ignore[no-untyped-call]
     deadline = time.monotonic() + 10
-    while b"cluster_state:ok" not in node.execute_command("CLUSTER", "INFO"):
+    while b"cluster_state:ok" not in node.execute_command(  # type: ignore[no-untyped-call]
+            "CLUSTER", "INFO"):
         assert time.monotonic() < deadline, "the cluster did not come up"
         time.sleep(0.05)
     node.close()
