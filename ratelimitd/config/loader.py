@@ -113,6 +113,12 @@ def _check(config: Config, where: Where) -> None:
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
     if config.server.max_body_bytes < 1024:
         raise where.at("server.max_body_bytes").error("must be at least 1024")
+    if not 1 <= config.abuse.ipv4_prefix <= 32:
+        raise where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
+    if not 1 <= config.abuse.ipv6_prefix <= 128:
+        raise where.at("abuse.ipv6_prefix").error("must be from 1 to 128")
+    if config.abuse.block_s < 1:
+        raise where.at("abuse.block_s").error("must be at least 1 second")
     if any(not 0 < t <= 1 for t in config.alerts.thresholds):
         raise where.at("alerts.thresholds").error("each threshold is a fraction in (0, 1]")
 

@@ -81,6 +81,9 @@ class AbuseConfig:
     auth_failures_per_ip: int = 20
     block_s: int = 900
     signature_max_age_s: int = 300
+    # the ip_prefix scope's networks, and IPv6 auth-failure counting (guard/ip.py)
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
