@@ -209,7 +209,7 @@ class WorkerHeartbeats:
 
     def all_fresh(self, max_age_s: float) -> bool:
         now = time.monotonic()
-        return all(0.0 < b and now - b <= max_age_s for b in self._beats)
+        return all(b > 0.0 and now - b <= max_age_s for b in self._beats)
 
     def stale(self, max_age_s: float) -> list[int]:
         """The workers whose last beat is older than max_age_s (or that never beat)."""
