@@ -88,13 +88,20 @@ EOF
 
 .venv/bin/ratelimitd serve --config "$out/config.toml" >"$out/daemon.log" 2>&1 &
 daemon=$!
+ready=0
 for _ in $(seq 1 150); do
     if "$py" -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/readyz', timeout=1)" 2>/dev/null; then
+        ready=1
         break
     fi
-    kill -0 "$daemon" 2>/dev/null || { echo "the daemon exited; see $out/daemon.log" >&2; cat "$out/daemon.log" >&2; exit 1; }
+    kill -0 "$daemon" 2>/dev/null || break
     sleep 0.2
 done
+if [ "$ready" != 1 ]; then
+    echo "the daemon did not become ready; see $out/daemon.log" >&2
+    cat "$out/daemon.log" >&2
+    exit 1
+fi
 
 # Locust's own exit code is not the verdict (it counts what the locustfile marks as failures,
 # which the verifier reports too); a run that produced no CSV is.

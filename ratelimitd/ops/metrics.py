@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+log = logging.getLogger("ratelimitd.metrics")
 
 OTHER: Final = "other"
 CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
@@ -245,6 +248,7 @@ class Metrics:
         self.directory = directory
         self._samples = _Samples()
         self._children: dict[tuple[str, tuple[str, ...]], Counter] = {}
+        self._flush_warned = False
         self.tiers = self.models = self.reasons = self.block_scopes = frozenset[str]()
         self.reconfigure(tiers, models, limit_names, attribute_scopes)
 
@@ -349,8 +353,13 @@ class Metrics:
             raise RuntimeError("Metrics were built before a fork; build them in each worker")
         target = self.directory / f"{self._samples.pid}.json"
         partial = target.with_suffix(".tmp")
-        partial.write_bytes(orjson.dumps(self._samples.snapshot()))
-        partial.replace(target)
+        try:
+            partial.write_bytes(orjson.dumps(self._samples.snapshot()))
+            partial.replace(target)
+        except OSError as exc:  # a full disk or a removed directory must not stop serving
+            if not self._flush_warned:
+                log.warning("cannot write metrics to %s: %s", target, exc)
+                self._flush_warned = True
 
     async def run_flusher(self, interval_s: float = FLUSH_INTERVAL_S) -> None:
         """Flushes every interval_s until cancelled, then once more."""

@@ -31,6 +31,7 @@ log = logging.getLogger("ratelimitd.sdnotify")
 
 # systemd reads at most this much of one datagram (sd_notify's own limit is the socket's)
 MAX_MESSAGE_BYTES: Final = 4096
+MAX_STATUS_CHARS: Final = 512
 
 
 def notify_address(value: str) -> str | None:
@@ -57,6 +58,7 @@ class SystemdNotifier:
         if raw and self._address is None:
             log.warning("NOTIFY_SOCKET=%r is not a unix socket address; not notifying", raw)
         self._sock: socket.socket | None = None
+        self._pid = os.getpid()
         self._stopping_sent = False
         self._warned = False
         self.watchdog_usec = _watchdog_usec(env)
@@ -78,13 +80,15 @@ class SystemdNotifier:
         """Sends one datagram of `KEY=VALUE` fields; True when it was sent.
 
         Never raises: systemd gone (or a full queue) must not take the daemon down. Non-blocking,
-        so it is safe to call from the event loop."""
-        if self._address is None:
+        so it is safe to call from the event loop. Silent in a process forked after this object
+        was made: systemd listens to the main process only (NotifyAccess=main)."""
+        if self._address is None or os.getpid() != self._pid:
             return False
         message = "\n".join(fields).encode()
         if len(message) > MAX_MESSAGE_BYTES:
-            raise ValueError(f"notify message of {len(message)} bytes; at most "
-                             f"{MAX_MESSAGE_BYTES}")
+            log.warning("notify message of %d bytes not sent (at most %d)", len(message),
+                        MAX_MESSAGE_BYTES)
+            return False
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -171,8 +175,8 @@ def _watchdog_usec(env: Mapping[str, str]) -> int | None:
 
 
 def _status(text: str | None) -> tuple[str, ...]:
-    # one line: a newline would start a field of its own
-    return () if text is None else ("STATUS=" + " ".join(text.splitlines()),)
+    # one line (a newline would start a field of its own), and short: systemctl status shows it
+    return () if text is None else ("STATUS=" + " ".join(text.splitlines())[:MAX_STATUS_CHARS],)
 
 
 def _printable(address: str) -> str:

@@ -216,3 +216,14 @@ def test_a_worker_flushes_on_its_own_schedule(metrics_dir: MetricsDirectory) -> 
     reader.join(10)
     assert value(found, "ratelimitd_decisions_total", result="allowed", reason="none",
                  tier="pro") == 2
+
+
+def test_a_failed_flush_does_not_stop_the_worker(tmp_path: Path) -> None:
+    directory = MetricsDirectory.create(str(tmp_path))
+    metrics = new_metrics(directory)
+    directory.remove()  # e.g. the supervisor cleaned up first
+    metrics.flush()
+    metrics.decision("allowed", None, "free")
+    found = samples(metrics.render())
+    assert value(found, "ratelimitd_decisions_total", result="allowed", reason="none",
+                 tier="free") == 1

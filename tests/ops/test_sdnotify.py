@@ -9,6 +9,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,31 @@ def test_worker_heartbeats_across_forked_workers() -> None:
     beats.reset(1)
     assert not beats.all_started()
     long_lived.join(5)
+
+
+def _notify_from_child(notifier: SystemdNotifier, out: Connection) -> None:
+    out.send(notifier.ready())
+
+
+def test_a_forked_child_stays_silent(path_listener: tuple[Listener, str]) -> None:
+    """systemd listens to the main process only: a worker forked with the notifier says
+    nothing (it would be refused, and logged as such, by systemd)."""
+    listener, path = path_listener
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_notify_from_child, args=(notifier, send))
+    child.start()
+    assert receive.recv() is False
+    child.join(5)
+    assert listener.drain() == []
+    assert notifier.ready()
+    assert listener.wait() == "READY=1"
+
+
+def test_an_oversized_message_is_not_sent(path_listener: tuple[Listener, str]) -> None:
+    listener, path = path_listener
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": path})
+    assert notifier.notify("X=" + "y" * 5000) is False
+    assert notifier.status("z" * 5000)
+    assert listener.wait() == "STATUS=" + "z" * 512
