@@ -29,7 +29,7 @@ from typing import Any, Final
 
 log = logging.getLogger("ratelimitd.sdnotify")
 
-# systemd reads at most this much of one datagram (sd_notify's own limit is the socket's)
+# systemd reads at most PIPE_BUF (4096) bytes of one notification datagram
 MAX_MESSAGE_BYTES: Final = 4096
 MAX_STATUS_CHARS: Final = 512
 
