@@ -18,6 +18,8 @@ apt_install() {
 need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ "${1:-}" = bench ]; then command -v wrk >/dev/null 2>&1 || need+=(wrk); fi
+# tests/ops checks the systemd unit with systemd-analyze (Debian's systemd package ships it)
+if [ "${1:-}" = dev ]; then command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd); fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2
