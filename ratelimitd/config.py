@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratelimitd.policy import (
@@ -123,6 +124,12 @@ class AnomalyConfig:
 class AlertsConfig:
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     webhooks: tuple[str, ...] = ()
+    webhook_secret: str = ""               # HMAC key of the signature header; "env:NAME" too
+    webhook_timeout_ms: int = 5000         # per POST
+    queue_size: int = 10_000               # alerts waiting for the outbox, per daemon
+    retry_max_s: int = 60                  # cap of the exponential backoff between attempts
+    delivery_max_age_s: int = 86_400       # an alert not delivered by then is dropped (counted)
+    stream_max_len: int = 100_000          # the outbox stream's cap (approximate, MAXLEN ~)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,6 +427,38 @@ def _check(config: Config, where: _Where) -> None:
         raise where.at("server.max_body_bytes").error("must be at least 1024")
     if any(not 0 < t <= 1 for t in config.alerts.thresholds):
         raise where.at("alerts.thresholds").error("each threshold is a fraction in (0, 1]")
+    _check_alerts(config.alerts, where.at("alerts"))
+
+
+def _check_alerts(alerts: AlertsConfig, where: _Where) -> None:
+    """Webhook URLs are http(s) with a host, each once; signing them needs a secret."""
+    for i, url in enumerate(alerts.webhooks):
+        if not _is_webhook_url(url):
+            # the URL may carry a token: the message names its index, never its text
+            raise where.at("webhooks").at(str(i)).error("must be an http:// or https:// URL "
+                                                        "with a host")
+        if url in alerts.webhooks[:i]:
+            raise where.at("webhooks").at(str(i)).error("is listed twice")
+    if alerts.webhooks and not alerts.webhook_secret:
+        raise where.at("webhook_secret").error("webhooks are signed: set a secret (or env:NAME)")
+    if alerts.webhook_secret:
+        secret = resolve_secret(alerts.webhook_secret, where.at("webhook_secret"))
+        if len(secret) < 16:
+            raise where.at("webhook_secret").error("must be at least 16 characters")
+    for key in ("webhook_timeout_ms", "queue_size", "retry_max_s", "delivery_max_age_s",
+                "stream_max_len"):
+        if getattr(alerts, key) < 1:
+            raise where.at(key).error("must be at least 1")
+
+
+def _is_webhook_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # a port out of range raises here
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname)
+            and not any(c.isspace() for c in url))
 
 
 def resolve_secret(value: str, where: _Where | None = None) -> str:

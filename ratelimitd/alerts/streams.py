@@ -1,0 +1,114 @@
+"""The alert streams in Redis: each subject's own stream, and the outbox webhooks read.
+
+Two streams, because a quota script may only touch keys of its subject's hash slot:
+
+- `rl:{<tag>}:alerts`, one per subject, in the subject's slot. The settle (and reserve) Lua
+  appends each alert it decides here, atomically with the spend that crossed the threshold:
+  this is the record that makes an alert fire exactly once, and what the usage API reads
+  (`recent_alerts`). Capped at SUBJECT_MAX_LEN entries (MAXLEN ~) and expiring
+  SUBJECT_TTL_MS after its newest alert, so an idle subject leaves nothing behind.
+- `rl:{alerts}:outbox`, one for the whole deployment, in a slot of its own. The daemon that got
+  the alerts in a script's reply appends them here (`Outbox.forward`), at least once, and each
+  webhook's consumer group reads it (delivery.py). The append is idempotent: a marker key
+  `rl:{alerts}:seen:<alert id>` (same slot) is set with the entry, so the same alert forwarded
+  again (a repeated commit answers the same alerts) is not appended twice.
+
+`append_alert` is what the Lua does, as a script of its own: for tests, and for producers that
+are not quota scripts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from redis.exceptions import ResponseError
+
+from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert
+from ratelimitd.policy import Subject
+from ratelimitd.scripts import RedisClient
+
+OUTBOX_KEY: Final = "rl:{alerts}:outbox"
+SEEN_PREFIX: Final = "rl:{alerts}:seen:"
+SUBJECT_MAX_LEN: Final = 100
+SUBJECT_TTL_MS: Final = 40 * 86_400_000    # past a month's budget period
+RECENT_MAX: Final = 100                    # the most a reader gets at once
+# How long a forwarded alert's marker lives: longer than a settled reservation answers repeats
+# (2 x [reservations] ttl_s), so a repeated commit never appends it again. ~100 bytes each.
+SEEN_TTL_MS: Final = 86_400_000
+
+# KEYS[1] the subject's stream; ARGV[1] its cap, ARGV[2] its ttl (ms), ARGV[3..] the fields.
+# The settle Lua issues these same two commands for each alert it decides.
+APPEND_LUA: Final = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return id
+"""
+# KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
+# ARGV[3..] the fields. Returns the entry id, or false when the alert was forwarded before.
+FORWARD_LUA: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+
+
+def subject_stream_key(subject: Subject) -> str:
+    return f"rl:{{{subject.tag}}}:alerts"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def append_alert(redis: RedisClient, alert: Alert, max_len: int = SUBJECT_MAX_LEN,
+                       ttl_ms: int = SUBJECT_TTL_MS) -> str:
+    """Appends `alert` to its subject's stream (XADD MAXLEN ~ max_len) and returns the entry
+    id. It does not decide anything: exactly once is the caller's business (the Lua's)."""
+    script = redis.register_script(APPEND_LUA)
+    entry = await script(keys=[subject_stream_key(alert.subject)],
+                         args=[max_len, ttl_ms, *alert.fields()])
+    return _text(entry)
+
+
+async def recent_alerts(redis: RedisClient, subject: Subject, count: int = 20) -> list[Alert]:
+    """The subject's latest alerts, newest first, at most `count` (1 to RECENT_MAX). An entry
+    that does not decode (written by a newer version) is left out."""
+    count = max(1, min(count, RECENT_MAX))
+    entries = await redis.xrevrange(subject_stream_key(subject), "+", "-", count=count)
+    alerts = []
+    for _, fields in entries or ():
+        if not fields:
+            continue
+        try:
+            alerts.append(decode_alert(fields))
+        except AlertDecodeError:
+            continue
+    return alerts
+
+
+class Outbox:
+    """The deployment-wide outbox stream, capped at `max_len` entries (MAXLEN ~)."""
+
+    def __init__(self, redis: RedisClient, max_len: int, seen_ttl_ms: int = SEEN_TTL_MS) -> None:
+        self.redis = redis
+        self.key = OUTBOX_KEY
+        self.max_len = max_len
+        self._seen_ttl_ms = seen_ttl_ms
+        self._script = redis.register_script(FORWARD_LUA)
+
+    async def forward(self, alert: Alert) -> bool:
+        """Appends `alert` unless it was forwarded before: True when appended."""
+        entry = await self._script(keys=[self.key, SEEN_PREFIX + alert.id],
+                                   args=[self._seen_ttl_ms, self.max_len, *alert.fields()])
+        return entry is not None
+
+    async def backlog(self) -> dict[str, tuple[int, int | None]]:
+        """Per consumer group (one per webhook): entries read but not acknowledged, and
+        entries not read yet (None when Redis cannot tell, after a trim)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.key)
+        except ResponseError as exc:  # no stream yet: nothing is waiting
+            if "no such key" in str(exc).lower():
+                return {}
+            raise
+        return {_text(g["name"]): (int(g["pending"]), None if g.get("lag") is None
+                                   else int(g["lag"])) for g in groups}

@@ -1,0 +1,218 @@
+"""Webhook delivery against a real Redis and real aiohttp receivers over loopback sockets."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from ratelimitd.alerts import Alert, AlertService, Outbox, verify_webhook_signature
+from ratelimitd.config import AlertsConfig
+from ratelimitd.policy import Subject, usd_to_nano
+from tests.alerts.receiver import Receiver, wait_until
+from tests.redis_servers import RedisServer
+
+SECRET = "whsec-0123456789abcdef"
+DAY_MS = 86_400_000
+
+
+def make_alerts(count: int, first: int = 0, created_ms: int | None = None) -> list[Alert]:
+    """`count` distinct alerts: the 80 % threshold of a $10 daily budget, one user each."""
+    now = int(time.time() * 1000) if created_ms is None else created_ms
+    return [Alert.cost_threshold(Subject("user", f"u{i}"), "daily_budget_usd", 0.8,
+                                 usd_to_nano(8.25), usd_to_nano(10), now - now % DAY_MS, now)
+            for i in range(first, first + count)]
+
+
+def alerts_config(*urls: str, **knobs: Any) -> AlertsConfig:
+    return AlertsConfig(webhooks=urls, webhook_secret=SECRET, retry_max_s=1, **knobs)
+
+
+@pytest.fixture
+async def receivers() -> AsyncIterator[Callable[[], Receiver]]:
+    made: list[Receiver] = []
+
+    def make() -> Receiver:
+        made.append(Receiver())
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        await receiver.stop()
+
+
+@pytest.fixture
+async def services(redis_server: RedisServer, redis_client: Redis
+                   ) -> AsyncIterator[Callable[..., AlertService]]:
+    """AlertServices ("daemons"), each on a Redis connection of its own, with short timings."""
+    made: list[tuple[AlertService, Redis]] = []
+
+    def make(config: AlertsConfig, **timings: Any) -> AlertService:
+        client = Redis.from_url(redis_server.url)
+        timings = {"claim_idle_ms": 60_000, "poll_interval_s": 0.05, "retry_base_s": 0.05,
+                   **timings}
+        made.append((AlertService(client, config, **timings), client))
+        return made[-1][0]
+
+    yield make
+    for service, client in made:
+        await service.aclose(flush_timeout_s=0.1)
+        await client.aclose()
+
+
+async def settled(redis: Redis, *receivers: Receiver) -> bool:
+    """Every webhook group has read and acknowledged every outbox entry: nothing more will be
+    sent, so counting what the receivers got is final."""
+    backlog = await Outbox(redis, 1000).backlog()
+    return len(backlog) == len(receivers) and all(
+        pending == 0 and lag == 0 for pending, lag in backlog.values())
+
+
+async def test_every_alert_reaches_every_webhook_once_signed(redis_client, receivers, services):
+    hooks = [receivers(), receivers()]
+    for hook in hooks:
+        await hook.start()
+    service = services(alerts_config(*(h.url for h in hooks)))
+    await service.start()
+    alerts = make_alerts(12)
+
+    service.submit(alerts)
+    service.submit(alerts[:3])  # a repeated commit answers the same alerts again
+
+    ids = {a.id for a in alerts}
+    await wait_until(lambda: all(set(h.accepted()) == ids for h in hooks), "every alert")
+    await wait_until(lambda: settled(redis_client, *hooks), "the outbox acknowledged")
+    by_id = {a.id: a for a in alerts}
+    for hook in hooks:
+        assert hook.accepted() == dict.fromkeys(ids, 1)
+        assert len(hook.received) == len(alerts)
+        for got in hook.received:
+            assert verify_webhook_signature(SECRET, got.signature, got.body, time.time(), 300)
+            body = orjson.loads(got.body)
+            assert body == by_id[body["id"]].to_json()
+            assert got.alert_id_header == body["id"]
+    assert service.stats.delivered == 24
+    assert service.stats.forwarded == 12 and service.stats.duplicates == 3
+
+
+async def test_two_daemons_deliver_each_alert_once_per_webhook(redis_client, receivers,
+                                                               services):
+    hooks = [receivers(), receivers()]
+    for hook in hooks:
+        await hook.start()
+    config = alerts_config(*(h.url for h in hooks))
+    daemons = [services(config), services(config)]
+    for daemon in daemons:
+        await daemon.start()
+    alerts = make_alerts(30)
+
+    for i, alert in enumerate(alerts):
+        daemons[i % 2].submit([alert])
+        if i % 3 == 0:  # its commit repeated on the other daemon: the same alert again
+            daemons[(i + 1) % 2].submit([alert])
+
+    ids = {a.id for a in alerts}
+    await wait_until(lambda: all(set(h.accepted()) == ids for h in hooks), "every alert")
+    await wait_until(lambda: settled(redis_client, *hooks), "the outbox acknowledged")
+    for hook in hooks:
+        assert hook.accepted() == dict.fromkeys(ids, 1)
+        assert len(hook.received) == len(alerts)
+    assert sum(d.stats.delivered for d in daemons) == 60
+    assert sum(d.stats.forwarded for d in daemons) == 30
+
+
+async def test_a_receiver_down_then_failing_gets_every_alert_once_back(redis_client, receivers,
+                                                                      services):
+    hook = receivers()  # not started: connections are refused
+    service = services(alerts_config(hook.url))
+    await service.start()
+    alerts = make_alerts(5)
+    service.submit(alerts)
+
+    await wait_until(lambda: service.stats.failed_attempts >= 3, "refused attempts")
+    assert hook.received == []
+    hook.fail_next = 4  # back, but answering 500 at first
+    await hook.start()
+
+    ids = {a.id for a in alerts}
+    await wait_until(lambda: set(hook.accepted()) == ids, "every alert once the receiver is up")
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert hook.accepted() == dict.fromkeys(ids, 1)
+    assert [r.status for r in hook.received].count(500) == 4
+    assert service.stats.delivered == 5
+
+
+async def test_a_restarted_daemon_delivers_what_was_pending(redis_client, receivers, services):
+    hook = receivers()
+    hook.status = 503
+    await hook.start()
+    config = alerts_config(hook.url)
+    first = services(config, claim_idle_ms=300)
+    await first.start()
+    alerts = make_alerts(6)
+    first.submit(alerts[:4])
+    await wait_until(lambda: first.stats.failed_attempts >= 2, "the first daemon retrying")
+    first.submit(alerts[4:])  # still queued in memory when it stops: flushed to the outbox
+
+    await first.aclose()
+    [(pending, lag)] = (await first.outbox.backlog()).values()
+    assert pending >= 1 and pending + (lag or 0) == 6  # read and left unacknowledged, or unread
+    hook.status = 200
+    second = services(config, claim_idle_ms=300)  # the daemon again: a new consumer
+    await second.start()
+
+    ids = {a.id for a in alerts}
+    await wait_until(lambda: set(hook.accepted()) == ids, "every pending alert")
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert hook.accepted() == dict.fromkeys(ids, 1)
+    assert first.stats.delivered == 0 and second.stats.delivered == 6
+
+
+async def test_a_full_queue_is_counted_and_not_fatal(redis_client, receivers, services):
+    hook = receivers()
+    await hook.start()
+    service = services(alerts_config(hook.url, queue_size=3))
+    alerts = make_alerts(10)
+
+    service.submit(alerts)  # not started: nothing drains the queue yet
+
+    assert service.stats.queue_full == 7 and service.stats.submitted == 10
+    await service.start()
+    kept = {a.id for a in alerts[:3]}
+    await wait_until(lambda: set(hook.accepted()) == kept, "the queued alerts")
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert hook.accepted() == dict.fromkeys(kept, 1)
+    service.submit(make_alerts(1, first=99))  # and it keeps working
+    await wait_until(lambda: len(hook.accepted()) == 4, "an alert after the drops")
+
+
+async def test_a_refused_alert_is_not_sent_again(redis_client, receivers, services):
+    hook = receivers()
+    hook.status = 422
+    await hook.start()
+    service = services(alerts_config(hook.url))
+    await service.start()
+    service.submit(make_alerts(2))
+
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert len(hook.received) == 2
+    assert service.stats.rejected == 2 and service.stats.delivered == 0
+
+
+async def test_an_alert_older_than_the_delivery_age_is_dropped_and_counted(
+        redis_client, receivers, services):
+    hook = receivers()
+    await hook.start()
+    service = services(alerts_config(hook.url, delivery_max_age_s=3600))
+    await service.start()
+    stale = make_alerts(1, created_ms=int(time.time() * 1000) - 7_200_000)
+    fresh = make_alerts(1, first=1)
+    service.submit(stale + fresh)
+
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert set(hook.accepted()) == {fresh[0].id}
+    assert service.stats.expired == 1

@@ -1,0 +1,67 @@
+"""The subject streams and the outbox, in a real Redis."""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+from ratelimitd.alerts import Alert, Outbox, append_alert, recent_alerts, subject_stream_key
+from ratelimitd.alerts.streams import OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
+from ratelimitd.policy import Subject
+
+U1 = Subject("user", "u1")
+
+
+def alert(subject: Subject, threshold: float, created_ms: int) -> Alert:
+    return Alert.cost_threshold(subject, "daily_budget_usd", threshold, 5, 10,
+                                created_ms - created_ms % 86_400_000, created_ms)
+
+
+def test_a_subject_stream_is_in_the_subjects_slot_and_the_outbox_in_one_of_its_own():
+    odd = Subject("user", "a{b}c")
+    for subject in (U1, odd):
+        assert key_slot(subject_stream_key(subject).encode()) == key_slot(
+            f"rl:{{{subject.tag}}}:limits".encode())
+    assert key_slot(OUTBOX_KEY.encode()) == key_slot(f"{SEEN_PREFIX}alt_123".encode())
+
+
+async def test_recent_alerts_are_the_subjects_own_newest_first(redis_client):
+    for i, threshold in enumerate((0.5, 0.8, 1.0)):
+        await append_alert(redis_client, alert(U1, threshold, 1_764_000_000_000 + i))
+    await append_alert(redis_client, alert(Subject("user", "u2"), 0.5, 1_764_000_000_009))
+
+    recent = await recent_alerts(redis_client, U1)
+    assert [a.threshold for a in recent] == [1.0, 0.8, 0.5]
+    assert [a.threshold for a in await recent_alerts(redis_client, U1, count=2)] == [1.0, 0.8]
+    assert await recent_alerts(redis_client, Subject("org", "u1")) == []
+
+
+async def test_a_subject_stream_is_capped_and_expires(redis_client):
+    for i in range(3 * SUBJECT_MAX_LEN):
+        await append_alert(redis_client, alert(U1, 0.5, 1_764_000_000_000 + i * 86_400_000))
+    key = subject_stream_key(U1)
+    # MAXLEN ~ trims whole nodes of 100 entries: at most one node more than the cap
+    assert SUBJECT_MAX_LEN <= await redis_client.xlen(key) < 2 * SUBJECT_MAX_LEN + 1
+    assert await redis_client.pttl(key) > 30 * 86_400_000
+    newest = await recent_alerts(redis_client, U1, count=1000)
+    assert len(newest) == 100
+    assert newest[0].created_ms == 1_764_000_000_000 + (3 * SUBJECT_MAX_LEN - 1) * 86_400_000
+
+
+async def test_forwarding_the_same_alert_twice_appends_it_once(redis_client):
+    outbox = Outbox(redis_client, 1000)
+    first, second = alert(U1, 0.5, 1_764_000_000_000), alert(U1, 0.8, 1_764_000_000_001)
+
+    assert await outbox.forward(first) is True
+    assert await outbox.forward(first) is False
+    assert await outbox.forward(second) is True
+
+    entries = await redis_client.xrange(OUTBOX_KEY)
+    assert [f[b"id"].decode() for _, f in entries] == [first.id, second.id]
+    assert await outbox.backlog() == {}
+
+
+async def test_the_outbox_is_capped(redis_client):
+    outbox = Outbox(redis_client, 100)
+    for i in range(500):
+        await outbox.forward(alert(Subject("user", f"u{i}"), 0.5, 1_764_000_000_000))
+    assert 100 <= await redis_client.xlen(OUTBOX_KEY) <= 201
