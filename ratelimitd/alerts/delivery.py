@@ -21,7 +21,8 @@ Several daemons share delivery: a consumer group hands each new entry to one con
 daemon), so each alert reaches each webhook once in the normal case. An entry a daemon read but
 never acknowledged (it died mid-delivery) is claimed by another after `claim_idle_ms` without
 news (XAUTOCLAIM); a daemon retrying an entry keeps it by touching it (XCLAIM) more often than
-that. After a crash an alert may be POSTed twice (at least once): receivers dedupe on its `id`
+that (`claim_idle_ms` is at least twice the POST timeout, since a POST in progress is not
+touched). After a crash an alert may be POSTed twice (at least once): receivers dedupe on its `id`
 (also sent as the `X-Ratelimitd-Alert-Id` header). A new webhook's group starts at the oldest
 retained entry, so it gets the outbox's alerts younger than `delivery_max_age_s`.
 The secret and webhook URLs (which may carry tokens) are never logged; logs name a webhook by
@@ -39,16 +40,17 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.alerts.signing import SIGNATURE_HEADER, signature_header
@@ -57,12 +59,17 @@ from ratelimitd.config import AlertsConfig, resolve_secret
 from ratelimitd.scripts import RedisClient
 
 log = logging.getLogger("ratelimitd.alerts")
+T = TypeVar("T")
 
 ALERT_ID_HEADER: Final = "X-Ratelimitd-Alert-Id"
 USER_AGENT: Final = "ratelimitd-alerts/1"
 # statuses that say "never send this again"; every other failure is retried
 REJECTED_STATUSES: Final = frozenset({400, 410, 413, 422})
-READ_BATCH: Final = 16
+# Entries taken at a time: one, so the only entry a daemon holds is the one it is POSTing or
+# retrying, which it keeps touching; more would sit untouched behind a retried one, and other
+# daemons would claim them (no duplicate, checked, but churn). Alerts are rare; a backlog after
+# an outage drains at one POST plus three Redis calls per alert, per daemon.
+READ_BATCH: Final = 1
 LOG_EVERY_S: Final = 30.0
 # a consumer without pending entries, silent this long, is a daemon that is gone
 STALE_CONSUMER_MS: Final = 86_400_000
@@ -140,6 +147,7 @@ class DeliverySettings:
     max_age_ms: int
     claim_idle_ms: int
     poll_interval_s: float
+    redis_timeout_s: float
 
 
 class AlertService:
@@ -148,7 +156,8 @@ class AlertService:
     def __init__(self, redis: RedisClient, config: AlertsConfig, *,
                  session: aiohttp.ClientSession | None = None, consumer: str | None = None,
                  claim_idle_ms: int = 60_000, poll_interval_s: float = 0.5,
-                 retry_base_s: float = 0.5, wall_clock: Callable[[], float] = time.time) -> None:
+                 retry_base_s: float = 0.5, redis_timeout_s: float = 1.0,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.stats = AlertStats()
         self.outbox = Outbox(redis, config.stream_max_len)
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
@@ -157,7 +166,9 @@ class AlertService:
             secret=resolve_secret(config.webhook_secret).encode() if config.webhooks else b"",
             timeout_s=config.webhook_timeout_ms / 1000, retry_base_s=retry_base_s,
             retry_max_s=float(config.retry_max_s), max_age_ms=config.delivery_max_age_s * 1000,
-            claim_idle_ms=claim_idle_ms, poll_interval_s=poll_interval_s)
+            # a POST in progress is not touched: no other daemon may claim it meanwhile
+            claim_idle_ms=max(claim_idle_ms, 2 * config.webhook_timeout_ms),
+            poll_interval_s=poll_interval_s, redis_timeout_s=redis_timeout_s)
         self._session = session
         self._own_session = session is None
         self._wall_clock = wall_clock
@@ -173,9 +184,12 @@ class AlertService:
     # -- the handlers' side ----------------------------------------------------------------------
 
     def submit(self, alerts: Iterable[Alert]) -> None:
-        """Queues alerts for the outbox; returns at once, never raises."""
+        """Queues alerts for the outbox; returns at once, never raises. With no webhook
+        configured nothing would read the outbox: they stay in their subjects' streams only."""
         for alert in alerts:
             self.stats.submitted += 1
+            if not self._workers:
+                continue
             try:
                 self._queue.put_nowait(alert)
             except asyncio.QueueFull:
@@ -242,7 +256,7 @@ class AlertService:
         attempt = 0
         while True:
             try:
-                appended = await self.outbox.forward(alert)
+                appended = await self.bounded(self.outbox.forward(alert))
                 break
             except RedisError as exc:
                 self.stats.forward_errors += 1
@@ -276,6 +290,14 @@ class AlertService:
 
     def unix_s(self) -> int:
         return int(self._wall_clock())
+
+    async def bounded(self, call: Awaitable[T]) -> T:
+        """A Redis call, failed as a RedisError when it takes longer than redis_timeout_s."""
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_s):
+                return await call
+        except TimeoutError as exc:
+            raise RedisTimeoutError("Redis did not answer in time") from exc
 
     def backoff_s(self, attempt: int) -> float:
         return backoff_s(attempt, self._settings.retry_base_s, self._settings.retry_max_s,
@@ -350,7 +372,8 @@ class _WebhookWorker:
             return
         try:
             # from the oldest entry: alerts forwarded before this group existed are delivered
-            await self._redis.xgroup_create(self._key, self.group, id="0", mkstream=True)
+            await self._service.bounded(
+                self._redis.xgroup_create(self._key, self.group, id="0", mkstream=True))
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -359,9 +382,11 @@ class _WebhookWorker:
 
     async def _forget_gone_consumers(self) -> None:
         """Each daemon start adds a consumer; those of daemons long gone are dropped."""
-        for consumer in await self._redis.xinfo_consumers(self._key, self.group):
+        bounded = self._service.bounded
+        for consumer in await bounded(self._redis.xinfo_consumers(self._key, self.group)):
             if int(consumer["pending"]) == 0 and int(consumer["idle"]) > STALE_CONSUMER_MS:
-                await self._redis.xgroup_delconsumer(self._key, self.group, consumer["name"])
+                await bounded(self._redis.xgroup_delconsumer(self._key, self.group,
+                                                             consumer["name"]))
 
     async def _claim_stale(self) -> list[tuple[Any, Any]]:
         """Entries another consumer read and left unacknowledged for claim_idle_ms."""
@@ -369,8 +394,9 @@ class _WebhookWorker:
         if now < self._next_claim:
             return []
         claim_idle_ms = self._service.settings.claim_idle_ms
-        reply = await self._redis.xautoclaim(self._key, self.group, self._service.consumer,
-                                             claim_idle_ms, self._claim_cursor, count=READ_BATCH)
+        reply = await self._service.bounded(self._redis.xautoclaim(
+            self._key, self.group, self._service.consumer, claim_idle_ms, self._claim_cursor,
+            count=READ_BATCH))
         cursor, entries = reply[0], reply[1]
         deleted = reply[2] if len(reply) > 2 else []
         self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
@@ -383,8 +409,8 @@ class _WebhookWorker:
         return [(entry_id, fields) for entry_id, fields in entries if fields]
 
     async def _read_new(self) -> list[tuple[Any, Any]]:
-        reply = await self._redis.xreadgroup(self.group, self._service.consumer,
-                                             {self._key: ">"}, count=READ_BATCH)
+        reply = await self._service.bounded(self._redis.xreadgroup(
+            self.group, self._service.consumer, {self._key: ">"}, count=READ_BATCH))
         if not reply:
             return []
         streams = reply.values() if isinstance(reply, dict) else (s[1] for s in reply)
@@ -464,16 +490,17 @@ class _WebhookWorker:
     async def _still_mine(self, entry_id: Any) -> bool:
         """True when this consumer still owns the entry; resets its idle time if so."""
         consumer = self._service.consumer
-        pending = await self._redis.xpending_range(self._key, self.group, entry_id, entry_id,
-                                                   1, consumername=consumer)
+        pending = await self._service.bounded(self._redis.xpending_range(
+            self._key, self.group, entry_id, entry_id, 1, consumername=consumer))
         if not pending:
             self._stats.handed_over += 1
             return False
-        await self._redis.xclaim(self._key, self.group, consumer, 0, [entry_id], justid=True)
+        await self._service.bounded(
+            self._redis.xclaim(self._key, self.group, consumer, 0, [entry_id], justid=True))
         return True
 
     async def _ack(self, entry_id: Any) -> None:
-        await self._redis.xack(self._key, self.group, entry_id)
+        await self._service.bounded(self._redis.xack(self._key, self.group, entry_id))
 
 
 def _entries(stream: Any) -> list[tuple[Any, Any]]:

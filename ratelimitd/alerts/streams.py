@@ -43,6 +43,27 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV,
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return id
 """
+# The settle (and reserve) Lua's helper, to paste into the library: appends one alert to the
+# subject's stream (declared among the call's KEYS: same slot) and returns its fields, for the
+# reply and the settled record. Integers go through string.format('%d'): Lua's own number to
+# text conversion keeps 14 digits, and a budget in nano-USD has up to 17.
+# tests/alerts/test_streams.py runs it as written.
+EMIT_ALERT_LUA: Final = """
+local function emit_alert(key, now, kind, severity, scope, sid, tag, limit, ppm, spend, budget,
+                          observed, baseline, period_start)
+  local function int(n) return string.format('%d', n) end
+  local id = 'alt_' .. redis.sha1hex(kind .. '\\n' .. tag .. '\\n' .. limit .. '\\n'
+                                     .. int(period_start) .. '\\n' .. int(ppm)):sub(1, 24)
+  local fields = {'v', '1', 'id', id, 'kind', kind, 'severity', severity, 'scope', scope,
+                  'sid', sid, 'limit', limit, 'threshold_ppm', int(ppm),
+                  'spend_nano', int(spend), 'budget_nano', int(budget),
+                  'observed', int(observed), 'baseline', int(baseline),
+                  'period_start_ms', int(period_start), 'created_ms', int(now)}
+  redis.call('XADD', key, 'MAXLEN', '~', 100, '*', unpack(fields))
+  redis.call('PEXPIRE', key, 3456000000)
+  return fields
+end
+"""
 # KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
 # ARGV[3..] the fields. Returns the entry id, or false when the alert was forwarded before.
 FORWARD_LUA: Final = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -10,7 +11,13 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.alerts import Alert, AlertService, Outbox, verify_webhook_signature
+from ratelimitd.alerts import (
+    OUTBOX_KEY,
+    Alert,
+    AlertService,
+    Outbox,
+    verify_webhook_signature,
+)
 from ratelimitd.config import AlertsConfig
 from ratelimitd.policy import Subject, usd_to_nano
 from tests.alerts.receiver import Receiver, wait_until
@@ -150,7 +157,7 @@ async def test_a_restarted_daemon_delivers_what_was_pending(redis_client, receiv
     hook = receivers()
     hook.status = 503
     await hook.start()
-    config = alerts_config(hook.url)
+    config = alerts_config(hook.url, webhook_timeout_ms=100)
     first = services(config, claim_idle_ms=300)
     await first.start()
     alerts = make_alerts(6)
@@ -170,6 +177,29 @@ async def test_a_restarted_daemon_delivers_what_was_pending(redis_client, receiv
     await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
     assert hook.accepted() == dict.fromkeys(ids, 1)
     assert first.stats.delivered == 0 and second.stats.delivered == 6
+
+
+async def test_a_daemon_retrying_an_alert_keeps_it_from_the_others(redis_client, receivers,
+                                                                   services):
+    hook = receivers()
+    hook.status = 500
+    await hook.start()
+    config = alerts_config(hook.url, webhook_timeout_ms=100)
+    daemons = [services(config, claim_idle_ms=300), services(config, claim_idle_ms=300)]
+    for daemon in daemons:
+        await daemon.start()
+    alerts = make_alerts(8)
+    daemons[0].submit(alerts[:4])
+    daemons[1].submit(alerts[4:])
+
+    await asyncio.sleep(1.5)  # retrying for five times the claim timeout
+    hook.status = 200
+
+    ids = {a.id for a in alerts}
+    await wait_until(lambda: set(hook.accepted()) == ids, "every alert")
+    await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
+    assert hook.accepted() == dict.fromkeys(ids, 1)
+    assert sum(d.stats.handed_over for d in daemons) == 0
 
 
 async def test_a_full_queue_is_counted_and_not_fatal(redis_client, receivers, services):
@@ -216,3 +246,12 @@ async def test_an_alert_older_than_the_delivery_age_is_dropped_and_counted(
     await wait_until(lambda: settled(redis_client, hook), "the outbox acknowledged")
     assert set(hook.accepted()) == {fresh[0].id}
     assert service.stats.expired == 1
+
+
+async def test_without_webhooks_nothing_fills_the_outbox(redis_client, services):
+    service = services(AlertsConfig())
+    await service.start()
+    service.submit(make_alerts(3))
+    await service.aclose()
+    assert service.stats.submitted == 3 and service.stats.forwarded == 0
+    assert await redis_client.exists(OUTBOX_KEY) == 0

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from redis.crc import key_slot
 
-from ratelimitd.alerts import Alert, Outbox, append_alert, recent_alerts, subject_stream_key
-from ratelimitd.alerts.streams import OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
+from ratelimitd.alerts import (
+    Alert,
+    Outbox,
+    append_alert,
+    decode_alert,
+    recent_alerts,
+    subject_stream_key,
+)
+from ratelimitd.alerts.streams import EMIT_ALERT_LUA, OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
 from ratelimitd.policy import Subject
 
 U1 = Subject("user", "u1")
@@ -65,3 +72,22 @@ async def test_the_outbox_is_capped(redis_client):
     for i in range(500):
         await outbox.forward(alert(Subject("user", f"u{i}"), 0.5, 1_764_000_000_000))
     assert 100 <= await redis_client.xlen(OUTBOX_KEY) <= 201
+
+
+async def test_the_lua_helper_for_the_settle_script_appends_what_python_decodes(redis_client):
+    """EMIT_ALERT_LUA, as the quota scripts will use it, with a budget of 17 digits."""
+    subject = Subject("user", "big{spender}")
+    expected = Alert.cost_threshold(subject, "monthly_budget", 0.8, 8_000_000_000_000_001,
+                                    10_000_000_000_000_000, 1_764_547_200_000, 1_764_550_000_123)
+    call = EMIT_ALERT_LUA + """
+        local n = {}
+        for i = 1, #ARGV do n[i] = tonumber(ARGV[i]) or ARGV[i] end
+        return emit_alert(KEYS[1], n[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
+                          n[8], n[9], n[10], n[11], n[12], n[13])"""
+    reply = await redis_client.eval(
+        call, 1, subject_stream_key(subject), expected.created_ms, "cost_threshold", "critical",
+        "user", subject.id, subject.tag, "monthly_budget", 800_000, expected.spend_nano,
+        expected.budget_nano, 0, 0, expected.period_start_ms)
+
+    assert decode_alert(reply) == expected
+    assert await recent_alerts(redis_client, subject) == [expected]
