@@ -1,14 +1,15 @@
-"""Alerts: the record, its streams, signed webhook delivery, and the reader for the usage API.
+"""Alerts: the record, where Redis keeps it, signed webhook delivery, the usage API's reader.
 
 Where an alert goes, and why (issue 12: "exactly once per subject, limit and period", "pending
 alerts survive a daemon restart", cluster-safe):
 
 1. **Decided and recorded in the quota script.** The settle Lua (cost thresholds) and the
-   reserve Lua (anomalies) decide an alert in the same call that records the spend, and append
-   it to the subject's own stream `rl:{<tag>}:alerts` (streams.py). A script may touch only its
-   subject's hash slot, so this stream carries the subject's hash tag; a deployment-wide stream
-   cannot be written from there in cluster mode. This append is atomic with the decision: the
-   alert exists exactly once, and the usage API reads it back (`recent_alerts`).
+   reserve Lua (anomalies) decide an alert in the same call that records the spend, and push
+   it to the subject's own capped list `rl:{<tag>}:alerts` (streams.py; a list because it is
+   ten times smaller than a stream for the few alerts a subject has). A script may touch only
+   its subject's hash slot, so this key carries the subject's hash tag; a deployment-wide
+   stream cannot be written from there in cluster mode. The push is atomic with the decision:
+   the alert exists exactly once, and the usage API reads it back (`recent_alerts`).
 2. **Returned to the daemon.** The script also returns the alerts it appended (the same flat
    field/value pairs), and the settled reservation record keeps them, so a repeated commit
    answers the same alerts. The commit answer shows them (`Alert.to_json`).
@@ -23,8 +24,8 @@ alerts survive a daemon restart", cluster-safe):
 The window this leaves: an alert is durable in the outbox once appended (milliseconds after the
 commit, or until Redis is back). A daemon that dies between the script's reply and that append
 (or sheds it from a full queue) loses its webhook delivery unless the gateway repeats the commit
-(the repeat's answer forwards it again); the alert itself stays in its subject's stream and the
-usage API. Closing that window entirely would need a sweep of every subject's stream (SCAN over
+(the repeat's answer forwards it again); the alert itself stays in its subject's list and the
+usage API. Closing that window entirely would need a sweep of every subject's list (SCAN over
 the cluster), or the script writing the outbox itself (one slot only outside cluster mode):
 not done, by choice: rare (a crash in a millisecond window), and costly to close.
 
@@ -51,7 +52,7 @@ from ratelimitd.alerts.streams import (
     Outbox,
     append_alert,
     recent_alerts,
-    subject_stream_key,
+    subject_alerts_key,
 )
 
 __all__ = [
@@ -68,7 +69,7 @@ __all__ = [
     "recent_alerts",
     "severity_for",
     "signature_header",
-    "subject_stream_key",
+    "subject_alerts_key",
     "verify_webhook_signature",
     "webhook_group",
 ]

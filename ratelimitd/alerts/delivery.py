@@ -5,7 +5,7 @@
 1. `submit(alerts)`, called by a handler with the alerts a script reply carried, puts them in a
    bounded in-memory queue and returns at once: it never waits, never raises, so it can neither
    delay nor fail a decision. A full queue drops the alert from webhook delivery (counted in
-   `stats.queue_full`, logged); it stays in its subject's stream and the usage API.
+   `stats.queue_full`, logged); it stays in its subject's list and the usage API.
 2. A forwarder task appends each queued alert to the outbox stream (`Outbox.forward`,
    idempotent by alert id), retrying with backoff while Redis is away.
 3. Per webhook URL, a worker task reads the outbox through that URL's consumer group

@@ -1,7 +1,8 @@
-"""The alert record: one dataclass, its stream encoding and its JSON.
+"""The alert record: one dataclass, its encoding in Redis, and its JSON.
 
-In Redis an alert is one stream entry of flat field/value pairs, every number an integer
-(money in nano-USD, the threshold in parts per million), so Lua writes it without floats.
+In Redis an alert is flat field/value pairs, every number an integer (money in nano-USD, the
+threshold in parts per million), so Lua writes it without floats: an entry of the outbox
+stream, and a JSON array of those strings in a subject's list of recent alerts (streams.py).
 USD floats appear only in `Alert.to_json()`, the body a webhook receives and the form commit
 answers and the usage API show. The encoding (version 1):
 
@@ -53,7 +54,7 @@ _INT_FIELDS: Final = ("threshold_ppm", "spend_nano", "budget_nano", "observed", 
 
 
 class AlertDecodeError(ValueError):
-    """A stream entry that is not an alert of a known encoding."""
+    """Fields that are not an alert of a known encoding."""
 
 
 def severity_for(threshold: float) -> str:
@@ -118,7 +119,7 @@ class Alert:
         return self.threshold_ppm / PPM
 
     def fields(self) -> list[str]:
-        """The flat field/value pairs of the stream entry (XADD's tail)."""
+        """The flat field/value pairs (an outbox entry's, XADD's tail)."""
         values = {"v": str(ENCODING_VERSION), "id": self.id, "kind": self.kind,
                   "severity": self.severity, "scope": self.scope, "sid": self.subject_id,
                   "limit": self.limit}
@@ -141,8 +142,8 @@ class Alert:
 
 
 def decode_alert(raw: Mapping[Any, Any] | Sequence[Any]) -> Alert:
-    """An alert from a stream entry's fields: a mapping (redis-py's XRANGE/XREADGROUP) or the
-    flat field/value list a Lua reply carries. Raises AlertDecodeError on anything else."""
+    """An alert from its fields: a mapping (redis-py's XRANGE/XREADGROUP) or the flat
+    field/value list a Lua reply or a subject's list carries. Raises AlertDecodeError on anything else."""
     fields = _as_text_map(raw)
     if fields.get("v") != str(ENCODING_VERSION):
         raise AlertDecodeError(f"unknown alert encoding version {fields.get('v')!r}")
