@@ -143,7 +143,8 @@ class Alert:
 
 def decode_alert(raw: Mapping[Any, Any] | Sequence[Any]) -> Alert:
     """An alert from its fields: a mapping (redis-py's XRANGE/XREADGROUP) or the flat
-    field/value list a Lua reply or a subject's list carries. Raises AlertDecodeError on anything else."""
+    field/value list a Lua reply or a subject's list carries. Raises AlertDecodeError on
+    anything else."""
     fields = _as_text_map(raw)
     if fields.get("v") != str(ENCODING_VERSION):
         raise AlertDecodeError(f"unknown alert encoding version {fields.get('v')!r}")
