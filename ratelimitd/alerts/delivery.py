@@ -112,6 +112,7 @@ class AlertStats:
     trimmed: int = 0            # pending entries the stream cap removed before delivery
     malformed: int = 0          # outbox entries that are not alerts
     redis_errors: int = 0       # delivery-side Redis calls that failed
+    internal_errors: int = 0    # anything else that went wrong (a bug): logged, carried on
 
 
 class _Outcome(Enum):
@@ -185,7 +186,7 @@ class AlertService:
 
     def submit(self, alerts: Iterable[Alert]) -> None:
         """Queues alerts for the outbox; returns at once, never raises. With no webhook
-        configured nothing would read the outbox: they stay in their subjects' streams only."""
+        configured nothing would read the outbox: they stay in their subjects' lists only."""
         for alert in alerts:
             self.stats.submitted += 1
             if not self._workers:
@@ -245,11 +246,11 @@ class AlertService:
     async def _forward_loop(self) -> None:
         while True:
             alert = await self._queue.get()
-            self._in_flight = alert
+            self._in_flight = alert  # still set if cancelled mid-way: aclose counts it lost
             try:
                 await self._forward(alert)
-            finally:
                 self._in_flight = None
+            finally:
                 self._queue.task_done()
 
     async def _forward(self, alert: Alert) -> None:
@@ -260,10 +261,13 @@ class AlertService:
                 break
             except RedisError as exc:
                 self.stats.forward_errors += 1
-                attempt += 1
                 self._forward_log.warning("cannot append alerts to the outbox, retrying: %s",
                                           type(exc).__name__)
-                await asyncio.sleep(self.backoff_s(attempt))
+            except Exception:
+                self.stats.internal_errors += 1
+                log.exception("forwarding alert %s to the outbox failed; retrying", alert.id)
+            attempt += 1
+            await asyncio.sleep(self.backoff_s(attempt))
         if appended:
             self.stats.forwarded += 1
             for worker in self._workers:  # this daemon's workers need not wait for their poll
@@ -342,6 +346,11 @@ class _WebhookWorker:
                 errors += 1
                 self._log.warning("webhook %s: Redis call failed, retrying: %s", self.label,
                                   type(exc).__name__)
+                await self._idle(self._service.backoff_s(errors))
+            except Exception:  # a bug must not end delivery for good
+                self._stats.internal_errors += 1
+                errors += 1
+                log.exception("webhook %s: delivery failed; carrying on", self.label)
                 await self._idle(self._service.backoff_s(errors))
 
     async def _deliver_batch(self, entries: list[tuple[Any, Any]]) -> None:

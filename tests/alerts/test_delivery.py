@@ -21,7 +21,7 @@ from ratelimitd.alerts import (
 from ratelimitd.config import AlertsConfig
 from ratelimitd.policy import Subject, usd_to_nano
 from tests.alerts.receiver import Receiver, wait_until
-from tests.redis_servers import RedisServer
+from tests.redis_servers import RedisServer, free_port
 
 SECRET = "whsec-0123456789abcdef"
 DAY_MS = 86_400_000
@@ -255,3 +255,19 @@ async def test_without_webhooks_nothing_fills_the_outbox(redis_client, services)
     await service.aclose()
     assert service.stats.submitted == 3 and service.stats.forwarded == 0
     assert await redis_client.exists(OUTBOX_KEY) == 0
+
+
+async def test_redis_away_is_counted_and_shutdown_still_ends(receivers):
+    hook = receivers()
+    await hook.start()
+    nowhere = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    service = AlertService(nowhere, alerts_config(hook.url), poll_interval_s=0.05,
+                           retry_base_s=0.05)
+    await service.start()
+    service.submit(make_alerts(2))
+
+    await wait_until(lambda: service.stats.forward_errors >= 2, "failed appends")
+    await service.aclose(flush_timeout_s=0.2)
+    await nowhere.aclose()
+    assert service.stats.lost_on_shutdown == 2 and service.stats.forwarded == 0
+    assert service.stats.redis_errors >= 1 and hook.received == []
