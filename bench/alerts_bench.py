@@ -27,7 +27,7 @@ from ratelimitd.alerts import Alert, AlertService, Outbox, subject_alerts_key
 from ratelimitd.alerts.streams import EMIT_ALERT_LUA, OUTBOX_KEY
 from ratelimitd.config import AlertsConfig
 from ratelimitd.policy import Subject
-from tests.alerts.receiver import Receiver, wait_until
+from tests.alerts.helpers import Receiver, wait_until
 from tests.redis_servers import RedisServer
 
 SECRET = "bench-secret-0123456789"

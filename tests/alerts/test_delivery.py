@@ -13,30 +13,13 @@ from redis.asyncio import Redis
 
 from ratelimitd.alerts import (
     OUTBOX_KEY,
-    Alert,
     AlertService,
     Outbox,
     verify_webhook_signature,
 )
 from ratelimitd.config import AlertsConfig
-from ratelimitd.policy import Subject, usd_to_nano
-from tests.alerts.receiver import Receiver, wait_until
+from tests.alerts.helpers import SECRET, Receiver, alerts_config, make_alerts, wait_until
 from tests.redis_servers import RedisServer, free_port
-
-SECRET = "whsec-0123456789abcdef"
-DAY_MS = 86_400_000
-
-
-def make_alerts(count: int, first: int = 0, created_ms: int | None = None) -> list[Alert]:
-    """`count` distinct alerts: the 80 % threshold of a $10 daily budget, one user each."""
-    now = int(time.time() * 1000) if created_ms is None else created_ms
-    return [Alert.cost_threshold(Subject("user", f"u{i}"), "daily_budget_usd", 0.8,
-                                 usd_to_nano(8.25), usd_to_nano(10), now - now % DAY_MS, now)
-            for i in range(first, first + count)]
-
-
-def alerts_config(*urls: str, **knobs: Any) -> AlertsConfig:
-    return AlertsConfig(webhooks=urls, webhook_secret=SECRET, retry_max_s=1, **knobs)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A real webhook receiver for the tests: an aiohttp server on a free loopback port."""
+"""Test helpers: a real webhook receiver (aiohttp, free loopback port), alerts, settings."""
 
 from __future__ import annotations
 
@@ -7,11 +7,31 @@ import collections
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from aiohttp import web
 
+from ratelimitd.alerts import Alert
+from ratelimitd.config import AlertsConfig
+from ratelimitd.policy import Subject, usd_to_nano
 from tests.redis_servers import free_port
+
+SECRET = "whsec-0123456789abcdef"
+DAY_MS = 86_400_000
+
+
+def make_alerts(count: int, first: int = 0, created_ms: int | None = None) -> list[Alert]:
+    """`count` distinct alerts: the 80 % threshold of a $10 daily budget, one user each."""
+    now = int(time.time() * 1000) if created_ms is None else created_ms
+    return [Alert.cost_threshold(Subject("user", f"u{i}"), "daily_budget_usd", 0.8,
+                                 usd_to_nano(8.25), usd_to_nano(10), now - now % DAY_MS, now)
+            for i in range(first, first + count)]
+
+
+def alerts_config(*urls: str, **knobs: Any) -> AlertsConfig:
+    """Webhooks signed with SECRET, retried at least once a second."""
+    return AlertsConfig(webhooks=urls, webhook_secret=SECRET, retry_max_s=1, **knobs)
 
 
 @dataclass(frozen=True)
