@@ -10,9 +10,10 @@ alerts survive a daemon restart", cluster-safe):
    its subject's hash slot, so this key carries the subject's hash tag; a deployment-wide
    stream cannot be written from there in cluster mode. The push is atomic with the decision:
    the alert exists exactly once, and the usage API reads it back (`recent_alerts`).
-2. **Returned to the daemon.** The script also returns the alerts it appended (the same flat
-   field/value pairs), and the settled reservation record keeps them, so a repeated commit
-   answers the same alerts. The commit answer shows them (`Alert.to_json`).
+2. **Returned to the daemon.** The script also returns the alerts it pushed (each the JSON
+   array of its field/value strings: `decode_alert_json`), and the settled reservation record
+   keeps them, so a repeated commit answers the same alerts. The commit answer shows them
+   (`Alert.to_json`).
 3. **Forwarded to the outbox.** The daemon hands them to `AlertService.submit`, which returns at
    once; a background task appends each to the one outbox stream `rl:{alerts}:outbox`
    (a slot of its own), idempotently by alert id, so a repeated commit's alerts or a retried
@@ -40,6 +41,7 @@ from ratelimitd.alerts.record import (
     AlertDecodeError,
     alert_id,
     decode_alert,
+    decode_alert_json,
     severity_for,
 )
 from ratelimitd.alerts.signing import (
@@ -66,6 +68,7 @@ __all__ = [
     "alert_id",
     "append_alert",
     "decode_alert",
+    "decode_alert_json",
     "recent_alerts",
     "severity_for",
     "signature_header",

@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import orjson
+
 from ratelimitd.policy import NANO_PER_USD, Subject
 
 ENCODING_VERSION: Final = 1
@@ -163,6 +165,18 @@ def decode_alert(raw: Mapping[Any, Any] | Sequence[Any]) -> Alert:
         raise AlertDecodeError(f"alert entry has a field that is not an integer: {exc}") from exc
     return Alert(id=fields["id"], kind=kind, severity=severity, scope=fields["scope"],
                  subject_id=fields["sid"], limit=fields["limit"], **numbers)
+
+
+def decode_alert_json(raw: bytes | str) -> Alert:
+    """An alert from the JSON array of its field/value strings: an element of a subject's list,
+    and what EMIT_ALERT_LUA returns for a script's reply. Raises AlertDecodeError."""
+    try:
+        fields = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise AlertDecodeError("an alert is a JSON array of field/value strings") from exc
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise AlertDecodeError("an alert is a JSON array of field/value strings")
+    return decode_alert(fields)
 
 
 def _as_text_map(raw: Mapping[Any, Any] | Sequence[Any]) -> dict[str, str]:

@@ -24,10 +24,9 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-import orjson
 from redis.exceptions import ResponseError
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert
+from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.policy import Subject
 from ratelimitd.scripts import RedisClient
 
@@ -46,9 +45,10 @@ redis.call('LTRIM', KEYS[1], 0, ARGV[1] - 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 # The settle (and reserve) Lua's helper, to paste into the library: pushes one alert to the
-# subject's list (declared among the call's KEYS: same slot) and returns its fields, for the
-# reply and the settled record. Integers go through string.format('%d'): Lua's own number to
-# text conversion keeps 14 digits, and a budget in nano-USD has up to 17.
+# subject's list (declared among the call's KEYS: same slot) and returns what it pushed, the
+# JSON array of its field/value strings, for the script's reply and the settled record (the
+# daemon decodes it with record.decode_alert_json). Integers go through string.format('%d'):
+# Lua's own number to text conversion keeps 14 digits, and a budget in nano-USD has up to 17.
 # tests/alerts/test_streams.py runs it as written.
 EMIT_ALERT_LUA: Final = """
 local function emit_alert(key, now, kind, severity, scope, sid, tag, limit, ppm, spend, budget,
@@ -61,10 +61,11 @@ local function emit_alert(key, now, kind, severity, scope, sid, tag, limit, ppm,
                   'spend_nano', int(spend), 'budget_nano', int(budget),
                   'observed', int(observed), 'baseline', int(baseline),
                   'period_start_ms', int(period_start), 'created_ms', int(now)}
-  redis.call('LPUSH', key, cjson.encode(fields))
+  local encoded = cjson.encode(fields)
+  redis.call('LPUSH', key, encoded)
   redis.call('LTRIM', key, 0, 19)
   redis.call('PEXPIRE', key, 3456000000)
-  return fields
+  return encoded
 end
 """
 # KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
@@ -100,11 +101,8 @@ async def recent_alerts(redis: RedisClient, subject: Subject,
     alerts = []
     for raw in await redis.lrange(subject_alerts_key(subject), 0, count - 1):
         try:
-            fields = orjson.loads(raw)
-            if not isinstance(fields, list):
-                raise AlertDecodeError("an alert is a JSON array of field/value pairs")
-            alerts.append(decode_alert(fields))
-        except (orjson.JSONDecodeError, AlertDecodeError):
+            alerts.append(decode_alert_json(raw))
+        except AlertDecodeError:
             continue
     return alerts
 

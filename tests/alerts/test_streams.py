@@ -8,7 +8,7 @@ from ratelimitd.alerts import (
     Alert,
     Outbox,
     append_alert,
-    decode_alert,
+    decode_alert_json,
     recent_alerts,
     subject_alerts_key,
 )
@@ -100,7 +100,7 @@ async def test_the_lua_helper_for_the_settle_script_appends_what_python_decodes(
         "user", subject.id, subject.tag, "monthly_budget", 800_000, expected.spend_nano,
         expected.budget_nano, 0, 0, expected.period_start_ms)
 
-    assert decode_alert(reply) == expected
+    assert decode_alert_json(reply) == expected
     assert await recent_alerts(redis_client, subject) == [expected]
     for _ in range(SUBJECT_MAX_LEN):  # the helper keeps as many as append_alert
         await redis_client.eval(call, 1, subject_alerts_key(subject), expected.created_ms,
