@@ -4,7 +4,8 @@ Starts its own redis-server (loopback, free port) and an aiohttp webhook receive
   * Redis server time (INFO commandstats) of appending an alert to its subject's stream with
     the settle script's helper (EMIT_ALERT_LUA), of forwarding it to the outbox, and of the
     stream commands delivery runs per alert;
-  * how fast a backlog of alerts reaches one webhook, from one and from two daemons;
+  * how fast a backlog of alerts reaches one webhook, from one and from two daemons (both in
+    this one process, beside the receiver: the second shows that none is sent twice, not speed);
   * Redis memory per alert: outbox entry, forwarded-marker key, subject stream entry.
 Usage: python bench/alerts_bench.py [--alerts N]
 """
@@ -108,7 +109,7 @@ async def throughput(url: str, sync: redis.Redis, count: int, daemons: int) -> N
                     for c in ("xreadgroup", "xack", "xautoclaim", "xpending", "xclaim"))
     print(f"delivery, {daemons} daemon(s): {count} alerts in {elapsed:.2f} s = "
           f"{count / elapsed:.0f} alerts/s; stream commands {per_alert / count:.2f} us of "
-          f"Redis time per alert; duplicates {count - len(set(hook.accepted()))}")
+          f"Redis time per alert; duplicates {sum(hook.accepted().values()) - count}")
     for service in services:
         await service.aclose()
     for client in clients:
