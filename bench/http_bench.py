@@ -32,7 +32,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.redis_servers import free_port  # noqa: E402
+from tests.support.redis_servers import free_port  # noqa: E402
 
 CONFIG = """
 [server]

@@ -23,11 +23,10 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.redis_servers import RedisServer
-
 from ratelimitd.guard import AuthFailureGuard, BlockStore
 from ratelimitd.keys import KeyStore, Pepper, generate_api_key
 from ratelimitd.signing import SignatureVerifier, sign_request
+from tests.support.redis_servers import RedisServer
 
 
 async def median_us(calls: int, call: Callable[[int], Awaitable[object]]) -> float:
