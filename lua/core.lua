@@ -3,7 +3,7 @@
 -- The library is built (ratelimitd/quota/library.py) from these files, in this order: the
 -- constants generated from ratelimitd/quota/wire.py (codes, modes, statuses, packed formats,
 -- reply fields), core.lua, sliding.lua, calendar.lua, bucket.lua, limits.lua, record.lua,
--- then reserve.lua and settle.lua, each registered as a function. Every call is one atomic
+-- block.lua, then reserve.lua and settle.lua, each registered as a function. Every call is one atomic
 -- FCALL over the keys of one hash slot.
 --
 -- Build rules (the builder refuses a library that breaks them):

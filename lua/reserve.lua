@@ -10,6 +10,8 @@
 --       the commit grace (a number passed to redis.call is formatted with printf, slowly)
 --   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
+--   MODE_CHECK: answers only whether the subject is blocked (block.lua); charges nothing.
+--   A blocked subject answers RESERVE_BLOCKED, with the block's reason as the reply's tail.
 --   A record of this very attempt (left by a cancel that ran first) answers RESERVE_CANCELLED.
 -- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
 
@@ -19,7 +21,7 @@ local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
-local x = load_limits(K, limits, fields, now)
+local x, block = load_limits(K, limits, fields, now)
 for k = 1, nl do
   if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
     return redis.error_reply('ERR calendar boundaries do not cover Redis time')
@@ -27,6 +29,18 @@ for k = 1, nl do
 end
 local head = reply_head()
 head[REPLY_INPUT_TOKENS] = input
+
+if mode ~= MODE_CONFIRM then
+  local ends, reason = block_of(block, now)
+  if ends then
+    head[REPLY_STATUS], head[REPLY_RETRY_AFTER_MS] = RESERVE_BLOCKED, ceil(ends - now)
+    return packed_reply(limits, now, reason, head)
+  end
+  if mode == MODE_CHECK then
+    head[REPLY_STATUS] = RESERVE_DRY_RUN
+    return packed_reply(limits, now, false, head)
+  end
+end
 
 if mode ~= MODE_DRY_RUN then
   local prev = redis.call('GET', R)

@@ -4,8 +4,6 @@ Lua reader (guard/block.lua, run by Redis), and the raw field."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from redis.asyncio import Redis
 
@@ -30,14 +28,6 @@ from tests.support.clock import Clock
 
 THRESHOLD = 5
 BLOCK_S = 900
-BLOCK_LUA = (Path(__file__).resolve().parents[2] / "ratelimitd" / "guard" / "block.lua"
-             ).read_text()
-# block.lua as the reserve will run it: common.lua provides `sunpack`
-READ_WITH_BLOCK_LUA = ("local sunpack = struct.unpack\n" + BLOCK_LUA + """
-local ends, reason = block_of(redis.call('HGET', KEYS[1], 'b'), tonumber(ARGV[1]))
-if ends then return {ends, reason} end
-return false
-""")
 PRICES = Prices(input=3_000_000, output=15_000_000, cached_input=1_500_000)
 
 
@@ -52,9 +42,12 @@ def guard(redis_client: Redis, blocks: BlockStore) -> AuthFailureGuard:
 
 
 async def lua_block(client: Redis, subject: Subject, now_ms: int) -> tuple[int, str] | None:
-    """What the reserve's Lua would see for this subject at `now_ms`."""
-    reply = await client.eval(READ_WITH_BLOCK_LUA, 1, subject_key(subject), now_ms)
-    return (int(reply[0]), reply[1].decode()) if reply else None
+    """What the reserve's Lua sees for this subject at `now_ms`: (block end, reason)."""
+    engine = Engine.with_test_clock(BatchTransport(client, None), lambda: now_ms)
+    probe = ReserveRequest([(Subject("user", "probe"), [])], 0, 0, PRICES, dry_run=True,
+                           guards=[subject])
+    blocked = (await engine.reserve(probe)).blocked
+    return None if blocked is None else (now_ms + blocked.retry_after_ms, blocked.reason)
 
 
 # --- addresses ----------------------------------------------------------------------------
@@ -229,14 +222,19 @@ async def test_a_block_outlives_the_engines_expiry_of_the_hash(
     assert await redis_client.pttl(subject_key(subject)) < 3 * 60_000   # the engine's expiry
     await blocks.add(subject, 7200, "manual")
     assert await redis_client.pttl(subject_key(subject)) > 7200_000
-    # the engine keeps reserving on the hash (blocks are the reserve Lua's to enforce), and
-    # its own expiry management never cuts the block short
+    # the reserve's Lua refuses the subject while the block lasts, and nothing it does cuts
+    # the block short
     for _ in range(5):
         clock.advance(5 * 60_000)
-        assert (await engine.reserve(request)).allowed
+        refused = await engine.reserve(request)
+        assert not refused.allowed and refused.blocked is not None
+        assert refused.blocked.reason == "manual"
         remaining = (await blocks.get(subject))
         assert remaining is not None
+        assert refused.blocked.retry_after_ms == remaining.ends_at_ms - clock.now
         assert await redis_client.pttl(subject_key(subject)) >= remaining.ends_at_ms - clock.now
+    clock.advance(7200_000)                     # the block is over
+    assert (await engine.reserve(request)).allowed
     # and a block never shortens the engine's expiry either
     long_limit = sliding("tokens_per_day", "tokens", "24h", 10**9)
     await engine.reserve(ReserveRequest([(subject, [long_limit])], 10, 10, PRICES))

@@ -5,6 +5,8 @@
 
 -- Parsed spec blobs kept, at most; then the cache starts over
 local MAX_PARSED_BLOBS = 256
+-- Where the limits' fields start in what limits_of() lists: after K's `x` and `b`
+local FIRST_LIMIT_FIELD = 3
 
 -- Limits from a blob of specs (SPEC each). Each array is built with every entry a call sets
 -- (no holes), so Lua sizes it once.
@@ -25,8 +27,8 @@ local function parse_specs(blob)
   return limits
 end
 
--- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, then
--- each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x` and `b`,
+-- then each limit's state). Every call of one tier and subject kind sends the same blob (until a
 -- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
 -- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
 -- each algorithm's load resets every entry a call sets (but REF, which settle sets on every
@@ -37,8 +39,8 @@ local function limits_of(blob)
   local parsed = PARSED[blob]
   if not parsed then
     if nparsed >= MAX_PARSED_BLOBS then PARSED, nparsed = {}, 0 end
-    local limits, fields = parse_specs(blob), {'x'}
-    for k = 1, #limits do fields[k + 1] = limits[k][LID] end
+    local limits, fields = parse_specs(blob), {'x', 'b'}
+    for k = 1, #limits do fields[k + FIRST_LIMIT_FIELD - 1] = limits[k][LID] end
     parsed = {limits, fields}
     PARSED[blob], nparsed = parsed, nparsed + 1
   end
@@ -47,12 +49,12 @@ end
 
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
--- USED of each limit; returns K's `x` field.
+-- USED of each limit; returns K's `x` (its expiry, 0 when unknown) and `b` (a block, raw).
 local function load_limits(K, limits, fields, now)
   local v = redis.call('HMGET', K, unpack(fields))
   local expired = false
   for k = 1, #limits do
-    local lim, raw = limits[k], v[k + 1]
+    local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
     lim[USED], lim[DIRTY] = 0, false
     if algo == ALG_SLIDING then
@@ -70,8 +72,9 @@ local function load_limits(K, limits, fields, now)
     for j = 1, #expired do sliding_forget(expired[j][1], tonumber(got[j]) or 0) end
   end
   local x = v[1]
-  if x and #x == DOUBLE_SIZE then return (sunpack(DOUBLE_FORMAT, x)) end
-  return 0   -- none yet, or not ours: K's expiry is set again
+  -- none yet, or not ours: K's expiry is set again
+  x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
+  return x, v[2]
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta

@@ -24,7 +24,7 @@ from typing import Final
 from ratelimitd.quota.wire import lua_constants
 
 # The library's files, in build order; the entry scripts become functions.
-SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record")
+SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record", "block")
 ENTRY_SCRIPTS: Final = ("reserve", "settle")
 GENERATED: Final = "<wire.py>"
 

@@ -29,6 +29,7 @@ class ReserveMode(IntEnum):
     DRY_RUN = 2
     RETRY = 3          # an idempotent retry: a live record of the same id answers instead
     CONFIRM = 4        # a retry after REPEAT: is the first reserve's record here? charge nothing
+    CHECK = 5          # only: is the subject blocked? (a subject with no limits of its own)
 
 
 class SettleMode(IntEnum):
@@ -45,6 +46,7 @@ class ReserveStatus(IntEnum):
     DRY_RUN = 3
     CANCELLED = 4      # this attempt was cancelled before it ran: nothing charged
     MISSING = 5        # CONFIRM: no live record of the first reserve here
+    BLOCKED = 6        # the subject is blocked: retry_after_ms until its end; the tail: reason
 
 
 class SettleStatus(IntEnum):
@@ -151,6 +153,7 @@ class ReserveReply:
     input_tokens: int
     reserved_cost_nano: int
     limit_states: Sequence[int]  # remaining, reset ms per limit
+    tail: bytes                  # BLOCKED: the block's reason
 
 
 @dataclass(slots=True)
@@ -173,10 +176,10 @@ def _numbers(reply: bytes) -> tuple[tuple[int, ...], bytes]:
 
 
 def decode_reserve(reply: bytes) -> ReserveReply:
-    n, _ = _numbers(reply)
+    n, tail = _numbers(reply)
     return ReserveReply(ReserveStatus(n[0]), granted_output=n[1], expires_at_ms=n[2],
                         denied_limit=n[3], retry_after_ms=n[4], input_tokens=n[5],
-                        reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:])
+                        reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:], tail=tail)
 
 
 def decode_settle(reply: bytes) -> SettleReply:
