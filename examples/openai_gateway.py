@@ -88,6 +88,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
     except ValueError:
         return openai_error(400, "The body is not valid JSON.", "invalid_request_error", None)
+    except web.HTTPRequestEntityTooLarge:
+        return openai_error(413, f"The body is larger than {MAX_BODY_BYTES} bytes.",
+                            "invalid_request_error", "request_too_large")
     if not isinstance(body, dict) or not isinstance(body.get("model"), str) \
             or not isinstance(body.get("messages"), list):
         return openai_error(400, "model (a string) and messages (an array) are required.",
@@ -101,8 +104,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         async with request.app[RATELIMITD].guard(
                 api_key=api_key, model=body["model"],
                 messages=countable_messages(body["messages"], body.get("tools")),
-                max_output_tokens=body.get(cap_field),
-                idempotency_key=request.headers.get("Idempotency-Key")) as call:
+                max_output_tokens=body.get(cap_field)) as call:
+            # (No idempotency key from the caller: the client makes one per call. A key the
+            # caller chose could replay a settled reservation, i.e. get calls for free.)
             body[cap_field] = call.max_output_tokens
             if stream:
                 response, ending, cancelled = await relay_stream(request, body, call)
@@ -132,8 +136,7 @@ async def relay_json(request: web.Request, body: dict[str, Any], call: Guard) ->
         raw = await upstream.read()
         if upstream.status != 200:
             call.discard()  # the upstream refused the call: release the reservation
-            return web.Response(status=upstream.status, body=raw,
-                                content_type=upstream.content_type)
+            return passed_on(upstream, raw)
     try:
         reply = json.loads(raw)
     except ValueError:
@@ -157,8 +160,7 @@ async def relay_stream(request: web.Request, body: dict[str, Any], call: Guard
     async with upstream_post(request, body) as upstream:
         if upstream.status != 200:
             call.discard()
-            return web.Response(status=upstream.status, body=await upstream.read(),
-                                content_type=upstream.content_type), b"", False
+            return passed_on(upstream, await upstream.read()), b"", False
         response = web.StreamResponse(headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             **openai_headers(call.reservation.headers)})
@@ -228,8 +230,15 @@ async def models(request: web.Request) -> web.Response:
     key = request.app[UPSTREAM_KEY]
     async with request.app[HTTP].get(f"{request.app[UPSTREAM]}/models", headers=(
             {"Authorization": f"Bearer {key}"} if key else {})) as upstream:
-        return web.Response(status=upstream.status, body=await upstream.read(),
-                            content_type=upstream.content_type)
+        return passed_on(upstream, await upstream.read())
+
+
+def passed_on(upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
+    """The upstream's answer as it is, with its retry advice (its own 429s and 503s)."""
+    headers = {k: v for k, v in upstream.headers.items()
+               if k.lower() in ("retry-after", "retry-after-ms")}
+    return web.Response(status=upstream.status, body=body, headers=headers,
+                        content_type=upstream.content_type)
 
 
 # -- what ratelimitd counts -----------------------------------------------------------------------

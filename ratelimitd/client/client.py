@@ -104,6 +104,11 @@ class RatelimitdClient:
         """Reserve before a model call. Identity: `api_key`, or `user` + `tier` (+ `org`) the
         gateway verified itself. Content: one of `prompt`, `messages`, `input_tokens`.
 
+        `idempotency_key`: leave it out and one is made for this call (its retries reuse
+        it). If you give one, make it unique per model call and never let your callers
+        choose it: a key used again after its reservation was settled gets that reservation
+        back (duplicate=True), and its commit is then a duplicate too, so the call is free.
+
         Returns the Reservation (its `max_output_tokens` is the cap to send upstream); raises
         RateLimited when denied, InvalidRequest, AuthError, Blocked, or Unavailable."""
         if idempotency_key is None and not dry_run:

@@ -58,8 +58,9 @@ gateway = load_gateway()
 
 @dataclass
 class Upstream:
-    """mode: "ok", "error" (500), "stream_break" (two chunks, then the connection drops) or
-    "endless" (a chunk every 20 ms, up to ENDLESS_CHUNKS, while anyone reads them)."""
+    """mode: "ok", "error" (500), "limited" (429), "stream_break" (two chunks, then the
+    connection drops) or "endless" (a chunk every 20 ms, up to ENDLESS_CHUNKS, while anyone
+    reads them)."""
 
     mode: str = "ok"
     chunks_sent: int = 0
@@ -83,6 +84,10 @@ class Upstream:
         if self.mode == "error":
             return web.json_response({"error": {"message": "overloaded", "type": "server_error",
                                                 "param": None, "code": None}}, status=500)
+        if self.mode == "limited":  # the upstream's own rate limit
+            return web.json_response({"error": {"message": "slow down", "type": "requests",
+                                                "param": None, "code": "rate_limit_exceeded"}},
+                                     status=429, headers={"retry-after": "7"})
         if body.get("stream"):
             return await self.stream(request, body)
         return web.json_response({
@@ -352,6 +357,20 @@ async def test_an_upstream_failure_releases_the_reservation(make_stack: MakeStac
     assert await usage_of(stack.rl, "e2e") == NOTHING
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_upstreams_own_429_is_passed_on_and_releases(
+        make_stack: MakeStack, stream: bool) -> None:
+    stack = await make_stack()
+    stack.upstream.mode = "limited"
+    sdk = stack.sdk(await stack.create_key())
+    with pytest.raises(openai.RateLimitError) as err:
+        await sdk.chat.completions.create(model="gpt-4o",  # type: ignore[call-overload]
+                                          messages=MESSAGES, stream=stream)
+    assert err.value.response.headers["retry-after"] == "7"
+    assert isinstance(err.value.body, dict) and err.value.body["message"] == "slow down"
+    assert await usage_of(stack.rl, "e2e") == NOTHING
+
+
 async def test_an_unreachable_upstream_releases_the_reservation(make_stack: MakeStack) -> None:
     stack = await make_stack(upstream_url=f"http://127.0.0.1:{free_port()}/v1")
     sdk = stack.sdk(await stack.create_key())
@@ -388,6 +407,17 @@ async def test_no_bearer_token_is_refused_before_anything_is_asked(
             json={"model": "gpt-4o", "messages": MESSAGES}) as resp:
         body = await resp.json()
     assert resp.status == 401 and body["error"]["code"] == "invalid_api_key"
+    assert stack.upstream.calls == []
+
+
+async def test_a_body_over_the_bound_is_refused_openai_style(make_stack: MakeStack) -> None:
+    stack = await make_stack()
+    huge = [{"role": "user", "content": "x" * gateway.MAX_BODY_BYTES}]
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{stack.gateway_url}/v1/chat/completions", headers={"Authorization": "Bearer k"},
+            json={"model": "gpt-4o", "messages": huge}) as resp:
+        body = await resp.json()
+    assert resp.status == 413 and body["error"]["code"] == "request_too_large"
     assert stack.upstream.calls == []
 
 
