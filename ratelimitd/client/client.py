@@ -1,10 +1,11 @@
 """The async client: reserve, commit, release over ratelimitd's HTTP API, and `guard`.
 
 One aiohttp session per client (connections are reused), a timeout per attempt, and bounded
-retries with jittered exponential backoff on what a retry can fix: a 503 and no answer at all
-(refused, reset, timed out). Retries are safe by the API's exactly-once promise: a reserve is
-always sent with an idempotency key (the caller's, else one generated per call) and every
-attempt reuses it, and commits and releases are idempotent. A 4xx is never retried.
+retries with jittered exponential backoff on what a retry can fix: a 503 (or a proxy's 502 or
+504) and no answer at all (refused, reset, timed out). Retries are safe by the API's
+exactly-once promise: a reserve is always sent with an idempotency key (the caller's, else one
+generated per call) and every attempt reuses it, and commits and releases are idempotent.
+A 4xx is never retried.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from ratelimitd.client.results import CommitResult, ReleaseResult, Reservation, 
 
 log = logging.getLogger("ratelimitd.client")
 
-# What a retry can fix: no answer, a broken answer, a 503 (the daemon's Redis did not answer).
+# What a retry can fix: no answer, a broken answer, a 503 (the daemon's Redis did not answer),
+# a 502 or 504 (a proxy in front of the daemons could not reach one).
 _RETRYABLE_ERRORS: Final = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
                             TimeoutError)
+_RETRYABLE_STATUSES: Final = frozenset({502, 503, 504})
 _UNIX_PREFIX: Final = "unix:"
 
 
@@ -41,7 +44,8 @@ class RatelimitdClient:
 
     `url` is "http://host:port" (or "unix:/path/to.sock"); `service_token` is sent as
     `Authorization: Bearer` when the daemon has `[server] service_tokens`. Each attempt is
-    bounded by `timeout_s`; `retries` more attempts follow a 503 or a failed connection, after
+    bounded by `timeout_s`; `retries` more attempts follow a 5xx that a retry can fix (502,
+    503, 504) or a failed connection, after
     `backoff_s`, 2x, 4x... (at most `max_backoff_s`, jittered). Use one client per process and
     close it (`async with RatelimitdClient(...) as rl:` or `await rl.close()`).
 
@@ -193,7 +197,7 @@ class RatelimitdClient:
                     f"{type(exc).__name__} {exc}".rstrip())
             else:
                 data = _decode(raw, status)
-                if status != 503:
+                if status not in _RETRYABLE_STATUSES:
                     return status, data, headers
                 failure = error_from_answer(status, data, headers)
             if attempt >= self._retries:

@@ -9,7 +9,7 @@
     ├── ReservationConflict         409: commit of a released one, or release of a committed one
     ├── Unavailable                 no decision could be had (after the client's retries)
     │   ├── BackendUnavailable      503: the daemon's Redis did not answer
-    │   └── DaemonUnreachable       no answer from the daemon: connection refused, timeout...
+    │   └── DaemonUnreachable       no answer from the daemon: refused, timed out, a proxy's 502
     └── ServerError                 500 or an answer this client does not understand
 """
 
@@ -116,6 +116,7 @@ _BY_CODE: Final[dict[str, type[RatelimitdError]]] = {
 _BY_STATUS: Final[dict[int, type[RatelimitdError]]] = {
     400: InvalidRequest, 413: InvalidRequest, 422: InvalidRequest,
     401: AuthError, 403: AuthError, 409: ReservationConflict, 503: BackendUnavailable,
+    502: DaemonUnreachable, 504: DaemonUnreachable,  # from a proxy in front of the daemons
 }
 
 

@@ -8,11 +8,15 @@ whose answer was lost is charged once; each error answer arrives as its exceptio
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
+from aiohttp import web
 from redis.asyncio import Redis
 
 from ratelimitd.client import (
@@ -188,6 +192,56 @@ async def test_a_retried_reserve_reuses_its_idempotency_key(
         assert got.idempotency_key is not None and got.idempotency_key.startswith("rlc_")
         assert await usage_of(rl) == {"requests": 1, "tokens": 100, "concurrent": 1,
                                       "cost_nano": cost_nano(50, 50)}
+
+
+async def test_a_proxys_502_is_retried_with_the_same_key(serve: Serve,
+                                                         aiohttp_server: Any) -> None:
+    """A proxy in front of the daemons fails the first attempt (502): the retry carries the
+    same idempotency key, and goes through."""
+    daemon_url = await daemon(serve)
+    seen: list[dict[str, Any]] = []
+
+    async def proxy(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if len(seen) == 1:
+            return web.Response(status=502, text="bad gateway")
+        async with aiohttp.ClientSession() as http, http.post(
+                daemon_url + request.path, json=body) as resp:
+            return web.Response(status=resp.status, body=await resp.read(),
+                                content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/reserve", proxy)
+    server = await aiohttp_server(app)
+    async with RatelimitdClient(str(server.make_url("")).rstrip("/"), backoff_s=0.01) as rl:
+        got = await rl.reserve(user="u1", tier="t", model="gpt-4o", input_tokens=5)
+    assert got.reservation_id and not got.duplicate
+    assert len(seen) == 2 and seen[0] == seen[1]
+    assert seen[0]["idempotency_key"] == got.idempotency_key
+
+
+async def test_a_degraded_admission_has_nothing_to_settle(serve: Serve) -> None:
+    """[redis] on_error = "allow" with Redis down: admitted unchecked, no reservation id; the
+    guard lets the call run and settles nothing."""
+    url = url_of(await serve({**config(), "redis": {"on_error": "allow"}},
+                             url=f"redis://127.0.0.1:{free_port()}/0"))
+    async with RatelimitdClient(url) as rl, \
+            rl.guard(user="u1", tier="t", model="gpt-4o", input_tokens=5) as call:
+        call.set_usage(5, 5)
+    assert call.reservation.degraded and call.reservation.reservation_id is None
+    assert call.commit_result is None and call.settle_error is None
+
+
+def test_the_client_imports_nothing_of_the_daemon() -> None:
+    """Usable with aiohttp alone: importing it loads no server module or server dependency."""
+    code = ("import sys, ratelimitd.client\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('redis', 'orjson', 'tiktoken', 'uvloop', 'hiredis', 'prometheus_client') "
+            "or (m.startswith('ratelimitd.') and not m.startswith('ratelimitd.client'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
 
 
 # -- errors as exceptions --------------------------------------------------------------------
