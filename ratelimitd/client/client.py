@@ -15,21 +15,23 @@ import json
 import logging
 import random
 import secrets
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeVar
 
 import aiohttp
 
 from ratelimitd.client.errors import (
     DaemonUnreachable,
     RatelimitdError,
+    RateLimited,
     ServerError,
     error_from_answer,
 )
 from ratelimitd.client.results import CommitResult, ReleaseResult, Reservation, denial
 
 log = logging.getLogger("ratelimitd.client")
+_T = TypeVar("_T")
 
 # What a retry can fix: no answer, a broken answer, a 503 (the daemon's Redis did not answer),
 # a 502 or 504 (a proxy in front of the daemons could not reach one).
@@ -116,7 +118,7 @@ class RatelimitdClient:
         Returns the Reservation (its `max_output_tokens` is the cap to send upstream); raises
         RateLimited when denied, InvalidRequest, AuthError, Blocked, or Unavailable."""
         if idempotency_key is None and not dry_run:
-            idempotency_key = "rlc_" + secrets.token_urlsafe(18)  # every retry reuses it
+            idempotency_key = new_idempotency_key()  # every retry reuses it
         body = _without_none({
             "api_key": api_key, "user": user, "tier": tier, "org": org, "model": model,
             "prompt": prompt, "messages": messages, "input_tokens": input_tokens,
@@ -163,19 +165,15 @@ class RatelimitdClient:
         a call that happened is not reported as failed; `strict=True` raises it instead."""
         return Guard(self, model, reserve_args, strict)
 
-    # -- settles that must outlive a cancellation ----------------------------------------------
+    # -- work that must outlive a cancelled caller ---------------------------------------------
 
-    async def settle_shielded(self, settle: Awaitable[Any]) -> Any:
-        """Run a commit or release to its end even if the caller is cancelled meanwhile:
-        the caller still sees the CancelledError, and close() waits for the settle."""
-        return await asyncio.shield(self.track(settle))
-
-    def track(self, call: Awaitable[Any]) -> asyncio.Future[Any]:
-        """A task for `call` that close() waits for (and that is referenced until done)."""
+    def finish_later(self, call: Awaitable[Any]) -> None:
+        """Run `call` in a task that close() waits for; a failure is logged. For settles
+        whose caller was cancelled: they are repeat-safe, so they are simply sent again."""
         task = asyncio.ensure_future(call)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
-        return task
+        task.add_done_callback(_log_failure)
 
     # -- HTTP ----------------------------------------------------------------------------------
 
@@ -230,8 +228,13 @@ class Guard:
     In the block: `call.max_output_tokens` is the cap to send upstream; tell the actual usage
     with `set_usage()`, or `set_output_text()`; `discard()` if the call did not happen.
     On exit: commit the usage (the reservation's estimate, with a warning, if none was set),
-    or release on an exception, a cancellation or discard(). A cancellation while reserving
-    releases the reservation once the reserve lands.
+    or release on an exception, a cancellation or discard().
+
+    Cancellation never leaves a reservation behind, and costs nothing when it does not happen
+    (no extra tasks): every call involved is repeat-safe, so a cancelled one is sent again in
+    the background (and close() waits for it). A settle is sent again as it was; a reserve
+    cancelled in flight may still land, so it is sent again with the same idempotency key,
+    which finds the first one (or makes it), and what it gets is released.
     """
 
     def __init__(self, client: RatelimitdClient, model: str, reserve_args: Mapping[str, Any],
@@ -276,13 +279,14 @@ class Guard:
         self._discarded = True
 
     async def __aenter__(self) -> Self:
-        reserving: asyncio.Future[Reservation] = self._client.track(
-            self._client.reserve(model=self._model, **self._reserve_args))
+        args = dict(self._reserve_args)
+        if args.get("idempotency_key") is None and not args.get("dry_run"):
+            args["idempotency_key"] = new_idempotency_key()  # known here, for an undo
+        self._reserve_args = args
         try:
-            self._reservation = await asyncio.shield(reserving)
+            self._reservation = await self._client.reserve(model=self._model, **args)
         except asyncio.CancelledError:
-            # The reserve may land after all (same idempotency key on every retry): release it.
-            reserving.add_done_callback(self._release_late)
+            self._client.finish_later(self._undo_reserve())
             raise
         return self
 
@@ -293,11 +297,10 @@ class Guard:
             return
         try:
             if exc_type is None and not self._discarded:
-                self.commit_result = await self._client.settle_shielded(
-                    self._client.commit(rid, **self._commit_usage()))
+                usage = self._commit_usage()
+                self.commit_result = await self._settle(lambda: self._client.commit(rid, **usage))
             else:
-                self.release_result = await self._client.settle_shielded(
-                    self._client.release(rid))
+                self.release_result = await self._settle(lambda: self._client.release(rid))
         except RatelimitdError as err:
             self.settle_error = err
             if self._strict and exc_type is None:
@@ -314,17 +317,31 @@ class Guard:
                     "output_tokens": self.reservation.max_output_tokens}
         return self._usage
 
-    def _release_late(self, reserving: asyncio.Future[Reservation]) -> None:
-        if reserving.cancelled() or reserving.exception() is not None:
+    async def _settle(self, send: Callable[[], Awaitable[_T]]) -> _T:
+        try:
+            return await send()
+        except asyncio.CancelledError:
+            self._client.finish_later(send())  # repeat-safe: send it again, to the end
+            raise
+
+    async def _undo_reserve(self) -> None:
+        """After a cancelled reserve: the same reserve again (exactly once by its key), then
+        release what it holds. Denied: then the first never landed either."""
+        try:
+            again = await self._client.reserve(model=self._model, **self._reserve_args)
+        except RateLimited:
             return
-        rid = reserving.result().reservation_id
-        if rid is not None:
-            self._client.track(self._client.release(rid)).add_done_callback(_log_failure)
+        if again.reservation_id is not None:
+            await self._client.release(again.reservation_id)
+
+
+def new_idempotency_key() -> str:
+    return "rlc_" + secrets.token_urlsafe(18)
 
 
 def _log_failure(task: asyncio.Future[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        log.warning("ratelimitd: late release failed: %s", task.exception())
+        log.warning("ratelimitd: a settle after a cancellation failed: %s", task.exception())
 
 
 def _without_none(body: Mapping[str, Any]) -> dict[str, Any]:

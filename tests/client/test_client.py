@@ -50,6 +50,41 @@ async def daemon(serve: Serve, **limits: Any) -> str:
     return url_of(await serve(config(**limits)))
 
 
+class Proxy:
+    """A proxy in front of a daemon that records what passes. fail_first: the first request
+    gets a 502. hold: the first request to that path is held, never passed on."""
+
+    def __init__(self, daemon_url: str, *, fail_first: bool = False,
+                 hold: str | None = None) -> None:
+        self.daemon_url = daemon_url
+        self.fail_first = fail_first
+        self.hold = hold
+        self.holding = asyncio.Event()
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    async def start(self, aiohttp_server: Any) -> str:
+        app = web.Application()
+        app.router.add_post("/{path:.*}", self.forward)
+        return url_of_server(await aiohttp_server(app))
+
+    async def forward(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.seen.append((request.path, body))
+        if self.fail_first and len(self.seen) == 1:
+            return web.Response(status=502, text="bad gateway")
+        if request.path == self.hold and not self.holding.is_set():
+            self.holding.set()
+            await asyncio.Event().wait()  # until the caller hangs up
+        async with aiohttp.ClientSession() as http, http.post(
+                self.daemon_url + request.path, json=body) as resp:
+            return web.Response(status=resp.status, body=await resp.read(),
+                                content_type="application/json")
+
+
+def url_of_server(server: Any) -> str:
+    return str(server.make_url("")).rstrip("/")
+
+
 async def test_reserve_commit_release_answers_are_typed(serve: Serve) -> None:
     async with RatelimitdClient(await daemon(serve)) as rl:
         first = await rl.reserve(user="u1", tier="t", model="gpt-4o", messages=MESSAGES,
@@ -135,10 +170,13 @@ async def test_guard_releases_when_cancelled(serve: Serve) -> None:
         assert await usage_of(rl) == NOTHING
 
 
-async def test_a_second_cancellation_does_not_stop_the_release(serve: Serve) -> None:
-    """Cancelled again while releasing (a timeout, then shutdown): the release still runs to
-    its end, and close() waits for it."""
-    rl = RatelimitdClient(await daemon(serve))
+async def test_a_second_cancellation_does_not_stop_the_release(
+        serve: Serve, aiohttp_server: Any) -> None:
+    """Cancelled again while the release is in flight (a timeout, then a shutdown): the
+    release is sent again to its end, and close() waits for it. A proxy holds the first
+    release and never passes it on, as when it is lost with the cancelled connection."""
+    proxy = Proxy(await daemon(serve), hold="/v1/release")
+    rl = RatelimitdClient(await proxy.start(aiohttp_server))
     entered = asyncio.Event()
 
     async def model_call() -> None:
@@ -149,13 +187,13 @@ async def test_a_second_cancellation_does_not_stop_the_release(serve: Serve) -> 
     task = asyncio.create_task(model_call())
     await entered.wait()
     task.cancel()
-    for _ in range(3):  # into __aexit__, where the release is in flight
-        await asyncio.sleep(0)
+    await proxy.holding.wait()  # the first release is in flight
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await rl.close()
-    async with RatelimitdClient(rl._base) as check:
+    assert [path for path, _ in proxy.seen] == ["/v1/reserve", "/v1/release", "/v1/release"]
+    async with RatelimitdClient(proxy.daemon_url) as check:
         assert await usage_of(check) == NOTHING
 
 
@@ -163,7 +201,8 @@ async def test_cancelled_while_reserving_releases_what_lands(
         serve: Serve, redis_client: Redis) -> None:
     """The caller gives up while the reserve waits on a stalled Redis; the reserve lands
     afterwards, and the guard releases it: nothing stays charged or held."""
-    async with RatelimitdClient(await daemon(serve), timeout_s=5) as rl:
+    url = url_of(await serve({**config(), "redis": {"timeout_ms": 5000}}))
+    async with RatelimitdClient(url, timeout_s=5) as rl:
         await usage_of(rl)  # the daemon is up and its scripts loaded
         await redis_client.execute_command("CLIENT", "PAUSE", "300", "ALL")
         reserving = asyncio.create_task(rl.guard(user="u1", tier="t", model="gpt-4o",
@@ -198,27 +237,12 @@ async def test_a_proxys_502_is_retried_with_the_same_key(serve: Serve,
                                                          aiohttp_server: Any) -> None:
     """A proxy in front of the daemons fails the first attempt (502): the retry carries the
     same idempotency key, and goes through."""
-    daemon_url = await daemon(serve)
-    seen: list[dict[str, Any]] = []
-
-    async def proxy(request: web.Request) -> web.Response:
-        body = await request.json()
-        seen.append(body)
-        if len(seen) == 1:
-            return web.Response(status=502, text="bad gateway")
-        async with aiohttp.ClientSession() as http, http.post(
-                daemon_url + request.path, json=body) as resp:
-            return web.Response(status=resp.status, body=await resp.read(),
-                                content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/v1/reserve", proxy)
-    server = await aiohttp_server(app)
-    async with RatelimitdClient(str(server.make_url("")).rstrip("/"), backoff_s=0.01) as rl:
+    proxy = Proxy(await daemon(serve), fail_first=True)
+    async with RatelimitdClient(await proxy.start(aiohttp_server), backoff_s=0.01) as rl:
         got = await rl.reserve(user="u1", tier="t", model="gpt-4o", input_tokens=5)
     assert got.reservation_id and not got.duplicate
-    assert len(seen) == 2 and seen[0] == seen[1]
-    assert seen[0]["idempotency_key"] == got.idempotency_key
+    (_, first), (_, second) = proxy.seen
+    assert first == second and first["idempotency_key"] == got.idempotency_key
 
 
 async def test_a_degraded_admission_has_nothing_to_settle(serve: Serve) -> None:
