@@ -100,13 +100,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cap_field = "max_tokens" if "max_tokens" in body and "max_completion_tokens" not in body \
         else "max_completion_tokens"
     stream = bool(body.get("stream"))
+    # No idempotency key from the caller: the client makes one per call (a key the caller
+    # chose could replay a settled reservation: calls for free).
     try:
         async with request.app[RATELIMITD].guard(
                 api_key=api_key, model=body["model"],
                 messages=countable_messages(body["messages"], body.get("tools")),
                 max_output_tokens=body.get(cap_field)) as call:
-            # (No idempotency key from the caller: the client makes one per call. A key the
-            # caller chose could replay a settled reservation, i.e. get calls for free.)
             body[cap_field] = call.max_output_tokens
             if stream:
                 response, ending, cancelled = await relay_stream(request, body, call)
@@ -155,7 +155,9 @@ async def relay_stream(request: web.Request, body: dict[str, Any], call: Guard
                        ) -> tuple[web.StreamResponse, bytes, bool]:
     """Relays the upstream's events, all but the last. Returns the response, that last event
     (sent once the usage is committed), and whether the handler was cancelled meanwhile."""
-    caller_options = body.get("stream_options") or {}
+    caller_options = body.get("stream_options")
+    if not isinstance(caller_options, dict):
+        caller_options = {}
     body["stream_options"] = {**caller_options, "include_usage": True}
     async with upstream_post(request, body) as upstream:
         if upstream.status != 200:
