@@ -236,7 +236,10 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     server = config.server
     runner = web.AppRunner(create_app(config, redis_url, health), access_log=None,
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=EDGE_LOG,
-                           keepalive_timeout=server.keepalive_timeout_s)
+                           keepalive_timeout=server.keepalive_timeout_s,
+                           # a body left unread (an error answered first) is not drained:
+                           # the connection closes after the answer
+                           lingering_time=0)
     await runner.setup()
     guard = ConnectionGuard(ConnectionLimits(
         server.header_timeout_s, server.body_timeout_s, server.keepalive_timeout_s,
