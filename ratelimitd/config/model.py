@@ -53,6 +53,8 @@ class ReservationsConfig:
 class TokensConfig:
     default_encoding: str = "o200k_base"
     models: Mapping[str, str] = field(default_factory=dict)
+    # an image part without width and height; 0: the most one can cost (tokens/chat.py)
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_spec())
+    return json_response(request.app[OPENAPI])
 
 
 ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
@@ -82,7 +82,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                                   thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
         config=config, store=store, engine=engine,
-        counter=TokenCounter(config.tokens.default_encoding, config.tokens.models),
+        counter=TokenCounter(config.tokens.default_encoding, config.tokens.models,
+                             config.tokens.image_tokens),
         prices=config.pricing.table(), executor=executor)
     try:
         await engine.scripts.load()
@@ -94,6 +95,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
+OPENAPI: Final = web.AppKey("openapi", dict)
 
 
 def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
@@ -107,6 +109,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
     app[CLIENT_LOG] = QuietLog(log)
+    app[OPENAPI] = openapi_spec(config)
     app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
     app.cleanup_ctx.append(_services_ctx)
     for method, path, handler in ROUTES:
