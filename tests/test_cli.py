@@ -273,3 +273,99 @@ def test_lua_show_prints_the_library_with_source_lines() -> None:
                           capture_output=True, text=True, timeout=60, check=True)
     assert "reserve.lua:1 " in done.stdout and "sliding.lua:" in done.stdout
     assert "local function sliding_load" in done.stdout
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(RATELIMITD), *args], capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+
+
+def test_version() -> None:
+    from ratelimitd import __version__
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"ratelimitd {__version__}"
+
+
+def test_serve_help_lists_every_option_and_environment_variable() -> None:
+    done = run_cli("serve", "--help")
+    assert done.returncode == 0
+    for text in ("--config", "--workers", "RATELIMITD_CONFIG", "STATE_DIRECTORY",
+                 "TIKTOKEN_CACHE_DIR", "env:NAME", "SIGHUP", "exit status"):
+        assert text in done.stdout, text
+
+
+def test_workers_0_shows_serves_usage() -> None:
+    done = run_cli("serve", "--workers", "0")
+    assert done.returncode == 2
+    assert "usage: ratelimitd serve" in done.stderr
+    assert "--workers must be at least 1" in done.stderr
+
+
+def test_check_config_honours_ratelimitd_config_and_prints_the_tiers(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    done = run_cli("check-config", env={**os.environ, "RATELIMITD_CONFIG": str(example)})
+    assert done.returncode == 0, done.stderr
+    assert "ok (2 tiers: free, pro)" in done.stdout
+    assert "tier free (max_output_tokens 500, max_prompt_chars 10000, max_input_tokens " \
+           "4000):" in done.stdout
+    assert "  requests_per_minute: 10 requests per sliding 60s, per user" in done.stdout
+    assert "  burst: 5 requests per 1s, token bucket burst 20, per user" in done.stdout
+    assert "  monthly_budget: 2000.0 USD per calendar month (UTC), per org" in done.stdout
+    assert "  max_concurrent: 2 concurrent in flight, per user" in done.stdout
+    env = {k: v for k, v in os.environ.items() if k != "RATELIMITD_CONFIG"}
+    done = run_cli("check-config", env=env)
+    assert done.returncode == 2 and "RATELIMITD_CONFIG" in done.stderr
+
+
+BAD_CONFIG = '''[server]
+listen = ["127.0.0.1:8080"]
+max_connections = 0
+
+[redis]
+url = "http://localhost:6379"
+
+[alerts]
+webhooks = ["https://hooks.example.com/a", "not a url"]
+
+[[tiers.free.limits]]
+name = "typo"
+scope = "usr"
+metric = "requests"
+window = "60s"
+limit = 5
+'''
+
+
+def test_check_config_reports_every_error_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_CONFIG)
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = [
+        (f"{path}: server.max_connections: must be between 1 and 1000000", "(line 3)"),
+        (f"{path}: redis.url: 'http://localhost:6379': use redis://", "(line 6)"),
+        (f"{path}: alerts.webhooks.1: 'not a url': a webhook is an http", "(line 9)"),
+        (f"{path}: tiers.free.limits[0].scope: unknown scope 'usr'", "(line 13)"),
+    ]
+    for start, line in expected:
+        matching = [text for text in lines if start in text]
+        assert len(matching) == 1, (start, done.stderr)
+        assert matching[0].endswith(line), matching[0]
+
+
+def test_a_declared_attribute_may_be_a_scope(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text('[attributes]\nnames = ["device"]\n' + BAD_CONFIG.split("[[tiers", 1)[1]
+                    .join(["[[tiers", ""]).replace('"usr"', '"device"'))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "typo: 5 requests per sliding 60s, per device" in done.stdout
+
+
+def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:8080"]\nmax_body_bytes = = 5\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2 and "line 3" in done.stderr and "Traceback" not in done.stderr
