@@ -35,8 +35,6 @@ from ratelimitd.units import nano_to_usd
 
 log = logging.getLogger("ratelimitd")
 SHUTDOWN_TIMEOUT_S: Final = 10.0
-# aiohttp's protocol reports bad request lines and hang-ups here: one rate-limited INFO line
-EDGE_LOG: Final = EdgeLogger("ratelimitd.http.edge", logging.getLogger("ratelimitd.http"))
 
 SERVE_EPILOG: Final = """environment:
   RATELIMITD_CONFIG    configuration file when --config is not given
@@ -235,7 +233,11 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
                        share_port: bool, health: StoreHealth | None) -> None:
     server = config.server
     runner = web.AppRunner(create_app(config, redis_url, health), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S, logger=EDGE_LOG,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           # aiohttp reports bad request lines and hang-ups to it: one
+                           # rate-limited INFO line, no traceback
+                           logger=EdgeLogger("ratelimitd.http.edge",
+                                             logging.getLogger("ratelimitd.http")),
                            keepalive_timeout=server.keepalive_timeout_s,
                            # a body left unread (an error answered first) is not drained:
                            # the connection closes after the answer
