@@ -69,7 +69,8 @@ def _reserve(port: int, daemon: subprocess.Popen[bytes]) -> dict[str, object]:
     deadline = time.monotonic() + 30
     while True:
         try:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/reserve", data=body)
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/reserve", data=body,
+                                             headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=5) as resp:
                 answer: dict[str, object] = orjson.loads(resp.read())
                 return answer
