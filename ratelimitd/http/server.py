@@ -131,11 +131,12 @@ class GuardedProtocol(asyncio.Protocol):
         if self.phase != _BODY:
             if self.phase == _IDLE:
                 self.phase, self.since, self._tail = _HEAD, self._guard.loop.time(), b""
-            seen = self._tail + data[:8192] if len(data) > 8192 else self._tail + data
-            if _HEAD_END in seen or _HEAD_END in data:
+            # the blank line ending the head, also when split across reads (the tail keeps
+            # the last 3 bytes seen, whatever the reads' sizes)
+            if _HEAD_END in data or _HEAD_END in self._tail + data[:3]:
                 self.phase, self.since = _BODY, self._guard.loop.time()
             else:
-                self._tail = data[-3:]
+                self._tail = (self._tail + data[-3:])[-3:]
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:

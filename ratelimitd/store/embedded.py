@@ -104,6 +104,17 @@ def _die_with_parent() -> Callable[[], None] | None:
     return arm
 
 
+def _launcher() -> tuple[list[str], Callable[[], None] | None]:
+    """How to start redis-server so that it dies with this thread: through util-linux's
+    `setpriv --pdeathsig` when installed (no Python runs between fork and exec, which matters
+    as the supervisor's restarts fork from a thread beside the event loop), else a preexec
+    function calling prctl."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--"], None
+    return [], _die_with_parent()
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
@@ -130,7 +141,8 @@ class EmbeddedRedis:
     def spawn(self) -> None:
         """Starts redis-server and waits until it answers (also the supervisor's restart)."""
         assert self._binary is not None, "start() first"
-        args = [self._binary, "--port", "0", "--unixsocket", str(self.socket),
+        launcher, preexec = _launcher()
+        args = [*launcher, self._binary, "--port", "0", "--unixsocket", str(self.socket),
                 "--unixsocketperm", "600", "--dir", str(self.data_dir), "--appendonly", "yes",
                 "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                 "--logfile", str(self.data_dir / "redis.log"), "--protected-mode", "yes"]
@@ -140,7 +152,7 @@ class EmbeddedRedis:
             self.proc = subprocess.Popen(args, stdin=  # noqa: S603
                                          subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=_die_with_parent())
+                                         preexec_fn=preexec)
             proc = self.proc
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.answers():

@@ -136,6 +136,24 @@ def test_headers_at_one_byte_per_interval_are_cut_off_at_header_timeout(
     assert took <= HEADER_S + SLACK_S + 0.5, took
 
 
+def test_a_head_sent_byte_by_byte_then_a_late_body_is_served(
+        daemon: tuple[Daemon, int]) -> None:
+    """The head's deadline stops at its blank line, even when that line arrives a byte at a
+    time: a body arriving after header_timeout_s (within body_timeout_s) is served."""
+    _, port = daemon
+    body = json.dumps(RESERVE).encode()
+    head = (f"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode()
+    with connect(port) as sock:
+        for byte in head:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.002)
+        time.sleep(HEADER_S + 0.6)   # past the head's deadline and a sweep, within the body's
+        sock.sendall(body)
+        _, answer = read_until_closed(sock, 5)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
 def test_a_body_shorter_than_its_content_length_answers_408_at_body_timeout(
         daemon: tuple[Daemon, int]) -> None:
     daemon_proc, port = daemon
