@@ -201,8 +201,11 @@ async def read_json(request: web.Request) -> Any:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
     timeout_s = request.app[BODY_TIMEOUT_S]
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # the whole body came with the head: no timer needed
             raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
     except TimeoutError:
         raise ClosingApiError(408, "request_timeout",
                               f"body: not received within {timeout_s:g} s") from None

@@ -76,24 +76,38 @@ def fit_to_fd_limit(max_connections: int) -> int:
     return max_connections
 
 
+# Transport methods aiohttp calls, bound once per connection so that a call through the view
+# costs no more than one on the transport (a __getattr__ hop on each was measurable).
+_DELEGATED: Final = ("is_closing", "get_extra_info", "pause_reading", "resume_reading",
+                     "close", "abort", "get_write_buffer_size", "set_write_buffer_limits",
+                     "is_reading", "can_write_eof", "write_eof")
+
+
 class _TransportView:
     """The transport as the aiohttp protocol sees it: writes tell the guard a response went
     out; everything else is the real transport's."""
 
-    __slots__ = ("_conn", "_transport")
+    __slots__ = ("_conn", "_transport", *_DELEGATED)
 
     def __init__(self, transport: asyncio.Transport, conn: GuardedProtocol) -> None:
         self._transport = transport
         self._conn = conn
+        for name in _DELEGATED:
+            method = getattr(transport, name, None)
+            if method is not None:
+                setattr(self, name, method)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        self._conn.responded(data)
+        # a response's first bytes are "HTTP/1.1 NNN": a 1xx (100 Continue) is not the answer
+        if self._conn.phase != _IDLE and data[9:10] != b"1":
+            self._conn.went_idle()
         self._transport.write(data)
 
     def writelines(self, chunks: Any) -> None:
-        chunks = list(chunks)
-        if chunks:
-            self._conn.responded(chunks[0])
+        if not isinstance(chunks, list | tuple):
+            chunks = list(chunks)
+        if chunks and self._conn.phase != _IDLE and chunks[0][9:10] != b"1":
+            self._conn.went_idle()
         self._transport.writelines(chunks)
 
     def __getattr__(self, name: str) -> Any:
@@ -103,22 +117,24 @@ class _TransportView:
 class GuardedProtocol(asyncio.Protocol):
     """One client connection: aiohttp's protocol inside, its phase and since-when outside."""
 
-    __slots__ = ("_admitted", "_guard", "_inner", "_tail", "phase", "since", "transport")
+    __slots__ = ("_admitted", "_guard", "_inner", "_tail", "_time", "phase", "since",
+                 "transport")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self._guard = guard
         self._inner = inner
         self._admitted = False
         self._tail = b""
+        self._time = guard.loop.time
         self.phase = _HEAD
-        self.since = guard.loop.time()
+        self.since = self._time()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         transport = typing.cast(asyncio.Transport, transport)
         self.transport = transport
-        self.since = self._guard.loop.time()
+        self.since = self._time()
         if not self._guard.admit(self):
             transport.abort()
             return
@@ -126,16 +142,16 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.connection_made(_TransportView(transport, self))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        if not self._admitted:
-            return
         if self.phase != _BODY:
-            if self.phase == _IDLE:
-                self.phase, self.since, self._tail = _HEAD, self._guard.loop.time(), b""
+            if not self._admitted:
+                return
             # the blank line ending the head, also when split across reads (the tail keeps
             # the last 3 bytes seen, whatever the reads' sizes)
-            if _HEAD_END in data or _HEAD_END in self._tail + data[:3]:
-                self.phase, self.since = _BODY, self._guard.loop.time()
+            if _HEAD_END in data or (self._tail and _HEAD_END in self._tail + data[:3]):
+                self.phase, self.since = _BODY, self._time()
             else:
+                if self.phase == _IDLE:
+                    self.phase, self.since = _HEAD, self._time()
                 self._tail = (self._tail + data[-3:])[-3:]
         self._inner.data_received(data)
 
@@ -154,10 +170,9 @@ class GuardedProtocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._inner.resume_writing()
 
-    def responded(self, first_bytes: bytes | bytearray | memoryview) -> None:
-        """A response (not a 1xx interim one) went out: the connection is idle from now."""
-        if bytes(first_bytes[:10]) != b"HTTP/1.1 1":
-            self.phase, self.since, self._tail = _IDLE, self._guard.loop.time(), b""
+    def went_idle(self) -> None:
+        """A response went out: the connection is idle from now."""
+        self.phase, self.since, self._tail = _IDLE, self._time(), b""
 
     def close_expired(self, why: str) -> None:
         log.debug("closing a connection: %s", why)
