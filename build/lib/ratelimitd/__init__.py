@@ -1,3 +1,0 @@
-"""ratelimitd: rate-limit and budget decisions for LLM APIs."""
-
-__version__ = "0.1.0"
