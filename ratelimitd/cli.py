@@ -10,36 +10,72 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
 import uvloop
 from aiohttp import web
 
+from ratelimitd import __version__
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
+from ratelimitd.http.edge import EdgeLogger
+from ratelimitd.http.server import (
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedSite,
+    fit_to_fd_limit,
+)
 from ratelimitd.quota.runner import shipped_library
-from ratelimitd.store.embedded import EmbeddedRedis, state_directory
+from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
+from ratelimitd.store.supervisor import StoreHealth, Supervisor
+from ratelimitd.units import nano_to_usd
 
 log = logging.getLogger("ratelimitd")
 SHUTDOWN_TIMEOUT_S: Final = 10.0
 
+SERVE_EPILOG: Final = """environment:
+  RATELIMITD_CONFIG    configuration file when --config is not given
+  STATE_DIRECTORY      the embedded Redis's directory when [redis] data_dir is "" (systemd
+                       sets it from StateDirectory=); else ~/.local/state/ratelimitd
+  TIKTOKEN_CACHE_DIR   where tiktoken's rank files are kept (default: the system temp dir)
+  any NAME             a token configured as "env:NAME" ([server] service_tokens, admin_tokens)
 
-def main(argv: Sequence[str] | None = None) -> int:
+signals:
+  SIGTERM, SIGINT      finish the requests in flight, stop the embedded Redis, exit 0
+  SIGHUP               ignored (logged): reloading is not supported yet
+
+exit status: 0 after SIGTERM; 1 when a worker or the embedded Redis failed for good;
+2 for a bad configuration, state directory or listen address."""
+
+
+def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser = argparse.ArgumentParser(prog="ratelimitd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ratelimitd {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", default=os.environ.get("RATELIMITD_CONFIG"),
+    serve = commands.add_parser(
+        "serve", help="run the daemon", description="Serve the HTTP API (see docs/http-api.md).",
+        epilog=SERVE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--config", default=os.environ.get("RATELIMITD_CONFIG"), metavar="PATH",
                        help="TOML file (default: $RATELIMITD_CONFIG, else built-in defaults)")
-    serve.add_argument("--workers", type=int, default=1,
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="processes sharing the listening sockets (default 1)")
-    check = commands.add_parser("check-config", help="validate a configuration file")
-    check.add_argument("path")
+    check = commands.add_parser(
+        "check-config", help="validate a configuration file",
+        description="Check a configuration: every mistake with its key (and line), or the "
+                    "parsed tiers and their limits.")
+    check.add_argument("path", nargs="?", default=os.environ.get("RATELIMITD_CONFIG"),
+                       help="TOML file (default: $RATELIMITD_CONFIG)")
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
+    return parser, serve
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, serve = _parser()
     args = parser.parse_args(argv)
     if args.command == "lua":
         library = shipped_library()
@@ -47,41 +83,79 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(library.source.splitlines())} lines; --show prints them", end="" if
               args.show else "\n")
         return 0
+    if args.command == "serve" and args.workers < 1:
+        serve.error("--workers must be at least 1")
+    if args.command == "check-config" and args.path is None:
+        parser.error("check-config needs a file: give its path or set RATELIMITD_CONFIG")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if args.command == "check-config":
             config = load_config(args.path)
             print(f"{args.path}: ok ({len(config.tiers)} tiers: {', '.join(config.tiers)})")
+            print(describe_tiers(config), end="")
             return 0
-        if args.workers < 1:
-            parser.error("--workers must be at least 1")
         return run(load_config(args.config), args.workers)
     except (ConfigError, EmbeddedRedisError, ListenError) as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         return 2
 
 
-def run(config: Config, workers: int) -> int:
-    """Starts the embedded Redis when no url is configured, then serves until SIGTERM.
+def describe_tiers(config: Config) -> str:
+    """The parsed tiers, one line per limit and cap, as check-config prints them."""
+    lines = []
+    for tier in config.tiers.values():
+        caps = [f"{name} {value}" for name, value in (
+            ("max_output_tokens", tier.max_output_tokens),
+            ("max_prompt_chars", tier.max_prompt_chars),
+            ("max_input_tokens", tier.max_input_tokens)) if value is not None]
+        lines.append(f"tier {tier.name}" + (f" ({', '.join(caps)})" if caps else "") + ":")
+        for lim in tier.limits:
+            amount = (f"{nano_to_usd(lim.limit)} USD" if lim.metric == "cost_usd"
+                      else f"{lim.limit} {lim.metric}")
+            if lim.metric == "concurrent":
+                span = "in flight"
+            elif lim.algorithm == "token_bucket":
+                span = f"per {lim.window_text}, token bucket burst {lim.burst}"
+            elif lim.algorithm == "calendar":
+                span = f"per calendar {lim.period} ({config.calendar.timezone})"
+            else:
+                span = f"per sliding {lim.window_text}"
+            lines.append(f"  {lim.name}: {amount} {span}, per {lim.scope}")
+        if not tier.limits:
+            lines.append("  (no limits)")
+    return "".join(f"{line}\n" for line in lines)
 
-    Returns the exit status: 0 after SIGTERM, else that of a worker that died."""
-    embedded = None
+
+def run(config: Config, workers: int) -> int:
+    """Starts the embedded Redis (supervised) when no url is configured, then serves until
+    SIGTERM. Returns the exit status: 0 after SIGTERM, else 1 when a worker died or the
+    embedded Redis could not be kept running."""
+    supervisor = None
+    health = None
     status = 0
     redis_url = config.redis.url
     if not redis_url:
         embedded = EmbeddedRedis(state_directory(config.redis.data_dir))
         embedded.start()
         redis_url = embedded.url
+        health = StoreHealth()
+        supervisor = Supervisor(embedded, health,
+                                on_give_up=lambda: os.kill(os.getpid(), signal.SIGTERM))
         log.info("embedded redis-server on %s", embedded.socket)
     try:
         sockets = [_unix_socket(a[5:]) for a in config.server.listen if a.startswith("unix:")]
         if workers == 1:
-            _serve(config, redis_url, sockets, share_port=False)
+            if supervisor is not None:
+                supervisor.watch()
+            _serve(config, redis_url, sockets, share_port=False, health=health)
         else:
-            status = _supervise(config, redis_url, sockets, workers)
+            status = _supervise(config, redis_url, sockets, workers, health,
+                                supervisor.watch if supervisor is not None else None)
     finally:
-        if embedded is not None:
-            embedded.stop()
+        if supervisor is not None:
+            supervisor.stop()
+    if supervisor is not None and supervisor.failed:
+        return 1
     return status
 
 
@@ -100,16 +174,19 @@ def _unix_socket(path: str) -> socket.socket:
     return sock
 
 
-def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int) -> int:
+def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int,
+               health: StoreHealth | None, after_fork: Callable[[], None] | None) -> int:
     """Forks the workers; SIGTERM/SIGINT are passed on, and a dead worker stops the rest.
 
     Returns 0 when the workers stopped on SIGTERM, else the failed worker's status (or 1), so
     that a service manager sees the failure and restarts the daemon."""
     context = multiprocessing.get_context("fork")  # workers inherit the unix sockets
-    procs = [context.Process(target=_worker, args=(config, redis_url, sockets),
+    procs = [context.Process(target=_worker, args=(config, redis_url, sockets, health),
                              name=f"ratelimitd-worker-{i}") for i in range(workers)]
     for proc in procs:
         proc.start()
+    if after_fork is not None:  # threads start after the forks, never copied into a worker
+        after_fork()
 
     def stop(signum: int, _frame: object) -> None:
         for proc in procs:
@@ -118,6 +195,7 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: _sighup())
     failed = 0
     while any(p.is_alive() for p in procs):
         for proc in procs:
@@ -129,37 +207,58 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
     return failed
 
 
-def _worker(config: Config, redis_url: str, sockets: list[socket.socket]) -> None:
+def _sighup() -> None:
+    log.info("SIGHUP ignored: reloading the configuration is not supported yet; restart "
+             "the daemon to apply a new one")
+
+
+def _worker(config: Config, redis_url: str, sockets: list[socket.socket],
+            health: StoreHealth | None) -> None:
+    die_with_parent(signal.SIGTERM)  # a worker never outlives its daemon (kill -9 of it)
     try:
-        _serve(config, redis_url, sockets, share_port=True)
+        _serve(config, redis_url, sockets, share_port=True, health=health)
     except ListenError as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
-def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool
-           ) -> None:
+def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool,
+           health: StoreHealth | None) -> None:
     """One serving process. share_port: the workers of one daemon bind the same TCP ports
     (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
-    uvloop.run(_serve_async(config, redis_url, sockets, share_port))
+    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health))
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],
-                       share_port: bool) -> None:
-    runner = web.AppRunner(create_app(config, redis_url), access_log=None,
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                       share_port: bool, health: StoreHealth | None) -> None:
+    server = config.server
+    runner = web.AppRunner(create_app(config, redis_url, health), access_log=None,
+                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+                           # aiohttp reports bad request lines and hang-ups to it: one
+                           # rate-limited INFO line, no traceback
+                           logger=EdgeLogger("ratelimitd.http.edge",
+                                             logging.getLogger("ratelimitd.http")),
+                           keepalive_timeout=server.keepalive_timeout_s,
+                           # a body left unread (an error answered first) is not drained:
+                           # the connection closes after the answer
+                           lingering_time=0)
     await runner.setup()
+    guard = ConnectionGuard(ConnectionLimits(
+        server.header_timeout_s, server.body_timeout_s, server.keepalive_timeout_s,
+        fit_to_fd_limit(server.max_connections)), asyncio.get_running_loop())
+    guard.start()
     unix = iter(sockets)
     for address in config.server.listen:
         if address.startswith("unix:"):
-            site: web.BaseSite = web.SockSite(runner, next(unix))
+            site = GuardedSite(runner, guard, sock=next(unix))
         else:
             host, _, port = address.rpartition(":")
-            site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=share_port,
-                               backlog=1024)
+            site = GuardedSite(runner, guard, address=(host.strip("[]"), int(port)),
+                               reuse_port=share_port)
         try:
             await site.start()
         except OSError as exc:
+            await guard.stop()
             await runner.cleanup()
             raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         log.info("listening on %s (pid %d)", address, os.getpid())
@@ -167,8 +266,10 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, _sighup)
     await stopping.wait()
     log.info("stopping: finishing requests in flight")
+    await guard.stop()
     await runner.cleanup()
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what ratelimitd needs on a fresh Debian machine (as root) and leaves a virtualenv in
-# .venv. `scripts/setup.sh dev` also installs the test and lint tools. Safe to run again.
+# .venv. `scripts/setup.sh dev` also installs the test and lint tools. Safe to run again: it
+# reinstalls only when pyproject.toml changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,8 +29,21 @@ if [ ${#need[@]} -gt 0 ]; then
     apt_install "${need[@]}"
 fi
 
-python3 -m venv .venv
 extra=""
 case "${1:-}" in dev|bench) extra="[dev]" ;; esac
-.venv/bin/pip install -q --upgrade pip
+# Install only when the virtualenv is missing or pyproject.toml changed since the last install
+# (a stamp holds its hash and the extra), so a restart needs no package index.
+stamp=.venv/.ratelimitd-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extra:-[]}"
+have="$(cat "$stamp" 2>/dev/null || true)"
+if [ -x .venv/bin/python ] && { [ "$have" = "$want" ] || { [ -z "$extra" ] && [ "${have%% *}" = "${want%% *}" ]; }; }; then
+    echo "ratelimitd: .venv is up to date with pyproject.toml${extra:+ $extra}" >&2
+    exit 0
+fi
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+fi
+rm -f "$stamp"
 .venv/bin/pip install -q -e ".${extra}"
+echo "$want" >"$stamp"

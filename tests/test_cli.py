@@ -5,124 +5,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import pytest
-import redis
-
+from tests.support.daemon import (
+    RATELIMITD,
+    STOP_WITHIN_S,
+    Daemon,
+    alive,
+    daemons,
+    embedded_redis_pids,
+    http,
+    redis_pid,
+    wait_healthy,
+)
 from tests.support.http import cost_nano, nano
 from tests.support.redis_servers import free_port
 
-RATELIMITD = Path(sys.executable).parent / "ratelimitd"
-STOP_WITHIN_S = 10
-
-
-class Daemon:
-    """One `ratelimitd serve` process; its log (stderr) goes to a file."""
-
-    def __init__(self, tmp_path: Path, config: str, *args: str, name: str = "d") -> None:
-        self.config_path = tmp_path / f"{name}.toml"
-        self.config_path.write_text(config)
-        self.log_path = tmp_path / f"{name}.log"
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([str(RATELIMITD), "serve", "--config",
-                                      str(self.config_path), *args],
-                                     stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_exit(self, timeout: float = STOP_WITHIN_S) -> int:
-        try:
-            return self.proc.wait(timeout)
-        finally:
-            self._log.close()
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.wait_exit()
-
-    def listening_pids(self) -> set[int]:
-        return {int(p) for p in re.findall(r"listening on \S+ \(pid (\d+)\)", self.log)}
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Started daemons; any still running at the end is killed, by its own pid."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait(10)
-        daemon._log.close()
-
-
-def redis_pid(data_dir: Path) -> int:
-    client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"), socket_timeout=2)
-    try:
-        return int(client.info("server")["process_id"])
-    finally:
-        client.close()
-
-
-@pytest.fixture
-def embedded_redis_pids() -> Iterator[list[int]]:
-    """Embedded redis-servers seen by a test: killed (by pid) if a failed test left one."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie no one has reaped yet is gone for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def wait_healthy(daemon: Daemon, port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert daemon.proc.poll() is None, f"daemon exited early:\n{daemon.log}"
-        try:
-            if http(port, "GET", "/healthz") == (200, {"status": "ok"}):
-                return
-        except (urllib.error.URLError, ConnectionError):
-            pass
-        assert time.monotonic() < deadline, f"no /healthz within {timeout} s:\n{daemon.log}"
-        time.sleep(0.05)
-
+__all__ = ["daemons", "embedded_redis_pids"]  # fixtures
 
 def config_text(port: int, data_dir: Path) -> str:
     return f'''
@@ -369,3 +273,99 @@ def test_lua_show_prints_the_library_with_source_lines() -> None:
                           capture_output=True, text=True, timeout=60, check=True)
     assert "reserve.lua:1 " in done.stdout and "sliding.lua:" in done.stdout
     assert "local function sliding_load" in done.stdout
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(RATELIMITD), *args], capture_output=True, text=True, timeout=60,
+                          check=False, env=env)
+
+
+def test_version() -> None:
+    from ratelimitd import __version__
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"ratelimitd {__version__}"
+
+
+def test_serve_help_lists_every_option_and_environment_variable() -> None:
+    done = run_cli("serve", "--help")
+    assert done.returncode == 0
+    for text in ("--config", "--workers", "RATELIMITD_CONFIG", "STATE_DIRECTORY",
+                 "TIKTOKEN_CACHE_DIR", "env:NAME", "SIGHUP", "exit status"):
+        assert text in done.stdout, text
+
+
+def test_workers_0_shows_serves_usage() -> None:
+    done = run_cli("serve", "--workers", "0")
+    assert done.returncode == 2
+    assert "usage: ratelimitd serve" in done.stderr
+    assert "--workers must be at least 1" in done.stderr
+
+
+def test_check_config_honours_ratelimitd_config_and_prints_the_tiers(tmp_path: Path) -> None:
+    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    done = run_cli("check-config", env={**os.environ, "RATELIMITD_CONFIG": str(example)})
+    assert done.returncode == 0, done.stderr
+    assert "ok (2 tiers: free, pro)" in done.stdout
+    assert "tier free (max_output_tokens 500, max_prompt_chars 10000, max_input_tokens " \
+           "4000):" in done.stdout
+    assert "  requests_per_minute: 10 requests per sliding 60s, per user" in done.stdout
+    assert "  burst: 5 requests per 1s, token bucket burst 20, per user" in done.stdout
+    assert "  monthly_budget: 2000.0 USD per calendar month (UTC), per org" in done.stdout
+    assert "  max_concurrent: 2 concurrent in flight, per user" in done.stdout
+    env = {k: v for k, v in os.environ.items() if k != "RATELIMITD_CONFIG"}
+    done = run_cli("check-config", env=env)
+    assert done.returncode == 2 and "RATELIMITD_CONFIG" in done.stderr
+
+
+BAD_CONFIG = '''[server]
+listen = ["127.0.0.1:8080"]
+max_connections = 0
+
+[redis]
+url = "http://localhost:6379"
+
+[alerts]
+webhooks = ["https://hooks.example.com/a", "not a url"]
+
+[[tiers.free.limits]]
+name = "typo"
+scope = "usr"
+metric = "requests"
+window = "60s"
+limit = 5
+'''
+
+
+def test_check_config_reports_every_error_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(BAD_CONFIG)
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    expected = [
+        (f"{path}: server.max_connections: must be between 1 and 1000000", "(line 3)"),
+        (f"{path}: redis.url: 'http://localhost:6379': use redis://", "(line 6)"),
+        (f"{path}: alerts.webhooks.1: must be an http", "(line 9)"),
+        (f"{path}: tiers.free.limits[0].scope: unknown scope 'usr'", "(line 13)"),
+    ]
+    for start, line in expected:
+        matching = [text for text in lines if start in text]
+        assert len(matching) == 1, (start, done.stderr)
+        assert matching[0].endswith(line), matching[0]
+
+
+def test_a_declared_attribute_may_be_a_scope(tmp_path: Path) -> None:
+    path = tmp_path / "ok.toml"
+    path.write_text('[attributes]\nnames = ["device"]\n' + BAD_CONFIG.split("[[tiers", 1)[1]
+                    .join(["[[tiers", ""]).replace('"usr"', '"device"'))
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 0, done.stderr
+    assert "typo: 5 requests per sliding 60s, per device" in done.stdout
+
+
+def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.toml"
+    path.write_text('[server]\nlisten = ["127.0.0.1:8080"]\nmax_body_bytes = = 5\n')
+    done = run_cli("check-config", str(path))
+    assert done.returncode == 2 and "line 3" in done.stderr and "Traceback" not in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,8 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _build_wheel(out: Path) -> Path:
+    """Built from a copy of the sources: a build/ directory left in the checkout (setuptools
+    copies a file into it only when the source is newer) cannot put stale code in the wheel."""
+    sources = out.parent / "sources"
+    shutil.copytree(REPO, sources, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+        ".hypothesis", "tests", "bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(REPO)], check=True, capture_output=True)
+                    "-q", "-w", str(out), str(sources)], check=True, capture_output=True)
     [wheel] = out.glob("ratelimitd-*.whl")
     return wheel
 
@@ -69,7 +76,8 @@ def _reserve(port: int, daemon: subprocess.Popen[bytes]) -> dict[str, object]:
     deadline = time.monotonic() + 30
     while True:
         try:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/reserve", data=body)
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/reserve", data=body,
+                                             headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request, timeout=5) as resp:
                 answer: dict[str, object] = orjson.loads(resp.read())
                 return answer

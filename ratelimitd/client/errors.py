@@ -70,7 +70,7 @@ class RateLimited(RatelimitdError):
 
 class InvalidRequest(RatelimitdError):
     """400 (empty_prompt, prompt_too_long, too_many_input_tokens, unknown_model,
-    invalid_request) or 413 body_too_large."""
+    exceeds_limit: a call no limit will ever fit, invalid_request) or 413 body_too_large."""
 
 
 class AuthError(RatelimitdError):

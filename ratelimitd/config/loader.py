@@ -17,15 +17,24 @@ from ratelimitd.config.model import (
     AbuseConfig,
     AlertsConfig,
     AnomalyConfig,
+    AttributesConfig,
     CalendarConfig,
     Config,
     KeysConfig,
+    PricingConfig,
     RedisConfig,
     ReservationsConfig,
     ServerConfig,
     TokensConfig,
 )
-from ratelimitd.config.reader import Where, no_unknown, section
+from ratelimitd.config.reader import (
+    ConfigProblem,
+    ConfigProblems,
+    Problems,
+    Where,
+    no_unknown,
+    section,
+)
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
 from ratelimitd.policy import default_tiers
 from ratelimitd.tokens.offline import check_encoding_name
@@ -35,9 +44,12 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerConfig, "redis": RedisConfig, "reservations": ReservationsConfig,
     "tokens": TokensConfig, "calendar": CalendarConfig, "keys": KeysConfig,
     "abuse": AbuseConfig, "anomaly": AnomalyConfig, "alerts": AlertsConfig,
+    "attributes": AttributesConfig,
 }
 # A reservation lives at most a week (its concurrency slot with it)
 MAX_RESERVATION_TTL_S: Final = 7 * 86_400
+_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
+_ATTRIBUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CHOICES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
     "redis": {"mode": ("standalone", "cluster", "sentinel"), "on_error": ("deny", "allow")},
 }
@@ -49,36 +61,109 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     source = str(path)
     try:
-        data = tomllib.loads(Path(path).read_text())
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read: {getattr(exc, 'strerror', None) or exc}"
+                          ) from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends "(at line N, column M)"
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
-    return parse_config(data, source)
+    try:
+        return parse_config(data, source)
+    except ConfigProblems as exc:
+        raise ConfigProblems([_with_line(p, text) for p in exc.problems]) from None
+    except ConfigProblem as exc:
+        raise _with_line(exc, text) from None
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Checks every section and rule; every mistake is reported (ConfigProblems when more
+    than one), each naming the file and the dotted key."""
     where = Where(source)
-    no_unknown(data, [*_SECTIONS, "pricing", "tiers"], where, "")
-    sections = {name: section(cls, data.get(name, {}), where.at(name), _CHOICES.get(name))
-                for name, cls in _SECTIONS.items()}
-    config = Config(
-        **sections,
-        pricing=tier_tables.pricing(data.get("pricing", {}), where.at("pricing")),
-        tiers=(tier_tables.tiers(data["tiers"], where.at("tiers")) if "tiers" in data
-               else default_tiers()),
-        source=source,
-    )
-    _check(config, where)
+    problems = Problems()
+    with problems.collect():
+        no_unknown(data, [*_SECTIONS, "pricing", "tiers"], where, "")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        with problems.collect():
+            sections[name] = section(cls, data.get(name, {}), where.at(name),
+                                     _CHOICES.get(name))
+        sections.setdefault(name, cls())  # a section in error: checked no further
+    declared = frozenset(sections["attributes"].names)
+    tables: dict[str, Any] = {"tiers": default_tiers(), "pricing": PricingConfig()}
+    with problems.collect():
+        tables["pricing"] = tier_tables.pricing(data.get("pricing", {}), where.at("pricing"))
+    if "tiers" in data:
+        with problems.collect():
+            tables["tiers"] = tier_tables.tiers(data["tiers"], where.at("tiers"), declared)
+    config = Config(**sections, **tables, source=source)
+    for check in _CHECKS:
+        with problems.collect():
+            check(config, where)
+    problems.raise_any()
     return config
 
 
-def _check(config: Config, where: Where) -> None:
-    """Checks that span keys or need the environment."""
+def _with_line(problem: ConfigError, text: str) -> ConfigError:
+    if not isinstance(problem, ConfigProblem):
+        return problem
+    line = locate_key(text, problem.key)
+    if line is None:
+        return problem
+    return ConfigProblem(f"{problem} (line {line})", problem.key)
+
+
+_HEADER: Final = re.compile(r"^\[\[\s*(.+?)\s*\]\]|^\[\s*(.+?)\s*\]")
+_BARE_OR_QUOTED: Final = r"""(?:"[^"]*"|'[^']*'|[A-Za-z0-9_-]+)"""
+_KEY: Final = re.compile(rf"^({_BARE_OR_QUOTED}(?:\s*\.\s*{_BARE_OR_QUOTED})*)\s*=")
+_PART: Final = re.compile(r""""([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+)""")
+
+
+def _key_parts(dotted: str) -> list[str]:
+    return [next(g for g in m.groups() if g is not None) for m in _PART.finditer(dotted)]
+
+
+def locate_key(text: str, key: str) -> int | None:
+    """The line of `text` (TOML) that sets `key` ("tiers.free.limits[0].scope"), or of the
+    nearest table above it; None when no line names it. A best effort for messages: TOML
+    parsers keep no positions."""
+    target = _normalised(_key_parts(re.sub(r"\[(\d+)\]", r".__\1", key)))
+    table: list[str] = []
+    arrays: dict[tuple[str, ...], int] = {}
+    best, best_line = 0, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = _HEADER.match(stripped)
+        if header is not None:
+            parts = _key_parts(header.group(1) or header.group(2))
+            if header.group(1) is not None:  # [[array]]: its nth table is name[n]
+                index = arrays.get(tuple(parts), -1) + 1
+                arrays[tuple(parts)] = index
+                parts = [*parts, f"__{index}"]
+            table, path = parts, parts
+        elif (assignment := _KEY.match(stripped)) is not None:
+            path = [*table, *_key_parts(assignment.group(1))]
+        else:
+            continue
+        if len(path) > best and path == target[:len(path)]:
+            best, best_line = len(path), number
+    return best_line
+
+
+def _normalised(parts: list[str]) -> list[str]:
+    """Indices into arrays of values ("listen.0") point at the key's line: dropped."""
+    return [p for p in parts if not p.isdigit()]
+
+
+def _check_tokens(config: Config, where: Where) -> None:
     for key, tokens in (("service_tokens", config.server.service_tokens),
                         ("admin_tokens", config.server.admin_tokens)):
         for i, token in enumerate(tokens):
             resolve_secret(token, where.at("server").at(key).at(str(i)))
+
+
+def _check_server(config: Config, where: Where) -> None:
     for i, listen in enumerate(config.server.listen):
         tcp = re.fullmatch(r"\[?[^\s\]]+\]?:(\d{1,5})", listen)
         if not listen.startswith("unix:") and (tcp is None or int(tcp.group(1)) > 65_535):
@@ -86,6 +171,16 @@ def _check(config: Config, where: Where) -> None:
                 f"{listen!r}: use host:port (port 0 to 65535) or unix:/path/to.sock")
     if not config.server.listen:
         raise where.at("server.listen").error("needs at least one address")
+    if config.server.max_body_bytes < 1024:
+        raise where.at("server.max_body_bytes").error("must be at least 1024")
+    for key in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
+        if not 0.1 <= getattr(config.server, key) <= 3600:
+            raise where.at(f"server.{key}").error("must be between 0.1 and 3600 seconds")
+    if not 1 <= config.server.max_connections <= 1_000_000:
+        raise where.at("server.max_connections").error("must be between 1 and 1000000")
+
+
+def _check_encodings(config: Config, where: Where) -> None:
     # the daemon loads these at startup: a name that cannot load offline is a bad value here
     encodings = [(where.at("tokens.default_encoding"), config.tokens.default_encoding)]
     encodings += [(where.at("tokens.models").at(m), e) for m, e in config.tokens.models.items()]
@@ -94,17 +189,31 @@ def _check(config: Config, where: Where) -> None:
             check_encoding_name(encoding)
         except EncodingUnavailableError as exc:
             raise at.error(str(exc)) from exc
+
+
+def _check_calendar(config: Config, where: Where) -> None:
     try:
         ZoneInfo(config.calendar.timezone)
     except (ZoneInfoNotFoundError, ValueError) as exc:
         raise where.at("calendar.timezone").error(
             f"unknown timezone {config.calendar.timezone!r}") from exc
+
+
+def _check_reservations(config: Config, where: Where) -> None:
     if not 1 <= config.reservations.ttl_s <= MAX_RESERVATION_TTL_S:
         raise where.at("reservations.ttl_s").error(
             f"must be from 1 to {MAX_RESERVATION_TTL_S} seconds")
     if config.reservations.commit_grace_s > MAX_RESERVATION_TTL_S:
         raise where.at("reservations.commit_grace_s").error(
             f"must be at most {MAX_RESERVATION_TTL_S} seconds")
+
+
+def _check_redis(config: Config, where: Where) -> None:
+    url = config.redis.url
+    if url and config.redis.mode != "sentinel" and not url.startswith(_URL_SCHEMES):
+        raise where.at("redis.url").error(
+            f"{url[:60]!r}: use redis://host:port, rediss://host:port (TLS) or "
+            "unix:///path/to/redis.sock, or \"\" for the embedded Redis")
     if config.redis.timeout_ms < 1:
         raise where.at("redis.timeout_ms").error("must be at least 1 ms")
     if config.redis.mode == "cluster" and not config.redis.url:
@@ -112,26 +221,26 @@ def _check(config: Config, where: Where) -> None:
     if config.redis.mode == "sentinel" and not config.redis.url.startswith("redis+sentinel://"):
         raise where.at("redis.url").error(
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
-    if config.server.max_body_bytes < 1024:
-        raise where.at("server.max_body_bytes").error("must be at least 1024")
+def _check_abuse(config: Config, where: Where) -> None:
     if not 1 <= config.abuse.ipv4_prefix <= 32:
         raise where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
     if not 1 <= config.abuse.ipv6_prefix <= 128:
         raise where.at("abuse.ipv6_prefix").error("must be from 1 to 128")
     if config.abuse.block_s < 1:
         raise where.at("abuse.block_s").error("must be at least 1 second")
-    if any(not 0 < t <= 1 for t in config.alerts.thresholds):
-        raise where.at("alerts.thresholds").error("each threshold is a fraction in (0, 1]")
-    _check_alerts(config.alerts, where.at("alerts"))
 
 
-def _check_alerts(alerts: AlertsConfig, where: Where) -> None:
-    """Webhook URLs are http(s) with a host, each once; signing them needs a secret."""
+def _check_alerts(config: Config, where: Where) -> None:
+    """Thresholds are fractions; webhook URLs are http(s) with a host, each once; signing
+    them needs a secret."""
+    alerts, where = config.alerts, where.at("alerts")
+    if any(not 0 < t <= 1 for t in alerts.thresholds):
+        raise where.at("thresholds").error("each threshold is a fraction in (0, 1]")
     for i, url in enumerate(alerts.webhooks):
         if not _is_webhook_url(url):
             # the URL may carry a token: the message names its index, never its text
-            raise where.at("webhooks").at(str(i)).error("must be an http:// or https:// URL "
-                                                        "with a host")
+            raise where.at("webhooks").at(str(i)).error(
+                "must be an http:// or https:// URL with a host")
         if url in alerts.webhooks[:i]:
             raise where.at("webhooks").at(str(i)).error("is listed twice")
     if alerts.webhooks and not alerts.webhook_secret:
@@ -154,6 +263,19 @@ def _is_webhook_url(url: str) -> bool:
         return False
     return (parts.scheme in ("http", "https") and bool(parts.hostname)
             and not any(c.isspace() for c in url))
+
+
+def _check_attributes(config: Config, where: Where) -> None:
+    for i, name in enumerate(config.attributes.names):
+        if not _ATTRIBUTE_NAME.fullmatch(name) or name == "ip":
+            raise where.at("attributes.names").at(str(i)).error(
+                f"{name!r}: an attribute name is lowercase letters, digits and '_' (ip is "
+                "built in)")
+
+
+_CHECKS: Final = (_check_tokens, _check_server, _check_encodings, _check_calendar,
+                  _check_reservations, _check_redis, _check_abuse, _check_alerts,
+                  _check_attributes)
 
 
 def resolve_secret(value: str, where: Where | None = None) -> str:

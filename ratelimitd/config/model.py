@@ -25,6 +25,11 @@ class ServerConfig:
     service_tokens: tuple[str, ...] = ()
     admin_tokens: tuple[str, ...] = ()
     max_body_bytes: int = 1_048_576
+    # connection deadlines and cap (http/server.py): a slow or silent client is closed
+    header_timeout_s: float = 10.0          # request line and headers complete
+    body_timeout_s: float = 30.0            # the whole body, from the end of the head
+    keepalive_timeout_s: float = 30.0       # idle between requests
+    max_connections: int = 4096             # beyond it the idlest connection is closed
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +56,8 @@ class ReservationsConfig:
 class TokensConfig:
     default_encoding: str = "o200k_base"
     models: Mapping[str, str] = field(default_factory=dict)
+    # an image part without width and height; 0: the most one can cost (tokens/chat.py)
+    image_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,12 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AttributesConfig:
+    # request attribute names (besides ip) that limits may use as their scope
+    names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -118,4 +131,5 @@ class Config:
     abuse: AbuseConfig = AbuseConfig()
     anomaly: AnomalyConfig = AnomalyConfig()
     alerts: AlertsConfig = AlertsConfig()
+    attributes: AttributesConfig = AttributesConfig()
     source: str = "<defaults>"

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from ratelimitd.errors import ConfigError
@@ -24,7 +25,46 @@ class Where:
         return Where(self.source, f"{self.key}.{key}" if self.key else key)
 
     def error(self, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.key or 'top level'}: {problem}")
+        return ConfigProblem(f"{self.source}: {self.key or 'top level'}: {problem}", self.key)
+
+
+class ConfigProblem(ConfigError):
+    """One mistake, with the dotted key it is about (for its line in the file)."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ConfigProblems(ConfigError):
+    """Every mistake found in a configuration, one per line of the message."""
+
+    def __init__(self, problems: list[ConfigError]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(slots=True)
+class Problems:
+    """Collects mistakes so a check reports all of them, not only the first."""
+
+    found: list[ConfigError] = field(default_factory=list)
+
+    @contextmanager
+    def collect(self) -> Iterator[None]:
+        """Runs a block; a ConfigError raised in it is kept instead of raised."""
+        try:
+            yield
+        except ConfigProblems as exc:
+            self.found.extend(exc.problems)
+        except ConfigError as exc:
+            self.found.append(exc)
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            raise ConfigProblems(list(self.found))
 
 
 def no_unknown(table: Mapping[str, Any], known: typing.Iterable[str], where: Where,
@@ -43,13 +83,18 @@ def section(cls: type[Any], table: Any, where: Where,
     fields = {f.name: f for f in dataclasses.fields(cls)}
     no_unknown(table, fields, where, "")
     hints = typing.get_type_hints(cls)
-    values = {key: read_value(hints[key], raw, where.at(key)) for key, raw in table.items()}
-    for key, item in values.items():
-        allowed = (choices or {}).get(key)
-        if allowed and item not in allowed:
-            raise where.at(key).error(f"must be one of {', '.join(allowed)}, not {item!r}")
-        if isinstance(item, int | float) and not isinstance(item, bool) and item < 0:
-            raise where.at(key).error("must not be negative")
+    problems = Problems()
+    values = {}
+    for key, raw in table.items():
+        with problems.collect():
+            item = read_value(hints[key], raw, where.at(key))
+            allowed = (choices or {}).get(key)
+            if allowed and item not in allowed:
+                raise where.at(key).error(f"must be one of {', '.join(allowed)}, not {item!r}")
+            if isinstance(item, int | float) and not isinstance(item, bool) and item < 0:
+                raise where.at(key).error("must not be negative")
+            values[key] = item
+    problems.raise_any()
     return cls(**values)
 
 

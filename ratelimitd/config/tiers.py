@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from ratelimitd.config.model import PricingConfig
-from ratelimitd.config.reader import Where, no_unknown, read_value
+from ratelimitd.config.reader import Problems, Where, no_unknown, read_value
 from ratelimitd.policy import (
     BUILTIN_SCOPES,
     CALENDAR_PERIODS,
@@ -66,13 +66,20 @@ def pricing(table: Any, where: Where) -> PricingConfig:
     return PricingConfig(unknown_model, default, models)
 
 
-def tiers(table: Any, where: Where) -> dict[str, Tier]:
+def tiers(table: Any, where: Where, declared: frozenset[str] = frozenset()) -> dict[str, Tier]:
+    """The tiers; `declared`: attribute names ([attributes] names) a limit may scope by."""
     if not isinstance(table, Mapping) or not table:
         raise where.error("must name at least one tier, like [tiers.free]")
-    return {name: _tier(name, raw, where.at(name)) for name, raw in table.items()}
+    problems = Problems()
+    found = {}
+    for name, raw in table.items():
+        with problems.collect():
+            found[name] = _tier(name, raw, where.at(name), declared)
+    problems.raise_any()
+    return found
 
 
-def _tier(name: str, table: Any, where: Where) -> Tier:
+def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier:
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
     no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits"], where, "")
@@ -88,7 +95,11 @@ def _tier(name: str, table: Any, where: Where) -> Tier:
     raw_limits = table.get("limits", [])
     if not isinstance(raw_limits, list):
         raise where.at("limits").error("must be an array of tables, like [[tiers.x.limits]]")
-    limits += [_limit(raw, where.at(f"limits[{i}]")) for i, raw in enumerate(raw_limits)]
+    problems = Problems()
+    for i, raw in enumerate(raw_limits):
+        with problems.collect():
+            limits.append(_limit(raw, where.at(f"limits[{i}]"), declared))
+    problems.raise_any()
     try:
         check_limits(limits)
     except ValueError as exc:
@@ -96,7 +107,7 @@ def _tier(name: str, table: Any, where: Where) -> Tier:
     return Tier(name, tuple(limits), *(numbers.get(k) for k in _SHORTHAND_CAPS))
 
 
-def _limit(table: Any, where: Where) -> Limit:
+def _limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:
     no_unknown(table, _LIMIT_KEYS, where, "")
     for key in ("name", "metric", "limit"):
         if key not in table:
@@ -105,9 +116,12 @@ def _limit(table: Any, where: Where) -> Limit:
     if not _NAME.match(name):
         raise where.at("name").error("use letters, digits, '_', '-' and '.' (at most 64)")
     scope = read_value(str, table.get("scope", "user"), where.at("scope"))
-    if scope not in BUILTIN_SCOPES and not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", scope):
-        raise where.at("scope").error(f"must be one of {', '.join(BUILTIN_SCOPES)} or an "
-                                      "attribute name (lowercase letters, digits, '_')")
+    if scope not in BUILTIN_SCOPES and scope not in declared:
+        # a scope no request can name would silently never apply (a typo like "usr")
+        raise where.at("scope").error(
+            f"unknown scope {scope!r}: use one of {', '.join(BUILTIN_SCOPES)}, or an "
+            "attribute name declared in [attributes] names"
+            + (f" (declared: {', '.join(sorted(declared))})" if declared else ""))
     metric = read_value(str, table["metric"], where.at("metric"))
     if metric not in METRICS:
         raise where.at("metric").error(f"must be one of {', '.join(METRICS)}")

@@ -10,8 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response
-from ratelimitd.http.headers import ratelimit_headers
+from ratelimitd.http.headers import ratelimit_headers, seconds_up
 from ratelimitd.policy import Limit
 from ratelimitd.quota.engine import LimitState, ReserveResult, SettleResult
 from ratelimitd.units import nano_to_usd
@@ -38,18 +39,41 @@ def limit_json(state: LimitState) -> dict[str, Any]:
     return answer
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool) -> web.Response:
-    limits = [limit_json(s) for s in result.states]
-    headers = ratelimit_headers(result.states, result.retry_after_ms, not result.allowed)
+def _never_fits(limit: Limit) -> ApiError:
+    """A call larger than a limit's whole capacity: no wait admits it, so not a 429."""
+    window = "in flight" if limit.metric == "concurrent" else f"per {limit.window_text}"
+    amount = _display(limit, limit.capacity)
+    unit = "USD" if limit.metric == "cost_usd" else limit.metric
+    return ApiError(400, "exceeds_limit",
+                    f"this call needs more than the limit {limit.name} ever allows ({amount} "
+                    f"{unit} {window}, scope {limit.scope}); retrying will not help: ask for "
+                    "fewer tokens (input or max_output_tokens)")
+
+
+def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
+                   ) -> web.Response:
+    """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit."""
     if not result.allowed:
         assert result.denied_by is not None
         denied = result.denied_by.limit
-        answer: dict[str, Any] = {"allowed": False, "reason": denied.name,
-                                  "retry_after_ms": result.retry_after_ms, "limits": limits}
         if result.retry_after_ms is None:
-            answer["message"] = (f"this call needs more than {denied.name} ever allows; "
-                                 "retrying will not help")
+            raise _never_fits(denied)
+        retry_ms: int = result.retry_after_ms
+        answer: dict[str, Any] = {"allowed": False, "reason": denied.name}
+        if denied.metric == "concurrent":
+            # a slot frees when a call in flight is committed or released, which no one can
+            # foresee, and at the latest when its reservation expires: that is the hint
+            retry_ms = max(retry_ms, reservation_ttl_ms + reservation_ttl_ms // 60)
+            answer["message"] = (
+                f"{denied.name}: {denied.limit} calls in flight; a slot frees when one of them "
+                "is committed or released, and at the latest when its reservation expires "
+                f"(within {seconds_up(retry_ms)} s, the Retry-After)")
+        headers = ratelimit_headers(result.states, retry_ms, True)
+        answer["retry_after_ms"] = retry_ms
+        answer["limits"] = [limit_json(s) for s in result.states]
         return json_response(answer, 429, headers)
+    limits = [limit_json(s) for s in result.states]
+    headers = ratelimit_headers(result.states, None, False)
     answer = {"allowed": True, "reservation_id": result.reservation_id or None,
               "expires_at_ms": result.expires_at_ms, "input_tokens": result.input_tokens,
               "max_output_tokens": result.max_output_tokens,

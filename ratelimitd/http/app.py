@@ -14,9 +14,12 @@ from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import decisions
 from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
 from ratelimitd.http.edge import (
+    BODY_TIMEOUT_S,
+    CLIENT_LOG,
     MAX_BODY_BYTES,
     SERVICE_TOKENS,
     Handler,
+    QuietLog,
     api_handler,
     json_response,
     method_not_allowed,
@@ -25,6 +28,7 @@ from ratelimitd.http.edge import (
 from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.quota.engine import Engine, EngineSettings
 from ratelimitd.store.connect import open_store
+from ratelimitd.store.supervisor import StoreHealth
 from ratelimitd.tokens import TokenCounter
 
 log = logging.getLogger("ratelimitd.http")
@@ -35,6 +39,12 @@ TOKENIZER_THREADS: Final = 2
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """The process is up; with an embedded Redis, also that its redis-server runs (a daemon
+    whose redis-server died answers 503 until its supervisor has restarted it)."""
+    health = request.app.get(STORE_HEALTH)
+    problem = health.problem() if health is not None else None
+    if problem is not None:
+        return json_response({"status": "embedded_redis_down", "redis": problem}, 503)
     return json_response({"status": "ok"})
 
 
@@ -49,7 +59,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return json_response(openapi_spec())
+    return json_response(request.app[OPENAPI])
 
 
 ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
@@ -73,7 +83,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                                   thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
         config=config, store=store, engine=engine,
-        counter=TokenCounter(config.tokens.default_encoding, config.tokens.models),
+        counter=TokenCounter(config.tokens.default_encoding, config.tokens.models,
+                             config.tokens.image_tokens),
         prices=config.pricing.table(), executor=executor)
     try:
         await engine.scripts.load()
@@ -85,16 +96,30 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.aclose()
 
 
-def create_app(config: Config, redis_url: str) -> web.Application:
+STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
+OPENAPI: Final = web.AppKey("openapi", dict)
+
+
+def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
+               ) -> web.Application:
+    """The application; `health`: the embedded Redis's supervisor state, for /healthz."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[CONFIG] = config
     app[REDIS_URL] = redis_url
+    if health is not None:
+        app[STORE_HEALTH] = health
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
+    app[BODY_TIMEOUT_S] = config.server.body_timeout_s
+    app[CLIENT_LOG] = QuietLog(log)
+    app[OPENAPI] = openapi_spec(config)
     app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
     app.cleanup_ctx.append(_services_ctx)
     for method, path, handler in ROUTES:
         resource = app.router.add_resource(path)
         resource.add_route(method, api_handler(handler))
-        resource.add_route("*", api_handler(method_not_allowed(method)))
+        if method == "GET":  # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless
+            resource.add_route("HEAD", api_handler(handler))
+        resource.add_route("*", api_handler(method_not_allowed(
+            "GET, HEAD" if method == "GET" else method)))
     app.router.add_route("*", "/{tail:.*}", api_handler(not_found))
     return app

@@ -22,7 +22,6 @@ from ratelimitd.http.app_keys import SERVICES, Services
 from ratelimitd.http.edge import json_response, read_json
 from ratelimitd.http.schema import (
     ReserveBody,
-    has_content,
     parse_commit,
     parse_release,
     parse_reserve,
@@ -37,18 +36,18 @@ log = logging.getLogger("ratelimitd.http")
 async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
     if body.input_tokens is not None:
         return body.input_tokens
-    if not has_content(body):
-        field = "prompt" if body.prompt is not None else "messages"
-        raise invalid(field, "is empty: it holds no text", "empty_prompt")
-    chars = prompt_chars(body)
-    if max_chars is not None and chars > max_chars:
-        raise invalid("prompt" if body.prompt is not None else "messages",
-                      f"{chars} characters; this tier allows {max_chars}", "prompt_too_long")
-    try:
-        return await services.counter.count_prompt(body.model, body.prompt, body.messages,
-                                                   services.executor)
+    field = "prompt" if body.prompt is not None else "messages"
+    try:  # validated first, so a malformed message is named, not called empty
+        texts = services.counter.prepare(body.model, body.prompt, body.messages, body.tools)
     except TokenCountError as exc:
         raise ApiError(400, "invalid_request", str(exc)) from exc
+    if not texts.has_content:
+        raise invalid(field, "is empty: it holds no text, image or tool call", "empty_prompt")
+    chars = prompt_chars(body)
+    if max_chars is not None and chars > max_chars:
+        raise invalid(field, f"{chars} characters; this tier allows {max_chars}",
+                      "prompt_too_long")
+    return await services.counter.count(body.model, texts, services.executor)
 
 
 async def reserve(request: web.Request) -> web.Response:
@@ -83,7 +82,7 @@ async def reserve(request: web.Request) -> web.Response:
             raise
         log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
         return degraded_answer(input_tokens, cap)
-    return reserve_answer(result, body.dry_run)
+    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000)
 
 
 async def commit(request: web.Request) -> web.Response:

@@ -8,14 +8,17 @@ rates).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ratelimitd.errors import ApiError, StoreUnavailable
 
@@ -25,8 +28,69 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The service tokens of an app (bytes, compared in constant time) and its body bound.
 SERVICE_TOKENS: Final = web.AppKey("service_tokens", tuple[bytes, ...])
 MAX_BODY_BYTES: Final = web.AppKey("max_body_bytes", int)
+BODY_TIMEOUT_S: Final = web.AppKey("body_timeout_s", float)
 # aiohttp's own errors inside a handler (404 and 405 are answered by routes of their own)
 _HTTP_CODES: Final = {413: "body_too_large"}
+# Content-Encodings aiohttp decodes without optional packages; any other must not be read as
+# plain JSON (RFC 9110 15.5.16: 415 for an unsupported content coding).
+_ENCODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
+# A client that hung up, or sent bytes that are not HTTP, is logged in one line this often
+_QUIET_LOG_INTERVAL_S: Final = 10.0
+
+
+class ClosingApiError(ApiError):
+    """An error after which the connection cannot carry another request (a body left unread
+    or undecodable): answered, then closed, so aiohttp does not try to drain the body."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read."""
+
+
+class QuietLog:
+    """At most one line per interval for what clients do wrong at the transport level
+    (hang-ups, garbage request lines): INFO, never a traceback, and a count of the rest."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float = _QUIET_LOG_INTERVAL_S) -> None:
+        self._logger = logger
+        self._interval_s = interval_s
+        self._next = 0.0
+        self._suppressed = 0
+
+    def note(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval_s
+        if self._suppressed:
+            message += f" (and {self._suppressed} more like it since the last line)"
+            self._suppressed = 0
+        self._logger.info(message, *args)
+
+
+CLIENT_LOG: Final = web.AppKey("client_log", QuietLog)
+
+
+class EdgeLogger(logging.Logger):
+    """The logger aiohttp's protocol reports bad requests and early hang-ups to: what it logs
+    as an ERROR with a traceback ("Error handling request", "Unhandled exception") is a
+    client's doing, so it becomes one rate-limited INFO line without the traceback."""
+
+    def __init__(self, name: str, parent: logging.Logger) -> None:
+        super().__init__(name)
+        self.parent = parent
+        self._quiet = QuietLog(self)
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        error = exc_info if isinstance(exc_info, BaseException) else None
+        detail = f": {type(error).__name__}: {error}" if error is not None else ""
+        try:
+            text = str(msg) % args
+        except (TypeError, ValueError):
+            text = str(msg)
+        self._quiet.note("%s%s", text, detail.replace("\n", " ")[:300])
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -54,8 +118,15 @@ def api_handler(handler: Handler) -> Handler:
         try:
             _check_service_token(request)
             return await handler(request)
+        except ClosingApiError as err:
+            response = error_response(err)
+            response.force_close()
+            return response
         except ApiError as err:
             return error_response(err)
+        except ClientGone as exc:
+            request.app[CLIENT_LOG].note("client hung up before its request was read: %s", exc)
+            raise ConnectionResetError(str(exc)) from None
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -94,7 +165,9 @@ def _check_service_token(request: web.Request) -> None:
             raise ApiError(401, "missing_credentials",
                            "send the service token as Authorization: Bearer <token>",
                            {"WWW-Authenticate": 'Bearer realm="ratelimitd"'})
-        candidate = presented.strip().encode()
+        # a header is bytes: aiohttp decodes it as UTF-8 with surrogateescape, so a byte that
+        # is not UTF-8 comes back as it was sent (and matches no token) instead of failing
+        candidate = presented.strip().encode("utf-8", "surrogateescape")
         matched = False
         for token in tokens:  # compare with every token: timing does not tell which matched
             matched |= hmac.compare_digest(candidate, token)
@@ -103,11 +176,47 @@ def _check_service_token(request: web.Request) -> None:
                            {"WWW-Authenticate": 'Bearer realm="ratelimitd", error="invalid_token"'})
 
 
+def _check_media(request: web.Request) -> None:
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None:
+        media = content_type.partition(";")[0].strip().lower()
+        if media != "application/json":
+            raise ApiError(415, "unsupported_media_type",
+                           f"Content-Type: {media or 'empty'!r} is not accepted; send "
+                           "application/json (or no Content-Type)")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding not in _ENCODINGS:
+        raise ClosingApiError(415, "unsupported_media_type",
+                              f"Content-Encoding: {encoding[:40]!r} is not supported; send "
+                              "the body plain, gzip or deflate",
+                              {"Accept-Encoding": "gzip, deflate"})
+
+
 async def read_json(request: web.Request) -> Any:
+    """The request's JSON body: bounded in size (413) and in time (408), its media type and
+    content coding checked (415), a body that does not decode refused (400)."""
+    _check_media(request)
     limit = request.app[MAX_BODY_BYTES]
     if request.content_length is not None and request.content_length > limit:
         raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    raw = await request.read()
+    timeout_s = request.app[BODY_TIMEOUT_S]
+    try:
+        if request.content.is_eof():  # the whole body came with the head: no timer needed
+            raw = await request.read()
+        else:
+            async with asyncio.timeout(timeout_s):
+                raw = await request.read()
+    except TimeoutError:
+        raise ClosingApiError(408, "request_timeout",
+                              f"body: not received within {timeout_s:g} s") from None
+    except RequestPayloadError as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise ClientGone(str(exc)) from None
+        encoding = request.headers.get("Content-Encoding", "")
+        raise ClosingApiError(400, "invalid_body",
+                              f"body: cannot be read ({encoding or 'plain'}): {exc}") from None
+    except ConnectionError as exc:
+        raise ClientGone(str(exc) or type(exc).__name__) from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

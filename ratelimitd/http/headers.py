@@ -17,6 +17,14 @@ _QUOTA_UNITS: Final = {
 }
 _PERIOD_S: Final = {"day": 86_400}
 _TOKEN_METRICS: Final = ("tokens", "input_tokens", "output_tokens")
+# RFC 9651 3.3.1: an sf-integer has at most 15 digits. Config allows limits up to 10^15 (and
+# cost limits up to 10^16 nano-USD), so quotas and remainders above this are written as it:
+# "at least this much", which is what a client needs from a header.
+SF_INTEGER_MAX: Final = 999_999_999_999_999
+
+
+def sf_integer(value: int) -> int:
+    return max(-SF_INTEGER_MAX, min(SF_INTEGER_MAX, value))
 
 
 def seconds_up(ms: int) -> int:
@@ -44,10 +52,10 @@ def _window_s(lim: Limit) -> int | None:
 
 
 def _policy_item(lim: Limit) -> str:
-    item = f'"{lim.name}";q={lim.capacity}'
+    item = f'"{lim.name}";q={sf_integer(lim.capacity)}'
     window = _window_s(lim)
     if window:
-        item += f";w={window}"
+        item += f";w={sf_integer(window)}"
     return f'{item};qu="{_QUOTA_UNITS[lim.metric]}"'
 
 
@@ -64,7 +72,8 @@ def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
         return headers
     headers["RateLimit-Policy"] = _policy(tuple([s.limit for s in states]))
     headers["RateLimit"] = ", ".join(
-        [f'"{s.limit.name}";r={s.remaining};t={seconds_up(s.reset_ms)}' for s in states])
+        [f'"{s.limit.name}";r={sf_integer(s.remaining)};t={sf_integer(seconds_up(s.reset_ms))}'
+         for s in states])
     requests = tokens = None
     for state in states:  # the tightest requests limit and tokens limit, OpenAI-style
         metric = state.limit.metric

@@ -6,9 +6,11 @@ schemas, so it stays true to what the server does.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from ratelimitd import __version__
+from ratelimitd.config import Config
 
 _JSON = "application/json"
 
@@ -31,10 +33,39 @@ def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
 
 _AUTH_ERRORS = (401, "missing_credentials, invalid_service_token")
 _BODY_ERRORS = (413, "body_too_large")
+_MEDIA_ERRORS = (415, "unsupported_media_type")
+_TIMEOUT_ERRORS = (408, "request_timeout")
 _BACKEND = (503, "backend_unavailable")
 
 _COUNT = {"type": "integer", "minimum": 0, "maximum": 100_000_000}
-_ID = {"type": "string", "minLength": 1, "maxLength": 256}
+_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": 100_000_000}
+_CAP = {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000}
+# identifiers: 1-256 characters, no control characters (schema.py's _text)
+_NO_CONTROL = "^[^\\u0000-\\u001f\\u007f]*$"
+_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": _NO_CONTROL}
+_NULLABLE_ID = {**_ID, "type": ["string", "null"]}
+_NON_BLANK = "\\S"
+
+# the rate-limit headers of a reserve's answers
+_RATELIMIT_HEADERS: dict[str, Any] = {
+    "RateLimit-Policy": {"description": "IETF draft: each limit's quota (q, capped at "
+                         "999999999999999), window (w, seconds) and unit (qu)",
+                         "schema": {"type": "string"}},
+    "RateLimit": {"description": "IETF draft: each limit's remaining (r) and seconds to reset "
+                  "(t)", "schema": {"type": "string"}},
+    "x-ratelimit-limit-requests": {"schema": {"type": "string"}},
+    "x-ratelimit-remaining-requests": {"schema": {"type": "string"}},
+    "x-ratelimit-reset-requests": {"schema": {"type": "string"}},
+    "x-ratelimit-limit-tokens": {"schema": {"type": "string"}},
+    "x-ratelimit-remaining-tokens": {"schema": {"type": "string"}},
+    "x-ratelimit-reset-tokens": {"schema": {"type": "string"}},
+}
+_RETRY_AFTER: dict[str, Any] = {
+    "Retry-After": {"required": True, "description": "whole seconds, rounded up; for "
+                    "max_concurrent the latest a slot surely frees (a reservation's TTL)",
+                    "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+
+_RID = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": _NO_CONTROL}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -44,37 +75,113 @@ _SCHEMAS: dict[str, Any] = {
             "properties": {"code": {"type": "string", "pattern": "^[a-z_]+$"},
                            "message": {"type": "string"}}}},
     },
+    "TextPart": {
+        "type": "object", "required": ["type", "text"],
+        "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    },
+    "ImagePart": {
+        "type": "object", "required": ["type", "image_url"],
+        "description": "Counted by OpenAI's tile rule from width and height when given, else "
+        "as [tokens] image_tokens (default: the most an image can cost).",
+        "properties": {"type": {"const": "image_url"}, "image_url": {
+            "type": "object", "required": ["url"],
+            "properties": {"url": {"type": "string", "minLength": 1},
+                           "detail": {"enum": ["low", "high", "auto"]},
+                           "width": {"type": "integer", "minimum": 1, "maximum": 100000},
+                           "height": {"type": "integer", "minimum": 1, "maximum": 100000}},
+            "dependentRequired": {"width": ["height"], "height": ["width"]}}},
+    },
+    "FunctionCall": {
+        "type": "object", "required": ["name", "arguments"],
+        "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}},
+    },
+    "ToolCall": {
+        "type": "object", "required": ["function"],
+        "properties": {"id": {"type": ["string", "null"]},
+                       "type": {"type": ["string", "null"]}, "function": _ref("FunctionCall")},
+    },
     "Message": {
-        "type": "object", "description": "An OpenAI-style chat message; content is a string or "
-        "a list of text parts.",
-        "properties": {"role": {"type": "string"}, "name": {"type": "string"},
-                       "content": {"oneOf": [
-                           {"type": "string"}, {"type": "null"},
-                           {"type": "array", "items": {
-                               "type": "object", "required": ["type", "text"],
-                               "properties": {"type": {"const": "text"},
-                                              "text": {"type": "string"}}}}]}},
+        "type": "object", "required": ["role"],
+        "description": "An OpenAI-style chat message: content is a string, null, or a list of "
+        "text and image_url parts; tool_calls and function_call are counted too. Any other "
+        "field is a string (name, tool_call_id...) or null.",
+        "properties": {
+            "role": {"type": "string"},
+            "content": {"anyOf": [
+                {"type": "string"}, {"type": "null"},
+                {"type": "array", "items": {"oneOf": [_ref("TextPart"), _ref("ImagePart")]}}]},
+            "tool_calls": {"type": ["array", "null"], "items": _ref("ToolCall")},
+            "function_call": {"anyOf": [_ref("FunctionCall"), {"type": "null"}]},
+        },
+        "additionalProperties": {"type": ["string", "null"]},
+    },
+    "MessageWithContent": {
+        "description": "a message that sends the model something: non-blank text, an image "
+        "or a tool call",
+        "anyOf": [
+            {"required": ["content"], "properties": {"content": {"anyOf": [
+                {"type": "string", "pattern": _NON_BLANK},
+                {"type": "array", "contains": {"anyOf": [
+                    {"required": ["type"], "properties": {"type": {"const": "image_url"}}},
+                    {"required": ["text"], "properties": {"text": {
+                        "type": "string", "pattern": _NON_BLANK}}}]}}]}}},
+            {"required": ["tool_calls"], "properties": {"tool_calls": {
+                "type": "array", "minItems": 1}}},
+            {"required": ["function_call"], "properties": {"function_call": {
+                "type": "object"}}}],
+    },
+    "Tool": {
+        "type": "object", "required": ["type", "function"],
+        "description": "An OpenAI tool: counted as the provider renders it (tokens/chat.py).",
+        "properties": {"type": {"const": "function"}, "function": {
+            "type": "object", "required": ["name"],
+            "properties": {"name": {"type": "string", "minLength": 1},
+                           "description": {"type": ["string", "null"]},
+                           "parameters": {"type": "object"}}}},
     },
     "ReserveRequest": {
         "type": "object", "additionalProperties": False, "required": ["user", "tier", "model"],
-        "description": "Exactly one of prompt, messages or input_tokens.",
+        "description": "Exactly one of prompt, messages or input_tokens (null is absent); "
+        "tools only with messages.",
+        "oneOf": [
+            {"required": ["prompt"], "properties": {
+                "prompt": {"type": "string"}, "messages": {"type": "null"},
+                "input_tokens": {"type": "null"}}},
+            {"required": ["messages"], "properties": {
+                "messages": {"type": "array"}, "prompt": {"type": "null"},
+                "input_tokens": {"type": "null"}}},
+            {"required": ["input_tokens"], "properties": {
+                "input_tokens": {"type": "integer"}, "prompt": {"type": "null"},
+                "messages": {"type": "null"}}}],
+        "dependentSchemas": {"tools": {"anyOf": [
+            {"properties": {"tools": {"type": "null"}}},
+            {"required": ["messages"], "properties": {"messages": {"type": "array"}}}]}},
         "properties": {
-            "user": _ID, "tier": _ID, "org": _ID, "model": _ID,
-            "prompt": {"type": "string"},
-            "messages": {"type": "array", "items": _ref("Message"), "maxItems": 10000},
-            "input_tokens": _COUNT,
-            "max_output_tokens": {**_COUNT, "description": "requested cap; default the tier's"},
-            "min_output_tokens": {**_COUNT, "description": "deny when not even this fits; "
+            "user": _ID, "tier": _ID, "org": _NULLABLE_ID, "model": _ID,
+            "prompt": {"type": ["string", "null"], "pattern": _NON_BLANK,
+                       "description": "blank (only whitespace): 400 empty_prompt"},
+            "messages": {"type": ["array", "null"], "items": _ref("Message"),
+                         "minItems": 1, "maxItems": 10000,
+                         "contains": _ref("MessageWithContent")},
+            "tools": {"type": ["array", "null"], "items": _ref("Tool"), "minItems": 1,
+                      "maxItems": 1024},
+            "input_tokens": _NULLABLE_COUNT,
+            "max_output_tokens": {**_CAP, "description": "requested cap; default the tier's. "
+                                  "Below min_output_tokens it is its own floor: granted as "
+                                  "asked, or denied"},
+            "min_output_tokens": {**_CAP, "description": "deny when not even this fits; "
                                   "default [reservations] min_output_tokens (16)"},
-            "attributes": {"type": "object", "maxProperties": 32,
+            "attributes": {"type": ["object", "null"], "maxProperties": 32,
                            "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
-                           "additionalProperties": _ID,
-                           "description": "scopes for limits: ip (an address), device, ..."},
-            "idempotency_key": {**_ID, "description": "a retried reserve with the same key "
-                                "answers the first reservation and charges nothing more"},
+                           "properties": {"ip": {"anyOf": [
+                               {"type": "string", "format": "ipv4"},
+                               {"type": "string", "format": "ipv6"}, {"type": "null"}]}},
+                           "additionalProperties": _NULLABLE_ID,
+                           "description": "scopes for limits: ip (an address), device, ...; "
+                           "null is absent"},
+            "idempotency_key": {**_NULLABLE_ID, "description": "a retried reserve with the "
+                                "same key answers the first reservation, charging nothing more"},
             "dry_run": {"type": "boolean"},
-            "api_key": {"type": "string", "description": "not available in this build: 400"},
-            "signature": {"type": "object", "description": "not available in this build: 400"},
         },
     },
     "LimitState": {
@@ -122,21 +229,28 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "allowed": {"const": False},
             "reason": {"type": "string", "description": "name of the limit that denied"},
-            "retry_after_ms": {"type": ["integer", "null"],
-                               "description": "null: the call can never fit that limit"},
+            "retry_after_ms": {"type": "integer", "minimum": 0,
+                               "description": "a call that can never fit is a 400 "
+                               "exceeds_limit instead"},
             "message": {"type": "string"},
             "limits": {"type": "array", "items": _ref("LimitState")}},
     },
     "CommitRequest": {
         "type": "object", "additionalProperties": False,
         "required": ["reservation_id", "input_tokens"],
-        "description": "Exactly one of output_tokens or output_text.",
+        "description": "Exactly one of output_tokens or output_text (null is absent). "
+        "cached_input_tokens counts part of input_tokens: more is a 400.",
+        "oneOf": [
+            {"required": ["output_tokens"], "properties": {
+                "output_tokens": {"type": "integer"}, "output_text": {"type": "null"}}},
+            {"required": ["output_text"], "properties": {
+                "output_text": {"type": "string"}, "output_tokens": {"type": "null"}}}],
         "properties": {
-            "reservation_id": {"type": "string"}, "input_tokens": _COUNT,
-            "output_tokens": _COUNT, "output_text": {"type": "string"},
-            "cached_input_tokens": {**_COUNT, "description": "part of input_tokens"},
-            "model": {**_ID, "description": "tokenizer for output_text; default encoding "
-                      "otherwise"}},
+            "reservation_id": _RID, "input_tokens": _COUNT,
+            "output_tokens": _NULLABLE_COUNT, "output_text": {"type": ["string", "null"]},
+            "cached_input_tokens": {**_NULLABLE_COUNT, "description": "part of input_tokens"},
+            "model": {**_NULLABLE_ID, "description": "tokenizer for output_text; default "
+                      "encoding otherwise"}},
     },
     "CommitResponse": {
         "type": "object", "additionalProperties": False,
@@ -156,64 +270,85 @@ _SCHEMAS: dict[str, Any] = {
     },
     "ReleaseRequest": {"type": "object", "additionalProperties": False,
                        "required": ["reservation_id"],
-                       "properties": {"reservation_id": {"type": "string"}}},
+                       "properties": {"reservation_id": _RID}},
     "ReleaseResponse": {"type": "object", "additionalProperties": False,
                         "required": ["released", "duplicate"],
                         "properties": {"released": {"const": True},
                                        "duplicate": {"type": "boolean"}}},
     "Health": {"type": "object", "required": ["status"],
-               "properties": {"status": {"const": "ok"}}},
+               "properties": {"status": {"enum": ["ok", "embedded_redis_down"]},
+                              "redis": {"type": "string"}}},
     "Ready": {"type": "object", "required": ["ready"],
               "properties": {"ready": {"type": "boolean"}, "redis": {"type": "string"},
                              "scripts": {"type": "string"}, "config": {"type": "string"}}},
 }
 
 
-def _settle_path(summary: str, schemas: str, done: str, conflict: str) -> dict[str, Any]:
+def _settle_path(summary: str, schemas: str, done: str, conflict: str,
+                 security: list[dict[str, list[str]]]) -> dict[str, Any]:
     """/v1/commit and /v1/release: the same shape, with their own schemas and 409 code."""
     return {"post": {
-        "summary": summary, "security": [{"serviceToken": []}],
+        "summary": summary, "security": security,
         "requestBody": _body(f"{schemas}Request"),
         "responses": {"200": _answer(f"{done} (or a repeat)", f"{schemas}Response"),
-                      **_errors((400, "invalid_request"), _AUTH_ERRORS,
+                      **_errors((400, "invalid_request, invalid_body"), *_auth(security),
                                 (404, "reservation_not_found"), (409, conflict), _BODY_ERRORS,
-                                _BACKEND)}}}
+                                _TIMEOUT_ERRORS, _MEDIA_ERRORS, _BACKEND)}}}
 
 
-def openapi_spec() -> dict[str, Any]:
-    secured: list[dict[str, list[str]]] = [{"serviceToken": []}]
-    return {
+def _auth(security: list[dict[str, list[str]]]) -> tuple[tuple[int, str], ...]:
+    return (_AUTH_ERRORS,) if security else ()
+
+
+def _probe(summary: str, answers: dict[str, Any]) -> dict[str, Any]:
+    """GET and HEAD (the same answer without a body) of a probe."""
+    head = {status: {"description": answer["description"]} for status, answer in answers.items()}
+    return {"get": {"summary": summary, "responses": answers},
+            "head": {"summary": f"{summary} (no body)", "responses": head}}
+
+
+def openapi_spec(config: Config | None = None) -> dict[str, Any]:
+    """The API as this configuration serves it: bearer auth only when service tokens are
+    configured, and the tier a reserve names one of its tiers."""
+    config = config or Config()
+    secured: list[dict[str, list[str]]] = (
+        [{"serviceToken": []}] if config.server.service_tokens else [])
+    schemas = copy.deepcopy(_SCHEMAS)
+    schemas["ReserveRequest"]["properties"]["tier"] = {
+        "enum": list(config.tiers), "description": "a tier of the configuration"}
+    reserve_answers = {
+        "200": {**_answer("allowed", "ReserveAllowed"), "headers": _RATELIMIT_HEADERS},
+        "429": {**_answer("denied; retry after Retry-After", "ReserveDenied"),
+                "headers": {**_RETRY_AFTER, **_RATELIMIT_HEADERS}},
+        **_errors((400, "invalid_request, invalid_body, empty_prompt, prompt_too_long, "
+                   "too_many_input_tokens, unknown_model, exceeds_limit"),
+                  *_auth(secured), _BODY_ERRORS, _TIMEOUT_ERRORS, _MEDIA_ERRORS, _BACKEND)}
+    spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "ratelimitd", "version": __version__,
                  "description": "Rate-limit and budget decisions for LLM API calls."},
-        "components": {
-            "schemas": _SCHEMAS,
-            "securitySchemes": {"serviceToken": {
-                "type": "http", "scheme": "bearer",
-                "description": "[server] service_tokens; required when any is configured"}},
-        },
+        "components": {"schemas": schemas},
         "paths": {
             "/v1/reserve": {"post": {
                 "summary": "Check and reserve a call's estimated usage on every limit",
                 "security": secured, "requestBody": _body("ReserveRequest"),
-                "responses": {
-                    "200": _answer("allowed; RateLimit-Policy, RateLimit and x-ratelimit-* "
-                                   "headers describe the limits", "ReserveAllowed"),
-                    "429": _answer("denied; Retry-After, RateLimit-Policy, RateLimit and "
-                                   "x-ratelimit-* headers", "ReserveDenied"),
-                    **_errors((400, "invalid_request, empty_prompt, prompt_too_long, "
-                               "too_many_input_tokens, unknown_model"),
-                              _AUTH_ERRORS, _BODY_ERRORS, _BACKEND)}}},
+                "responses": reserve_answers}},
             "/v1/commit": _settle_path("Replace the estimate by the actual usage", "Commit",
-                                       "committed", "reservation_released"),
+                                       "committed", "reservation_released", secured),
             "/v1/release": _settle_path("Refund a call that never happened", "Release",
-                                        "released", "reservation_committed"),
-            "/healthz": {"get": {"summary": "The process is up",
-                                 "responses": {"200": _answer("up", "Health")}}},
-            "/readyz": {"get": {"summary": "Redis reachable, scripts loaded, config valid",
-                                "responses": {"200": _answer("ready", "Ready"),
-                                              "503": _answer("not ready", "Ready")}}},
-            "/openapi.json": {"get": {"summary": "This document",
-                                      "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+                                        "released", "reservation_committed", secured),
+            "/healthz": _probe("The process is up (and its embedded Redis runs)", {
+                "200": _answer("up", "Health"),
+                "503": _answer("the embedded redis-server is down", "Health")}),
+            "/readyz": _probe("Redis reachable, scripts loaded, config valid", {
+                "200": _answer("ready", "Ready"), "503": _answer("not ready", "Ready")}),
+            "/openapi.json": _probe("This document", {"200": {
+                "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
+                    "type": "object"}}}}}),
         },
     }
+    if secured:
+        spec["components"]["securitySchemes"] = {"serviceToken": {
+            "type": "http", "scheme": "bearer",
+            "description": "one of [server] service_tokens"}}
+    return spec

@@ -24,7 +24,7 @@ _ATTRIBUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 RESERVE_FIELDS: Final = frozenset({
     "api_key", "user", "tier", "org", "model", "prompt", "messages", "input_tokens",
     "max_output_tokens", "min_output_tokens", "attributes", "idempotency_key", "dry_run",
-    "signature",
+    "signature", "tools",
 })
 COMMIT_FIELDS: Final = frozenset({
     "reservation_id", "input_tokens", "output_tokens", "output_text", "cached_input_tokens",
@@ -41,6 +41,7 @@ class ReserveBody:
     org: str | None = None
     prompt: str | None = None
     messages: Sequence[Mapping[str, Any]] | None = None
+    tools: Sequence[Any] | None = None
     input_tokens: int | None = None
     max_output_tokens: int | None = None
     min_output_tokens: int | None = None
@@ -69,30 +70,35 @@ def _object(data: Any, allowed: frozenset[str]) -> Mapping[str, Any]:
 
 
 def _text(data: Mapping[str, Any], key: str, *, required: bool = False,
-          max_chars: int = MAX_ID_CHARS) -> str | None:
-    """An identifier-like string: non-empty, bounded, no control characters."""
+          max_chars: int = MAX_ID_CHARS, path: str | None = None) -> str | None:
+    """An identifier-like string: non-empty, bounded, no control characters. `path`: the
+    field's full name in messages (default `key`)."""
     value = data.get(key)
+    field = path or key
     if value is None:
         if required:
-            raise invalid(key, "is required")
+            raise invalid(field, "is required")
         return None
     if not isinstance(value, str) or not value:
-        raise invalid(key, "must be a non-empty string")
+        raise invalid(field, "must be a non-empty string")
     if len(value) > max_chars:
-        raise invalid(key, f"must be at most {max_chars} characters")
+        raise invalid(field, f"must be at most {max_chars} characters")
     if _CONTROL.search(value):
-        raise invalid(key, "must not contain control characters")
+        raise invalid(field, "must not contain control characters")
     return value
 
 
-def _count(data: Mapping[str, Any], key: str, *, maximum: int = MAX_TOKENS) -> int | None:
+def _count(data: Mapping[str, Any], key: str, *, maximum: int = MAX_TOKENS,
+           minimum: int = 0) -> int | None:
     value = data.get(key)
     if value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 5.0 is the whole number 5
     if isinstance(value, bool) or not isinstance(value, int):
         raise invalid(key, "must be a whole number")
-    if not 0 <= value <= maximum:
-        raise invalid(key, f"must be between 0 and {maximum}")
+    if not minimum <= value <= maximum:
+        raise invalid(key, f"must be between {minimum} and {maximum}")
     return value
 
 
@@ -105,10 +111,12 @@ def _attributes(data: Mapping[str, Any]) -> dict[str, str]:
     if len(raw) > MAX_ATTRIBUTES:
         raise invalid("attributes", f"at most {MAX_ATTRIBUTES} attributes")
     out: dict[str, str] = {}
-    for name in raw:
+    for name, value in raw.items():
         if not _ATTRIBUTE_NAME.fullmatch(name):
             raise invalid(f"attributes.{name}", "names are lowercase letters, digits and '_'")
-        out[name] = _text(raw, name) or ""
+        if value is None:  # null is absent: "" would put every such caller in one bucket
+            continue
+        out[name] = _text(raw, name, path=f"attributes.{name}") or ""
     if "ip" in out:
         try:
             out["ip"] = str(ipaddress.ip_address(out["ip"]))
@@ -135,6 +143,12 @@ def parse_reserve(data: Any) -> ReserveBody:
             raise invalid("messages", "must be an array of message objects")
         if len(messages) > MAX_MESSAGES:
             raise invalid("messages", f"at most {MAX_MESSAGES} messages")
+    tools = body.get("tools")
+    if tools is not None:
+        if messages is None:
+            raise invalid("tools", "only with messages (tools are part of a chat request)")
+        if not isinstance(tools, list) or not tools:
+            raise invalid("tools", "must be a non-empty array of tool objects")
     dry_run = body.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise invalid("dry_run", "must be true or false")
@@ -145,9 +159,12 @@ def parse_reserve(data: Any) -> ReserveBody:
         org=_text(body, "org"),
         prompt=prompt,
         messages=messages,
+        tools=tools,
         input_tokens=_count(body, "input_tokens"),
-        max_output_tokens=_count(body, "max_output_tokens"),
-        min_output_tokens=_count(body, "min_output_tokens"),
+        # a call allowed no output at all is not a call: at least 1 (below min_output_tokens
+        # the request's own cap is its floor: granted as asked, or denied)
+        max_output_tokens=_count(body, "max_output_tokens", minimum=1),
+        min_output_tokens=_count(body, "min_output_tokens", minimum=1),
         attributes=_attributes(body),
         idempotency_key=_text(body, "idempotency_key"),
         dry_run=dry_run,
@@ -178,21 +195,6 @@ def parse_release(data: Any) -> str:
 
 def parse_reservation_field(body: Mapping[str, Any]) -> str:
     return _text(body, "reservation_id", required=True, max_chars=1024) or ""
-
-
-def has_content(body: ReserveBody) -> bool:
-    """False when the call sends the model nothing: only whitespace, no other part."""
-    if body.prompt is not None:
-        return bool(body.prompt.strip())
-    for message in body.messages or ():
-        content = message.get("content")
-        if isinstance(content, str) and content.strip():
-            return True
-        if isinstance(content, list) and any(
-                not isinstance(p, dict) or p.get("type") != "text"
-                or (isinstance(p.get("text"), str) and p["text"].strip()) for p in content):
-            return True  # non-text parts are named by the token counter
-    return False
 
 
 def prompt_chars(body: ReserveBody) -> int:

@@ -1,23 +1,40 @@
 """The embedded Redis: with no [redis] url, `ratelimitd serve` runs its own redis-server.
 
 It listens only on a unix socket in the state directory (no TCP port), keeps an append-only
-file there so budgets survive a restart, and stops when the daemon stops.
+file there so budgets survive a restart, and stops when the daemon stops, even when the
+daemon is killed: the kernel sends it SIGTERM when the thread that started it ends
+(PR_SET_PDEATHSIG), so an embedded Redis never outlives its daemon. supervisor.py restarts it
+when it dies while the daemon runs.
+
+One daemon per state directory: it holds an exclusive lock on `ratelimitd.lock` there for
+its life. A second daemon finds the lock taken and refuses; a daemon that finds the lock free
+but a redis-server answering on the socket (left by a daemon killed before it could stop it)
+shuts that orphan down (SHUTDOWN: it flushes its append-only file first) and starts its own.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import fcntl
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import redis
 
 from ratelimitd.errors import EmbeddedRedisError
 
 START_TIMEOUT_S: Final = 15.0
+ORPHAN_SHUTDOWN_TIMEOUT_S: Final = 15.0
+_PR_SET_PDEATHSIG: Final = 1
 
 
 def state_directory(configured: str) -> Path:
@@ -30,34 +47,117 @@ def state_directory(configured: str) -> Path:
     return Path.home() / ".local" / "state" / "ratelimitd"
 
 
+def prepare_state_directory(path: Path) -> None:
+    """Creates the state directory and proves it writable; a problem is one line naming the
+    path and what to do (EmbeddedRedisError), never a traceback."""
+    advice = "set [redis] data_dir (or $STATE_DIRECTORY) to a writable directory"
+    if path.exists() and not path.is_dir():
+        raise EmbeddedRedisError(f"state directory {path} exists but is not a directory; "
+                                 f"remove it or {advice}")
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise EmbeddedRedisError(f"cannot create the state directory {path}: "
+                                 f"{exc.strerror or exc}; {advice}") from None
+    probe = path / f".probe-{uuid.uuid4().hex}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise EmbeddedRedisError(f"the state directory {path} is not writable: "
+                                 f"{exc.strerror or exc}; {advice}") from None
+
+
+def _prctl() -> Callable[..., int] | None:
+    """libc's prctl through ctypes, or None where there is none (not Linux)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(name, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
+def die_with_parent(signum: int) -> None:
+    """Asks the kernel to send `signum` to this process when its parent (thread) ends."""
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec function that asks the kernel to SIGTERM the child when its parent thread
+    ends (PR_SET_PDEATHSIG), resolved before the fork so the child only calls it."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+    sigterm = int(signal.SIGTERM)
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
+
+
+def _launcher() -> tuple[list[str], Callable[[], None] | None]:
+    """How to start redis-server so that it dies with this thread: through util-linux's
+    `setpriv --pdeathsig` when installed (no Python runs between fork and exec, which matters
+    as the supervisor's restarts fork from a thread beside the event loop), else a preexec
+    function calling prctl."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--"], None
+    return [], _die_with_parent()
+
+
 class EmbeddedRedis:
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.socket = data_dir / "redis.sock"
         self.url = f"unix://{self.socket}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._lock_file: IO[bytes] | None = None
+        self._binary: str | None = None
+        self._guard = threading.Lock()  # start / stop from the supervisor's thread and main
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+        """First start: checks the directory, takes the lock, replaces an orphan, starts."""
+        self._binary = shutil.which("redis-server")
+        if self._binary is None:
             raise EmbeddedRedisError(
                 "redis-server is not installed, and [redis] url is empty so ratelimitd would "
                 "start its own. Install it (Debian/Ubuntu: apt-get install redis-server) or "
                 "point [redis] url at a running Redis.")
-        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._refuse_running_server()
-        args = [binary, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "600",
-                "--dir", str(self.data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
-                "--save", "", "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"),
-                "--protected-mode", "yes"]
-        # a fixed argument list and the redis-server found on PATH: no shell, no user input
-        self.proc = subprocess.Popen(args, stdin=  # noqa: S603
-                                     subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        prepare_state_directory(self.data_dir)
+        self._take_lock()
+        self._replace_orphan()
+        self.spawn()
+
+    def spawn(self) -> None:
+        """Starts redis-server and waits until it answers (also the supervisor's restart)."""
+        assert self._binary is not None, "start() first"
+        launcher, preexec = _launcher()
+        args = [*launcher, self._binary, "--port", "0", "--unixsocket", str(self.socket),
+                "--unixsocketperm", "600", "--dir", str(self.data_dir), "--appendonly", "yes",
+                "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
+                "--logfile", str(self.data_dir / "redis.log"), "--protected-mode", "yes"]
+        with self._guard:
+            self.socket.unlink(missing_ok=True)
+            # a fixed argument list and the redis-server found on PATH: no shell, no user input
+            self.proc = subprocess.Popen(args, stdin=  # noqa: S603
+                                         subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=preexec)
+            proc = self.proc
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not self._answers():
-            if self.proc.poll() is not None:
-                raise EmbeddedRedisError(f"redis-server exited with {self.proc.returncode}; "
+        while not self.answers():
+            if proc.poll() is not None:
+                raise EmbeddedRedisError(f"redis-server exited with {proc.returncode}; "
                                          f"see {self.data_dir / 'redis.log'}")
             if time.monotonic() > deadline:
                 self.stop()
@@ -67,25 +167,65 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """SIGTERM: Redis flushes the append-only file and exits."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+        with self._guard:
+            proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
             try:
-                self.proc.wait(30)
+                proc.wait(30)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+                proc.kill()
+                proc.wait()
 
-    def _answers(self) -> bool:
+    def release(self) -> None:
+        """Stops the server and gives up the state directory's lock."""
+        self.stop()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def answers(self) -> bool:
+        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1)
         try:
-            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1).ping())
+            return bool(client.ping())
         except (redis.ConnectionError, redis.TimeoutError, FileNotFoundError):
             return False
+        finally:
+            client.close()
 
-    def _refuse_running_server(self) -> None:
-        if self.socket.exists():
-            if self._answers():
-                raise EmbeddedRedisError(
-                    f"a Redis already answers on {self.socket}: another ratelimitd is running "
-                    "with this state directory; stop it or set [redis] data_dir")
-            self.socket.unlink()  # left over from a crash
+    def _take_lock(self) -> None:
+        path = self.data_dir / "ratelimitd.lock"
+        try:
+            lock_file = path.open("ab")
+        except OSError as exc:
+            raise EmbeddedRedisError(f"cannot open {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            raise EmbeddedRedisError(
+                f"another ratelimitd is running with the state directory {self.data_dir} "
+                "(it holds ratelimitd.lock there); stop it or set [redis] data_dir") from None
+        self._lock_file = lock_file
+
+    def _replace_orphan(self) -> None:
+        """A redis-server on our socket while we hold the lock was left by a daemon that died
+        without stopping it: shut it down (it writes its append-only file) before ours."""
+        if not self.socket.exists() or not self.answers():
+            return
+        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=5)
+        try:
+            client.shutdown()
+        except redis.ResponseError as exc:
+            raise EmbeddedRedisError(f"a redis-server left on {self.socket} refused to shut "
+                                     f"down ({exc}); stop it by hand") from None
+        except redis.RedisError:
+            pass  # the connection closes as the server exits; the loop below checks
+        finally:
+            client.close()
+        deadline = time.monotonic() + ORPHAN_SHUTDOWN_TIMEOUT_S
+        while self.answers():
+            if time.monotonic() > deadline:
+                raise EmbeddedRedisError(f"a redis-server left on {self.socket} did not stop "
+                                         "within 15 s; stop it by hand")
+            time.sleep(0.05)

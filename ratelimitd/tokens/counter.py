@@ -19,6 +19,12 @@ import tiktoken
 import tiktoken.model
 
 from ratelimitd.errors import EncodingUnavailableError, TokenCountError
+from ratelimitd.tokens.chat import (
+    function_call_texts,
+    image_tokens,
+    tool_call_texts,
+    tools_texts,
+)
 from ratelimitd.tokens.offline import (
     DEFAULT_ENCODING,
     OFFLINE_ENCODINGS,
@@ -37,11 +43,14 @@ TOKENS_PER_NAME: Final = 1
 REPLY_PRIMING_TOKENS: Final = 3
 
 @dataclass(frozen=True, slots=True)
-class _Texts:
-    """What a prompt costs: strings to encode plus tokens that are fixed by the format."""
+class PromptTexts:
+    """What a prompt costs: strings to encode plus tokens that are fixed by the format (message
+    framing, images, tool-call framing). `has_content`: the call sends the model something
+    besides roles and whitespace."""
 
     strings: list[str]
     fixed_tokens: int = 0
+    has_content: bool = True
 
     @property
     def chars(self) -> int:
@@ -53,59 +62,96 @@ def _count_strings(encoding: tiktoken.Encoding, strings: Sequence[str]) -> int:
     return sum(len(encoding.encode_ordinary(s)) for s in strings)
 
 
-def _message_texts(messages: object) -> _Texts:
-    """Validate chat messages and collect the strings the cookbook formula encodes."""
-    if not isinstance(messages, list | tuple):
-        raise TokenCountError(f"messages must be a list of objects, not {_kind(messages)}")
-    strings: list[str] = []
-    fixed = REPLY_PRIMING_TOKENS
-    for i, message in enumerate(messages):
-        fixed += TOKENS_PER_MESSAGE + _collect_message(message, f"messages[{i}]", strings)
-    return _Texts(strings, fixed)
+@dataclass(slots=True)
+class _Collector:
+    """Walks chat messages, validating them, and gathers what they cost."""
 
+    model: str
+    image_tokens: int
+    strings: list[str]
+    fixed: int = 0
+    content: bool = False
 
-def _collect_message(message: object, path: str, strings: list[str]) -> int:
-    """Append the message's strings to `strings`; return its fixed extra tokens."""
-    if not isinstance(message, Mapping):
-        raise TokenCountError(f"{path} must be an object, not {_kind(message)}")
-    if not isinstance(message.get("role"), str):
-        raise TokenCountError(f"{path}.role must be a string, not {_kind(message.get('role'))}")
-    fixed = 0
-    for key, value in message.items():
-        field = f"{path}.{key}"
-        if isinstance(value, str):
-            strings.append(value)
-            fixed += TOKENS_PER_NAME if key == "name" else 0
-        elif key == "content":
-            _collect_content(value, field, strings)
+    def message(self, message: object, path: str) -> None:
+        if not isinstance(message, Mapping):
+            raise TokenCountError(f"{path} must be an object, not {_kind(message)}")
+        if not isinstance(message.get("role"), str):
+            raise TokenCountError(
+                f"{path}.role must be a string, not {_kind(message.get('role'))}")
+        self.fixed += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            field = f"{path}.{key}"
+            if key == "content":
+                self.message_content(value, field)
+            elif value is None:  # null is absent
+                continue
+            elif key == "tool_calls":
+                self.fixed += tool_call_texts(value, field, self.strings)
+                self.content = self.content or bool(value)
+            elif key == "function_call":
+                self.fixed += function_call_texts(value, field, self.strings)
+                self.content = True
+            elif isinstance(value, str):
+                self.strings.append(value)
+                self.fixed += TOKENS_PER_NAME if key == "name" else 0
+            else:
+                raise TokenCountError(f"{field} is {_kind(value)}: cannot count its tokens; "
+                                      "pass input_tokens instead")
+
+    def message_content(self, content: object, path: str) -> None:
+        if content is None:  # an assistant message that only carried tool calls
+            return
+        if isinstance(content, str):
+            self.strings.append(content)
+            self.content = self.content or bool(content.strip())
+            return
+        if not isinstance(content, list):
+            raise TokenCountError(
+                f"{path} must be a string or a list of parts, not {_kind(content)}")
+        for j, part in enumerate(content):
+            self.part(part, f"{path}[{j}]")
+
+    def part(self, part: object, path: str) -> None:
+        if not isinstance(part, Mapping):
+            raise TokenCountError(f"{path} must be an object, not {_kind(part)}")
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise TokenCountError(f"{path}.text must be a string, not {_kind(text)}")
+            self.strings.append(text)
+            self.content = self.content or bool(text.strip())
+        elif kind == "image_url":
+            self.fixed += image_tokens(part, path, self.model, self.image_tokens)
+            self.content = True
         else:
             raise TokenCountError(
-                f"{field} is {_kind(value)}: cannot count its tokens; pass input_tokens instead"
-            )
-    return fixed
+                f"{path} is a {kind!r} part: only text and image_url parts can be counted; "
+                "pass input_tokens instead")
 
 
-def _collect_content(content: object, path: str, strings: list[str]) -> None:
-    if content is None:  # an assistant message that only carried tool calls
-        return
-    if not isinstance(content, list):
-        raise TokenCountError(f"{path} must be a string or a list of parts, not {_kind(content)}")
-    for j, part in enumerate(content):
-        strings.append(_text_of_part(part, f"{path}[{j}]"))
-
-
-def _text_of_part(part: object, path: str) -> str:
-    if not isinstance(part, Mapping):
-        raise TokenCountError(f"{path} must be an object, not {_kind(part)}")
-    kind = part.get("type")
-    if kind != "text":
-        raise TokenCountError(
-            f"{path} is a {kind!r} part: only text parts can be counted; pass input_tokens instead"
-        )
-    text = part.get("text")
-    if not isinstance(text, str):
-        raise TokenCountError(f"{path}.text must be a string, not {_kind(text)}")
-    return text
+def prompt_texts(model: str, prompt: object, messages: object, tools: object = None,
+                 image_tokens_default: int = 0) -> PromptTexts:
+    """Validates a prompt (or chat messages and tools) and gathers what it costs; raises
+    TokenCountError naming the field at fault."""
+    if (prompt is None) == (messages is None):
+        raise TokenCountError("give exactly one of prompt and messages")
+    if messages is None:
+        if tools is not None:
+            raise TokenCountError("tools: only with messages")
+        if not isinstance(prompt, str):
+            raise TokenCountError(f"prompt must be a string, not {_kind(prompt)}")
+        return PromptTexts([prompt], 0, bool(prompt.strip()))
+    if not isinstance(messages, list | tuple):
+        raise TokenCountError(f"messages must be a list of objects, not {_kind(messages)}")
+    collector = _Collector(model, image_tokens_default, [], REPLY_PRIMING_TOKENS)
+    for i, message in enumerate(messages):
+        collector.message(message, f"messages[{i}]")
+    if tools is not None:
+        strings, fixed = tools_texts(tools)  # type: ignore[arg-type]
+        collector.strings.extend(strings)
+        collector.fixed += fixed
+    return PromptTexts(collector.strings, collector.fixed, collector.content)
 
 
 def _kind(value: object) -> str:
@@ -119,8 +165,10 @@ class TokenCounter:
         self,
         default_encoding: str = DEFAULT_ENCODING,
         models: Mapping[str, str] | None = None,
+        image_tokens: int = 0,
     ) -> None:
         self.default_encoding = default_encoding
+        self.image_tokens = image_tokens  # an image of unknown size; 0: the model's most
         self._overrides = dict(models or {})
         # Longest first, so the most specific prefix wins.
         self._override_prefixes = sorted(self._overrides, key=len, reverse=True)
@@ -154,9 +202,25 @@ class TokenCounter:
     def count_text(self, model: str, text: str) -> int:
         return _count_strings(self.encoding_for(model), [text])
 
-    def count_messages(self, model: str, messages: Sequence[Mapping[str, Any]]) -> int:
-        texts = _message_texts(messages)
+    def count_messages(self, model: str, messages: Sequence[Mapping[str, Any]],
+                       tools: Sequence[Any] | None = None) -> int:
+        texts = self.prepare(model, None, messages, tools)
         return texts.fixed_tokens + _count_strings(self.encoding_for(model), texts.strings)
+
+    def prepare(self, model: str, prompt: object, messages: object, tools: object = None
+                ) -> PromptTexts:
+        """Validates a prompt and gathers what it costs, without encoding anything."""
+        return prompt_texts(model, prompt, messages, tools, self.image_tokens)
+
+    async def count(self, model: str, texts: PromptTexts, executor: Executor | None = None
+                    ) -> int:
+        """Tokens of prepared texts; long ones are encoded in `executor`."""
+        encoding = self.encoding_for(model)
+        if texts.chars < INLINE_COUNT_MAX_CHARS:
+            return texts.fixed_tokens + _count_strings(encoding, texts.strings)
+        loop = asyncio.get_running_loop()
+        count = functools.partial(_count_strings, encoding, texts.strings)
+        return texts.fixed_tokens + await loop.run_in_executor(executor, count)
 
     async def count_prompt(
         self,
@@ -169,23 +233,7 @@ class TokenCounter:
 
         Validation runs inline, so malformed input raises TokenCountError before any thread hop.
         """
-        texts = _prompt_texts(prompt, messages)
-        encoding = self.encoding_for(model)
-        if texts.chars < INLINE_COUNT_MAX_CHARS:
-            return texts.fixed_tokens + _count_strings(encoding, texts.strings)
-        loop = asyncio.get_running_loop()
-        count = functools.partial(_count_strings, encoding, texts.strings)
-        return texts.fixed_tokens + await loop.run_in_executor(executor, count)
-
-
-def _prompt_texts(prompt: object, messages: object) -> _Texts:
-    if (prompt is None) == (messages is None):
-        raise TokenCountError("give exactly one of prompt and messages")
-    if messages is not None:
-        return _message_texts(messages)
-    if not isinstance(prompt, str):
-        raise TokenCountError(f"prompt must be a string, not {_kind(prompt)}")
-    return _Texts([prompt])
+        return await self.count(model, self.prepare(model, prompt, messages), executor)
 
 
 def _load_for_config(encoding: str, setting: str) -> None:

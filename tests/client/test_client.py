@@ -285,11 +285,12 @@ async def test_a_denial_is_rate_limited_with_retry_after(serve: Serve) -> None:
     assert denied.denied_limit is not None and denied.denied_limit.remaining == 0
 
 
-async def test_a_call_that_never_fits_has_no_retry_after(serve: Serve) -> None:
+async def test_a_call_that_never_fits_is_an_invalid_request_not_a_rate_limit(
+        serve: Serve) -> None:
     async with RatelimitdClient(await daemon(serve, tokens_per_day=100)) as rl:
-        with pytest.raises(RateLimited) as err:
+        with pytest.raises(InvalidRequest) as err:
             await rl.reserve(user="u1", tier="t", model="gpt-4o", input_tokens=500)
-    assert err.value.reason == "tokens_per_day" and err.value.retry_after is None
+    assert err.value.code == "exceeds_limit" and "tokens_per_day" in err.value.message
 
 
 @pytest.mark.parametrize(("fields", "code"), [

@@ -162,8 +162,10 @@ async def test_unknown_path_is_404_json(serve: Serve) -> None:
 async def test_wrong_method_is_405_json_with_allow(serve: Serve) -> None:
     client = await serve()
     for method, path, allowed in (("GET", "/v1/reserve", "POST"), ("PUT", "/v1/commit", "POST"),
-                                  ("DELETE", "/v1/release", "POST"), ("POST", "/healthz", "GET"),
-                                  ("POST", "/readyz", "GET"), ("POST", "/openapi.json", "GET")):
+                                  ("DELETE", "/v1/release", "POST"),
+                                  ("POST", "/healthz", "GET, HEAD"),
+                                  ("POST", "/readyz", "GET, HEAD"),
+                                  ("POST", "/openapi.json", "GET, HEAD")):
         resp, body = await call(client, path, method=method)
         assert_error(resp, body, 405, "method_not_allowed")
         assert resp.headers.get("Allow") == allowed, (method, path)

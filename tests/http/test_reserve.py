@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from tests.support.http import (
     RESERVE_KEYS,
     Serve,
+    assert_error,
     call,
     charged_keys,
     cookbook_count,
@@ -145,14 +146,13 @@ async def test_denied_answers_429_with_retry_after_and_headers(serve: Serve,
     assert await snapshot(redis_client) == before
 
 
-async def test_a_call_that_can_never_fit_says_so_and_sends_no_retry_after(
+async def test_a_call_that_can_never_fit_is_400_exceeds_limit_naming_the_limit(
         serve: Serve, redis_client: Redis) -> None:
+    """Not a 429: no wait admits it, and the contract's 429 always has a Retry-After."""
     client = await serve(small(tokens_per_day=1000))
     resp, body = await call(client, "/v1/reserve", rq(input_tokens=5000))
-    assert resp.status == 429, body
-    assert body["reason"] == "tokens_per_day"
-    assert body["retry_after_ms"] is None
-    assert "retrying will not help" in body["message"]
+    assert_error(resp, body, 400, "exceeds_limit", "tokens_per_day", "1000 tokens per 24h",
+                 "retrying will not help")
     assert "Retry-After" not in resp.headers
     assert await charged_keys(redis_client) == []
 
@@ -166,7 +166,11 @@ async def test_concurrency_slots_deny_then_free_on_commit_and_release(serve: Ser
         ids.append(body["reservation_id"])
     resp, body = await call(client, "/v1/reserve", rq(input_tokens=10))
     assert resp.status == 429 and body["reason"] == "max_concurrent", body
-    assert 0 < body["retry_after_ms"] <= 1000
+    # truthful: a slot frees on commit or release, at the latest when a reservation expires
+    # (ttl_s = 300, plus one sub-bucket): an obedient client waits that long, not 1 s forever
+    assert body["retry_after_ms"] == 305_000
+    assert resp.headers["Retry-After"] == "305"
+    assert "committed or released" in body["message"]
     resp, _ = await call(client, "/v1/commit", {"reservation_id": ids[0], "input_tokens": 10,
                                                "output_tokens": 5})
     assert resp.status == 200

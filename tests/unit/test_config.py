@@ -219,6 +219,9 @@ def test_the_example_here_is_still_the_one_in_api_md() -> None:
 
 def test_the_general_limit_forms(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, '''
+[attributes]
+names = ["device"]
+
 [tiers.team]
 max_output_tokens = 1000
 [[tiers.team.limits]]
@@ -268,7 +271,7 @@ def test_env_service_tokens_are_read_from_the_environment(
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "ratelimitd.toml")
     assert str(caught.value) == (f"{tmp_path / 'ratelimitd.toml'}: server.service_tokens.0: "
-                                 "environment variable RL_CFG_TEST_TOKEN is not set")
+                                 "environment variable RL_CFG_TEST_TOKEN is not set (line 2)")
 
 
 # -- mistakes, named by file and key ----------------------------------------------------------
@@ -321,7 +324,7 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ('[[tiers.free.limits]]\nname = "t"\nmetric = "tokens"\nlimit = 5\nwindow = "1h"\n'
      'colour = "red"\n', "tiers.free.limits[0].colour", "unknown key"),
     ('[[tiers.free.limits]]\nname = "t"\nscope = "Team"\nmetric = "tokens"\nlimit = 5\n'
-     'window = "1h"\n', "tiers.free.limits[0].scope", "attribute name"),
+     'window = "1h"\n', "tiers.free.limits[0].scope", "unknown scope 'Team'"),
     ('[[tiers.free.limits]]\nname = "t"\nmetric = "tokens"\nlimit = 5\nwindow = "1h"\n'
      'burst = 9\n', "tiers.free.limits[0].burst", "token_bucket"),
     ('[[tiers.free.limits]]\nname = "c"\nmetric = "concurrent"\nlimit = 5\nwindow = "1h"\n',

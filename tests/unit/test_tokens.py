@@ -255,7 +255,7 @@ def test_unknown_encoding_names_the_offline_ones() -> None:
 # --- errors ------------------------------------------------------------------------------
 
 
-def test_image_part_names_its_path(counter: TokenCounter) -> None:
+def test_a_part_that_cannot_be_counted_names_its_path(counter: TokenCounter) -> None:
     messages: list[dict[str, Any]] = [
         {"role": "system", "content": "x"},
         {"role": "user", "content": "y"},
@@ -263,7 +263,7 @@ def test_image_part_names_its_path(counter: TokenCounter) -> None:
             "role": "user",
             "content": [
                 {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
             ],
         },
     ]
@@ -286,7 +286,7 @@ def test_image_part_names_its_path(counter: TokenCounter) -> None:
         ([{"role": "user", "name": 5, "content": "x"}], "messages[0].name is int"),
         (
             [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1"}]}],
-            "messages[0].tool_calls is list",
+            "messages[0].tool_calls[0].function must be an object",
         ),
     ],
 )
