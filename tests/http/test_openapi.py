@@ -89,7 +89,10 @@ def test_spec_schemas_are_valid_json_schema_and_every_ref_resolves() -> None:
             assert op["responses"], (method, path)
             for status, answer in op["responses"].items():
                 assert answer["description"], (path, method, status)
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/admin/"):
+                assert op["security"] == [{"adminToken": []}], (method, path)
+                assert {"401", "403", "503"} <= set(op["responses"]), (method, path)
+            elif path.startswith("/v1/"):
                 assert op["security"] == [{"serviceToken": []}], (method, path)
                 assert "401" in op["responses"] and "503" in op["responses"], (method, path)
 
