@@ -8,11 +8,14 @@ a configuration error: the daemon refuses to start rather than run without the k
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Final
 
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from ratelimitd.config import Config
@@ -23,7 +26,10 @@ from ratelimitd.policy import Limit, PrefixLengths, sliding
 from ratelimitd.signing import SignatureVerifier
 from ratelimitd.store.connect import RedisClient
 
+log = logging.getLogger(__name__)
+
 KEY_CREATION_LIMIT: Final = "key_creations_per_hour"
+WARM_CONNECTIONS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +74,21 @@ async def open_access(config: Config, redis: RedisClient, *, listen: bool = True
                                scope="ip_prefix") if per_hour > 0 else None))
     if keys is not None and listen:
         await keys.start()   # returns within 2 s even when Redis is down (retries behind)
+        await _warm_pool(redis)
     return access
+
+
+async def _warm_pool(redis: RedisClient) -> None:
+    """Opens WARM_CONNECTIONS connections now: a cold cache after a restart sends a burst of
+    key lookups, which would otherwise open as many connections at once, each within the
+    call's timeout. The pool keeps them; a failure here only costs that head start."""
+    if isinstance(redis, RedisCluster):
+        return
+    try:
+        await asyncio.gather(*(redis.ping() for _ in range(WARM_CONNECTIONS)))
+    except (RedisError, OSError) as exc:
+        log.warning("could not open Redis connections for key lookups yet: %s",
+                    type(exc).__name__)
 
 
 @contextlib.asynccontextmanager
