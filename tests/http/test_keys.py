@@ -178,6 +178,29 @@ async def test_a_hundred_accounts_behind_one_24_share_its_ip_prefix_limit(serve:
     assert_error(resp, body, 400, "invalid_request", "attributes.ip")
 
 
+async def test_ip_prefix_networks_have_the_configured_lengths(serve: Serve) -> None:
+    network_limit = {"name": "net_rpm", "scope": "ip_prefix", "metric": "requests",
+                     "window": "60s", "limit": 2}
+    a, b = await two_daemons(serve, keys_config(tier={"limits": [network_limit]},
+                                                abuse={"ipv4_prefix": 16, "ipv6_prefix": 48}))
+    for daemon, user, ip in ((a, "u1", "10.1.2.3"), (b, "u2", "10.1.200.4"),
+                             (a, "u3", "2001:db8:7::1"), (b, "u4", "2001:db8:7:ffff::2")):
+        resp, body = await call(daemon, "/v1/reserve",
+                                rq(user=user, tier="t", input_tokens=1,
+                                   attributes={"ip": ip}), headers=SERVICE)
+        assert resp.status == 200, body
+    for daemon, ip, network in ((a, "10.1.99.99", "10.1.0.0/16"),
+                                (b, "2001:db8:7:1234::9", "2001:db8:7::/48")):
+        resp, body = await call(daemon, "/v1/reserve",
+                                rq(user="u9", tier="t", input_tokens=1,
+                                   attributes={"ip": ip}), headers=SERVICE)
+        assert resp.status == 429 and body["reason"] == "net_rpm", (network, body)
+    resp, body = await call(a, "/v1/reserve", rq(user="u9", tier="t", input_tokens=1,
+                                                 attributes={"ip": "10.2.0.1"}),
+                            headers=SERVICE)
+    assert resp.status == 200, body
+
+
 async def test_limits_of_scope_key_count_per_key(serve: Serve) -> None:
     per_key = {"name": "key_rpm", "scope": "key", "metric": "requests", "window": "60s",
                "limit": 2}
