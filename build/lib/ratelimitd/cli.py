@@ -1,5 +1,4 @@
-"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`, and
-the admin commands `ratelimitd keys ...` / `ratelimitd blocks ...` (admin_cli.py)."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd import admin_cli
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -42,7 +40,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
-    admin_cli.add_commands(commands)
     args = parser.parse_args(argv)
     if args.command == "lua":
         library = shipped_library()
@@ -52,8 +49,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if args.command in admin_cli.COMMANDS:
-            return admin_cli.run(args)
         if args.command == "check-config":
             config = load_config(args.path)
             print(f"{args.path}: ok ({len(config.tiers)} tiers: {', '.join(config.tiers)})")

@@ -6,12 +6,10 @@ Amounts are shown in their metric's unit, money in USD: floats appear only here,
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
-from ratelimitd.access import blocked_error
 from ratelimitd.http.edge import json_response
 from ratelimitd.http.headers import ratelimit_headers
 from ratelimitd.policy import Limit
@@ -40,13 +38,7 @@ def limit_json(state: LimitState) -> dict[str, Any]:
     return answer
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool,
-                   warnings: Sequence[dict[str, str]] = ()) -> web.Response:
-    """200 or 429; `warnings` (an API key's key_expiring, key_rotated) ride on both. A
-    blocked subject raises 403 blocked."""
-    if result.blocked is not None:
-        blocked = result.blocked
-        raise blocked_error(blocked.subject, blocked.retry_after_ms, blocked.reason)
+def reserve_answer(result: ReserveResult, dry_run: bool) -> web.Response:
     limits = [limit_json(s) for s in result.states]
     headers = ratelimit_headers(result.states, result.retry_after_ms, not result.allowed)
     if not result.allowed:
@@ -57,8 +49,6 @@ def reserve_answer(result: ReserveResult, dry_run: bool,
         if result.retry_after_ms is None:
             answer["message"] = (f"this call needs more than {denied.name} ever allows; "
                                  "retrying will not help")
-        if warnings:
-            answer["warnings"] = list(warnings)
         return json_response(answer, 429, headers)
     answer = {"allowed": True, "reservation_id": result.reservation_id or None,
               "expires_at_ms": result.expires_at_ms, "input_tokens": result.input_tokens,
@@ -66,7 +56,7 @@ def reserve_answer(result: ReserveResult, dry_run: bool,
               "reserved": {"requests": 1,
                            "tokens": result.input_tokens + result.max_output_tokens,
                            "cost_usd": nano_to_usd(result.reserved_cost_nano)},
-              "limits": limits, "warnings": list(warnings), "duplicate": result.duplicate}
+              "limits": limits, "warnings": [], "duplicate": result.duplicate}
     if dry_run:
         answer["dry_run"] = True
     return json_response(answer, 200, headers)

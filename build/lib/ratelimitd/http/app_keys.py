@@ -8,7 +8,6 @@ from typing import Final
 
 from aiohttp import web
 
-from ratelimitd.access import Access
 from ratelimitd.config import Config
 from ratelimitd.policy import PriceTable
 from ratelimitd.quota.engine import Engine
@@ -24,7 +23,6 @@ class Services:
     counter: TokenCounter
     prices: PriceTable
     executor: ThreadPoolExecutor
-    access: Access              # API keys, signatures, blocks (access/)
 
 
 CONFIG: Final = web.AppKey("config", Config)

@@ -18,7 +18,6 @@ import orjson
 from aiohttp import web
 
 from ratelimitd.errors import ApiError, StoreUnavailable
-from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
 
 log = logging.getLogger("ratelimitd.http")
 
@@ -53,10 +52,7 @@ def api_handler(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            if is_admin_path(request.path):
-                check_admin_token(request, request.app[SERVICE_TOKENS])
-            else:
-                _check_service_token(request)
+            _check_service_token(request)
             return await handler(request)
         except ApiError as err:
             return error_response(err)

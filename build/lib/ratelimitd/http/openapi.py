@@ -30,8 +30,6 @@ def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
 
 
 _AUTH_ERRORS = (401, "missing_credentials, invalid_service_token")
-_ADMIN_AUTH = ((401, "missing_credentials, invalid_admin_token"),
-               (403, "admin_token_required"))
 _BODY_ERRORS = (413, "body_too_large")
 _BACKEND = (503, "backend_unavailable")
 
@@ -58,9 +56,8 @@ _SCHEMAS: dict[str, Any] = {
                                               "text": {"type": "string"}}}}]}},
     },
     "ReserveRequest": {
-        "type": "object", "additionalProperties": False, "required": ["model"],
-        "description": "Exactly one of prompt, messages or input_tokens; either api_key or "
-                       "user and tier (and org).",
+        "type": "object", "additionalProperties": False, "required": ["user", "tier", "model"],
+        "description": "Exactly one of prompt, messages or input_tokens.",
         "properties": {
             "user": _ID, "tier": _ID, "org": _ID, "model": _ID,
             "prompt": {"type": "string"},
@@ -76,10 +73,8 @@ _SCHEMAS: dict[str, Any] = {
             "idempotency_key": {**_ID, "description": "a retried reserve with the same key "
                                 "answers the first reservation and charges nothing more"},
             "dry_run": {"type": "boolean"},
-            "api_key": {"type": "string", "minLength": 1, "maxLength": 1024,
-                        "description": "the end user's key (rlk_...): the daemon resolves user, "
-                                       "org and tier; excludes user, tier and org"},
-            "signature": _ref("Signature"),
+            "api_key": {"type": "string", "description": "not available in this build: 400"},
+            "signature": {"type": "object", "description": "not available in this build: 400"},
         },
     },
     "LimitState": {
@@ -125,8 +120,6 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "required": ["allowed", "reason", "retry_after_ms", "limits"],
         "properties": {
-            "warnings": {"type": "array", "items": _ref("Warning"),
-                         "description": "an API key's key_expiring / key_rotated, if any"},
             "allowed": {"const": False},
             "reason": {"type": "string", "description": "name of the limit that denied"},
             "retry_after_ms": {"type": ["integer", "null"],
@@ -176,155 +169,6 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-_KEY_ID = {"type": "string", "pattern": "^key_[0-9A-Za-z]{17}$"}
-_MS = {"type": "integer"}
-_SCHEMAS.update({
-    "Signature": {
-        "type": "object", "additionalProperties": False,
-        "required": ["timestamp", "nonce", "method", "path", "body_sha256", "value"],
-        "description": "The client's signature, forwarded by the gateway: value = hex "
-                       "HMAC-SHA256(signing_secret, \"v1\\n{timestamp}\\n{nonce}\\n{method}\\n"
-                       "{path}\\n{body_sha256}\"); ratelimitd.signing.sign_request makes it",
-        "properties": {
-            "timestamp": {"type": "integer", "description": "unix seconds"},
-            "nonce": {"type": "string", "pattern": "^[A-Za-z0-9_.~-]{16,128}$"},
-            "method": {"type": "string", "pattern": "^[A-Z]{1,16}$"},
-            "path": {"type": "string"},
-            "body_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
-            "value": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
-    },
-    "CreateKeyRequest": {
-        "type": "object", "additionalProperties": False, "required": ["user", "tier"],
-        "properties": {
-            "user": _ID, "tier": _ID, "org": _ID,
-            "expires_in_days": {"type": "integer", "minimum": 1,
-                                "description": "default and maximum [keys] max_age_days"},
-            "require_signature": {"type": "boolean"},
-            "attributes": {"type": "object", "additionalProperties": _ID,
-                           "description": "the end user's ip: creations are limited per "
-                                          "ip_prefix ([keys] creations_per_ip_prefix_per_hour)"}},
-    },
-    "CreatedKey": {
-        "type": "object", "additionalProperties": False,
-        "required": ["key_id", "api_key", "expires_at_ms"],
-        "description": "the only time the key (and signing secret) is shown",
-        "properties": {"key_id": _KEY_ID, "api_key": {"type": "string", "pattern": "^rlk_"},
-                       "expires_at_ms": {"type": ["integer", "null"]},
-                       "signing_secret": {"type": "string"}},
-    },
-    "RotateKeyRequest": {
-        "type": "object", "additionalProperties": False,
-        "properties": {"grace_s": {"type": "integer", "minimum": 0, "description":
-                                   "the old key keeps working this long; default [keys] "
-                                   "rotation_grace_s"}},
-    },
-    "RotatedKey": {
-        "type": "object", "additionalProperties": False,
-        "required": ["key_id", "api_key", "expires_at_ms", "old_key_id",
-                     "old_key_expires_at_ms"],
-        "properties": {"key_id": _KEY_ID, "api_key": {"type": "string", "pattern": "^rlk_"},
-                       "expires_at_ms": {"type": ["integer", "null"]}, "old_key_id": _KEY_ID,
-                       "old_key_expires_at_ms": _MS, "signing_secret": {"type": "string"}},
-    },
-    "Revoked": {"type": "object", "additionalProperties": False, "required": ["revoked"],
-                "properties": {"revoked": {"const": True}}},
-    "KeyInfo": {
-        "type": "object", "additionalProperties": False,
-        "required": ["key_id", "user", "org", "tier", "state", "created_at_ms",
-                     "expires_at_ms", "revoked_at_ms", "rotated_to", "rotated_from",
-                     "require_signature"],
-        "description": "a key's metadata: never the key, its hash or its signing secret",
-        "properties": {
-            "key_id": _KEY_ID, "user": {"type": "string"}, "org": {"type": ["string", "null"]},
-            "tier": {"type": "string"},
-            "state": {"enum": ["active", "rotated", "expired", "revoked"]},
-            "created_at_ms": _MS, "expires_at_ms": {"type": ["integer", "null"]},
-            "revoked_at_ms": {"type": ["integer", "null"]},
-            "rotated_to": {"type": ["string", "null"]},
-            "rotated_from": {"type": ["string", "null"]},
-            "require_signature": {"type": "boolean"}},
-    },
-    "BlockRequest": {
-        "type": "object", "additionalProperties": False,
-        "required": ["scope", "id", "ttl_s", "reason"],
-        "properties": {
-            "scope": {"type": "string", "description": "key, user, org, ip, ip_prefix or an "
-                                                       "attribute name (not global)"},
-            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
-    },
-    "Block": {
-        "type": "object", "additionalProperties": False,
-        "required": ["scope", "id", "expires_at_ms", "reason"],
-        "properties": {"scope": {"type": "string"}, "id": {"type": "string"},
-                       "expires_at_ms": _MS, "reason": {"type": "string"}},
-    },
-    "BlockRemoved": {"type": "object", "additionalProperties": False, "required": ["removed"],
-                     "properties": {"removed": {"type": "boolean",
-                                                "description": "false: it had no block"}}},
-    "BlockList": {"type": "object", "additionalProperties": False, "required": ["blocks"],
-                  "properties": {"blocks": {"type": "array", "items": _ref("Block")}}},
-})
-
-
-def _admin(method: str, summary: str, answers: dict[str, Any], *errors: tuple[int, str],
-           body: str | None = None, parameters: list[dict[str, Any]] | None = None
-           ) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary, "security": [{"adminToken": []}],
-        "responses": {**answers, **_errors(*_ADMIN_AUTH, *errors, _BACKEND)}}
-    if body is not None:
-        op["requestBody"] = _body(body)
-    if parameters:
-        op["parameters"] = parameters
-    return {method: op}
-
-
-def _param(name: str, where: str, description: str) -> dict[str, Any]:
-    return {"name": name, "in": where, "required": where == "path" or name != "limit",
-            "description": description, "schema": {"type": "string"}}
-
-
-_KEY_PARAM = [_param("key_id", "path", "the key's id (key_...), never the key")]
-_NO_PEPPER = (503, "backend_unavailable, keys_unavailable")
-_BLOCK_QUERY = [_param("scope", "query", "the blocked subject's scope"),
-                _param("id", "query", "the blocked subject's id")]
-
-
-def _admin_paths() -> dict[str, Any]:
-    key_errors = ((404, "key_not_found"), _NO_PEPPER)
-    return {
-        "/v1/admin/keys": _admin(
-            "post", "Create an API key (shown only in this answer)",
-            {"201": _answer("created", "CreatedKey")},
-            (400, "invalid_request"), (403, "blocked"), (429, "too_many_key_creations"),
-            _BODY_ERRORS, _NO_PEPPER, body="CreateKeyRequest"),
-        "/v1/admin/keys/{key_id}/rotate": _admin(
-            "post", "A new key for the same user; the old one works grace_s more",
-            {"201": _answer("rotated", "RotatedKey")}, (400, "invalid_request"),
-            (409, "key_revoked, key_rotated, key_expired"), *key_errors,
-            parameters=_KEY_PARAM),
-        "/v1/admin/keys/{key_id}/revoke": _admin(
-            "post", "Revoke a key: every daemon refuses it within 1 s",
-            {"200": _answer("revoked (a repeat answers the same)", "Revoked")},
-            (400, "invalid_request"), *key_errors, parameters=_KEY_PARAM),
-        "/v1/admin/keys/{key_id}": _admin(
-            "get", "A key's metadata", {"200": _answer("the metadata", "KeyInfo")},
-            *key_errors, parameters=_KEY_PARAM),
-        "/v1/admin/blocks": {
-            **_admin("post", "Block a subject for ttl_s: its reserves answer 403 blocked",
-                     {"201": _answer("blocked", "Block")}, (400, "invalid_request"),
-                     _BODY_ERRORS, body="BlockRequest"),
-            **_admin("delete", "Lift a subject's block",
-                     {"200": _answer("lifted", "BlockRemoved")}, (400, "invalid_request"),
-                     parameters=_BLOCK_QUERY),
-            **_admin("get", "The blocks in force, soonest to end first",
-                     {"200": _answer("the blocks", "BlockList")}, (400, "invalid_request"),
-                     parameters=[_param("limit", "query", "at most this many (default "
-                                                          "1000)")])},
-    }
-
-
 def _settle_path(summary: str, schemas: str, done: str, conflict: str) -> dict[str, Any]:
     """/v1/commit and /v1/release: the same shape, with their own schemas and 409 code."""
     return {"post": {
@@ -346,10 +190,7 @@ def openapi_spec() -> dict[str, Any]:
             "schemas": _SCHEMAS,
             "securitySchemes": {"serviceToken": {
                 "type": "http", "scheme": "bearer",
-                "description": "[server] service_tokens; required when any is configured"},
-                "adminToken": {
-                "type": "http", "scheme": "bearer",
-                "description": "[server] admin_tokens; always required on /v1/admin/*"}},
+                "description": "[server] service_tokens; required when any is configured"}},
         },
         "paths": {
             "/v1/reserve": {"post": {
@@ -362,10 +203,7 @@ def openapi_spec() -> dict[str, Any]:
                                    "x-ratelimit-* headers", "ReserveDenied"),
                     **_errors((400, "invalid_request, empty_prompt, prompt_too_long, "
                                "too_many_input_tokens, unknown_model"),
-                              (401, "missing_credentials, invalid_service_token, "
-                                    "invalid_api_key, invalid_signature"),
-                              (403, "key_revoked, key_expired, blocked"), _BODY_ERRORS,
-                              (503, "backend_unavailable, keys_unavailable"))}}},
+                              _AUTH_ERRORS, _BODY_ERRORS, _BACKEND)}}},
             "/v1/commit": _settle_path("Replace the estimate by the actual usage", "Commit",
                                        "committed", "reservation_released"),
             "/v1/release": _settle_path("Refund a call that never happened", "Release",
@@ -377,6 +215,5 @@ def openapi_spec() -> dict[str, Any]:
                                               "503": _answer("not ready", "Ready")}}},
             "/openapi.json": {"get": {"summary": "This document",
                                       "responses": {"200": {"description": "OpenAPI 3.1"}}}},
-            **_admin_paths(),
         },
     }
