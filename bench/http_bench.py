@@ -101,11 +101,12 @@ def start_redis(data: Path) -> tuple[subprocess.Popen[bytes], Path]:
     return proc, socket
 
 
-def run_wrk(port: int, args: argparse.Namespace) -> Result:
+def run_wrk(port: int, args: argparse.Namespace, script: str = "reserve_commit.lua",
+            script_args: tuple[str, ...] = ()) -> Result:
     out = subprocess.run(
         on_cpu(1, ["wrk", "-t", str(args.threads), "-c", str(args.connections),
-                   "-d", f"{args.duration}s", "--latency", "-s", str(BENCH / "reserve_commit.lua"),
-                   f"http://127.0.0.1:{port}"]),
+                   "-d", f"{args.duration}s", "--latency", "-s", str(BENCH / script),
+                   f"http://127.0.0.1:{port}", *(["--", *script_args] if script_args else [])]),
         capture_output=True, text=True, check=True).stdout
     try:
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -138,7 +139,14 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--keys", action="store_true",
+                        help="instead: API keys (cache hits, misses) against identities "
+                             "(bench/http_keys_bench.py)")
     args = parser.parse_args()
+    if args.keys:
+        from http_keys_bench import compare
+        compare(args)
+        return
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: run bash scripts/setup.sh bench")
     python = sys.executable

@@ -105,7 +105,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         async with request.app[RATELIMITD].guard(
                 api_key=api_key, model=body["model"],
-                messages=countable_messages(body["messages"], body.get("tools")),
+                messages=body["messages"], tools=body.get("tools") or None,
                 max_output_tokens=body.get(cap_field)) as call:
             body[cap_field] = call.max_output_tokens
             if stream:
@@ -243,22 +243,7 @@ def passed_on(upstream: aiohttp.ClientResponse, body: bytes) -> web.Response:
                         content_type=upstream.content_type)
 
 
-# -- what ratelimitd counts -----------------------------------------------------------------------
-
-def countable_messages(messages: list[Any], tools: Any) -> list[Any]:
-    """The messages as ratelimitd counts them: it counts text fields, so tool calls and the
-    tools' schemas are sent as JSON text (a little more than the provider's own rendering:
-    the reserve over-estimates slightly, and the commit charges the true usage)."""
-    counted: list[Any] = []
-    if tools:
-        counted.append({"role": "system", "content": json.dumps(tools)})
-    for message in messages:
-        if isinstance(message, dict):  # anything else: ratelimitd names the bad message
-            message = {key: value if isinstance(value, str) or key == "content"
-                       else json.dumps(value) for key, value in message.items()}
-        counted.append(message)
-    return counted
-
+# -- what was streamed ----------------------------------------------------------------------
 
 def choice_texts(reply: Mapping[str, Any], part: str) -> list[str]:
     """The output text of a reply's (or a chunk's) choices: content and tool-call arguments."""

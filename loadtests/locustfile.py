@@ -13,9 +13,8 @@ that no subject passed a limit and that the attackers were stopped.
   model call), commit the actual usage, drawn from realistic sizes (log-normal prompts around
   600 tokens, answers around 250, within the granted cap).
 - PromptBomb: many concurrent reserves asking the largest output, on one subject.
-- CredentialStuffing: random `api_key`s from a few ips. This build answers 400 to `api_key`
-  (keys are not built yet): the class then says it is skipped and stops. Once keys exist, it
-  runs and expects 401s, then 403 `blocked`.
+- CredentialStuffing: random `api_key`s from a few ips: it expects 401s, then 403 `blocked`
+  (a build that answered 400 to `api_key` had no keys: the class then said so and stopped).
 - MultiAccount: many fresh users behind one /24 (`attributes.ip`): per-user limits never bite,
   the `ip_prefix` limit must.
 """

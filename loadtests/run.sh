@@ -89,6 +89,10 @@ window = "60s"
 limit = 40
 EOF
 
+# API keys need a pepper: one for this run (unless given), so credential stuffing meets the
+# real key checks (401s, then 403 blocked past [abuse] auth_failures_per_ip).
+RATELIMITD_KEY_PEPPER="${RATELIMITD_KEY_PEPPER:-$("$py" -c 'import secrets; print(secrets.token_hex(32))')}"
+export RATELIMITD_KEY_PEPPER
 .venv/bin/ratelimitd serve --config "$out/config.toml" >"$out/daemon.log" 2>&1 &
 daemon=$!
 ready=0

@@ -1,4 +1,5 @@
-"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`, and
+the admin commands `ratelimitd keys ...` / `ratelimitd blocks ...` (admin_cli.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd import __version__
+from ratelimitd import __version__, admin_cli
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -71,6 +72,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
+    admin_cli.add_commands(commands)
     return parser, serve
 
 
@@ -89,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("check-config needs a file: give its path or set RATELIMITD_CONFIG")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if args.command in admin_cli.COMMANDS:
+            return admin_cli.run(args)
         if args.command == "check-config":
             config = load_config(args.path)
             print(f"{args.path}: ok ({len(config.tiers)} tiers: {', '.join(config.tiers)})")

@@ -102,13 +102,15 @@ class RatelimitdClient:
                       tier: str | None = None, org: str | None = None,
                       prompt: str | None = None,
                       messages: Sequence[Mapping[str, Any]] | None = None,
+                      tools: Sequence[Mapping[str, Any]] | None = None,
                       input_tokens: int | None = None, max_output_tokens: int | None = None,
                       min_output_tokens: int | None = None,
                       attributes: Mapping[str, str] | None = None,
                       idempotency_key: str | None = None, dry_run: bool = False,
                       signature: Mapping[str, Any] | None = None) -> Reservation:
         """Reserve before a model call. Identity: `api_key`, or `user` + `tier` (+ `org`) the
-        gateway verified itself. Content: one of `prompt`, `messages`, `input_tokens`.
+        gateway verified itself. Content: one of `prompt`, `messages` (with the request's
+        `tools`, counted as the provider counts them), `input_tokens`.
 
         `idempotency_key`: leave it out and one is made for this call (its retries reuse
         it). If you give one, make it unique per model call and never let your callers
@@ -121,7 +123,7 @@ class RatelimitdClient:
             idempotency_key = new_idempotency_key()  # every retry reuses it
         body = _without_none({
             "api_key": api_key, "user": user, "tier": tier, "org": org, "model": model,
-            "prompt": prompt, "messages": messages, "input_tokens": input_tokens,
+            "prompt": prompt, "messages": messages, "tools": tools, "input_tokens": input_tokens,
             "max_output_tokens": max_output_tokens, "min_output_tokens": min_output_tokens,
             "attributes": attributes, "idempotency_key": idempotency_key,
             "signature": signature, "dry_run": dry_run or None})

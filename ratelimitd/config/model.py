@@ -81,6 +81,9 @@ class KeysConfig:
     max_age_days: int = 90
     warn_days: int = 14
     rotation_grace_s: int = 86_400
+    # POST /v1/admin/keys with attributes.ip: keys made per ip_prefix network per hour (mass
+    # key creation is the multi-account pattern); 0 = no limit
+    creations_per_ip_prefix_per_hour: int = 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ import ipaddress
 from typing import Final
 
 from ratelimitd.policy import Subject
+from ratelimitd.policy import ip_prefix as policy_ip_prefix
 
 DEFAULT_IPV4_PREFIX: Final = 24
 DEFAULT_IPV6_PREFIX: Final = 64
@@ -53,10 +54,9 @@ def check_prefix_bits(ipv4_bits: int, ipv6_bits: int) -> None:
 
 def ip_prefix(text: object, ipv4_bits: int = DEFAULT_IPV4_PREFIX,
               ipv6_bits: int = DEFAULT_IPV6_PREFIX) -> str:
-    """The network of the address, as the `ip_prefix` scope's id: "203.0.113.0/24"."""
-    address = parse_ip(text)
-    bits = ipv4_bits if address.version == 4 else ipv6_bits
-    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+    """The network of the address, as the `ip_prefix` scope's id: "203.0.113.0/24" (the
+    policy's own computation, on the canonical address)."""
+    return policy_ip_prefix(str(parse_ip(text)), ipv4_bits, ipv6_bits)
 
 
 def auth_failure_subject(text: object, ipv6_bits: int = DEFAULT_IPV6_PREFIX) -> Subject:

@@ -6,10 +6,12 @@ Amounts are shown in their metric's unit, money in USD: floats appear only here,
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
+from ratelimitd.access import blocked_error
 from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response
 from ratelimitd.http.headers import ratelimit_headers, seconds_up
@@ -50,9 +52,14 @@ def _never_fits(limit: Limit) -> ApiError:
                     "fewer tokens (input or max_output_tokens)")
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
-                   ) -> web.Response:
-    """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit."""
+def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int,
+                   warnings: Sequence[dict[str, str]] = ()) -> web.Response:
+    """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit; a
+    blocked subject raises 403 blocked. `warnings` (an API key's key_expiring, key_rotated)
+    ride on 200 and 429."""
+    if result.blocked is not None:
+        blocked = result.blocked
+        raise blocked_error(blocked.subject, blocked.retry_after_ms, blocked.reason)
     if not result.allowed:
         assert result.denied_by is not None
         denied = result.denied_by.limit
@@ -71,6 +78,8 @@ def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
         headers = ratelimit_headers(result.states, retry_ms, True)
         answer["retry_after_ms"] = retry_ms
         answer["limits"] = [limit_json(s) for s in result.states]
+        if warnings:
+            answer["warnings"] = list(warnings)
         return json_response(answer, 429, headers)
     limits = [limit_json(s) for s in result.states]
     headers = ratelimit_headers(result.states, None, False)
@@ -80,7 +89,7 @@ def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
               "reserved": {"requests": 1,
                            "tokens": result.input_tokens + result.max_output_tokens,
                            "cost_usd": nano_to_usd(result.reserved_cost_nano)},
-              "limits": limits, "warnings": [], "duplicate": result.duplicate}
+              "limits": limits, "warnings": list(warnings), "duplicate": result.duplicate}
     if dry_run:
         answer["dry_run"] = True
     return json_response(answer, 200, headers)

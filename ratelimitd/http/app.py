@@ -9,9 +9,11 @@ from typing import Final
 
 from aiohttp import web
 
+from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http import decisions
+from ratelimitd.http import admin, decisions
+from ratelimitd.http.admin_auth import ADMIN_TOKENS
 from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
 from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
@@ -69,6 +71,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
+    *admin.ROUTES,
 )
 
 
@@ -79,19 +82,25 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                     EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
                                    commit_grace_ms=config.reservations.commit_grace_s * 1000,
                                    timezone=config.calendar.timezone))
+    try:
+        access = await open_access(config, store.client)
+    except BaseException:
+        await store.aclose()
+        raise
     executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS,
                                   thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
         config=config, store=store, engine=engine,
         counter=TokenCounter(config.tokens.default_encoding, config.tokens.models,
                              config.tokens.image_tokens),
-        prices=config.pricing.table(), executor=executor)
+        prices=config.pricing.table(), executor=executor, access=access)
     try:
         await engine.scripts.load()
     except StoreUnavailable as exc:  # /readyz says so; the library loads on first use
         log.warning("could not load the function library at startup: %s", exc)
     yield
     executor.shutdown(wait=False, cancel_futures=True)
+    await access.close()
     await engine.aclose()
     await store.aclose()
 
@@ -113,13 +122,21 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[CLIENT_LOG] = QuietLog(log)
     app[OPENAPI] = openapi_spec(config)
     app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
+    app[ADMIN_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.admin_tokens)
     app.cleanup_ctx.append(_services_ctx)
-    for method, path, handler in ROUTES:
+    by_path: dict[str, list[tuple[str, Handler]]] = {}
+    for method, path, handler in ROUTES:     # one resource per path, whatever its methods
+        by_path.setdefault(path, []).append((method, handler))
+    for path, handlers in by_path.items():
         resource = app.router.add_resource(path)
-        resource.add_route(method, api_handler(handler))
-        if method == "GET":  # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless
-            resource.add_route("HEAD", api_handler(handler))
-        resource.add_route("*", api_handler(method_not_allowed(
-            "GET, HEAD" if method == "GET" else method)))
+        allowed = []
+        for method, handler in handlers:
+            resource.add_route(method, api_handler(handler))
+            allowed.append(method)
+            if method == "GET" and not path.startswith("/v1/"):
+                # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless (the probes)
+                resource.add_route("HEAD", api_handler(handler))
+                allowed.append("HEAD")
+        resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed))))
     app.router.add_route("*", "/{tail:.*}", api_handler(not_found))
     return app

@@ -8,6 +8,7 @@ from typing import Final
 
 from aiohttp import web
 
+from ratelimitd.access import Access
 from ratelimitd.config import Config
 from ratelimitd.policy import PriceTable
 from ratelimitd.quota.engine import Engine
@@ -23,6 +24,7 @@ class Services:
     counter: TokenCounter
     prices: PriceTable
     executor: ThreadPoolExecutor
+    access: Access              # API keys, signatures, blocks (access/)
 
 
 CONFIG: Final = web.AppKey("config", Config)

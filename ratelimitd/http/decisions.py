@@ -1,7 +1,8 @@
 """The decision endpoints: /v1/reserve, /v1/commit, /v1/release.
 
-Thin handlers: parse (schema.py), resolve the tier, price and count, ask the engine, shape the
-answer (answers.py). Quota decisions are made in lua/ through the engine only.
+Thin handlers: parse (schema.py), identify the caller (access/: an API key, its signature),
+resolve the tier, price and count, ask the engine, shape the answer (answers.py). Quota
+decisions are made in lua/ through the engine only.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 
 from aiohttp import web
 
+from ratelimitd.access import block_guards, identify
 from ratelimitd.errors import (
     ApiError,
     ReserveInProgress,
@@ -27,7 +29,7 @@ from ratelimitd.http.schema import (
     parse_reserve,
     prompt_chars,
 )
-from ratelimitd.policy import Identity, plan
+from ratelimitd.policy import plan
 from ratelimitd.quota.engine import ReserveRequest
 
 log = logging.getLogger("ratelimitd.http")
@@ -54,9 +56,14 @@ async def reserve(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     config = services.config
     body = parse_reserve(await read_json(request))
-    tier = config.tiers.get(body.tier)
+    caller = await identify(services.access, api_key=body.api_key, signature=body.signature,
+                            user=body.user, tier=body.tier, org=body.org,
+                            attributes=body.attributes or {})
+    who = caller.identity
+    tier = config.tiers.get(who.tier)
     if tier is None:
-        raise invalid("tier", f"unknown tier {body.tier!r} (known: {', '.join(config.tiers)})")
+        field = "tier" if body.api_key is None else "api_key"
+        raise invalid(field, f"unknown tier {who.tier!r} (known: {', '.join(config.tiers)})")
     prices = services.prices.for_model(body.model)
     if prices is None:
         raise invalid("model", f"unknown model {body.model!r}; its price is not configured",
@@ -66,12 +73,13 @@ async def reserve(request: web.Request) -> web.Response:
         raise invalid("input_tokens", f"{input_tokens} input tokens; this tier allows "
                       f"{tier.max_input_tokens}", "too_many_input_tokens")
     cap = tier.output_cap(body.max_output_tokens, config.reservations.default_max_output_tokens)
-    who = Identity(body.user, tier.name, body.org, None, body.attributes or {})
+    subjects = plan(tier, who, services.access.prefixes)
     reservation = ReserveRequest(
-        plan(tier, who), input_tokens, cap, prices,
+        subjects, input_tokens, cap, prices,
         min_output_tokens=(body.min_output_tokens if body.min_output_tokens is not None
                            else config.reservations.min_output_tokens),
-        idempotency_key=body.idempotency_key, dry_run=body.dry_run)
+        idempotency_key=body.idempotency_key, dry_run=body.dry_run,
+        guards=block_guards(subjects, who, services.access.prefixes))
     try:
         result = await services.engine.reserve(reservation)
     except ReserveInProgress as exc:
@@ -82,7 +90,8 @@ async def reserve(request: web.Request) -> web.Response:
             raise
         log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
         return degraded_answer(input_tokens, cap)
-    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000)
+    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000,
+                          caller.warnings)
 
 
 async def commit(request: web.Request) -> web.Response:

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ratelimitd.errors import ApiError, StoreUnavailable
+from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
 
 log = logging.getLogger("ratelimitd.http")
 
@@ -116,7 +117,10 @@ def api_handler(handler: Handler) -> Handler:
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            _check_service_token(request)
+            if is_admin_path(request.path):
+                check_admin_token(request, request.app[SERVICE_TOKENS])
+            else:
+                _check_service_token(request)
             return await handler(request)
         except ClosingApiError as err:
             response = error_response(err)

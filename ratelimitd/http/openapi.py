@@ -32,6 +32,8 @@ def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
 
 
 _AUTH_ERRORS = (401, "missing_credentials, invalid_service_token")
+_ADMIN_AUTH = ((401, "missing_credentials, invalid_admin_token"),
+               (403, "admin_token_required"))
 _BODY_ERRORS = (413, "body_too_large")
 _MEDIA_ERRORS = (415, "unsupported_media_type")
 _TIMEOUT_ERRORS = (408, "request_timeout")
@@ -140,9 +142,15 @@ _SCHEMAS: dict[str, Any] = {
                            "parameters": {"type": "object"}}}},
     },
     "ReserveRequest": {
-        "type": "object", "additionalProperties": False, "required": ["user", "tier", "model"],
+        "type": "object", "additionalProperties": False, "required": ["model"],
         "description": "Exactly one of prompt, messages or input_tokens (null is absent); "
-        "tools only with messages.",
+        "tools only with messages; either api_key, or user and tier (and org).",
+        "anyOf": [
+            {"required": ["api_key"], "properties": {
+                "api_key": {"type": "string"}, "user": {"type": "null"},
+                "tier": {"type": "null"}, "org": {"type": "null"}}},
+            {"required": ["user", "tier"], "properties": {
+                "api_key": {"type": "null"}, "signature": {"type": "null"}}}],
         "oneOf": [
             {"required": ["prompt"], "properties": {
                 "prompt": {"type": "string"}, "messages": {"type": "null"},
@@ -182,6 +190,10 @@ _SCHEMAS: dict[str, Any] = {
             "idempotency_key": {**_NULLABLE_ID, "description": "a retried reserve with the "
                                 "same key answers the first reservation, charging nothing more"},
             "dry_run": {"type": "boolean"},
+            "api_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 1024,
+                        "description": "the end user's key (rlk_...): the daemon resolves user, "
+                                       "org and tier; excludes user, tier and org"},
+            "signature": {"anyOf": [_ref("Signature"), {"type": "null"}]},
         },
     },
     "LimitState": {
@@ -227,6 +239,8 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object", "additionalProperties": False,
         "required": ["allowed", "reason", "retry_after_ms", "limits"],
         "properties": {
+            "warnings": {"type": "array", "items": _ref("Warning"),
+                         "description": "an API key's key_expiring / key_rotated, if any"},
             "allowed": {"const": False},
             "reason": {"type": "string", "description": "name of the limit that denied"},
             "retry_after_ms": {"type": "integer", "minimum": 0,
@@ -284,6 +298,155 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+_KEY_ID = {"type": "string", "pattern": "^key_[0-9A-Za-z]{17}$"}
+_MS = {"type": "integer"}
+_SCHEMAS.update({
+    "Signature": {
+        "type": "object", "additionalProperties": False,
+        "required": ["timestamp", "nonce", "method", "path", "body_sha256", "value"],
+        "description": "The client's signature, forwarded by the gateway: value = hex "
+                       "HMAC-SHA256(signing_secret, \"v1\\n{timestamp}\\n{nonce}\\n{method}\\n"
+                       "{path}\\n{body_sha256}\"); ratelimitd.signing.sign_request makes it",
+        "properties": {
+            "timestamp": {"type": "integer", "description": "unix seconds"},
+            "nonce": {"type": "string", "pattern": "^[A-Za-z0-9_.~-]{16,128}$"},
+            "method": {"type": "string", "pattern": "^[A-Z]{1,16}$"},
+            "path": {"type": "string"},
+            "body_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "value": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}},
+    },
+    "CreateKeyRequest": {
+        "type": "object", "additionalProperties": False, "required": ["user", "tier"],
+        "properties": {
+            "user": _ID, "tier": _ID, "org": _ID,
+            "expires_in_days": {"type": "integer", "minimum": 1,
+                                "description": "default and maximum [keys] max_age_days"},
+            "require_signature": {"type": "boolean"},
+            "attributes": {"type": "object", "additionalProperties": _ID,
+                           "description": "the end user's ip: creations are limited per "
+                                          "ip_prefix ([keys] creations_per_ip_prefix_per_hour)"}},
+    },
+    "CreatedKey": {
+        "type": "object", "additionalProperties": False,
+        "required": ["key_id", "api_key", "expires_at_ms"],
+        "description": "the only time the key (and signing secret) is shown",
+        "properties": {"key_id": _KEY_ID, "api_key": {"type": "string", "pattern": "^rlk_"},
+                       "expires_at_ms": {"type": ["integer", "null"]},
+                       "signing_secret": {"type": "string"}},
+    },
+    "RotateKeyRequest": {
+        "type": "object", "additionalProperties": False,
+        "properties": {"grace_s": {"type": "integer", "minimum": 0, "description":
+                                   "the old key keeps working this long; default [keys] "
+                                   "rotation_grace_s"}},
+    },
+    "RotatedKey": {
+        "type": "object", "additionalProperties": False,
+        "required": ["key_id", "api_key", "expires_at_ms", "old_key_id",
+                     "old_key_expires_at_ms"],
+        "properties": {"key_id": _KEY_ID, "api_key": {"type": "string", "pattern": "^rlk_"},
+                       "expires_at_ms": {"type": ["integer", "null"]}, "old_key_id": _KEY_ID,
+                       "old_key_expires_at_ms": _MS, "signing_secret": {"type": "string"}},
+    },
+    "Revoked": {"type": "object", "additionalProperties": False, "required": ["revoked"],
+                "properties": {"revoked": {"const": True}}},
+    "KeyInfo": {
+        "type": "object", "additionalProperties": False,
+        "required": ["key_id", "user", "org", "tier", "state", "created_at_ms",
+                     "expires_at_ms", "revoked_at_ms", "rotated_to", "rotated_from",
+                     "require_signature"],
+        "description": "a key's metadata: never the key, its hash or its signing secret",
+        "properties": {
+            "key_id": _KEY_ID, "user": {"type": "string"}, "org": {"type": ["string", "null"]},
+            "tier": {"type": "string"},
+            "state": {"enum": ["active", "rotated", "expired", "revoked"]},
+            "created_at_ms": _MS, "expires_at_ms": {"type": ["integer", "null"]},
+            "revoked_at_ms": {"type": ["integer", "null"]},
+            "rotated_to": {"type": ["string", "null"]},
+            "rotated_from": {"type": ["string", "null"]},
+            "require_signature": {"type": "boolean"}},
+    },
+    "BlockRequest": {
+        "type": "object", "additionalProperties": False,
+        "required": ["scope", "id", "ttl_s", "reason"],
+        "properties": {
+            "scope": {"type": "string", "description": "key, user, org, ip, ip_prefix or an "
+                                                       "attribute name (not global)"},
+            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
+            "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
+    },
+    "Block": {
+        "type": "object", "additionalProperties": False,
+        "required": ["scope", "id", "expires_at_ms", "reason"],
+        "properties": {"scope": {"type": "string"}, "id": {"type": "string"},
+                       "expires_at_ms": _MS, "reason": {"type": "string"}},
+    },
+    "BlockRemoved": {"type": "object", "additionalProperties": False, "required": ["removed"],
+                     "properties": {"removed": {"type": "boolean",
+                                                "description": "false: it had no block"}}},
+    "BlockList": {"type": "object", "additionalProperties": False, "required": ["blocks"],
+                  "properties": {"blocks": {"type": "array", "items": _ref("Block")}}},
+})
+
+
+def _admin(method: str, summary: str, answers: dict[str, Any], *errors: tuple[int, str],
+           body: str | None = None, parameters: list[dict[str, Any]] | None = None
+           ) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary, "security": [{"adminToken": []}],
+        "responses": {**answers, **_errors(*_ADMIN_AUTH, *errors, _BACKEND)}}
+    if body is not None:
+        op["requestBody"] = _body(body)
+    if parameters:
+        op["parameters"] = parameters
+    return {method: op}
+
+
+def _param(name: str, where: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path" or name != "limit",
+            "description": description, "schema": {"type": "string"}}
+
+
+_KEY_PARAM = [_param("key_id", "path", "the key's id (key_...), never the key")]
+_NO_PEPPER = (503, "backend_unavailable, keys_unavailable")
+_BLOCK_QUERY = [_param("scope", "query", "the blocked subject's scope"),
+                _param("id", "query", "the blocked subject's id")]
+
+
+def _admin_paths() -> dict[str, Any]:
+    key_errors = ((404, "key_not_found"), _NO_PEPPER)
+    return {
+        "/v1/admin/keys": _admin(
+            "post", "Create an API key (shown only in this answer)",
+            {"201": _answer("created", "CreatedKey")},
+            (400, "invalid_request"), (403, "blocked"), (429, "too_many_key_creations"),
+            _BODY_ERRORS, _NO_PEPPER, body="CreateKeyRequest"),
+        "/v1/admin/keys/{key_id}/rotate": _admin(
+            "post", "A new key for the same user; the old one works grace_s more",
+            {"201": _answer("rotated", "RotatedKey")}, (400, "invalid_request"),
+            (409, "key_revoked, key_rotated, key_expired"), *key_errors,
+            parameters=_KEY_PARAM),
+        "/v1/admin/keys/{key_id}/revoke": _admin(
+            "post", "Revoke a key: every daemon refuses it within 1 s",
+            {"200": _answer("revoked (a repeat answers the same)", "Revoked")},
+            (400, "invalid_request"), *key_errors, parameters=_KEY_PARAM),
+        "/v1/admin/keys/{key_id}": _admin(
+            "get", "A key's metadata", {"200": _answer("the metadata", "KeyInfo")},
+            *key_errors, parameters=_KEY_PARAM),
+        "/v1/admin/blocks": {
+            **_admin("post", "Block a subject for ttl_s: its reserves answer 403 blocked",
+                     {"201": _answer("blocked", "Block")}, (400, "invalid_request"),
+                     _BODY_ERRORS, body="BlockRequest"),
+            **_admin("delete", "Lift a subject's block",
+                     {"200": _answer("lifted", "BlockRemoved")}, (400, "invalid_request"),
+                     parameters=_BLOCK_QUERY),
+            **_admin("get", "The blocks in force, soonest to end first",
+                     {"200": _answer("the blocks", "BlockList")}, (400, "invalid_request"),
+                     parameters=[_param("limit", "query", "at most this many (default "
+                                                          "1000)")])},
+    }
+
+
 def _settle_path(summary: str, schemas: str, done: str, conflict: str,
                  security: list[dict[str, list[str]]]) -> dict[str, Any]:
     """/v1/commit and /v1/release: the same shape, with their own schemas and 409 code."""
@@ -322,12 +485,20 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
                 "headers": {**_RETRY_AFTER, **_RATELIMIT_HEADERS}},
         **_errors((400, "invalid_request, invalid_body, empty_prompt, prompt_too_long, "
                    "too_many_input_tokens, unknown_model, exceeds_limit"),
-                  *_auth(secured), _BODY_ERRORS, _TIMEOUT_ERRORS, _MEDIA_ERRORS, _BACKEND)}
+                  (401, "missing_credentials, invalid_service_token, invalid_api_key, "
+                        "invalid_signature"),
+                  (403, "key_revoked, key_expired, blocked"), _BODY_ERRORS, _TIMEOUT_ERRORS,
+                  _MEDIA_ERRORS, (503, "backend_unavailable, keys_unavailable"))}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "ratelimitd", "version": __version__,
                  "description": "Rate-limit and budget decisions for LLM API calls."},
-        "components": {"schemas": schemas},
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"adminToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "[server] admin_tokens; always required on /v1/admin/*"}},
+        },
         "paths": {
             "/v1/reserve": {"post": {
                 "summary": "Check and reserve a call's estimated usage on every limit",
@@ -345,10 +516,11 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
             "/openapi.json": _probe("This document", {"200": {
                 "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
                     "type": "object"}}}}}),
+            **_admin_paths(),
         },
     }
     if secured:
-        spec["components"]["securitySchemes"] = {"serviceToken": {
+        spec["components"]["securitySchemes"]["serviceToken"] = {
             "type": "http", "scheme": "bearer",
-            "description": "one of [server] service_tokens"}}
+            "description": "one of [server] service_tokens"}
     return spec

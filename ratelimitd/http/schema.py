@@ -6,15 +6,16 @@ the field before anything is counted or charged.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from ratelimitd.errors import ApiError, invalid
+from ratelimitd.guard import InvalidIpError, canonical_ip
 
 MAX_ID_CHARS: Final = 256
+MAX_API_KEY_CHARS: Final = 1024        # longer is no key of ours: a 400, not a lookup
 MAX_ATTRIBUTES: Final = 32
 MAX_TOKENS: Final = 100_000_000          # per call; far above any model's context
 MAX_MESSAGES: Final = 10_000
@@ -48,6 +49,8 @@ class ReserveBody:
     attributes: Mapping[str, str] | None = None
     idempotency_key: str | None = None
     dry_run: bool = False
+    api_key: str | None = None           # then user, tier and org come from the key
+    signature: Any = None                # checked by signing.parse_signature (401s)
 
 
 @dataclass(slots=True)
@@ -117,20 +120,37 @@ def _attributes(data: Mapping[str, Any]) -> dict[str, str]:
         if value is None:  # null is absent: "" would put every such caller in one bucket
             continue
         out[name] = _text(raw, name, path=f"attributes.{name}") or ""
-    if "ip" in out:
+    if "ip" in out:  # canonical (::ffff:a.b.c.d is a.b.c.d), as limits and blocks name it
         try:
-            out["ip"] = str(ipaddress.ip_address(out["ip"]))
-        except ValueError as exc:
-            raise invalid("attributes.ip", "must be an IPv4 or IPv6 address") from exc
+            out["ip"] = canonical_ip(out["ip"])
+        except InvalidIpError as exc:
+            raise invalid("attributes.ip", str(exc).removeprefix("attributes.ip: ")) from exc
     return out
+
+
+def _api_key(body: Mapping[str, Any]) -> str | None:
+    """The key as sent (its format is checked by the key store: a malformed key is a 401, like
+    an unknown one); it excludes user, tier and org, and a signature needs it."""
+    api_key = body.get("api_key")
+    if api_key is None:
+        if body.get("signature") is not None:
+            raise invalid("signature", "signed requests go with an api_key: send the key the "
+                                       "client signed with")
+        return None
+    if not isinstance(api_key, str) or not api_key:
+        raise invalid("api_key", "must be a non-empty string")
+    if len(api_key) > MAX_API_KEY_CHARS:
+        raise invalid("api_key", f"must be at most {MAX_API_KEY_CHARS} characters")
+    named = [k for k in ("user", "tier", "org") if body.get(k) is not None]
+    if named:
+        raise invalid("api_key", f"send either api_key or {'/'.join(named)}, not both: the "
+                                 "key names its user, org and tier")
+    return api_key
 
 
 def parse_reserve(data: Any) -> ReserveBody:
     body = _object(data, RESERVE_FIELDS)
-    if "api_key" in body or "signature" in body:
-        field = "api_key" if "api_key" in body else "signature"
-        raise invalid(field, "API keys and signed requests are not available in this build "
-                      "yet; send the verified identity as user and tier")
+    api_key = _api_key(body)
     sources = [k for k in ("prompt", "messages", "input_tokens") if body.get(k) is not None]
     if len(sources) != 1:
         raise invalid("prompt", "send exactly one of prompt, messages or input_tokens")
@@ -153,8 +173,8 @@ def parse_reserve(data: Any) -> ReserveBody:
     if not isinstance(dry_run, bool):
         raise invalid("dry_run", "must be true or false")
     return ReserveBody(
-        user=_text(body, "user", required=True) or "",
-        tier=_text(body, "tier", required=True) or "",
+        user=_text(body, "user", required=api_key is None) or "",
+        tier=_text(body, "tier", required=api_key is None) or "",
         model=_text(body, "model", required=True) or "",
         org=_text(body, "org"),
         prompt=prompt,
@@ -168,6 +188,8 @@ def parse_reserve(data: Any) -> ReserveBody:
         attributes=_attributes(body),
         idempotency_key=_text(body, "idempotency_key"),
         dry_run=dry_run,
+        api_key=api_key,
+        signature=body.get("signature"),
     )
 
 

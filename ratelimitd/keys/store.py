@@ -506,6 +506,14 @@ class KeyStore:
                      expires_in_days: int | None = None,
                      require_signature: bool = False) -> CreatedKey:
         """A new key: the answer holds the key (and signing secret) for the only time."""
+        days = self.check_create(user, tier, org, expires_in_days, require_signature)
+        return await self._create(user, tier, org or "", days * DAY_MS, require_signature, "")
+
+    def check_create(self, user: str, tier: str, org: str | None = None,
+                     expires_in_days: int | None = None, require_signature: bool = False) -> int:
+        """Checks `create`'s arguments without storing anything (KeyInputError names the
+        field), so a caller can check before it spends anything; returns the key's lifetime in
+        days (0: no expiry)."""
         _check_text("user", user)
         _check_text("tier", tier)
         if self._known_tiers is not None and tier not in self._known_tiers:
@@ -524,8 +532,7 @@ class KeyStore:
             if max_age and expires_in_days > max_age:
                 raise KeyInputError("expires_in_days",
                                     f"must be at most [keys] max_age_days = {max_age}")
-        days = expires_in_days if expires_in_days is not None else max_age
-        return await self._create(user, tier, org or "", days * DAY_MS, require_signature, "")
+        return expires_in_days if expires_in_days is not None else max_age
 
     async def _create(self, user: str, tier: str, org: str, lifetime_ms: int,
                       require_signature: bool, rotated_from: str) -> CreatedKey:

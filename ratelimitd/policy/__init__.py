@@ -22,7 +22,14 @@ from ratelimitd.policy.pricing import (
     Prices,
     PriceTable,
 )
-from ratelimitd.policy.subjects import Identity, Subject, ip_prefix, plan, subject_id
+from ratelimitd.policy.subjects import (
+    Identity,
+    PrefixLengths,
+    Subject,
+    ip_prefix,
+    plan,
+    subject_id,
+)
 
 __all__ = [
     "BUILTIN_SCOPES",
@@ -36,6 +43,7 @@ __all__ = [
     "Limit",
     "Metric",
     "ModelPrice",
+    "PrefixLengths",
     "PriceTable",
     "Prices",
     "Subject",

@@ -35,7 +35,19 @@ class Identity:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
-def subject_id(scope: str, who: Identity) -> str | None:
+@dataclass(frozen=True, slots=True)
+class PrefixLengths:
+    """How long the `ip_prefix` scope's networks are ([abuse] ipv4_prefix / ipv6_prefix)."""
+
+    ipv4: int = 24
+    ipv6: int = 64
+
+
+DEFAULT_PREFIXES = PrefixLengths()
+
+
+def subject_id(scope: str, who: Identity,
+               prefixes: PrefixLengths = DEFAULT_PREFIXES) -> str | None:
     """The id a limit of this scope counts against, or None when the request does not say."""
     if scope == "user":
         return who.user
@@ -47,18 +59,20 @@ def subject_id(scope: str, who: Identity) -> str | None:
         return "*"
     if scope == "ip_prefix":
         ip = who.attributes.get("ip")
-        return ip_prefix(ip) if ip else None
+        return ip_prefix(ip, prefixes.ipv4, prefixes.ipv6) if ip else None
     return who.attributes.get(scope)
 
 
-def ip_prefix(ip: str) -> str:
-    """The network an address belongs to for per-network limits: /24 for IPv4, /64 for IPv6."""
+def ip_prefix(ip: str, ipv4_bits: int = 24, ipv6_bits: int = 64) -> str:
+    """The network an address belongs to for per-network limits: by default /24 for IPv4,
+    /64 for IPv6. `ip` is canonical already (guard.canonical_ip maps ::ffff:a.b.c.d to IPv4)."""
     address = ipaddress.ip_address(ip)
-    bits = 24 if address.version == 4 else 64
+    bits = ipv4_bits if address.version == 4 else ipv6_bits
     return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
 
 
-def plan(tier: Tier, who: Identity) -> list[tuple[Subject, Sequence[Limit]]]:
+def plan(tier: Tier, who: Identity,
+         prefixes: PrefixLengths = DEFAULT_PREFIXES) -> list[tuple[Subject, Sequence[Limit]]]:
     """Groups the tier's limits by the subject they count against, in visiting order.
 
     The caller's user always comes first, even without limits of its own: its slot holds the
@@ -67,7 +81,7 @@ def plan(tier: Tier, who: Identity) -> list[tuple[Subject, Sequence[Limit]]]:
     """
     subjects: list[tuple[Subject, Sequence[Limit]]] = [(Subject("user", who.user), ())]
     for scope, limits in tier.scope_groups:
-        sid = subject_id(scope, who)
+        sid = subject_id(scope, who, prefixes)
         if sid is None:
             continue
         if scope == "user":

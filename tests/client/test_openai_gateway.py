@@ -29,6 +29,7 @@ from aiohttp.test_utils import TestServer
 from ratelimitd.client import RatelimitdClient
 from tests.client.helpers import config, cost_nano, free_port, process, url_of, usage_of
 from tests.support.http import Serve
+from tests.support.keys import pepper_env
 
 GATEWAY_PATH = Path(__file__).resolve().parents[2] / "examples" / "openai_gateway.py"
 ADMIN_TOKEN, SERVICE_TOKEN, UPSTREAM_KEY = "admin-t0ken", "service-t0ken", "upstream-t0ken"
@@ -166,14 +167,16 @@ class Stack:
                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
             body = await resp.json(content_type=None)
         assert resp.status == 201, (
-            f"POST /v1/admin/keys answered {resp.status} {body}: the daemon has no API keys "
-            "yet (issue 11); the gateway sends the caller's key as api_key")
+            f"POST /v1/admin/keys answered {resp.status} {body}")
         key = body["api_key"]
         assert isinstance(key, str)
         return key
 
 
 MakeStack = Callable[..., Awaitable[Stack]]
+# every daemon of these tests has API keys: the gateway sends the caller's key as api_key
+pytestmark = pytest.mark.usefixtures("pepper_env")
+__all__ = ["pepper_env"]     # the fixture, imported for usefixtures
 
 
 @pytest.fixture
@@ -307,8 +310,7 @@ async def test_tool_calls_and_tools_are_counted_and_passed_on(make_stack: MakeSt
                                       tools=tools)  # type: ignore[arg-type]
     sent = stack.upstream.calls[0]
     assert sent["tools"] == tools and sent["messages"] == messages  # unchanged upstream
-    counted = gateway.countable_messages(messages, tools)
-    assert await reserve_count(stack, messages=counted) \
+    assert await reserve_count(stack, messages=messages, tools=tools) \
         > await reserve_count(stack, messages=MESSAGES) + 40  # tools and calls were counted
 
 

@@ -13,7 +13,10 @@ import sys
 from pathlib import Path
 
 from tests.support.daemon import Daemon, wait_healthy
+from tests.support.keys import pepper_env
 from tests.support.redis_servers import RedisServer, free_port
+
+__all__ = ["pepper_env"]     # the fixture
 
 ST = Path(sys.executable).parent / "st"
 TOKEN = "schemathesis-token"
@@ -27,7 +30,9 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404",
 '''
 
 
-def test_schemathesis_finds_nothing(tmp_path: Path, redis_server: RedisServer) -> None:
+def test_schemathesis_finds_nothing(tmp_path: Path, redis_server: RedisServer,
+                                    pepper_env: str) -> None:
+    """The daemon has API keys (a pepper): keys_unavailable is no answer it gives here."""
     port = free_port()
     daemon = Daemon(tmp_path, f'''
 [server]
