@@ -156,7 +156,9 @@ class BatchTransport:
                     for call in batch:
                         pipe.execute_command("FCALL", call.function, *call.args)
                     replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            # redis-py raises more than RedisError (AttributeError from a connection closed
+            # under it): whatever it is, every call must fail, none may wait forever
             failure = store_error(exc)
             for call in batch:
                 if not call.done.done():
