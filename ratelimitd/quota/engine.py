@@ -285,7 +285,8 @@ class Engine:
                 hold = _SubjectHold(subject, limits, 0,
                                     _states(subject, limits, reply.limit_states))
                 return _denied(call.req, [], hold, reply)
-            del self._denying[subject.tag]
+            # another reserve's pre-check may have forgotten it meanwhile
+            self._denying.pop(subject.tag, None)
         return None
 
     def _remember_denial(self, subject: Subject, retry_after_ms: int) -> None:
