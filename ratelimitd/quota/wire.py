@@ -29,6 +29,7 @@ class ReserveMode(IntEnum):
     DRY_RUN = 2
     RETRY = 3          # an idempotent retry: a live record of the same id answers instead
     CONFIRM = 4        # a retry after REPEAT: is the first reserve's record here? charge nothing
+    ADOPT = 5          # a retry confirmed everywhere: take the record over (attempt := its own)
 
 
 class SettleMode(IntEnum):
