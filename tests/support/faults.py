@@ -7,11 +7,13 @@
   create`); a node restarts on its port with its nodes.conf and rejoins.
 * `FaultyTransport`: the engine's Transport around a real one (real Redis), failing the calls
   a test names: before they are sent (Redis never runs them) or after (Redis ran them, the
-  reply is lost), the way a timeout or a dropped connection fails them.
+  reply is lost), the way a timeout or a dropped connection fails them; or holding a call
+  until the test lets it on (`hold`), to order two reserves step by step.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -165,6 +167,23 @@ class _Fault:
 
 
 @dataclass
+class Gate:
+    """A call held before it is sent: `arrived` is set when it gets here, `go` lets it on."""
+
+    matches: Callable[[str, Sequence[Any]], bool]
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    go: asyncio.Event = field(default_factory=asyncio.Event)
+    used: bool = False
+
+
+def on(subject_tag: str, function_suffix: str = "") -> Callable[[str, Sequence[Any]], bool]:
+    """Matches the calls on one subject's hash slot (args: numkeys, K, R, ...), of the
+    functions whose name ends with `function_suffix` ("reserve", "settle"; "" any)."""
+    key = f"rl:{{{subject_tag}}}"
+    return lambda function, args: args[1] == key and function.endswith(function_suffix)
+
+
+@dataclass
 class FaultyTransport:
     """A Transport that passes every call to `inner` (a real one) but the ones a test marked.
 
@@ -176,10 +195,20 @@ class FaultyTransport:
     inner: Transport
     faults: list[_Fault] = field(default_factory=list)
     failed: list[tuple[str, Sequence[Any], When]] = field(default_factory=list)
+    gates: list[Gate] = field(default_factory=list)
+
+    def hold(self, matches: Callable[[str, Sequence[Any]], bool]) -> Gate:
+        """Holds the next matching call before it is sent, until the gate's `go` is set."""
+        gate = Gate(matches)
+        self.gates.append(gate)
+        return gate
 
     def fail(self, matches: Callable[[str, Sequence[Any]], bool], when: When,
-             times: int = 1) -> None:
-        self.faults.append(_Fault(matches, when, times))
+             times: int = 1) -> _Fault:
+        """Fails the next `times` matching calls (set the fault's `times` to 0 to stop)."""
+        fault = _Fault(matches, when, times)
+        self.faults.append(fault)
+        return fault
 
     def _take(self, function: str, args: Sequence[Any]) -> When | None:
         for fault in self.faults:
@@ -193,6 +222,12 @@ class FaultyTransport:
         return self._fcall(function, args, self._take(function, args))
 
     async def _fcall(self, function: str, args: Sequence[Any], when: When | None) -> Any:
+        for gate in self.gates:
+            if not gate.used and gate.matches(function, args):
+                gate.used = True
+                gate.arrived.set()
+                await gate.go.wait()
+                break
         if when == "before":
             raise StoreUnavailable("injected: the call never reached Redis", timeout=True)
         reply = await self.inner.fcall(function, args)
