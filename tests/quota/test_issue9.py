@@ -28,6 +28,7 @@ from tests.support.fault_load import drained
 from tests.support.faults import FaultyTransport, on
 from tests.support.quota import (
     UTC,
+    bucket,
     concurrent,
     cost_nano,
     left,
@@ -161,6 +162,21 @@ async def test_a_clock_stepping_back_over_midnight_does_not_renew_the_day(
         for _ in range(6):
             admitted += (await engine.reserve(rq(p, 100, 100))).allowed
     assert admitted == 5
+
+
+async def test_a_clock_stepping_back_does_not_refill_a_token_bucket_twice(
+    redis_client: Redis, clock: Clock
+) -> None:
+    """A commit while Redis time is a minute behind must not move the bucket's refill clock
+    back: once time is back, that minute would refill a second time."""
+    engine = make_engine(redis_client, clock)
+    p = tier_plan(bucket(60, 100, metric="tokens"))          # 1 token a second, 100 at most
+    res = await engine.reserve(rq(p, 50, 50))                 # the bucket is empty
+    assert res.allowed and res.max_output_tokens == 50
+    clock.advance(-60_000)                                    # a minute back
+    assert (await engine.commit(res.reservation_id, 50, 30)).status == "applied"   # 20 back
+    clock.advance(60_000)                                     # time is back where it was
+    assert (await left(engine, p))["user:bucket"] == 20
 
 
 # -- 5. concurrency state across daemons with different ttl_s ---------------------------------
