@@ -196,6 +196,7 @@ class FaultyTransport:
     faults: list[_Fault] = field(default_factory=list)
     failed: list[tuple[str, Sequence[Any], When]] = field(default_factory=list)
     gates: list[Gate] = field(default_factory=list)
+    lost_replies: list[Any] = field(default_factory=list)   # of the calls failed "after"
 
     def hold(self, matches: Callable[[str, Sequence[Any]], bool]) -> Gate:
         """Holds the next matching call before it is sent, until the gate's `go` is set."""
@@ -232,6 +233,7 @@ class FaultyTransport:
             raise StoreUnavailable("injected: the call never reached Redis", timeout=True)
         reply = await self.inner.fcall(function, args)
         if when == "after":
+            self.lost_replies.append(reply)
             raise StoreUnavailable("injected: Redis ran the call, its reply was lost",
                                    timeout=True)
         return reply
