@@ -16,7 +16,9 @@ local function bucket_load(lim, raw, now)
   local window, burst, rate = lim[WINDOW], lim[BURST], lim[RATE]
   local level, ts = burst, now
   if raw then level, ts = sunpack(PAIR_FORMAT, raw) end
-  if ts > now then ts = now end
+  -- Redis time stepped back (a failover, NTP): the refill clock stays where it was (moving it
+  -- back would refill that time twice once Redis time is back); nothing refills meanwhile
+  if ts > now then now = ts end
   if level < burst then
     local add = floor((now - ts) * rate / window)
     if add > 0 then

@@ -24,6 +24,16 @@ local function record(state, expires, input, output, pi, pc, po, u_in, u_cached,
                attempt, n)
 end
 
+-- RECORD's fields, and where the attempt is among them
+local RECORD_FIELDS, RECORD_ATTEMPT_FIELD = 12, 11
+
+-- The same record, now of another reserve attempt (an idempotent retry took it over).
+local function record_of_attempt(raw, attempt)
+  local f = {sunpack(RECORD_FORMAT, raw)}
+  f[RECORD_ATTEMPT_FIELD] = attempt
+  return spack(RECORD_FORMAT, unpack(f, 1, RECORD_FIELDS)) .. raw:sub(RECORD_SIZE + 1)
+end
+
 local function parse_record(raw)
   local state, expires, input, output, pi, pc, po, ui, uc, uo, attempt, n =
     sunpack(RECORD_FORMAT, raw)

@@ -12,6 +12,7 @@
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
 --   MODE_CHECK: answers only whether the subject is blocked (block.lua); charges nothing.
 --   A blocked subject answers RESERVE_BLOCKED, with the block's reason as the reply's tail.
+--   MODE_ADOPT: as MODE_CONFIRM, and a live record becomes this attempt's.
 --   A record of this very attempt (left by a cancel that ran first) answers RESERVE_CANCELLED.
 -- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
 
@@ -30,7 +31,7 @@ end
 local head = reply_head()
 head[REPLY_INPUT_TOKENS] = input
 
-if mode ~= MODE_CONFIRM then
+if mode ~= MODE_CONFIRM and mode ~= MODE_ADOPT then
   local ends, reason = block_of(block, now)
   if ends then
     head[REPLY_STATUS], head[REPLY_RETRY_AFTER_MS] = RESERVE_BLOCKED, ceil(ends - now)
@@ -50,13 +51,18 @@ if mode ~= MODE_DRY_RUN then
     return packed_reply(limits, now, false, head)
   end
   local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
+  if live and mode == MODE_ADOPT then
+    -- the retry answers with this reservation: it becomes the retry's attempt, so a cancel
+    -- of the first attempt (which failed, or may yet) leaves it alone
+    redis.call('SET', R, record_of_attempt(prev, attempt), 'KEEPTTL')
+  end
   if live and mode ~= MODE_RESERVE then
     head[REPLY_STATUS], head[REPLY_GRANTED_OUTPUT] = RESERVE_REPEAT, rec.output
     head[REPLY_EXPIRES_AT_MS], head[REPLY_INPUT_TOKENS] = rec.expires, rec.input
     head[REPLY_RESERVED_COST_NANO] = ceil((rec.input * pi + rec.output * po) / PRICE_DIVISOR)
     return packed_reply(limits, now, false, head)
   end
-  if mode == MODE_CONFIRM then
+  if mode == MODE_CONFIRM or mode == MODE_ADOPT then
     head[REPLY_STATUS] = RESERVE_MISSING
     return packed_reply(limits, now, false, head)
   end

@@ -71,6 +71,12 @@ class Compensator:
         delay = FIRST_DELAY_S
         while self.pending:
             await asyncio.sleep(delay)
+            delay = await self._drain(delay)
+
+    async def _drain(self, delay: float) -> float:
+        """Cancels one after another while Redis takes them (a queue left by an outage
+        drains at Redis speed, not one per delay); returns the delay before the next try."""
+        while self.pending:
             item = self.pending[0]
             if time.monotonic() > item.deadline:
                 self.pending.popleft()
@@ -79,10 +85,9 @@ class Compensator:
             try:
                 await self.cancel(item.tag, item.rand, item.attempt)
             except StoreUnavailable:
-                delay = min(delay * 2, MAX_DELAY_S)
-                continue
+                return min(delay * 2, MAX_DELAY_S)
             self.pending.popleft()
-            delay = FIRST_DELAY_S
+        return FIRST_DELAY_S
 
     async def aclose(self) -> None:
         """Stops retrying; what is pending then is logged."""

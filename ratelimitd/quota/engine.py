@@ -327,7 +327,8 @@ class Engine:
                 hold = _SubjectHold(subject, limits, 0,
                                     _states(subject, limits, reply.limit_states))
                 return _denied(call.req, [], hold, reply)
-            del self._denying[subject.tag]
+            # another reserve's pre-check may have forgotten it meanwhile
+            self._denying.pop(subject.tag, None)
         return None
 
     def _remember_denial(self, subject: Subject, retry_after_ms: int) -> None:
@@ -349,10 +350,28 @@ class Engine:
                 raise ReserveInProgress("the first reserve with this idempotency_key has not "
                                         "finished; retry shortly")
             states += _states(subject, limits, reply.limit_states)
+        await self._adopt(call)
         return ReserveResult(
             allowed=True, reservation_id="", expires_at_ms=first.expires_at_ms,
             input_tokens=first.input_tokens, max_output_tokens=first.granted_output,
             states=states, reserved_cost_nano=first.reserved_cost_nano, duplicate=True)
+
+    async def _adopt(self, call: _Attempt) -> None:
+        """Every subject holds the first reserve: this retry takes its records over before it
+        answers with them, so that cancels of the first attempt (which may have failed after
+        its last call ran) leave them alone. A record gone meanwhile was cancelled: the first
+        attempt failed, and what this retry took over is cancelled too. (A retry whose
+        take-over times out leaves what it took over charged: the next retry answers with it,
+        or it expires.)"""
+        adopted: list[Subject] = []
+        for subject, limits in call.req.plan:
+            reply = await self._reserve_on(call, subject, limits, 0, "[]", ReserveMode.ADOPT)
+            if reply.status != ReserveStatus.REPEAT:
+                await self.compensator.cancel_now(
+                    [(s.tag, call.rand, call.attempt) for s in adopted])
+                raise ReserveInProgress("the first reserve with this idempotency_key failed "
+                                        "as it finished; retry shortly")
+            adopted.append(subject)
 
     async def _undo(self, call: _Attempt, holds: list[_SubjectHold]) -> None:
         """A later subject denied: give back what the earlier subjects reserved."""

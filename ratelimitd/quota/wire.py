@@ -30,6 +30,7 @@ class ReserveMode(IntEnum):
     RETRY = 3          # an idempotent retry: a live record of the same id answers instead
     CONFIRM = 4        # a retry after REPEAT: is the first reserve's record here? charge nothing
     CHECK = 5          # only: is the subject blocked? (a subject with no limits of its own)
+    ADOPT = 6          # a retry confirmed everywhere: take the record over (attempt := its own)
 
 
 class SettleMode(IntEnum):

@@ -17,7 +17,7 @@ from typing import Any, Final, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ratelimitd.errors import StoreReplyError, StoreUnavailable
 from ratelimitd.store.pipeline import PipelinedConnection
@@ -65,7 +65,9 @@ async def bounded(timeout_s: float | None) -> AsyncIterator[None]:
     try:
         async with asyncio.timeout(timeout_s):
             yield
-    except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+    except Exception as exc:
+        # RedisError, OSError (TimeoutError is one), and what redis-py leaks from a socket the
+        # peer closed (AttributeError, TypeError: redis/redis-py#4287)
         raise store_error(exc) from exc
 
 
@@ -156,7 +158,9 @@ class BatchTransport:
                     for call in batch:
                         pipe.execute_command("FCALL", call.function, *call.args)
                     replies = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except Exception as exc:
+            # redis-py leaks more than RedisError from a closed socket (AttributeError,
+            # TypeError: redis/redis-py#4287): every call must fail, none may wait forever
             failure = store_error(exc)
             for call in batch:
                 if not call.done.done():
