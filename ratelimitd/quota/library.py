@@ -24,7 +24,8 @@ from typing import Final
 from ratelimitd.quota.wire import lua_constants
 
 # The library's files, in build order; the entry scripts become functions.
-SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record", "block")
+SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record", "block",
+                        "alerts", "anomaly")
 ENTRY_SCRIPTS: Final = ("reserve", "settle")
 GENERATED: Final = "<wire.py>"
 
