@@ -90,7 +90,8 @@ def test_spec_schemas_are_valid_json_schema_and_every_ref_resolves() -> None:
             for status, answer in op["responses"].items():
                 assert answer["description"], (path, method, status)
             if path.startswith("/v1/"):
-                assert op["security"] == [{"serviceToken": []}], (method, path)
+                token = "adminToken" if path.startswith("/v1/admin/") else "serviceToken"
+                assert op["security"] == [{token: []}], (method, path)
                 assert "401" in op["responses"] and "503" in op["responses"], (method, path)
 
 
