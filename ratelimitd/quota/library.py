@@ -117,6 +117,15 @@ class Library:
                          for i, text in enumerate(lines)) + "\n"
 
 
+def shared_script(body: str) -> str:
+    """An EVAL script of the library's shared Lua (constants, helpers) and then `body`: runs
+    one helper (e.g. alerts.lua's emit_alert) on its own, for tests and benchmarks."""
+    files = read_sources()
+    source = "".join([lua_constants(), *(files[name] + "\n" for name in SHARED_FILES),
+                      "bind_globals()\n", body])
+    return inline_constants(source)
+
+
 def read_sources() -> dict[str, str]:
     """The shipped Lua files by name (without `.lua`)."""
     package = resources.files("ratelimitd.lua")
