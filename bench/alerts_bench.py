@@ -2,8 +2,8 @@
 
 Starts its own redis-server (loopback, free port) and an aiohttp webhook receiver, then:
   * Redis server time (INFO commandstats) of appending an alert to its subject's stream with
-    the quota scripts' helper (lua/alerts.lua's emit_alert), of forwarding it to the outbox, and of the
-    stream commands delivery runs per alert;
+    the quota scripts' helper (lua/alerts.lua: emit_alert), of forwarding it to the outbox,
+    and of the stream commands delivery runs per alert;
   * how fast a backlog of alerts reaches one webhook, from one and from two daemons (both in
     this one process, beside the receiver: the second shows that none is sent twice, not speed);
   * Redis memory per alert: outbox entry, forwarded-marker key, subject stream entry.
@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratelimitd.alerts import Alert, AlertService, Outbox, subject_alerts_key
 from ratelimitd.alerts.streams import OUTBOX_KEY
-from ratelimitd.quota.library import shared_script
 from ratelimitd.config import AlertsConfig
 from ratelimitd.policy import Subject
+from ratelimitd.quota.library import shared_script
 from tests.alerts.helpers import Receiver, wait_until
 from tests.support.redis_servers import RedisServer
 

@@ -83,10 +83,12 @@ end
 local function cost_alerts(K, AK, now, limits, raw, thresholds, fired)
   local marks, changed = false, false
   local nt = #thresholds / DOUBLE_SIZE
+  local lowest = sunpack(DOUBLE_FORMAT, thresholds)
   local ppms
   for k = 1, #limits do
     local lim = limits[k]
-    if lim[METRIC] == METRIC_COST_USD then
+    -- most commits leave every budget below the lowest threshold: nothing more to read
+    if lim[METRIC] == METRIC_COST_USD and lim[USED] * PPM >= lowest * lim[CAP] then
       marks = marks or parse_marks(raw)
       ppms = ppms or {sunpack(doubles(nt), thresholds)}
       local lid, period, mark = lim[LID], alert_period(lim, now), nil

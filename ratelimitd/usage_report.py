@@ -18,7 +18,7 @@ from typing import Any, Final
 import orjson
 
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
-TOKEN_ENV: Final = "RATELIMITD_ADMIN_TOKEN"
+TOKEN_ENV: Final = "RATELIMITD_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 TIMEOUT_S: Final = 10.0
 MAX_ANSWER_BYTES: Final = 4 * 1024 * 1024
 
@@ -40,8 +40,10 @@ class UsageError(Exception):
 
 def fetch_usage(url: str, token: str, scope: str, ident: str, tier: str | None = None
                 ) -> dict[str, Any]:
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise UsageError(f"--url must be http:// or https://, not {url!r}")
     query = {"scope": scope, "id": ident, **({"tier": tier} if tier else {})}
-    request = urllib.request.Request(
+    request = urllib.request.Request(  # noqa: S310 - the scheme is checked above
         f"{url.rstrip('/')}/v1/admin/usage?{urllib.parse.urlencode(query)}",
         headers={"Authorization": f"Bearer {token}", "Accept": "application/json"})
     try:

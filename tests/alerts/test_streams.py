@@ -13,8 +13,8 @@ from ratelimitd.alerts import (
     subject_alerts_key,
 )
 from ratelimitd.alerts.streams import OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
-from ratelimitd.quota.library import shared_script
 from ratelimitd.policy import Subject
+from ratelimitd.quota.library import shared_script
 
 U1 = Subject("user", "u1")
 

@@ -288,6 +288,14 @@ async def test_usage_api_auth_and_input(serve: Serve) -> None:
     off = await serve({})
     resp, data = await call(off, path, method="GET", headers=AUTH)
     assert_error(resp, data, 403, "admin_disabled")
+    # with service tokens configured too, /v1/admin/* takes the admin token, not a service one
+    both = await serve({**config("http://127.0.0.1:9/hook"),
+                        "server": {"admin_tokens": [ADMIN], "service_tokens": ["svc-0123456789"]}})
+    resp, data = await call(both, path, method="GET", headers=AUTH)
+    assert resp.status == 200, data
+    resp, data = await call(both, path, method="GET",
+                            headers={"Authorization": "Bearer svc-0123456789"})
+    assert_error(resp, data, 401, "invalid_admin_token")
 
 
 def _no_resets(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -300,8 +308,8 @@ async def test_usage_cli_prints_the_api_as_a_table(serve: Serve,
     await spend(client, 600_000)
     url = str(client.make_url("/"))
     data = await asyncio.to_thread(fetch_usage, url, ADMIN, "user", "u1", "t")
-    resp, api = await call(client, "/v1/admin/usage?scope=user&id=u1&tier=t", method="GET",
-                           headers=AUTH)
+    _, api = await call(client, "/v1/admin/usage?scope=user&id=u1&tier=t", method="GET",
+                        headers=AUTH)
     assert _no_resets(data) == _no_resets(api) and data["alerts"] == api["alerts"]
     table = render_usage(data)
     assert "daily_budget_usd" in table and "$0.6000" in table and "$0.4000" in table
