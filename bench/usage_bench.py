@@ -68,12 +68,34 @@ async def _child(port: int, calls: int) -> dict[str, float]:
 
         for name, call in (("reserve", reserve), ("commit", commit)):
             sync.config_resetstat()
+            _callgrind("-z")
             await _each(calls, concurrency, call)
+            counted = _callgrind("-d")
             stats = sync.info("commandstats").get("cmdstat_fcall", {})
-            out[f"{name} {mode}"] = int(stats.get("usec", 0)) / calls
+            out[f"{name} {mode}"] = (counted if counted is not None
+                                     else int(stats.get("usec", 0))) / calls
         await engine.aclose()
         await client.aclose()
     return out
+
+
+def _callgrind(action: str) -> int | None:
+    """Under --callgrind: zero Redis' counters (-z), or dump them (-d) and return the
+    instructions counted since (Ir, every thread); None otherwise."""
+    pid = os.environ.get("USAGE_BENCH_CALLGRIND_PID")
+    if not pid:
+        return None
+    before = set(Path(os.environ["USAGE_BENCH_CALLGRIND_DIR"]).iterdir())
+    subprocess.run(["callgrind_control", action, pid], check=True, capture_output=True)
+    if action != "-d":
+        return None
+    total = 0
+    for dump in set(Path(os.environ["USAGE_BENCH_CALLGRIND_DIR"]).iterdir()) - before:
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("totals:", "summary:")):
+                total += int(line.split()[1])
+                break
+    return total
 
 
 async def _each(calls: int, concurrency: int, call: Any) -> None:
@@ -92,8 +114,8 @@ def _extract(revision: str, into: Path) -> Path:
     return into
 
 
-def _run(tree: Path, port: int, calls: int) -> dict[str, float]:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+def _run(tree: Path, port: int, calls: int, extra_env: dict[str, str]) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(tree), **extra_env}
     code = (f"import sys; sys.path.insert(0, {str(tree)!r}); import asyncio, json; "
             f"sys.path.insert(1, {str(HERE / 'bench')!r}); import usage_bench; "
             f"print(json.dumps(asyncio.run(usage_bench._child({port}, {calls}))))")
@@ -108,6 +130,9 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the revision to compare with")
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--callgrind", action="store_true",
+                        help="count Redis' instructions per call under valgrind's callgrind "
+                             "instead of timing it (free of a shared machine's noise)")
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     from tests.support.redis_servers import RedisServer
@@ -117,18 +142,29 @@ def main() -> None:
         (Path(tmp) / "base").mkdir()
         (Path(tmp) / "redis").mkdir()
         base = _extract(args.baseline, Path(tmp) / "base")
-        server = RedisServer(Path(tmp) / "redis")
+        env: dict[str, str] = {}
+        if args.callgrind:
+            dumps = Path(tmp) / "callgrind"
+            dumps.mkdir()
+            server = RedisServer(Path(tmp) / "redis", wrapper=[
+                "valgrind", "--tool=callgrind", "--collect-atstart=yes",
+                f"--callgrind-out-file={dumps}/cg.%p"])
+            env = {"USAGE_BENCH_CALLGRIND_PID": str(server.proc.pid),
+                   "USAGE_BENCH_CALLGRIND_DIR": str(dumps)}
+        else:
+            server = RedisServer(Path(tmp) / "redis")
         if (os.cpu_count() or 1) >= 2:
             os.sched_setaffinity(server.proc.pid, {1})
             os.sched_setaffinity(0, {0})
+        unit = "instructions" if args.callgrind else "us"
         try:
             for r in range(args.rounds):
                 for side, tree in (("baseline", base), ("alerts+anomaly", HERE)):
-                    got = _run(tree, server.port, args.calls)
+                    got = _run(tree, server.port, args.calls, env)
                     for key, value in got.items():
                         runs[side].setdefault(key, []).append(value)
                     print(f"round {r + 1} {side:15} " + "  ".join(
-                        f"{k} {v:.2f} us" for k, v in got.items()), flush=True)
+                        f"{k} {v:.2f} {unit}" for k, v in got.items()), flush=True)
         finally:
             server.stop()
     print()
@@ -137,8 +173,8 @@ def main() -> None:
     for key in runs["baseline"]:
         old, new = runs["baseline"][key], runs["alerts+anomaly"][key]
         change = statistics.median(new) / statistics.median(old) - 1
-        print(f"| {key} | {statistics.median(old):.2f} µs ({min(old):.2f}) | "
-              f"{statistics.median(new):.2f} µs ({min(new):.2f}) | {change:+.1%} |")
+        print(f"| {key} | {statistics.median(old):.2f} {unit} ({min(old):.2f}) | "
+              f"{statistics.median(new):.2f} {unit} ({min(new):.2f}) | {change:+.1%} |")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,9 @@ local function parse_marks(raw)
 end
 
 -- Fires every threshold (ppm doubles, ascending) that a loaded cost budget's spend has reached
--- and that has not fired in its period; appends each alert's JSON to `fired`. `raw`: K's `a`.
--- Returns the new `a`, or false when nothing fired.
-local function cost_alerts(K, AK, now, limits, raw, thresholds, fired)
+-- and that has not fired in its period; appends each alert's JSON to `fired`. Reads K's `a`
+-- only then. Returns the new `a`, or false when nothing fired.
+local function cost_alerts(K, AK, now, limits, thresholds, fired)
   local marks, changed = false, false
   local nt = #thresholds / DOUBLE_SIZE
   local lowest = sunpack(DOUBLE_FORMAT, thresholds)
@@ -89,7 +89,7 @@ local function cost_alerts(K, AK, now, limits, raw, thresholds, fired)
     local lim = limits[k]
     -- most commits leave every budget below the lowest threshold: nothing more to read
     if lim[METRIC] == METRIC_COST_USD and lim[USED] * PPM >= lowest * lim[CAP] then
-      marks = marks or parse_marks(raw)
+      marks = marks or parse_marks(redis.call('HGET', K, 'a'))
       ppms = ppms or {sunpack(doubles(nt), thresholds)}
       local lid, period, mark = lim[LID], alert_period(lim, now), nil
       for j = 1, #marks do

@@ -5,9 +5,10 @@
 
 -- Parsed spec blobs kept, at most; then the cache starts over
 local MAX_PARSED_BLOBS = 256
--- Where the limits' fields start in what limits_of() lists: after K's `x`, `b`, `a` (cost
--- alerts already fired, alerts.lua) and `n` (anomaly state, anomaly.lua)
-local FIRST_LIMIT_FIELD = 5
+-- Where the limits' fields start in what limits_of() lists: after K's `x`, `b` and `n`
+-- (anomaly state, anomaly.lua). (`a`, the cost alerts fired, is read only when a budget
+-- reaches a threshold: a field a hash lacks costs a scan of every field.)
+local FIRST_LIMIT_FIELD = 4
 
 -- Limits from a blob of specs (SPEC each). Each array is built with every entry a call sets
 -- (no holes), so Lua sizes it once.
@@ -28,8 +29,8 @@ local function parse_specs(blob)
   return limits
 end
 
--- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b`,
--- `a` and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b`
+-- and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
 -- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
 -- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
 -- each algorithm's load resets every entry a call sets (but REF, which settle sets on every
@@ -40,7 +41,7 @@ local function limits_of(blob)
   local parsed = PARSED[blob]
   if not parsed then
     if nparsed >= MAX_PARSED_BLOBS then PARSED, nparsed = {}, 0 end
-    local limits, fields = parse_specs(blob), {'x', 'b', 'a', 'n'}
+    local limits, fields = parse_specs(blob), {'x', 'b', 'n'}
     for k = 1, #limits do fields[k + FIRST_LIMIT_FIELD - 1] = limits[k][LID] end
     parsed = {limits, fields}
     PARSED[blob], nparsed = parsed, nparsed + 1
@@ -50,8 +51,8 @@ end
 
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
--- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block), `a`
--- (cost alerts fired) and `n` (anomaly state), raw.
+-- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
+-- (anomaly state), raw.
 local function load_limits(K, limits, fields, now)
   local v = redis.call('HMGET', K, unpack(fields))
   local expired = false
@@ -76,7 +77,7 @@ local function load_limits(K, limits, fields, now)
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again
   x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
-  return x, v[2], v[3], v[4]
+  return x, v[2], v[3]
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta

@@ -25,7 +25,7 @@ local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
-local x, block, _, anomaly_raw = load_limits(K, limits, fields, now)
+local x, block, anomaly_raw = load_limits(K, limits, fields, now)
 for k = 1, nl do
   if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
     return redis.error_reply('ERR calendar boundaries do not cover Redis time')

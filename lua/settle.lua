@@ -72,7 +72,7 @@ end
 
 local limits, fields = rec.charges, rec.fields
 if not limits then limits, fields = limits_of('') end
-local x, _, marks, anomaly_raw = load_limits(K, limits, fields, now)
+local x, _, anomaly_raw = load_limits(K, limits, fields, now)
 for k = 1, #limits do
   local lim = limits[k]
   local metric = lim[METRIC]
@@ -83,7 +83,7 @@ local extra, fired = false, false
 if mode == MODE_COMMIT then
   if ARGV[3] and ARGV[3] ~= '' then
     fired = {}
-    local a = cost_alerts(K, AK, now, limits, marks, ARGV[3], fired)
+    local a = cost_alerts(K, AK, now, limits, ARGV[3], fired)
     if a then extra = {'a', a} end
   end
   local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)
