@@ -78,10 +78,10 @@ local function parse_marks(raw)
 end
 
 -- Fires every threshold (ppm doubles, ascending) that a loaded cost budget's spend has reached
--- and that has not fired in its period; appends each alert's JSON to `fired`. Reads K's `a`
--- only then. Returns the new `a`, or false when nothing fired.
-local function cost_alerts(K, AK, now, limits, thresholds, fired)
-  local marks, changed = false, false
+-- and that has not fired in its period. Reads K's `a` only then. Returns the new `a` and the
+-- alerts' JSONs, or false when nothing fired.
+local function cost_alerts(K, AK, now, limits, thresholds)
+  local marks, changed, fired = false, false, false
   local nt = #thresholds / DOUBLE_SIZE
   local lowest = sunpack(DOUBLE_FORMAT, thresholds)
   local ppms
@@ -107,6 +107,7 @@ local function cost_alerts(K, AK, now, limits, thresholds, fired)
         for i = 1, nt do
           if bits % (2 * bit) < bit and spend * PPM >= ppms[i] * cap then
             bits = bits + bit
+            fired = fired or {}
             fired[#fired + 1] = emit_alert(K, AK, now, 'cost_threshold', cost_severity(ppms[i]),
                                            lid, ppms[i], spend, cap, 0, 0, period)
           end
@@ -119,5 +120,5 @@ local function cost_alerts(K, AK, now, limits, thresholds, fired)
   if not changed then return false end
   local parts = {}
   for j = 1, #marks do parts[j] = spack(ALERT_MARK_FORMAT, unpack(marks[j])) end
-  return table.concat(parts)
+  return table.concat(parts), fired
 end

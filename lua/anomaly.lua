@@ -3,7 +3,7 @@
 -- send none). It adds no call: the state is K's field `n`, read by the same HMGET as the
 -- limits and written by the same HSET.
 --
--- `n` = ANOMALY_STATE: the current hour (its start), the reserves it admitted, the commits it
+-- `n` = ANOMALY_STATE: the current hour (its index), the reserves it admitted, the commits it
 -- saw and their tokens (settle adds them), the two baselines, the active hours they have
 -- seen, and a bit per anomaly that alerted this hour. When an hour is over, its requests and
 -- its tokens per committed request become samples of the baselines: a moving average that
@@ -22,6 +22,8 @@
 
 local HOUR_MS = 3600000
 local BASELINE_WEIGHT, BASELINE_CLIP, BASELINE_MIN_HOURS, TOKEN_MIN_SAMPLES = 8, 2, 24, 3
+-- hours_seen is one byte: it counts on only as far as this
+local MAX_HOURS_SEEN = 255
 -- K outlives its last reserve this long when it holds a baseline: a subject back after a
 -- few idle days keeps its history
 local ANOMALY_KEEP_MS = 691200000
@@ -37,7 +39,7 @@ end
 -- The state at `now` from `raw` (K's `n`; a new one from the defaults when absent), with an
 -- hour that is over folded into the baselines; false when absent and no defaults are given.
 local function anomaly_state(raw, now, default_requests, default_tokens)
-  local hour = floor(now / HOUR_MS) * HOUR_MS
+  local hour = floor(now / HOUR_MS)
   local st
   if raw and #raw == ANOMALY_STATE_SIZE then
     st = {sunpack(ANOMALY_STATE_FORMAT, raw)}
@@ -49,7 +51,7 @@ local function anomaly_state(raw, now, default_requests, default_tokens)
   if st[A_HOUR] < hour then   -- (an hour ahead of `now`: Redis time stepped back; keep it)
     if st[A_REQUESTS] > 0 then
       st[A_BASE_REQUESTS] = moved_average(st[A_BASE_REQUESTS], st[A_REQUESTS])
-      st[A_HOURS] = st[A_HOURS] + 1
+      st[A_HOURS] = min(st[A_HOURS] + 1, MAX_HOURS_SEEN)
     end
     if st[A_COMMITS] > 0 then
       st[A_BASE_TOKENS] = moved_average(st[A_BASE_TOKENS], st[A_TOKENS] / st[A_COMMITS])
@@ -83,7 +85,7 @@ local function request_spike(K, AK, now, st, factor_ppm, default_requests)
   if observed * PPM <= factor_ppm * base then return nil end
   if not first_this_hour(st, REQUEST_SPIKE_BIT) then return false end
   return emit_alert(K, AK, now, 'request_spike', 'high', '', factor_ppm, 0, 0, observed,
-                    floor(base + 0.5), st[A_HOUR])
+                    floor(base + 0.5), st[A_HOUR] * HOUR_MS)
 end
 
 -- Reserve, admitted: counts the request; returns a token spike's alert JSON, or false.
@@ -95,7 +97,8 @@ local function count_request(K, AK, now, st, factor_ppm, default_tokens)
   if st[A_TOKENS] * PPM <= factor_ppm * base * commits then return false end
   if not first_this_hour(st, TOKEN_SPIKE_BIT) then return false end
   return emit_alert(K, AK, now, 'token_spike', 'medium', '', factor_ppm, 0, 0,
-                    floor(st[A_TOKENS] / commits + 0.5), floor(base + 0.5), st[A_HOUR])
+                    floor(st[A_TOKENS] / commits + 0.5), floor(base + 0.5),
+                    st[A_HOUR] * HOUR_MS)
 end
 
 -- Settle, commit: the call's tokens count in the hour's average.

@@ -82,8 +82,8 @@ end
 local extra, fired = false, false
 if mode == MODE_COMMIT then
   if ARGV[3] and ARGV[3] ~= '' then
-    fired = {}
-    local a = cost_alerts(K, AK, now, limits, ARGV[3], fired)
+    local a
+    a, fired = cost_alerts(K, AK, now, limits, ARGV[3])
     if a then extra = {'a', a} end
   end
   local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)

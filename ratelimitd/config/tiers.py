@@ -94,8 +94,9 @@ def _tier(name: str, table: Any, where: Where) -> Tier:
         check_limits(limits)
     except ValueError as exc:
         raise where.at("limits").error(str(exc)) from exc
-    return Tier(name, tuple(limits), *(numbers.get(k) for k in _SHORTHAND_CAPS),
-                anomaly=anomaly)
+    return Tier(name, tuple(limits), max_output_tokens=numbers.get("max_output_tokens"),
+                max_prompt_chars=numbers.get("max_prompt_chars"),
+                max_input_tokens=numbers.get("max_input_tokens"), anomaly=anomaly)
 
 
 def _limit(table: Any, where: Where) -> Limit:

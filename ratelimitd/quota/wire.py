@@ -125,10 +125,11 @@ PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
 ANOMALY_ARGS: Final = Format("ANOMALY_ARGS", "<5d", (
     "request_factor_ppm", "token_factor_ppm", "block_ms", "default_requests_per_hour",
     "default_tokens_per_request"))
-# The subject hash's field `n` (lua/anomaly.lua): the current hour and its counts, the
-# baselines, how many active hours they have seen, and which anomalies alerted this hour.
-ANOMALY_STATE: Final = Format("ANOMALY_STATE", "<8d", (
-    "hour_start_ms", "requests", "committed_requests", "committed_tokens",
+# The subject hash's field `n` (lua/anomaly.lua): the current hour (its index since the epoch)
+# and its counts, the baselines, how many active hours they have seen (counted up to 255), and
+# which anomalies alerted this hour. Packed small: every busy subject holds one.
+ANOMALY_STATE: Final = Format("ANOMALY_STATE", "<IIIdffBB", (
+    "hour", "requests", "committed_requests", "committed_tokens",
     "baseline_requests", "baseline_tokens", "hours_seen", "alerted"))
 # The subject hash's field `a` (lua/alerts.lua): one ALERT_MARK per cost limit that alerted:
 # its lid, the period it alerted in, and a bit per threshold already fired in that period.

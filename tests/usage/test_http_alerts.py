@@ -62,8 +62,9 @@ def thresholds(alerts: list[dict[str, Any]]) -> list[float]:
     return sorted(a["threshold"] for a in alerts)
 
 
-async def outbox(redis: Redis) -> list[dict[bytes, bytes]]:
-    return [fields for _, fields in await redis.xrange(OUTBOX_KEY)]
+async def outbox(redis: Redis) -> list[Any]:
+    entries: Any = await redis.xrange(OUTBOX_KEY)
+    return [fields for _, fields in entries]
 
 
 async def test_three_daemons_fire_each_threshold_once(serve: Serve, redis_client: Redis) -> None:
