@@ -1,4 +1,5 @@
-"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`,
+`ratelimitd usage SCOPE ID`."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
+from ratelimitd import usage_report
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -40,7 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
+    usage_report.add_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        return usage_report.main(args)
     if args.command == "lua":
         library = shipped_library()
         print(library.annotated() if args.show else f"{library.name}: "
