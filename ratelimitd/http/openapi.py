@@ -207,7 +207,8 @@ def openapi_spec() -> dict[str, Any]:
                                    "x-ratelimit-* headers", "ReserveDenied"),
                     **_errors((400, "invalid_request, empty_prompt, prompt_too_long, "
                                "too_many_input_tokens, unknown_model"),
-                              _AUTH_ERRORS, _BODY_ERRORS, _BACKEND)}}},
+                              _AUTH_ERRORS, (403, "blocked (Retry-After: until it ends)"),
+                              _BODY_ERRORS, _BACKEND)}}},
             "/v1/commit": _settle_path("Replace the estimate by the actual usage", "Commit",
                                        "committed", "reservation_released"),
             "/v1/release": _settle_path("Refund a call that never happened", "Release",
