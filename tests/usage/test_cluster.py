@@ -32,8 +32,10 @@ async def test_alerts_and_anomalies_on_a_cluster(serve: Serve,
             await spend(client, 400_000, user=user)
             fired += (await spend(client, 10_000, charged=700_000, user=user))["alerts"]
         assert len(fired) == 3 * len(users)
-        nodes = {redis.RedisCluster(host="127.0.0.1", port=cluster[0].port).get_node_from_key(
+        probe = redis.RedisCluster(host="127.0.0.1", port=cluster[0].port)
+        nodes = {probe.get_node_from_key(  # type: ignore[no-untyped-call]
             subject_alerts_key(Subject("user", u))).port for u in users}
+        probe.close()
         assert len(nodes) == 3
         await wait_until(lambda: len(receiver.accepted()) == len(fired), "all delivered",
                          timeout_s=30)
