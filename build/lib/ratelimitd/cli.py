@@ -1,5 +1,4 @@
-"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`,
-`ratelimitd usage SCOPE ID`."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd import usage_report
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -42,10 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
-    usage_report.add_parser(commands)
     args = parser.parse_args(argv)
-    if args.command == "usage":
-        return usage_report.main(args)
     if args.command == "lua":
         library = shipped_library()
         print(library.annotated() if args.show else f"{library.name}: "

@@ -75,8 +75,7 @@ def tiers(table: Any, where: Where) -> dict[str, Tier]:
 def _tier(name: str, table: Any, where: Where) -> Tier:
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
-    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where, "")
-    anomaly = read_value(bool, table.get("anomaly", True), where.at("anomaly"))
+    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits"], where, "")
     numbers = {}
     for key in (*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS):
         if key in table:
@@ -94,9 +93,7 @@ def _tier(name: str, table: Any, where: Where) -> Tier:
         check_limits(limits)
     except ValueError as exc:
         raise where.at("limits").error(str(exc)) from exc
-    return Tier(name, tuple(limits), max_output_tokens=numbers.get("max_output_tokens"),
-                max_prompt_chars=numbers.get("max_prompt_chars"),
-                max_input_tokens=numbers.get("max_input_tokens"), anomaly=anomaly)
+    return Tier(name, tuple(limits), *(numbers.get(k) for k in _SHORTHAND_CAPS))
 
 
 def _limit(table: Any, where: Where) -> Limit:

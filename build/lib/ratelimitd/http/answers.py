@@ -10,7 +10,6 @@ from typing import Any
 
 from aiohttp import web
 
-from ratelimitd.alerts import Alert
 from ratelimitd.http.edge import json_response
 from ratelimitd.http.headers import ratelimit_headers
 from ratelimitd.policy import Limit
@@ -39,10 +38,7 @@ def limit_json(state: LimitState) -> dict[str, Any]:
     return answer
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool,
-                   warnings: list[dict[str, Any]] | None = None) -> web.Response:
-    if result.blocked is not None:
-        return blocked_answer(result)
+def reserve_answer(result: ReserveResult, dry_run: bool) -> web.Response:
     limits = [limit_json(s) for s in result.states]
     headers = ratelimit_headers(result.states, result.retry_after_ms, not result.allowed)
     if not result.allowed:
@@ -60,23 +56,10 @@ def reserve_answer(result: ReserveResult, dry_run: bool,
               "reserved": {"requests": 1,
                            "tokens": result.input_tokens + result.max_output_tokens,
                            "cost_usd": nano_to_usd(result.reserved_cost_nano)},
-              "limits": limits, "warnings": warnings or [], "duplicate": result.duplicate}
+              "limits": limits, "warnings": [], "duplicate": result.duplicate}
     if dry_run:
         answer["dry_run"] = True
     return json_response(answer, 200, headers)
-
-
-def blocked_answer(result: ReserveResult) -> web.Response:
-    """403 blocked: a subject of the reserve is blocked (an admin, the abuse guard, or an
-    anomaly), until retry_after_ms from now."""
-    assert result.blocked is not None
-    blocked = result.blocked
-    retry = blocked.retry_after_ms
-    return json_response(
-        {"error": {"code": "blocked",
-                   "message": f"{blocked.subject.scope} {blocked.subject.id!r} is blocked "
-                              f"({blocked.reason}) for {-(-retry // 1000)} s more"}},
-        403, {"Retry-After": str(max(1, -(-retry // 1000)))})
 
 
 def degraded_answer(input_tokens: int, cap: int) -> web.Response:
@@ -92,14 +75,14 @@ def degraded_answer(input_tokens: int, cap: int) -> web.Response:
         "duplicate": False})
 
 
-def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> web.Response:
+def commit_answer(result: SettleResult) -> web.Response:
     answer: dict[str, Any] = {
         "committed": True, "duplicate": result.status == "duplicate",
         "cost_usd": nano_to_usd(result.cost_nano),
         "usage": {"input_tokens": result.input_tokens,
                   "cached_input_tokens": result.cached_input_tokens,
                   "output_tokens": result.output_tokens},
-        "alerts": [a.to_json() for a in alerts or ()]}
+        "alerts": []}
     over_tokens = result.input_tokens + result.output_tokens - result.reserved_tokens
     over_cost = result.cost_nano - result.reserved_cost_nano
     if over_tokens > 0 or over_cost > 0:

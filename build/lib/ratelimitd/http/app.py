@@ -11,8 +11,7 @@ from aiohttp import web
 
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http import decisions, usage
-from ratelimitd.http.alerting import alerting_ctx
+from ratelimitd.http import decisions
 from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
 from ratelimitd.http.edge import (
     MAX_BODY_BYTES,
@@ -24,7 +23,7 @@ from ratelimitd.http.edge import (
     not_found,
 )
 from ratelimitd.http.openapi import openapi_spec
-from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings
+from ratelimitd.quota.engine import Engine, EngineSettings
 from ratelimitd.store.connect import open_store
 from ratelimitd.tokens import TokenCounter
 
@@ -60,7 +59,6 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
-    ("GET", "/v1/admin/usage", usage.usage),
 )
 
 
@@ -70,14 +68,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = Engine(store.transport,
                     EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
                                    commit_grace_ms=config.reservations.commit_grace_s * 1000,
-                                   timezone=config.calendar.timezone,
-                                   alert_thresholds=config.alerts.thresholds,
-                                   anomaly=AnomalySettings(
-                                       config.anomaly.request_spike_factor,
-                                       config.anomaly.token_spike_factor,
-                                       config.anomaly.block_s * 1000,
-                                       config.anomaly.default_requests_per_hour,
-                                       config.anomaly.default_tokens_per_request)))
+                                   timezone=config.calendar.timezone))
     executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS,
                                   thread_name_prefix="ratelimitd-tokens")
     app[SERVICES] = Services(
@@ -101,7 +92,6 @@ def create_app(config: Config, redis_url: str) -> web.Application:
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
     app.cleanup_ctx.append(_services_ctx)
-    app.cleanup_ctx.append(alerting_ctx)
     for method, path, handler in ROUTES:
         resource = app.router.add_resource(path)
         resource.add_route(method, api_handler(handler))

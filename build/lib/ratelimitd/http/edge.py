@@ -87,8 +87,7 @@ def method_not_allowed(allowed: str) -> Handler:
 def _check_service_token(request: web.Request) -> None:
     """Bearer service tokens on /v1/* when configured, compared in constant time."""
     tokens = request.app[SERVICE_TOKENS]
-    # /v1/admin/* takes an admin token instead (http/usage.py)
-    if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
+    if tokens and request.path.startswith("/v1/"):
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from ratelimitd import __version__
-from ratelimitd.http import usage
 
 _JSON = "application/json"
 
@@ -92,8 +91,7 @@ _SCHEMAS: dict[str, Any] = {
                          "description": "ms until this limit is back to full"}},
     },
     "Warning": {"type": "object", "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                               "limit": {"type": "string"}}},
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
     "ReserveAllowed": {
         "type": "object", "additionalProperties": False,
         "required": ["allowed", "reservation_id", "expires_at_ms", "input_tokens",
@@ -189,12 +187,10 @@ def openapi_spec() -> dict[str, Any]:
         "info": {"title": "ratelimitd", "version": __version__,
                  "description": "Rate-limit and budget decisions for LLM API calls."},
         "components": {
-            "schemas": {**_SCHEMAS, **usage.OPENAPI_SCHEMAS},
+            "schemas": _SCHEMAS,
             "securitySchemes": {"serviceToken": {
                 "type": "http", "scheme": "bearer",
-                "description": "[server] service_tokens; required when any is configured"},
-                "adminToken": {"type": "http", "scheme": "bearer",
-                               "description": "[server] admin_tokens; always required"}},
+                "description": "[server] service_tokens; required when any is configured"}},
         },
         "paths": {
             "/v1/reserve": {"post": {
@@ -217,7 +213,6 @@ def openapi_spec() -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Redis reachable, scripts loaded, config valid",
                                 "responses": {"200": _answer("ready", "Ready"),
                                               "503": _answer("not ready", "Ready")}}},
-            "/v1/admin/usage": usage.OPENAPI_PATH,
             "/openapi.json": {"get": {"summary": "This document",
                                       "responses": {"200": {"description": "OpenAPI 3.1"}}}},
         },
