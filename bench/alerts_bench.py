@@ -2,8 +2,8 @@
 
 Starts its own redis-server (loopback, free port) and an aiohttp webhook receiver, then:
   * Redis server time (INFO commandstats) of appending an alert to its subject's stream with
-    the settle script's helper (EMIT_ALERT_LUA), of forwarding it to the outbox, and of the
-    stream commands delivery runs per alert;
+    the quota scripts' helper (lua/alerts.lua: emit_alert), of forwarding it to the outbox,
+    and of the stream commands delivery runs per alert;
   * how fast a backlog of alerts reaches one webhook, from one and from two daemons (both in
     this one process, beside the receiver: the second shows that none is sent twice, not speed);
   * Redis memory per alert: outbox entry, forwarded-marker key, subject stream entry.
@@ -25,9 +25,10 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratelimitd.alerts import Alert, AlertService, Outbox, subject_alerts_key
-from ratelimitd.alerts.streams import EMIT_ALERT_LUA, OUTBOX_KEY
+from ratelimitd.alerts.streams import OUTBOX_KEY
 from ratelimitd.config import AlertsConfig
 from ratelimitd.policy import Subject
+from ratelimitd.quota.library import shared_script
 from tests.alerts.helpers import Receiver, wait_until
 from tests.support.redis_servers import RedisServer
 
@@ -48,22 +49,21 @@ def usec_per_call(client: redis.Redis, command: str) -> float:
 
 async def redis_time(url: str, sync: redis.Redis, count: int) -> None:
     client = Redis.from_url(url)
-    emit = client.register_script(EMIT_ALERT_LUA + """
-        return emit_alert(KEYS[1], tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-                          ARGV[6], ARGV[7], 800000, 800000000, 1000000000, 0, 0,
-                          tonumber(ARGV[8]))""")
+    emit = client.register_script(shared_script("""
+        return emit_alert(KEYS[2], KEYS[1], tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[7],
+                          800000, 800000000, 1000000000, 0, 0, tonumber(ARGV[8]))"""))
     outbox = Outbox(client, 100_000)
     batch = alerts(count, 0)
     sync.config_resetstat()
     for a in batch:
-        await emit(keys=[subject_alerts_key(a.subject)],
+        await emit(keys=[subject_alerts_key(a.subject), f"rl:{{{a.subject.tag}}}"],
                    args=[a.created_ms, a.kind, a.severity, a.scope, a.subject_id,
                          a.subject.tag, a.limit, a.period_start_ms])
     helper = usec_per_call(sync, "evalsha")
-    empty = client.register_script(EMIT_ALERT_LUA + "return 1")  # the script's own overhead
+    empty = client.register_script(shared_script("return 1"))  # the script's own overhead
     sync.config_resetstat()
     for a in batch:
-        await empty(keys=[subject_alerts_key(a.subject)],
+        await empty(keys=[subject_alerts_key(a.subject), f"rl:{{{a.subject.tag}}}"],
                     args=[a.created_ms, a.kind, a.severity, a.scope, a.subject_id,
                           a.subject.tag, a.limit, a.period_start_ms])
     overhead = usec_per_call(sync, "evalsha")

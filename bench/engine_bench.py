@@ -9,6 +9,8 @@ comes from the same machine in the same run:
     pays for cold CPU caches);
   * Redis memory per active subject of the default free tier, with its sub-buckets filled as a
     busy day would fill them, and per reservation record.
+Reserves check anomalies on their user (lua/anomaly.lua) and commits the default cost alert
+thresholds, as the daemon's do (bench/usage_bench.py compares with the code before them).
 Usage: python bench/engine_bench.py [--calls N]
 """
 
@@ -97,7 +99,8 @@ async def bench_engine(client: redis.Redis, url: str, calls: int, concurrency: i
     rids = [""] * calls
 
     async def reserve(i: int) -> None:
-        result = await engine.reserve(ReserveRequest(plans[i % USERS], 120, 500, PRICES))
+        result = await engine.reserve(ReserveRequest(plans[i % USERS], 120, 500, PRICES,
+                                                     anomaly=True))
         assert result.allowed
         rids[i] = result.reservation_id
 
@@ -126,7 +129,7 @@ async def bench_memory(url: str, subjects: int) -> tuple[float, float]:
     for step in steps:
         now[0] += step
         for p in plans:
-            r = await engine.reserve(ReserveRequest(p, 20, 16, PRICES))
+            r = await engine.reserve(ReserveRequest(p, 20, 16, PRICES, anomaly=True))
             assert r.allowed, r.denied_by
             await engine.commit(r.reservation_id, 20, 10)
             rids.append(r.reservation_id)

@@ -3,8 +3,8 @@
 -- The library is built (ratelimitd/quota/library.py) from these files, in this order: the
 -- constants generated from ratelimitd/quota/wire.py (codes, modes, statuses, packed formats,
 -- reply fields), core.lua, sliding.lua, calendar.lua, bucket.lua, limits.lua, record.lua,
--- block.lua, then reserve.lua and settle.lua, each registered as a function. Every call is one atomic
--- FCALL over the keys of one hash slot.
+-- block.lua, alerts.lua, anomaly.lua, then reserve.lua and settle.lua, each registered as a
+-- function. Every call is one atomic FCALL over the keys of one hash slot.
 --
 -- Build rules (the builder refuses a library that breaks them):
 --   * `local NAME, ... = 1, ...` at the start of a line, UPPERCASE names and whole numbers,
@@ -28,7 +28,8 @@
 -- 8 chars), packed (the layout of each algorithm is atop its file). The first call writes
 -- these fields first, and a small hash scans its fields in order, so they stay quick to find
 -- however many sub-bucket fields follow. K's field `x` is DOUBLE(the expiry K was last given),
--- so most calls skip PEXPIRE.
+-- so most calls skip PEXPIRE; `b` a block (block.lua), `a` the cost alerts fired (alerts.lua),
+-- `n` the anomaly state (anomaly.lua).
 
 -- Redis runs a library's top level without globals, so bind_globals() binds these on the first
 -- call (to the same values every time).

@@ -5,8 +5,10 @@
 
 -- Parsed spec blobs kept, at most; then the cache starts over
 local MAX_PARSED_BLOBS = 256
--- Where the limits' fields start in what limits_of() lists: after K's `x` and `b`
-local FIRST_LIMIT_FIELD = 3
+-- Where the limits' fields start in what limits_of() lists: after K's `x`, `b` and `n`
+-- (anomaly state, anomaly.lua). (`a`, the cost alerts fired, is read only when a budget
+-- reaches a threshold: a field a hash lacks costs a scan of every field.)
+local FIRST_LIMIT_FIELD = 4
 
 -- Limits from a blob of specs (SPEC each). Each array is built with every entry a call sets
 -- (no holes), so Lua sizes it once.
@@ -27,8 +29,8 @@ local function parse_specs(blob)
   return limits
 end
 
--- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x` and `b`,
--- then each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b`
+-- and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
 -- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
 -- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
 -- each algorithm's load resets every entry a call sets (but REF, which settle sets on every
@@ -39,7 +41,7 @@ local function limits_of(blob)
   local parsed = PARSED[blob]
   if not parsed then
     if nparsed >= MAX_PARSED_BLOBS then PARSED, nparsed = {}, 0 end
-    local limits, fields = parse_specs(blob), {'x', 'b'}
+    local limits, fields = parse_specs(blob), {'x', 'b', 'n'}
     for k = 1, #limits do fields[k + FIRST_LIMIT_FIELD - 1] = limits[k][LID] end
     parsed = {limits, fields}
     PARSED[blob], nparsed = parsed, nparsed + 1
@@ -49,7 +51,8 @@ end
 
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
--- USED of each limit; returns K's `x` (its expiry, 0 when unknown) and `b` (a block, raw).
+-- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
+-- (anomaly state), raw.
 local function load_limits(K, limits, fields, now)
   local v = redis.call('HMGET', K, unpack(fields))
   local expired = false
@@ -74,7 +77,7 @@ local function load_limits(K, limits, fields, now)
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again
   x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
-  return x, v[2]
+  return x, v[2], v[3]
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
@@ -100,8 +103,10 @@ local function charged_ref(lim)
 end
 
 -- Writes what changed (one HSET) and extends K's life when needed. A window that only moved on
--- is not written: the next load moves it again the same way.
-local function write_limits(K, limits, now, x)
+-- is not written: the next load moves it again the same way. `extra`: more field/value pairs
+-- for the same HSET (alert marks, anomaly state, a block), or false; K then lives at least
+-- `keep` ms more.
+local function write_limits(K, limits, now, x, extra, keep)
   local out, need, n = array16(), MIN_KEY_TTL_MS, 0
   for k = 1, #limits do
     local lim = limits[k]
@@ -117,6 +122,11 @@ local function write_limits(K, limits, now, x)
       t = bucket_ttl(lim)
     end
     if t > need then need = t end
+  end
+  if extra then
+    for j = 1, #extra do out[n + j] = extra[j] end
+    n = n + #extra
+    if keep > need then need = keep end
   end
   if n == 0 then return end
   -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
@@ -134,12 +144,14 @@ end
 -- A new reply head: REPLY_HEAD_SIZE numbers (named by wire.py's REPLY_* or SETTLED_*),
 -- zero until set; packed_reply appends the limits after them.
 local function reply_head()
-  return {0, 0, 0, 0, 0, 0, 0, false, false, false, false, false, false, false, false, false}
+  return {0, 0, 0, 0, 0, 0, 0, 0, false, false, false, false, false, false, false, false,
+          false, false, false, false, false, false, false, false}
 end
 
--- A reply: the head's numbers, then for every limit what remains and in how many ms it is
--- back to full, as signed 64-bit integers; then `tail` (an opaque string) when given.
-local function packed_reply(limits, now, tail, out)
+-- A reply: the head's numbers, then for every limit what remains (not below 0 unless `exact`)
+-- and in how many ms it is back to full, as signed 64-bit integers; then `tail` (an opaque
+-- string) when given, then the JSON array of `alerts` (alert JSONs, alerts.lua) when any.
+local function packed_reply(limits, now, tail, out, alerts, exact)
   local n = REPLY_HEAD_SIZE
   for k = 1, limits and #limits or 0 do
     local lim = limits[k]
@@ -153,11 +165,13 @@ local function packed_reply(limits, now, tail, out)
     else
       reset = bucket_reset(lim)
     end
-    if remaining < 0 then remaining = 0 end
+    if remaining < 0 and not exact then remaining = 0 end
     out[n + 1], out[n + 2], n = remaining, reset, n + 2
   end
+  out[REPLY_ALERTS_AT] = tail and #tail or 0
   local reply = spack(longs(n + 1), n, unpack(out, 1, n))
-  if tail then return reply .. tail end
+  if tail then reply = reply .. tail end
+  if alerts and #alerts > 0 then reply = reply .. '[' .. table.concat(alerts, ',') .. ']' end
   return reply
 end
 

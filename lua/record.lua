@@ -8,7 +8,9 @@
 -- that attempt (settle's MODE_CANCEL) refunds it, and a cancel that runs first leaves a released
 -- record with that attempt, which the attempt's late reserve finds and then charges nothing.
 -- A record outlives its expiry by the commit grace, so a late commit still charges the actual
--- usage. (Layout: RECORD in ratelimitd/quota/wire.py, docs/wire.md.)
+-- usage. A settled record keeps, after the other subjects and RECORD_ALERTS_SEPARATOR, the
+-- alerts its commit fired (comma-joined JSON), so a repeated commit answers them again.
+-- (Layout: RECORD in ratelimitd/quota/wire.py, docs/wire.md.)
 
 local RECORDS = {}
 local function record_format(n)   -- RECORD and n charges, built once per n
@@ -41,12 +43,16 @@ local function parse_record(raw)
   local rec = {state = state, expires = expires, input = input, output = output,
                pi = pi, pc = pc, po = po, actual = {ui, uc, uo}, attempt = attempt,
                charges = false, fields = false, others = raw:sub(specs_at + SPEC_SIZE * n),
-               raw = raw}
+               raw = raw, alerts = false}
   if n > 0 then
     -- the specs as the reserve got them: most likely parsed already
     rec.charges, rec.fields = limits_of(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
     local refs = {sunpack(doubles(n), raw, RECORD_SIZE + 1)}
     for k = 1, n do rec.charges[k][REF] = refs[k] end
+  elseif rec.state ~= RECORD_RESERVED then
+    -- a settled record: the alerts its commit fired follow the other subjects
+    local cut = rec.others:find(RECORD_ALERTS_SEPARATOR, 1, true)
+    if cut then rec.others, rec.alerts = rec.others:sub(1, cut - 1), rec.others:sub(cut + 1) end
   end
   return rec
 end

@@ -1,28 +1,32 @@
 -- reserve.lua: checks and reserves one call's estimated usage on every limit of one subject
 -- (one hash slot), all or nothing, granting the largest output cap that every limit allows.
 --
--- KEYS: 1 subject hash K, 2 reservation record R
+-- KEYS: 1 subject hash K, 2 reservation record R, 3 the subject's alert list (alerts.lua)
 -- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
 --         input tokens, requested output cap, minimum output, input, cached-input and output
 --         prices (micro-USD per 1M tokens), the attempt,
 --       2 the reservation's other subjects (opaque, kept in the record),
 --       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
---       the commit grace (a number passed to redis.call is formatted with printf, slowly)
+--       the commit grace (a number passed to redis.call is formatted with printf, slowly),
+--       5 ANOMALY_ARGS, or '' (no anomaly check: anomaly.lua)
 --   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
 --   MODE_CHECK: answers only whether the subject is blocked (block.lua); charges nothing.
+--   MODE_PEEK: answers RESERVE_PEEKED, every limit as loaded (remaining not clamped at 0), the
+--   block's ms left as retry_after_ms and its reason as the tail; charges nothing.
 --   A blocked subject answers RESERVE_BLOCKED, with the block's reason as the reply's tail.
 --   MODE_ADOPT: as MODE_CONFIRM, and a live record becomes this attempt's.
 --   A record of this very attempt (left by a cancel that ran first) answers RESERVE_CANCELLED.
--- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms.
+-- Reply (packed_reply): wire.py's RESERVE_REPLY fields, then per limit: remaining, reset ms;
+-- then the tail, then the alerts the call fired (an anomaly's).
 
-local K, R = KEYS[1], KEYS[2]
+local K, R, AK = KEYS[1], KEYS[2], KEYS[3]
 local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
   sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
-local x, block = load_limits(K, limits, fields, now)
+local x, block, anomaly_raw = load_limits(K, limits, fields, now)
 for k = 1, nl do
   if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
     return redis.error_reply('ERR calendar boundaries do not cover Redis time')
@@ -30,6 +34,13 @@ for k = 1, nl do
 end
 local head = reply_head()
 head[REPLY_INPUT_TOKENS] = input
+
+if mode == MODE_PEEK then
+  local ends, reason = block_of(block, now)
+  head[REPLY_STATUS] = RESERVE_PEEKED
+  if ends then head[REPLY_RETRY_AFTER_MS] = ceil(ends - now) end
+  return packed_reply(limits, now, reason or '', head, false, true)
+end
 
 if mode ~= MODE_CONFIRM and mode ~= MODE_ADOPT then
   local ends, reason = block_of(block, now)
@@ -65,6 +76,25 @@ if mode ~= MODE_DRY_RUN then
   if mode == MODE_CONFIRM or mode == MODE_ADOPT then
     head[REPLY_STATUS] = RESERVE_MISSING
     return packed_reply(limits, now, false, head)
+  end
+end
+
+-- Anomalies (anomaly.lua): a request spike blocks the subject now, in this call.
+local st, token_factor, block_ms, default_tokens = false, 0, 0, 0
+local fired = false
+if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
+  local request_factor, default_requests
+  request_factor, token_factor, block_ms, default_requests, default_tokens =
+    sunpack(ANOMALY_ARGS_FORMAT, ARGV[5])
+  st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
+  local spike = request_spike(K, AK, now, st, request_factor, default_requests)
+  if spike ~= nil then
+    local ends = now + block_ms
+    write_limits(K, limits, now, x, {'n', pack_anomaly(st),
+                                     'b', spack(DOUBLE_FORMAT, ends) .. 'request_spike'},
+                 max(ANOMALY_KEEP_MS, block_ms + MIN_KEY_TTL_MS))
+    head[REPLY_STATUS], head[REPLY_RETRY_AFTER_MS] = RESERVE_BLOCKED, block_ms
+    return packed_reply(limits, now, 'request_spike', head, spike and {spike})
   end
 end
 
@@ -126,7 +156,13 @@ for k = 1, nl do
   refs[k] = charged_ref(lim)
 end
 if mode ~= MODE_DRY_RUN then
-  write_limits(K, limits, now, x)
+  local extra = false
+  if st then
+    local spike = count_request(K, AK, now, st, token_factor, default_tokens)
+    if spike then fired = {spike} end
+    extra = {'n', pack_anomaly(st)}
+  end
+  write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
                               po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
   redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
@@ -134,4 +170,4 @@ end
 head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
 head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires
 head[REPLY_RESERVED_COST_NANO] = est[METRIC_COST_USD]
-return packed_reply(limits, now, false, head)
+return packed_reply(limits, now, false, head, fired)

@@ -3,18 +3,22 @@
 -- sub-bucket or period the reserve charged; a refund for a sub-bucket that already slid out is
 -- dropped, an overrun is charged now, in full.
 --
--- KEYS: 1 subject hash K, 2 reservation record R
+-- KEYS: 1 subject hash K, 2 reservation record R, 3 the subject's alert list (alerts.lua)
 -- ARGV: 1 SETTLE_ARGS (wire.py): clock override (0 = Redis TIME), mode, input tokens, cached
 --         input tokens, output tokens (MODE_RESIZE: the new output cap), the attempt
 --         (MODE_CANCEL: the reserve attempt to cancel),
---       2 how long a settled record is kept (ms, as text; to answer repeats)
+--       2 how long a settled record is kept (ms, as text; to answer repeats),
+--       3 the cost alert thresholds (doubles, ppm, ascending; '' for none)
+--   MODE_COMMIT also decides cost alerts (alerts.lua) and feeds the anomaly state (anomaly.lua);
+--   the settled record keeps the alerts, so a repeat answers the same.
 --   MODE_CANCEL: a record of that attempt is released; another attempt's record is left alone
 --   (SETTLE_CONFLICT); no record becomes a released one of that attempt, which bars the
 --   attempt's reserve should it still run (a timed-out call may run late).
 -- Reply (packed_reply): wire.py's SETTLE_REPLY fields, then for a resize, per limit: remaining,
---   reset ms (as reserve's); then the other subjects (the opaque string reserve kept).
+--   reset ms (as reserve's); then the other subjects (the opaque string reserve kept), then
+--   the alerts the commit fired.
 
-local K, R = KEYS[1], KEYS[2]
+local K, R, AK = KEYS[1], KEYS[2], KEYS[3]
 local clock, mode, input, cached, output, attempt = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
 local now = now_ms(clock)
 
@@ -42,7 +46,7 @@ local function reply(status, limits)
   head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
   head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
   head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
-  return packed_reply(limits, now, rec.others, head)
+  return packed_reply(limits, now, rec.others, head, rec.alerts and {rec.alerts})
 end
 
 if mode == MODE_CANCEL then
@@ -66,29 +70,47 @@ else
   u = amounts(1, rec.input, 0, output, rec.pi, rec.pi, rec.po, 1)
 end
 
-local limits = rec.charges
-if limits then
-  local x = load_limits(K, limits, rec.fields, now)
-  for k = 1, #limits do
-    local lim = limits[k]
-    local metric = lim[METRIC]
-    local delta = u[metric] - reserved[metric]
-    if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
-  end
-  write_limits(K, limits, now, x)
+local limits, fields = rec.charges, rec.fields
+if not limits then limits, fields = limits_of('') end
+local x, _, anomaly_raw = load_limits(K, limits, fields, now)
+for k = 1, #limits do
+  local lim = limits[k]
+  local metric = lim[METRIC]
+  local delta = u[metric] - reserved[metric]
+  if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
 end
+local extra, fired = false, false
+if mode == MODE_COMMIT then
+  if ARGV[3] and ARGV[3] ~= '' then
+    local a
+    a, fired = cost_alerts(K, AK, now, limits, ARGV[3])
+    if a then extra = {'a', a} end
+  end
+  local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)
+  if st then
+    count_commit(st, u[METRIC_TOKENS])
+    extra = extra or {}
+    extra[#extra + 1], extra[#extra + 2] = 'n', pack_anomaly(st)
+  end
+end
+write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
 
 local u_in, u_cached, u_out = unpack(rec.actual)
 if mode == MODE_RESIZE then
   rec.output = u[METRIC_OUTPUT_TOKENS]
   redis.call('SET', R, record(RECORD_RESERVED, rec.expires, rec.input, rec.output, rec.pi,
                               rec.pc, rec.po, u_in, u_cached, u_out, rec.attempt,
-                              limits and #limits or 0) .. rec.raw:sub(RECORD_SIZE + 1), 'KEEPTTL')
+                              #limits) .. rec.raw:sub(RECORD_SIZE + 1),
+             'KEEPTTL')
   return reply(SETTLE_APPLIED, limits)
 end
 rec.state = (mode == MODE_COMMIT) and RECORD_COMMITTED or RECORD_RELEASED
--- a settled record only answers repeats
-redis.call('SET', R, record(rec.state, rec.expires, rec.input, rec.output, rec.pi, rec.pc,
-                            rec.po, u_in, u_cached, u_out, rec.attempt, 0) .. rec.others,
-           'PX', ARGV[2])
+-- a settled record only answers repeats: with the alerts its commit fired
+local settled = record(rec.state, rec.expires, rec.input, rec.output, rec.pi, rec.pc, rec.po,
+                       u_in, u_cached, u_out, rec.attempt, 0) .. rec.others
+if fired and #fired > 0 then
+  rec.alerts = table.concat(fired, ',')
+  settled = settled .. RECORD_ALERTS_SEPARATOR .. rec.alerts
+end
+redis.call('SET', R, settled, 'PX', ARGV[2])
 return reply(SETTLE_APPLIED, false)

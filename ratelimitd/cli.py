@@ -1,5 +1,6 @@
-"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`, and
-the admin commands `ratelimitd keys ...` / `ratelimitd blocks ...` (admin_cli.py)."""
+"""Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`,
+`ratelimitd usage SCOPE ID`, and the admin commands `ratelimitd keys ...` /
+`ratelimitd blocks ...` (admin_cli.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd import __version__, admin_cli
+from ratelimitd import __version__, admin_cli, usage_report
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -73,12 +74,15 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
     admin_cli.add_commands(commands)
+    usage_report.add_parser(commands)
     return parser, serve
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser, serve = _parser()
     args = parser.parse_args(argv)
+    if args.command == "usage":
+        return usage_report.main(args)
     if args.command == "lua":
         library = shipped_library()
         print(library.annotated() if args.show else f"{library.name}: "

@@ -49,6 +49,20 @@ UNITS = {
     "expires_at_ms": "ms", "actual_input": "tokens (after a commit)",
     "actual_cached": "tokens", "actual_output": "tokens",
     "charged_limits": "n: how many limits the record charged (0 once settled)",
+    "request_factor_ppm": "[anomaly] request_spike_factor x 10^6",
+    "token_factor_ppm": "[anomaly] token_spike_factor x 10^6",
+    "block_ms": "[anomaly] block_s x 1000",
+    "default_requests_per_hour": "the baseline of a subject without history",
+    "default_tokens_per_request": "the baseline of a subject without history",
+    "hour": "the hour the counts belong to: floor(ms / 3 600 000)",
+    "requests": "reserves admitted this hour", "committed_requests": "commits this hour",
+    "committed_tokens": "their tokens (input + output)",
+    "baseline_requests": "moving average of requests per active hour",
+    "baseline_tokens": "moving average of tokens per committed request",
+    "hours_seen": "active hours folded into the baselines (at most 255)",
+    "alerted": "bits: 1 request_spike, 2 token_spike alerted this hour",
+    "period_start_ms": "ms: the period the marks belong to (calendar period, or window epoch)",
+    "fired": "bits: threshold i (ascending) fired in that period",
 }
 
 HEAD = """# Wire formats
@@ -64,10 +78,14 @@ exact below 2^53), `q` a signed 64-bit integer, `Ns` N bytes, `c` one byte.
 TAIL = """## Keys
 
 - `rl:{<scope>:<id>}`: a subject's hash: one field per limit (`<lid>`), older sub-buckets
-  (`<lid>:<i>`), and `x` (`DOUBLE`, its expiry). The hash tag is the subject, so every call
-  touches one hash slot.
+  (`<lid>:<i>`), `x` (`DOUBLE`, its expiry), `b` (a block: `DOUBLE` end, then the reason),
+  `a` (`ALERT_MARK` per cost budget that alerted) and `n` (`ANOMALY_STATE`, a primary
+  subject's). The hash tag is the subject, so every call touches one hash slot.
+- `rl:{<scope>:<id>}:alerts`: the subject's recent alerts (a list, newest first, at most
+  `ALERT_LIST_MAX_LEN`), pushed by the call that fired them.
 - `rl:{<scope>:<id>}:r:<rand>`: a reservation record (`RECORD`, then one `d` per charged
-  limit, the limits' `SPEC`s, the other subjects), beside its subject. It lives the
+  limit, the limits' `SPEC`s, the other subjects; once committed, a newline and the alerts
+  the commit fired, comma-joined), beside its subject. It lives the
   reservation's ttl plus the commit grace; once settled, the ttl again (to answer repeats).
 - `rl:{ratelimitd}:id-seal`: the secret every daemon seals reservation ids with.
 """
@@ -89,7 +107,10 @@ def render() -> str:
     out += ["## Replies", "",
             "A reply is `q` n, then n `q` numbers: the head's fields, then per limit `remaining`",
             "and `reset_ms` (0 for a concurrency limit: a slot frees when a call ends); after the",
-            "numbers an opaque tail (settle: the JSON list of the reservation's other subjects).",
+            "numbers an opaque tail (reserve: a block's reason; settle: the JSON list of the",
+            "reservation's other subjects), then from byte `alerts_at` of the tail the alerts",
+            "the call fired: a JSON array of alerts, each the JSON array of its field/value",
+            "strings (`ratelimitd/alerts/record.py`); nothing when none.",
             "", "| position | reserve (`RESERVE_REPLY`) | settle (`SETTLE_REPLY`) |",
             "|---|---|---|"]
     for i, (a, b) in enumerate(zip(wire.RESERVE_REPLY, wire.SETTLE_REPLY, strict=True), 1):

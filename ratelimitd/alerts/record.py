@@ -170,7 +170,7 @@ def decode_alert(raw: Mapping[Any, Any] | Sequence[Any]) -> Alert:
 
 def decode_alert_json(raw: bytes | str) -> Alert:
     """An alert from the JSON array of its field/value strings: an element of a subject's list,
-    and what EMIT_ALERT_LUA returns for a script's reply. Raises AlertDecodeError."""
+    and what lua/alerts.lua's emit_alert returns for a script's reply. Raises AlertDecodeError."""
     try:
         fields = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

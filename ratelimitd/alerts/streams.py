@@ -17,7 +17,7 @@ Two keys, because a quota script may only touch keys of its subject's hash slot:
   forwarded again (a repeated commit answers the same alerts) is not appended twice.
 
 `append_alert` does what the Lua does, as a script of its own: for tests, and for producers
-that are not quota scripts. EMIT_ALERT_LUA is the helper the quota scripts use.
+that are not quota scripts. The quota scripts push with lua/alerts.lua's `emit_alert`.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from redis.exceptions import ResponseError
 
 from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.policy import Subject
+from ratelimitd.quota import wire
 from ratelimitd.store.connect import RedisClient
 
 OUTBOX_KEY: Final = "rl:{alerts}:outbox"
 SEEN_PREFIX: Final = "rl:{alerts}:seen:"
-SUBJECT_MAX_LEN: Final = 20               # a subject's alerts kept, and the most a reader gets
-SUBJECT_TTL_MS: Final = 40 * 86_400_000    # past a month's budget period
+# a subject's alerts kept (and the most a reader gets), and how long after its newest: the
+# quota Lua's values (wire.py)
+SUBJECT_MAX_LEN: Final = wire.ALERT_LIST_MAX_LEN
+SUBJECT_TTL_MS: Final = wire.ALERT_LIST_TTL_MS
 # How long a forwarded alert's marker lives: longer than a settled reservation answers repeats
 # (2 x [reservations] ttl_s), so a repeated commit never appends it again. ~100 bytes each.
 SEEN_TTL_MS: Final = 86_400_000
@@ -43,30 +46,6 @@ APPEND_LUA: Final = """
 redis.call('LPUSH', KEYS[1], cjson.encode({unpack(ARGV, 3)}))
 redis.call('LTRIM', KEYS[1], 0, ARGV[1] - 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-# The settle (and reserve) Lua's helper, to paste into the library: pushes one alert to the
-# subject's list (declared among the call's KEYS: same slot) and returns what it pushed, the
-# JSON array of its field/value strings, for the script's reply and the settled record (the
-# daemon decodes it with record.decode_alert_json). Integers go through string.format('%d'):
-# Lua's own number to text conversion keeps 14 digits, and a budget in nano-USD has up to 17.
-# tests/alerts/test_streams.py runs it as written.
-EMIT_ALERT_LUA: Final = """
-local function emit_alert(key, now, kind, severity, scope, sid, tag, limit, ppm, spend, budget,
-                          observed, baseline, period_start)
-  local function int(n) return string.format('%d', n) end
-  local id = 'alt_' .. redis.sha1hex(kind .. '\\n' .. tag .. '\\n' .. limit .. '\\n'
-                                     .. int(period_start) .. '\\n' .. int(ppm)):sub(1, 24)
-  local fields = {'v', '1', 'id', id, 'kind', kind, 'severity', severity, 'scope', scope,
-                  'sid', sid, 'limit', limit, 'threshold_ppm', int(ppm),
-                  'spend_nano', int(spend), 'budget_nano', int(budget),
-                  'observed', int(observed), 'baseline', int(baseline),
-                  'period_start_ms', int(period_start), 'created_ms', int(now)}
-  local encoded = cjson.encode(fields)
-  redis.call('LPUSH', key, encoded)
-  redis.call('LTRIM', key, 0, 19)
-  redis.call('PEXPIRE', key, 3456000000)
-  return encoded
-end
 """
 # KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
 # ARGV[3..] the fields. Returns the entry id, or false when the alert was forwarded before.

@@ -46,6 +46,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "abuse": AbuseConfig, "anomaly": AnomalyConfig, "alerts": AlertsConfig,
     "attributes": AttributesConfig,
 }
+MAX_ALERT_THRESHOLDS: Final = 16
+MAX_ANOMALY_BLOCK_S: Final = 7 * 86_400
 # A reservation lives at most a week (its concurrency slot with it)
 MAX_RESERVATION_TTL_S: Final = 7 * 86_400
 _URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -230,12 +232,27 @@ def _check_abuse(config: Config, where: Where) -> None:
         raise where.at("abuse.block_s").error("must be at least 1 second")
 
 
+def _check_anomaly(config: Config, where: Where) -> None:
+    anomaly, where = config.anomaly, where.at("anomaly")
+    for key in ("request_spike_factor", "token_spike_factor"):
+        if not 1 <= getattr(anomaly, key) <= 1000:
+            raise where.at(key).error("must be from 1 to 1000 (times the baseline)")
+    if not 1 <= anomaly.block_s <= MAX_ANOMALY_BLOCK_S:
+        raise where.at("block_s").error(f"must be from 1 to {MAX_ANOMALY_BLOCK_S} seconds")
+    for key in ("default_requests_per_hour", "default_tokens_per_request"):
+        if not 1 <= getattr(anomaly, key) <= 10**9:
+            raise where.at(key).error("must be a whole number from 1 to 10^9")
+
+
 def _check_alerts(config: Config, where: Where) -> None:
     """Thresholds are fractions; webhook URLs are http(s) with a host, each once; signing
     them needs a secret."""
     alerts, where = config.alerts, where.at("alerts")
     if any(not 0 < t <= 1 for t in alerts.thresholds):
         raise where.at("thresholds").error("each threshold is a fraction in (0, 1]")
+    if len(alerts.thresholds) > MAX_ALERT_THRESHOLDS:
+        # the Lua keeps a bit per threshold in a double
+        raise where.at("thresholds").error(f"at most {MAX_ALERT_THRESHOLDS} thresholds")
     for i, url in enumerate(alerts.webhooks):
         if not _is_webhook_url(url):
             # the URL may carry a token: the message names its index, never its text
@@ -250,7 +267,7 @@ def _check_alerts(config: Config, where: Where) -> None:
         if len(secret) < 16:
             raise where.at("webhook_secret").error("must be at least 16 characters")
     for key in ("webhook_timeout_ms", "queue_size", "retry_max_s", "delivery_max_age_s",
-                "stream_max_len"):
+                "stream_max_len", "claim_idle_ms"):
         if getattr(alerts, key) < 1:
             raise where.at(key).error("must be at least 1")
 
@@ -274,7 +291,8 @@ def _check_attributes(config: Config, where: Where) -> None:
 
 
 _CHECKS: Final = (_check_tokens, _check_server, _check_encodings, _check_calendar,
-                  _check_reservations, _check_redis, _check_abuse, _check_alerts,
+                  _check_reservations, _check_redis, _check_abuse, _check_anomaly,
+                  _check_alerts,
                   _check_attributes)
 
 

@@ -101,6 +101,9 @@ class AnomalyConfig:
     request_spike_factor: float = 5.0
     token_spike_factor: float = 3.0
     block_s: int = 900
+    # the baselines of a subject without history (lua/anomaly.lua)
+    default_requests_per_hour: int = 10
+    default_tokens_per_request: int = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,9 @@ class AlertsConfig:
     retry_max_s: int = 60                  # cap of the exponential backoff between attempts
     delivery_max_age_s: int = 86_400       # an alert not delivered by then is dropped (counted)
     stream_max_len: int = 100_000          # the outbox stream's cap (approximate, MAXLEN ~)
+    # an alert a stopped daemon was delivering is taken over by another after this long
+    # (at least twice webhook_timeout_ms)
+    claim_idle_ms: int = 60_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,7 +82,8 @@ def tiers(table: Any, where: Where, declared: frozenset[str] = frozenset()) -> d
 def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier:
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
-    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits"], where, "")
+    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where, "")
+    anomaly = read_value(bool, table.get("anomaly", True), where.at("anomaly"))
     numbers = {}
     for key in (*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS):
         if key in table:
@@ -104,7 +105,9 @@ def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier
         check_limits(limits)
     except ValueError as exc:
         raise where.at("limits").error(str(exc)) from exc
-    return Tier(name, tuple(limits), *(numbers.get(k) for k in _SHORTHAND_CAPS))
+    return Tier(name, tuple(limits), max_output_tokens=numbers.get("max_output_tokens"),
+                max_prompt_chars=numbers.get("max_prompt_chars"),
+                max_input_tokens=numbers.get("max_input_tokens"), anomaly=anomaly)
 
 
 def _limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from ratelimitd.access import blocked_error
+from ratelimitd.alerts import Alert
 from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response
 from ratelimitd.http.headers import ratelimit_headers, seconds_up
@@ -108,14 +109,14 @@ def degraded_answer(input_tokens: int, cap: int) -> web.Response:
         "duplicate": False})
 
 
-def commit_answer(result: SettleResult) -> web.Response:
+def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> web.Response:
     answer: dict[str, Any] = {
         "committed": True, "duplicate": result.status == "duplicate",
         "cost_usd": nano_to_usd(result.cost_nano),
         "usage": {"input_tokens": result.input_tokens,
                   "cached_input_tokens": result.cached_input_tokens,
                   "output_tokens": result.output_tokens},
-        "alerts": []}
+        "alerts": [a.to_json() for a in alerts or ()]}
     over_tokens = result.input_tokens + result.output_tokens - result.reserved_tokens
     over_cost = result.cost_nano - result.reserved_cost_nano
     if over_tokens > 0 or over_cost > 0:

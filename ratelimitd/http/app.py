@@ -12,8 +12,9 @@ from aiohttp import web
 from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http import admin, decisions
+from ratelimitd.http import admin, decisions, usage
 from ratelimitd.http.admin_auth import ADMIN_TOKENS
+from ratelimitd.http.alerting import alerting_ctx
 from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
 from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
@@ -28,7 +29,7 @@ from ratelimitd.http.edge import (
     not_found,
 )
 from ratelimitd.http.openapi import openapi_spec
-from ratelimitd.quota.engine import Engine, EngineSettings
+from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings
 from ratelimitd.store.connect import open_store
 from ratelimitd.store.supervisor import StoreHealth
 from ratelimitd.tokens import TokenCounter
@@ -72,6 +73,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
     *admin.ROUTES,
+    ("GET", "/v1/admin/usage", usage.usage),
 )
 
 
@@ -81,7 +83,14 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = Engine(store.transport,
                     EngineSettings(reservation_ttl_ms=config.reservations.ttl_s * 1000,
                                    commit_grace_ms=config.reservations.commit_grace_s * 1000,
-                                   timezone=config.calendar.timezone))
+                                   timezone=config.calendar.timezone,
+                                   alert_thresholds=config.alerts.thresholds,
+                                   anomaly=AnomalySettings(
+                                       config.anomaly.request_spike_factor,
+                                       config.anomaly.token_spike_factor,
+                                       config.anomaly.block_s * 1000,
+                                       config.anomaly.default_requests_per_hour,
+                                       config.anomaly.default_tokens_per_request)))
     try:
         access = await open_access(config, store.client)
     except BaseException:
@@ -124,6 +133,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
     app[ADMIN_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.admin_tokens)
     app.cleanup_ctx.append(_services_ctx)
+    app.cleanup_ctx.append(alerting_ctx)
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))

@@ -19,6 +19,7 @@ from ratelimitd.errors import (
     TokenCountError,
     invalid,
 )
+from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
 from ratelimitd.http.app_keys import SERVICES, Services
 from ratelimitd.http.edge import json_response, read_json
@@ -78,7 +79,7 @@ async def reserve(request: web.Request) -> web.Response:
         subjects, input_tokens, cap, prices,
         min_output_tokens=(body.min_output_tokens if body.min_output_tokens is not None
                            else config.reservations.min_output_tokens),
-        idempotency_key=body.idempotency_key, dry_run=body.dry_run,
+        idempotency_key=body.idempotency_key, dry_run=body.dry_run, anomaly=tier.anomaly,
         guards=block_guards(subjects, who, services.access.prefixes))
     try:
         result = await services.engine.reserve(reservation)
@@ -90,8 +91,11 @@ async def reserve(request: web.Request) -> web.Response:
             raise
         log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
         return degraded_answer(input_tokens, cap)
-    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000,
-                          caller.warnings)
+    if result.alerts:
+        await after_reserve(request.app, result)
+    warnings = [*caller.warnings,
+                *budget_warnings(result.states, request.app[ALERTING].thresholds)]
+    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000, warnings)
 
 
 async def commit(request: web.Request) -> web.Response:
@@ -113,7 +117,7 @@ async def commit(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_released",
                        "reservation_id: this reservation was released; it cannot be committed")
-    return commit_answer(result)
+    return commit_answer(result, request.app[ALERTING].forward(result.alerts))
 
 
 async def release(request: web.Request) -> web.Response:

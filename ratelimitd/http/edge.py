@@ -162,7 +162,8 @@ def method_not_allowed(allowed: str) -> Handler:
 def _check_service_token(request: web.Request) -> None:
     """Bearer service tokens on /v1/* when configured, compared in constant time."""
     tokens = request.app[SERVICE_TOKENS]
-    if tokens and request.path.startswith("/v1/"):
+    # /v1/admin/* takes an admin token instead (http/usage.py)
+    if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
         header = request.headers.get("Authorization", "")
         scheme, _, presented = header.partition(" ")
         if scheme.lower() != "bearer" or not presented:

@@ -11,6 +11,7 @@ from typing import Any
 
 from ratelimitd import __version__
 from ratelimitd.config import Config
+from ratelimitd.http import usage
 
 _JSON = "application/json"
 
@@ -210,7 +211,8 @@ _SCHEMAS: dict[str, Any] = {
                          "description": "ms until this limit is back to full"}},
     },
     "Warning": {"type": "object", "required": ["code", "message"],
-                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"},
+                               "limit": {"type": "string"}}},
     "ReserveAllowed": {
         "type": "object", "additionalProperties": False,
         "required": ["allowed", "reservation_id", "expires_at_ms", "input_tokens",
@@ -494,7 +496,7 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
         "info": {"title": "ratelimitd", "version": __version__,
                  "description": "Rate-limit and budget decisions for LLM API calls."},
         "components": {
-            "schemas": schemas,
+            "schemas": {**schemas, **usage.OPENAPI_SCHEMAS},
             "securitySchemes": {"adminToken": {
                 "type": "http", "scheme": "bearer",
                 "description": "[server] admin_tokens; always required on /v1/admin/*"}},
@@ -517,6 +519,7 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
                 "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
                     "type": "object"}}}}}),
             **_admin_paths(),
+            "/v1/admin/usage": usage.OPENAPI_PATH,
         },
     }
     if secured:

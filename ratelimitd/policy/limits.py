@@ -73,6 +73,8 @@ class Tier:
     max_output_tokens: int | None = None
     max_prompt_chars: int | None = None
     max_input_tokens: int | None = None
+    # anomaly detection on this tier's users (lua/anomaly.lua); `[tiers.X] anomaly = false`
+    anomaly: bool = True
     # the limits by scope, in visiting order (see plan); derived once
     scope_groups: tuple[tuple[str, tuple[Limit, ...]], ...] = field(
         init=False, compare=False, repr=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
+from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.errors import ReserveInProgress, StoreUnavailable
 from ratelimitd.policy import Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
@@ -37,6 +39,10 @@ SECRET_REFRESH_S: Final = 60.0
 # A subject that denied is asked first, read-only, for this long (at most; its retry-after
 # when shorter, but at least the minimum); the daemon remembers this many such subjects
 DENYING_MIN_MS, DENYING_MAX_MS, DENYING_MAX_SUBJECTS = 1_000, 10_000, 10_000
+
+# Limits one PEEK call reads (a reserve carries at most lua/core.lua's MAX_LIMITS)
+MAX_PEEK_LIMITS: Final = 8
+_NO_PRICES: Final = Prices(input=0, output=0, cached_input=0)
 
 SettleOutcome = Literal["applied", "duplicate", "not_found", "conflict"]
 _OUTCOMES: Final[dict[SettleStatus, SettleOutcome]] = {
@@ -59,6 +65,8 @@ class ReserveRequest:
     # subjects with no limits of their own whose blocks apply too (an api key, an ip): each is
     # asked in the same event-loop tick as the first subject, so it costs no round trip
     guards: Sequence[Subject] = ()
+    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`)
+    anomaly: bool = False
 
 
 @dataclass(slots=True)
@@ -82,6 +90,7 @@ class ReserveResult:
     retry_after_ms: int | None = None      # None: the call can never fit this limit
     duplicate: bool = False
     blocked: Blocked | None = None
+    alerts: list[Alert] = field(default_factory=list)   # anomalies this reserve fired
 
 
 @dataclass(slots=True)
@@ -102,6 +111,31 @@ class SettleResult:
     cost_nano: int = 0
     reserved_tokens: int = 0
     reserved_cost_nano: int = 0
+    # the cost alerts the commit fired (a repeat answers the same); a cost alert's `limit` is
+    # the limit's lid: name it with LimitNames (the daemon knows its limits, the Lua does not)
+    alerts: list[Alert] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalySettings:
+    """[anomaly]: what makes a request or token spike (lua/anomaly.lua)."""
+
+    request_spike_factor: float = 5.0
+    token_spike_factor: float = 3.0
+    block_ms: int = 900_000
+    default_requests_per_hour: int = 10
+    default_tokens_per_request: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class PeekResult:
+    """A subject's limits as they stand (ReserveMode.PEEK): per limit, used and reset, and
+    its block, if any."""
+
+    used: list[int]
+    reset_ms: list[int]
+    block_reason: str | None
+    block_ms_left: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +144,29 @@ class EngineSettings:
     # an unsettled record outlives its expiry by this much, so a late commit is still charged
     commit_grace_ms: int = 3_600_000
     timezone: str = "UTC"
+    # [alerts] thresholds: fractions of every cost budget, each alerting once per period
+    alert_thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
+    anomaly: AnomalySettings = AnomalySettings()
 
 
 def _keys(tag: str, rand: str) -> list[str | int]:
-    """FCALL's numkeys and keys: the subject's limit state and its record of one
-    reservation, in one hash slot."""
+    """FCALL's numkeys and keys: the subject's limit state, its record of one reservation and
+    its alert list, in one hash slot."""
     base = f"rl:{{{tag}}}"
-    return [2, base, f"{base}:r:{rand}"]
+    return [3, base, f"{base}:r:{rand}", f"{base}:alerts"]
+
+
+def decode_alerts(raw: bytes) -> list[Alert]:
+    """The alerts of a reply (a JSON array of alerts, each the JSON array of its fields)."""
+    if not raw:
+        return []
+    alerts = []
+    for fields in orjson.loads(raw):
+        try:
+            alerts.append(decode_alert_json(orjson.dumps(fields)))
+        except AlertDecodeError:   # written by a newer version: its daemon forwards it
+            continue
+    return alerts
 
 
 def concurrency_lid(lid: str, ttl_ms: int) -> str:
@@ -143,6 +193,13 @@ class Engine:
         self._ttl_text = str(ttl)
         self._record_ttl_text = str(ttl + self.settings.commit_grace_ms)
         self.compensator = Compensator(self._cancel, (ttl + self.settings.commit_grace_ms) / 1000)
+        ppm = sorted({round(t * wire.PPM) for t in self.settings.alert_thresholds})
+        self._thresholds_arg = struct.pack(f"<{len(ppm)}d", *ppm) if ppm else b""
+        anomaly = self.settings.anomaly
+        self._anomaly_arg = wire.ANOMALY_ARGS.pack(
+            round(anomaly.request_spike_factor * wire.PPM),
+            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
+            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request)
 
     @classmethod
     def with_test_clock(
@@ -257,21 +314,27 @@ class Engine:
         grant = req.max_output_tokens
         holds: list[_SubjectHold] = []
         first: wire.ReserveReply | None = None
+        alerts: list[Alert] = []
         for index, (subject, limits) in enumerate(req.plan):
             reply = await self._reserve_on(call, subject, limits, grant,
-                                           others if index == 0 else "[]")
+                                           others if index == 0 else "[]", primary=index == 0)
+            if reply.alerts:
+                alerts = decode_alerts(reply.alerts)
             hold = _SubjectHold(subject, limits, reply.granted_output,
                                 _states(subject, limits, reply.limit_states))
             if reply.status == ReserveStatus.BLOCKED:
                 await self._undo(call, holds)
-                return _blocked_result(req, Blocked(subject, reply.retry_after_ms,
-                                                    reply.tail.decode(errors="replace")))
+                blocked = _blocked_result(req, Blocked(subject, reply.retry_after_ms,
+                                                       reply.tail.decode(errors="replace")))
+                blocked.alerts = alerts
+                return blocked
             if reply.status == ReserveStatus.DENIED:
                 await self._undo(call, holds)
                 if index > 0:
                     self._remember_denial(subject, reply.retry_after_ms)
-                return _denied(req, [s for done in holds for s in done.states], hold,
-                               reply)
+                denied = _denied(req, [s for done in holds for s in done.states], hold, reply)
+                denied.alerts = alerts
+                return denied
             if reply.status == ReserveStatus.REPEAT:
                 if index == 0:
                     return await self._repeat(call, reply, hold)
@@ -292,11 +355,12 @@ class Engine:
         return ReserveResult(
             allowed=True, reservation_id="", expires_at_ms=first.expires_at_ms,
             input_tokens=first.input_tokens, max_output_tokens=grant,
-            states=[s for hold in holds for s in hold.states], reserved_cost_nano=cost)
+            states=[s for hold in holds for s in hold.states], reserved_cost_nano=cost,
+            alerts=alerts)
 
     async def _reserve_on(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
-                          grant: int, others: str, mode: ReserveMode | None = None
-                          ) -> wire.ReserveReply:
+                          grant: int, others: str, mode: ReserveMode | None = None,
+                          primary: bool = False) -> wire.ReserveReply:
         req = call.req
         mode = call.mode if mode is None else mode
         if mode in (ReserveMode.RESERVE, ReserveMode.RETRY):
@@ -307,7 +371,8 @@ class Engine:
                 self._clock_override(), mode, self.settings.reservation_ttl_ms,
                 req.input_tokens, grant, req.min_output_tokens, req.prices.input,
                 req.prices.cached_input, req.prices.output, call.attempt),
-            others, self._specs_arg(limits), self._record_ttl_text]))
+            others, self._specs_arg(limits), self._record_ttl_text,
+            self._anomaly_arg if primary and req.anomaly else b""]))
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it
@@ -416,13 +481,15 @@ class Engine:
         reply = await self._settle(primary, rand, mode, input_tokens, cached, output)
         result = SettleResult(
             _OUTCOMES[reply.status], reply.input_tokens, reply.cached_input_tokens,
-            reply.output_tokens, reply.cost_nano, reply.reserved_tokens, reply.reserved_cost_nano)
+            reply.output_tokens, reply.cost_nano, reply.reserved_tokens, reply.reserved_cost_nano,
+            decode_alerts(reply.alerts))
         if reply.status in (SettleStatus.APPLIED, SettleStatus.DUPLICATE):
             # Each subject settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
             for tag in orjson.loads(reply.others or b"[]"):
-                await self._settle(tag, rand, mode, result.input_tokens,
-                                   result.cached_input_tokens, result.output_tokens)
+                other = await self._settle(tag, rand, mode, result.input_tokens,
+                                           result.cached_input_tokens, result.output_tokens)
+                result.alerts += decode_alerts(other.alerts)
         return result
 
     async def _settle(
@@ -433,7 +500,30 @@ class Engine:
             *_keys(tag, rand),
             wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
                                   attempt),
-            self._ttl_text]))
+            self._ttl_text, self._thresholds_arg]))
+
+    # -- usage -------------------------------------------------------------------------------
+
+    async def peek(self, subject: Subject, limits: Sequence[Limit]) -> PeekResult:
+        """`subject`'s limits as they stand, read-only (at most MAX_PEEK_LIMITS per call; more
+        are asked in several calls), and its block. Each limit's `used` may exceed it after
+        an overrun."""
+        used: list[int] = []
+        resets: list[int] = []
+        reason: str | None = None
+        block_ms = 0
+        chunks = [limits[i:i + MAX_PEEK_LIMITS] for i in range(0, len(limits), MAX_PEEK_LIMITS)]
+        request = ReserveRequest([(subject, ())], 0, 0, _NO_PRICES)
+        call = _Attempt(request, "peek", 0, ReserveMode.PEEK)
+        for chunk in chunks or [()]:
+            reply = await self._reserve_on(call, subject, chunk, 0, "[]")
+            for k, lim in enumerate(chunk):
+                remaining = reply.limit_states[2 * k]
+                used.append(lim.capacity - remaining)
+                resets.append(reply.limit_states[2 * k + 1])
+            if reply.retry_after_ms > 0:
+                reason, block_ms = reply.tail.decode(errors="replace"), reply.retry_after_ms
+        return PeekResult(used, resets, reason, block_ms)
 
 
 @dataclass(slots=True)

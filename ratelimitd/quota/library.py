@@ -24,7 +24,8 @@ from typing import Final
 from ratelimitd.quota.wire import lua_constants
 
 # The library's files, in build order; the entry scripts become functions.
-SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record", "block")
+SHARED_FILES: Final = ("core", "sliding", "calendar", "bucket", "limits", "record", "block",
+                        "alerts", "anomaly")
 ENTRY_SCRIPTS: Final = ("reserve", "settle")
 GENERATED: Final = "<wire.py>"
 
@@ -114,6 +115,15 @@ class Library:
         width = max(len(self.where(i + 1)) for i in range(len(lines)))
         return "\n".join(f"{self.where(i + 1):<{width}}  {text}"
                          for i, text in enumerate(lines)) + "\n"
+
+
+def shared_script(body: str) -> str:
+    """An EVAL script of the library's shared Lua (constants, helpers) and then `body`: runs
+    one helper (e.g. alerts.lua's emit_alert) on its own, for tests and benchmarks."""
+    files = read_sources()
+    source = "".join([lua_constants(), *(files[name] + "\n" for name in SHARED_FILES),
+                      "bind_globals()\n", body])
+    return inline_constants(source)
 
 
 def read_sources() -> dict[str, str]:

@@ -31,6 +31,7 @@ class ReserveMode(IntEnum):
     CONFIRM = 4        # a retry after REPEAT: is the first reserve's record here? charge nothing
     CHECK = 5          # only: is the subject blocked? (a subject with no limits of its own)
     ADOPT = 6          # a retry confirmed everywhere: take the record over (attempt := its own)
+    PEEK = 7           # read-only: every limit's state as loaded, the block (usage API)
 
 
 class SettleMode(IntEnum):
@@ -48,6 +49,8 @@ class ReserveStatus(IntEnum):
     CANCELLED = 4      # this attempt was cancelled before it ran: nothing charged
     MISSING = 5        # CONFIRM: no live record of the first reserve here
     BLOCKED = 6        # the subject is blocked: retry_after_ms until its end; the tail: reason
+    PEEKED = 7         # PEEK: per limit what remains unclamped (used = limit - remaining);
+                       # retry_after_ms: the block's ms left (0: none), the tail: its reason
 
 
 class SettleStatus(IntEnum):
@@ -118,6 +121,20 @@ SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<6d", (
 SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "total",
                                                         "newest_count"))
 PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
+# The anomaly arguments of a reserve on its primary subject (lua/anomaly.lua); '' turns the
+# check off (other subjects, tiers with `anomaly = false`). Factors are x 10^6, like thresholds.
+ANOMALY_ARGS: Final = Format("ANOMALY_ARGS", "<5d", (
+    "request_factor_ppm", "token_factor_ppm", "block_ms", "default_requests_per_hour",
+    "default_tokens_per_request"))
+# The subject hash's field `n` (lua/anomaly.lua): the current hour (its index since the epoch)
+# and its counts, the baselines, how many active hours they have seen (counted up to 255), and
+# which anomalies alerted this hour. Packed small: every busy subject holds one.
+ANOMALY_STATE: Final = Format("ANOMALY_STATE", "<IIIdffBB", (
+    "hour", "requests", "committed_requests", "committed_tokens",
+    "baseline_requests", "baseline_tokens", "hours_seen", "alerted"))
+# The subject hash's field `a` (lua/alerts.lua): one ALERT_MARK per cost limit that alerted:
+# its lid, the period it alerted in, and a bit per threshold already fired in that period.
+ALERT_MARK: Final = Format("ALERT_MARK", "<8sdd", ("lid", "period_start_ms", "fired"))
 DOUBLE: Final = Format("DOUBLE", "<d", ("value",))
 # A reservation record's head (lua/record.lua): then one double per charged limit (the
 # sub-bucket or period it charged), the limits' specs, and the other subjects.
@@ -129,17 +146,28 @@ RECORD: Final = Format("RECORD", "<c11d", (
 RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "r", "c", "x"
 
 FORMATS: Final = (SPEC, SPEC_HEAD, CALENDAR_STARTS, RESERVE_ARGS, SETTLE_ARGS, SLIDING_STATE,
-                  PAIR, DOUBLE, RECORD)
+                  PAIR, ANOMALY_ARGS, ANOMALY_STATE, ALERT_MARK, DOUBLE, RECORD)
+# A settled record keeps the alerts its commit fired after the other subjects, past this byte
+# (JSON never holds a raw newline)
+RECORD_ALERTS_SEPARATOR: Final = "\n"
+# Thresholds and factors travel as parts per million
+PPM: Final = 1_000_000
+# A subject's alert list `rl:{<tag>}:alerts` (ratelimitd/alerts/streams.py): how many alerts it
+# keeps, and how long it lives after its newest (past a month's budget period)
+ALERT_LIST_MAX_LEN: Final = 20
+ALERT_LIST_TTL_MS: Final = 40 * 86_400_000
 
 # -- replies ----------------------------------------------------------------------------------
 # A reply is a count n, then n signed 64-bit integers: the head's fields below, then per limit
-# what remains and in how many ms it is full again; then an opaque tail (settle: the other
-# subjects of the reservation).
+# what remains and in how many ms it is full again; then an opaque tail (reserve: a block's
+# reason; settle: the other subjects of the reservation) and, from byte `alerts_at` of the
+# tail, the alerts the call fired (a JSON array of alerts, each the JSON array of its
+# field/value strings, lua/alerts.lua; nothing when none).
 
 RESERVE_REPLY: Final = ("status", "granted_output", "expires_at_ms", "denied_limit",
-                        "retry_after_ms", "input_tokens", "reserved_cost_nano")
+                        "retry_after_ms", "input_tokens", "reserved_cost_nano", "alerts_at")
 SETTLE_REPLY: Final = ("status", "input_tokens", "cached_input_tokens", "output_tokens",
-                       "cost_nano", "reserved_tokens", "reserved_cost_nano")
+                       "cost_nano", "reserved_tokens", "reserved_cost_nano", "alerts_at")
 REPLY_HEAD_SIZE: Final = len(RESERVE_REPLY)
 _COUNT: Final = struct.Struct("<q")
 
@@ -153,8 +181,10 @@ class ReserveReply:
     retry_after_ms: int          # -1: the call can never fit the denying limit
     input_tokens: int
     reserved_cost_nano: int
+    alerts_at: int               # where the tail's alerts start
     limit_states: Sequence[int]  # remaining, reset ms per limit
-    tail: bytes                  # BLOCKED: the block's reason
+    tail: bytes                  # BLOCKED, PEEKED: the block's reason
+    alerts: bytes                # JSON array of the alerts fired; b"" when none
 
 
 @dataclass(slots=True)
@@ -166,8 +196,10 @@ class SettleReply:
     cost_nano: int
     reserved_tokens: int
     reserved_cost_nano: int
+    alerts_at: int               # where the tail's alerts start
     limit_states: Sequence[int]  # a resize's limits: remaining, reset ms per limit
     others: bytes                # the reservation's other subjects (JSON list of tags)
+    alerts: bytes                # JSON array of the alerts the commit fired; b"" when none
 
 
 def _numbers(reply: bytes) -> tuple[tuple[int, ...], bytes]:
@@ -178,16 +210,20 @@ def _numbers(reply: bytes) -> tuple[tuple[int, ...], bytes]:
 
 def decode_reserve(reply: bytes) -> ReserveReply:
     n, tail = _numbers(reply)
+    at = n[7]
     return ReserveReply(ReserveStatus(n[0]), granted_output=n[1], expires_at_ms=n[2],
                         denied_limit=n[3], retry_after_ms=n[4], input_tokens=n[5],
-                        reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:], tail=tail)
+                        reserved_cost_nano=n[6], alerts_at=at,
+                        limit_states=n[REPLY_HEAD_SIZE:], tail=tail[:at], alerts=tail[at:])
 
 
 def decode_settle(reply: bytes) -> SettleReply:
     n, tail = _numbers(reply)
+    at = n[7]
     return SettleReply(SettleStatus(n[0]), input_tokens=n[1], cached_input_tokens=n[2],
                        output_tokens=n[3], cost_nano=n[4], reserved_tokens=n[5],
-                       reserved_cost_nano=n[6], limit_states=n[REPLY_HEAD_SIZE:], others=tail)
+                       reserved_cost_nano=n[6], alerts_at=at,
+                       limit_states=n[REPLY_HEAD_SIZE:], others=tail[:at], alerts=tail[at:])
 
 
 # -- the Lua side -----------------------------------------------------------------------------
@@ -212,6 +248,9 @@ def lua_constants() -> str:
         ints([(f"{fmt.name}_SIZE", fmt.size)])
     lines.append(f"local RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "
                  f"'{RECORD_RESERVED}', '{RECORD_COMMITTED}', '{RECORD_RELEASED}'")
+    lines.append("local RECORD_ALERTS_SEPARATOR = '\\n'")
+    ints([("PPM", PPM), ("ALERT_LIST_MAX_LEN", ALERT_LIST_MAX_LEN),
+          ("ALERT_LIST_TTL_MS", ALERT_LIST_TTL_MS)])
     ints([(f"REPLY_{name.upper()}", i + 1) for i, name in enumerate(RESERVE_REPLY)])
     ints([(f"SETTLED_{name.upper()}", i + 1) for i, name in enumerate(SETTLE_REPLY)])
     ints([("REPLY_HEAD_SIZE", REPLY_HEAD_SIZE)])

@@ -12,8 +12,9 @@ from ratelimitd.alerts import (
     recent_alerts,
     subject_alerts_key,
 )
-from ratelimitd.alerts.streams import EMIT_ALERT_LUA, OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
+from ratelimitd.alerts.streams import OUTBOX_KEY, SEEN_PREFIX, SUBJECT_MAX_LEN
 from ratelimitd.policy import Subject
+from ratelimitd.quota.library import shared_script
 
 U1 = Subject("user", "u1")
 
@@ -86,24 +87,24 @@ async def test_the_outbox_is_capped(redis_client):
 
 
 async def test_the_lua_helper_for_the_settle_script_appends_what_python_decodes(redis_client):
-    """EMIT_ALERT_LUA as the quota scripts will use it, with a budget of 17 digits."""
+    """lua/alerts.lua's emit_alert as the quota scripts use it, with a budget of 17 digits and
+    a subject id the hash tag escapes."""
     subject = Subject("user", "big{spender}")
     expected = Alert.cost_threshold(subject, "monthly_budget", 0.8, 8_000_000_000_000_001,
                                     10_000_000_000_000_000, 1_764_547_200_000, 1_764_550_000_123)
-    call = EMIT_ALERT_LUA + """
+    call = shared_script("""
         local n = {}
         for i = 1, #ARGV do n[i] = tonumber(ARGV[i]) or ARGV[i] end
-        return emit_alert(KEYS[1], n[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7],
-                          n[8], n[9], n[10], n[11], n[12], n[13])"""
+        return emit_alert(KEYS[1], KEYS[2], n[1], ARGV[2], ARGV[3], ARGV[4], n[5], n[6], n[7],
+                          n[8], n[9], n[10])""")
+    keys = (f"rl:{{{subject.tag}}}", subject_alerts_key(subject))
     reply = await redis_client.eval(
-        call, 1, subject_alerts_key(subject), expected.created_ms, "cost_threshold", "critical",
-        "user", subject.id, subject.tag, "monthly_budget", 800_000, expected.spend_nano,
-        expected.budget_nano, 0, 0, expected.period_start_ms)
+        call, 2, *keys, expected.created_ms, "cost_threshold", "critical", "monthly_budget",
+        800_000, expected.spend_nano, expected.budget_nano, 0, 0, expected.period_start_ms)
 
     assert decode_alert_json(reply) == expected
     assert await recent_alerts(redis_client, subject) == [expected]
     for _ in range(SUBJECT_MAX_LEN):  # the helper keeps as many as append_alert
-        await redis_client.eval(call, 1, subject_alerts_key(subject), expected.created_ms,
-                                "cost_threshold", "critical", "user", subject.id, subject.tag,
-                                "monthly_budget", 800_000, 1, 1, 0, 0, 0)
+        await redis_client.eval(call, 2, *keys, expected.created_ms, "cost_threshold",
+                                "critical", "monthly_budget", 800_000, 1, 1, 0, 0, 0)
     assert await redis_client.llen(subject_alerts_key(subject)) == SUBJECT_MAX_LEN

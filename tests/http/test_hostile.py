@@ -46,6 +46,7 @@ url = "{redis_url}"
 
 [tiers.t]
 requests_per_minute = 100000
+anomaly = false                        # one user calls far more than a new subject's baseline
 '''
 
 

@@ -84,13 +84,13 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     tokens = Limit("tokens_per_min", "user", "tokens", 1000, "sliding", window_ms=60_000)
     cap = Limit("requests_per_min", "user", "requests", 1, "sliding", window_ms=60_000)
     library = shipped_library()
-    keys = [2, "rl:{user:u1}", "rl:{user:u1}:r:abcdefghijklmnopqrstuvwx"]
+    keys = [3, "rl:{user:u1}", "rl:{user:u1}:r:abcdefghijklmnopqrstuvwx", "rl:{user:u1}:alerts"]
 
     def args(output_cap: int) -> list[object]:
         return [*keys, wire.RESERVE_ARGS.pack(clock(), wire.ReserveMode.RESERVE, 300_000, 100,
                                               output_cap, 16, PRICES.input, PRICES.cached_input,
                                               PRICES.output, 12345),
-                "[]", engine._specs_arg([tokens, cap]), "300000"]
+                "[]", engine._specs_arg([tokens, cap]), "300000", ""]
 
     granted = wire.decode_reserve(await engine.scripts.run(library.reserve, args(2000)))
     assert granted.status == wire.ReserveStatus.RESERVED

@@ -43,7 +43,8 @@ class RedisServer:
     """One redis-server on 127.0.0.1, no persistence, stopped by stop()."""
 
     def __init__(self, workdir: Path, extra: list[str] | None = None,
-                 password: str | None = None) -> None:
+                 password: str | None = None, wrapper: list[str] | None = None) -> None:
+        """`wrapper`: a command to run redis-server under (bench/: valgrind)."""
         self.port = free_port()
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -51,9 +52,10 @@ class RedisServer:
                 "--save", "", "--appendonly", "no", "--dir", str(workdir), *(extra or [])]
         if password is not None:
             args += ["--requirepass", password]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*(wrapper or []), *args], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.STDOUT)
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (60 if wrapper else 10)
         while True:
             try:
                 redis.Redis(port=self.port, password=password).ping()

@@ -1,0 +1,107 @@
+-- anomaly.lua: unusual use of one subject, noticed inside its reserve (the primary subject of
+-- a reserve only, and only when the engine sends ANOMALY_ARGS: tiers with `anomaly = false`
+-- send none). It adds no call: the state is K's field `n`, read by the same HMGET as the
+-- limits and written by the same HSET.
+--
+-- `n` = ANOMALY_STATE: the current hour (its index), the reserves it admitted, the commits it
+-- saw and their tokens (settle adds them), the two baselines, the active hours they have
+-- seen, and a bit per anomaly that alerted this hour. When an hour is over, its requests and
+-- its tokens per committed request become samples of the baselines: a moving average that
+-- weighs each active hour 1/BASELINE_WEIGHT, with a sample counted at most BASELINE_CLIP
+-- times the baseline, so the baseline follows slow growth (at most +12.5 % an active hour)
+-- and one burst barely moves it. Idle hours are no samples. A new subject starts at the
+-- configured defaults; until it has BASELINE_MIN_HOURS active hours, its baseline is never
+-- below them.
+--
+-- Checked at reserve: the reserve that would make the hour's admitted requests exceed
+-- request_factor x the baseline is a request_spike: the subject is blocked for block_ms
+-- (field `b`, as ratelimitd/guard/blocks.py writes it, reason "request_spike") and the call
+-- answers BLOCKED; a commit-fed average of tokens per request this hour (once it has
+-- TOKEN_MIN_SAMPLES commits) above token_factor x its baseline is a token_spike: an alert, no
+-- block. Each alerts once per subject and hour (the alerts' period is the hour's start).
+
+local HOUR_MS = 3600000
+local BASELINE_WEIGHT, BASELINE_CLIP, BASELINE_MIN_HOURS, TOKEN_MIN_SAMPLES = 8, 2, 24, 3
+-- hours_seen is one byte: it counts on only as far as this
+local MAX_HOURS_SEEN = 255
+-- K outlives its last reserve this long when it holds a baseline: a subject back after a
+-- few idle days keeps its history
+local ANOMALY_KEEP_MS = 691200000
+-- ANOMALY_STATE's entries, and the bits of its last one
+local A_HOUR, A_REQUESTS, A_COMMITS, A_TOKENS, A_BASE_REQUESTS, A_BASE_TOKENS = 1, 2, 3, 4, 5, 6
+local A_HOURS, A_ALERTED = 7, 8
+local REQUEST_SPIKE_BIT, TOKEN_SPIKE_BIT = 1, 2
+
+local function moved_average(baseline, sample)
+  return baseline + (min(sample, BASELINE_CLIP * baseline) - baseline) / BASELINE_WEIGHT
+end
+
+-- The state at `now` from `raw` (K's `n`; a new one from the defaults when absent), with an
+-- hour that is over folded into the baselines; false when absent and no defaults are given.
+local function anomaly_state(raw, now, default_requests, default_tokens)
+  local hour = floor(now / HOUR_MS)
+  local st
+  if raw and #raw == ANOMALY_STATE_SIZE then
+    st = {sunpack(ANOMALY_STATE_FORMAT, raw)}
+  elseif default_requests then
+    st = {hour, 0, 0, 0, default_requests, default_tokens, 0, 0}
+  else
+    return false
+  end
+  if st[A_HOUR] < hour then   -- (an hour ahead of `now`: Redis time stepped back; keep it)
+    if st[A_REQUESTS] > 0 then
+      st[A_BASE_REQUESTS] = moved_average(st[A_BASE_REQUESTS], st[A_REQUESTS])
+      st[A_HOURS] = min(st[A_HOURS] + 1, MAX_HOURS_SEEN)
+    end
+    if st[A_COMMITS] > 0 then
+      st[A_BASE_TOKENS] = moved_average(st[A_BASE_TOKENS], st[A_TOKENS] / st[A_COMMITS])
+    end
+    st[A_HOUR], st[A_REQUESTS], st[A_COMMITS], st[A_TOKENS], st[A_ALERTED] = hour, 0, 0, 0, 0
+  end
+  return st
+end
+
+local function pack_anomaly(st)
+  return spack(ANOMALY_STATE_FORMAT, unpack(st, 1, A_ALERTED))
+end
+
+local function baseline_of(learned, default, st)
+  if st[A_HOURS] < BASELINE_MIN_HOURS and learned < default then return default end
+  return learned
+end
+
+-- Whether the anomaly `bit` has alerted this hour; marks it when not.
+local function first_this_hour(st, bit)
+  if st[A_ALERTED] % (2 * bit) >= bit then return false end
+  st[A_ALERTED] = st[A_ALERTED] + bit
+  return true
+end
+
+-- Reserve: would admitting one more request this hour be a request spike? Returns the
+-- alert's JSON (false when it already alerted this hour) when it would, else nil.
+local function request_spike(K, AK, now, st, factor_ppm, default_requests)
+  local base = baseline_of(st[A_BASE_REQUESTS], default_requests, st)
+  local observed = st[A_REQUESTS] + 1
+  if observed * PPM <= factor_ppm * base then return nil end
+  if not first_this_hour(st, REQUEST_SPIKE_BIT) then return false end
+  return emit_alert(K, AK, now, 'request_spike', 'high', '', factor_ppm, 0, 0, observed,
+                    floor(base + 0.5), st[A_HOUR] * HOUR_MS)
+end
+
+-- Reserve, admitted: counts the request; returns a token spike's alert JSON, or false.
+local function count_request(K, AK, now, st, factor_ppm, default_tokens)
+  st[A_REQUESTS] = st[A_REQUESTS] + 1
+  local commits = st[A_COMMITS]
+  if commits < TOKEN_MIN_SAMPLES then return false end
+  local base = baseline_of(st[A_BASE_TOKENS], default_tokens, st)
+  if st[A_TOKENS] * PPM <= factor_ppm * base * commits then return false end
+  if not first_this_hour(st, TOKEN_SPIKE_BIT) then return false end
+  return emit_alert(K, AK, now, 'token_spike', 'medium', '', factor_ppm, 0, 0,
+                    floor(st[A_TOKENS] / commits + 0.5), floor(base + 0.5),
+                    st[A_HOUR] * HOUR_MS)
+end
+
+-- Settle, commit: the call's tokens count in the hour's average.
+local function count_commit(st, tokens)
+  st[A_COMMITS], st[A_TOKENS] = st[A_COMMITS] + 1, st[A_TOKENS] + tokens
+end
