@@ -112,6 +112,7 @@ def _check(config: Config, where: Where) -> None:
     if config.redis.mode == "sentinel" and not config.redis.url.startswith("redis+sentinel://"):
         raise where.at("redis.url").error(
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
+    _check_replicas_ack(config.redis, where.at("redis.replicas_ack"))
     if config.server.max_body_bytes < 1024:
         raise where.at("server.max_body_bytes").error("must be at least 1024")
     if not 1 <= config.abuse.ipv4_prefix <= 32:
@@ -123,6 +124,16 @@ def _check(config: Config, where: Where) -> None:
     if any(not 0 < t <= 1 for t in config.alerts.thresholds):
         raise where.at("alerts.thresholds").error("each threshold is a fraction in (0, 1]")
     _check_alerts(config.alerts, where.at("alerts"))
+
+
+def _check_replicas_ack(redis: RedisConfig, where: Where) -> None:
+    """A count of replicas to WAIT for; the embedded Redis has none, TLS is not pipelined."""
+    if not 0 <= redis.replicas_ack <= 16:
+        raise where.error("must be from 0 to 16 replicas")
+    if redis.replicas_ack and not redis.url:
+        raise where.error("the embedded Redis has no replicas: set [redis] url, or 0")
+    if redis.replicas_ack and redis.url.startswith("rediss://"):
+        raise where.error("is not supported over TLS (rediss://) yet: use 0")
 
 
 def _check_alerts(alerts: AlertsConfig, where: Where) -> None:

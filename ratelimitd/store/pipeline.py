@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import hiredis
@@ -91,6 +91,12 @@ class _PipelineProtocol(asyncio.Protocol):
                 self.fail(StoreUnavailable("Redis sent a reply nobody asked for"))
                 return
             future = self._waiting.popleft()
+            if isinstance(reply, StoreReplyError) and str(reply).startswith("READONLY"):
+                # the server became a replica (a failover): this connection is done for, and
+                # the next call connects anew, to the primary of the moment where it is located
+                self._waiting.appendleft(future)
+                self.fail(reply)
+                return
             if future.done():
                 continue
             if isinstance(reply, StoreReplyError):
@@ -117,12 +123,16 @@ class PipelinedConnection:
 
     timeout_s bounds each write's replies; past it, or when the connection drops, every
     waiting call fails with StoreUnavailable and the next call connects again. At most
-    max_in_flight calls wait at once; one more fails at once.
+    max_in_flight calls wait at once; one more fails at once. `locate`, when given, names the
+    (host, port) to connect to at each connection (Sentinel's primary of the moment); the url
+    then gives only the credentials and db.
     """
 
     def __init__(self, url: str, timeout_s: float | None,
-                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT,
+                 locate: Callable[[], Awaitable[tuple[str, int]]] | None = None) -> None:
         self._params = parse_url(url)
+        self._locate = locate
         self._timeout_s = timeout_s
         self._max_in_flight = max_in_flight
         self._protocol: _PipelineProtocol | None = None
@@ -149,6 +159,9 @@ class PipelinedConnection:
             protocol: _PipelineProtocol | None = None
             try:
                 async with asyncio.timeout(self._timeout_s):
+                    if self._locate is not None:
+                        host, port = await self._locate()
+                        params = {**params, "host": host, "port": port}
                     if "path" in params:
                         _, protocol = await loop.create_unix_connection(factory, params["path"])
                     else:
