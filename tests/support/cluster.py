@@ -229,6 +229,14 @@ class SentinelGroup:
             "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.SERVICE)
         return int(reply[1])
 
+    def restart(self, server: RedisServer) -> None:
+        """Starts a killed server again on its port; the sentinels make it a replica of the
+        primary of the moment."""
+        server.proc = subprocess.Popen(
+            [redis_binary(), "--port", str(server.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(server.workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
     def stop(self) -> None:
         for proc in [*self.sentinels, self.primary.proc, self.replica.proc]:
             if proc.poll() is None:
