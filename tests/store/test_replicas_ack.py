@@ -16,6 +16,7 @@ from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.connect import open_store
 from ratelimitd.store.replication import SETTLE_SUFFIX
+from tests.support.cluster import wait_until
 from tests.support.quota import rq, tier_plan
 from tests.support.redis_servers import RedisServer
 
@@ -43,10 +44,8 @@ async def test_a_commit_no_replica_acknowledged_is_an_error_and_a_retry_complete
         assert time.monotonic() - started < 0.4 + 0.05       # bounded by the timeout
         replica = RedisServer(tmp_path / "replica",
                               extra=["--replicaof", "127.0.0.1", str(primary.port)])
-        deadline = time.monotonic() + 10
-        while redis.Redis(port=replica.port).info("replication")["master_link_status"] != "up":
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: redis.Redis(port=replica.port).info("replication")
+                   ["master_link_status"] == "up", 10, "the replica to sync")
         # the gateway's retry: the commit was applied on the primary, now it is acknowledged
         retried = await engine.commit(reserved.reservation_id, 10, 5)
         assert retried.status == "duplicate"
