@@ -118,7 +118,7 @@ class LocalCluster:
         wait_until(ok, seconds, "the cluster to be ok")
 
     def primary_of(self, key: str) -> RedisServer:
-        slot = int(self.client(self.primaries[0]).execute_command("CLUSTER", "KEYSLOT", key))
+        slot = self.slot_of(key)
         for node in self.nodes:
             if node.proc.poll() is not None:
                 continue
@@ -154,7 +154,8 @@ class LocalCluster:
         return node
 
     def slot_of(self, key: str) -> int:
-        return int(self.client(self.primaries[0]).execute_command("CLUSTER", "KEYSLOT", key))
+        live = next(n for n in self.nodes if n.proc.poll() is None)
+        return int(self.client(live).execute_command("CLUSTER", "KEYSLOT", key))
 
     def flushall(self) -> None:
         for node in self.primaries:
