@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -16,10 +17,12 @@ RATELIMITD = Path(sys.executable).parent / "ratelimitd"
 
 class DaemonProcess:
     """One `ratelimitd serve` on a free loopback port with `redis_toml` as its [redis]
-    section and `rest` appended to its config; stderr goes to a log file."""
+    section and `rest` appended to its config; stderr goes to a log file. `priority` > 0
+    raises its scheduling priority (a lower nice value; needs root) for tests that time its
+    answers on a machine shared with other work."""
 
     def __init__(self, workdir: Path, redis_toml: str, rest: str = "", *args: str,
-                 name: str = "daemon") -> None:
+                 name: str = "daemon", priority: int = 0) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -28,9 +31,10 @@ class DaemonProcess:
                           f"[redis]\n{redis_toml}\n{rest}")
         self.log_path = workdir / f"{name}.log"
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen([str(RATELIMITD), "serve", "--config", str(config),
-                                          *args], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [str(RATELIMITD), "serve", "--config", str(config), *args],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=(lambda: os.nice(-priority)) if priority else None)
 
     def wait_ready(self, seconds: float = 45) -> None:
         """Until /readyz answers 200 (Redis reachable, library loaded)."""
