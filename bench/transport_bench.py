@@ -5,7 +5,10 @@ valkey-glide (Rust core, multiplexed, cluster-aware), on a standalone Redis and 
 Each side drives the real quota engine (reserve + commit of the free-tier-shaped bench tier,
 4 limits) with `--concurrency` concurrent callers for `--pairs` pairs, and reports pairs/s and
 the client process's CPU time per pair (what the daemon pays per decision, the figure that
-matters for a daemon that is CPU-bound). Rounds alternate the four sides so machine noise hits
+matters for a daemon that is CPU-bound; glide's Rust threads count, as they run in the
+process). The standalone Redis has a replica, and one more side waits for it after each
+settle (`[redis] replicas_ack = 1`): the cost of durable commits.
+Rounds alternate the sides so machine noise hits
 them alike; every round is printed. Redis and the client share the machine's cores.
 
 Usage: python bench/transport_bench.py [--pairs 20000] [--concurrency 64] [--rounds 3]
@@ -41,6 +44,7 @@ from ratelimitd.policy import Identity, Prices, Tier, plan, shorthand_limits  # 
 from ratelimitd.quota.engine import Engine, ReserveRequest  # noqa: E402
 from ratelimitd.store.cluster import ClusterTransport  # noqa: E402
 from ratelimitd.store.pipeline import PipelinedConnection  # noqa: E402
+from ratelimitd.store.replication import ReplicaAck  # noqa: E402
 from ratelimitd.store.transport import PipeTransport, Transport  # noqa: E402
 from tests.support.cluster import LocalCluster  # noqa: E402
 from tests.support.redis_servers import RedisServer  # noqa: E402
@@ -118,6 +122,10 @@ def sides(standalone: RedisServer, cluster: LocalCluster) -> dict[str, Side]:
     async def pipe() -> Transport:
         return PipeTransport(PipelinedConnection(standalone.url, 5.0), 5.0)
 
+    async def pipe_acked() -> Transport:
+        return PipeTransport(PipelinedConnection(standalone.url, 5.0), 5.0,
+                             ReplicaAck.for_timeout(1, 1000))
+
     async def glide_standalone() -> Transport:
         return GlideTransport(await GlideClient.create(GlideClientConfiguration(
             [NodeAddress("127.0.0.1", standalone.port)], request_timeout=5000,
@@ -132,6 +140,7 @@ def sides(standalone: RedisServer, cluster: LocalCluster) -> dict[str, Side]:
             protocol=ProtocolVersion.RESP2)))
 
     return {"pipelined, standalone": pipe, "glide, standalone": glide_standalone,
+            "pipelined, standalone, replicas_ack = 1": pipe_acked,
             "pipelined per primary, cluster": ours_cluster, "glide, cluster": glide_cluster}
 
 
@@ -165,10 +174,14 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         standalone = RedisServer(Path(tmp) / "standalone")
+        # every standalone side runs with one replica attached (replicas_ack = 1 waits for it)
+        replica = RedisServer(Path(tmp) / "replica",
+                              extra=["--replicaof", "127.0.0.1", str(standalone.port)])
         cluster = LocalCluster(Path(tmp) / "cluster", primaries=3)
         try:
             uvloop.run(main_async(args, standalone, cluster))
         finally:
+            replica.stop()
             standalone.stop()
             cluster.stop()
 
