@@ -69,6 +69,29 @@ async def test_a_moved_slot_is_followed_and_its_state_kept(
     cluster.move_slot(slot, target, source)                       # as it was, for the others
 
 
+async def test_a_slot_mid_migration_is_served_behind_asking(
+        cluster: LocalCluster, engine: Engine) -> None:
+    p = per_minute(3, "migrant")
+    key = "rl:{user:migrant}"
+    assert (await engine.reserve(rq(p))).allowed
+    source = cluster.primary_of(key)
+    target = next(n for n in cluster.primaries if n is not source)
+    slot = cluster.slot_of(key)
+    cluster.start_migration(slot, source, target)
+    transport = engine.scripts.transport
+    try:
+        # the source still owns the slot but no longer has the key: it answers ASK, and the
+        # call goes to the target once, behind ASKING
+        assert await transport.execute("EXISTS", key) == 1
+        assert cluster.client(source).execute_command("CLUSTER", "COUNTKEYSINSLOT", slot) == 0
+    finally:
+        cluster.finish_migration(slot, source, target)
+    # (a reserve touches its state and a new record: mid-migration Redis answers TRYAGAIN to
+    # such a call until the slot has moved; once it has, the state carried over)
+    results = [await engine.reserve(rq(p)) for _ in range(3)]
+    assert [r.allowed for r in results] == [True, True, False]
+
+
 async def test_a_new_primary_gets_the_library_and_serves_its_slots(
         cluster: LocalCluster, engine: Engine, tmp_path: Path) -> None:
     p = per_minute(2, "newcomer")

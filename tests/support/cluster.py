@@ -130,6 +130,12 @@ class LocalCluster:
     def move_slot(self, slot: int, source: RedisServer, target: RedisServer) -> None:
         """Reshards one slot the way redis-cli does: IMPORTING / MIGRATING, MIGRATE every key,
         then SETSLOT NODE on every primary."""
+        self.start_migration(slot, source, target)
+        self.finish_migration(slot, source, target)
+
+    def start_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        """The first half of a resharding: the slot's keys moved, its owner not yet changed
+        (the source answers ASK for keys it no longer has)."""
         src, dst = self.client(source), self.client(target)
         src_id = src.execute_command("CLUSTER", "MYID")
         dst_id = dst.execute_command("CLUSTER", "MYID")
@@ -137,6 +143,9 @@ class LocalCluster:
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
         while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
             src.execute_command("MIGRATE", "127.0.0.1", target.port, "", 0, 5000, "KEYS", *keys)
+
+    def finish_migration(self, slot: int, source: RedisServer, target: RedisServer) -> None:
+        dst_id = self.client(target).execute_command("CLUSTER", "MYID")
         for node in [target, source, *self.primaries]:
             if node.proc.poll() is None and self._is_primary(node):
                 # a primary left without slots turns into a replica of their new owner
