@@ -6,11 +6,13 @@ asyncio pipeline (docs/performance.md), which does much more per batch (command 
 retries, a pooled connection each). Failures are StoreUnavailable (an error reply:
 StoreReplyError), never a driver's exception.
 
-Once a connection fails (a timeout, a lost socket, READONLY after a failover), calls fail at
-once until a new connection has answered PING, which a background task tries without pause
-(RECONNECT_PAUSE_S after a failed try): a request never waits out one timeout after
-another while Redis is down, slow or cut off (each call is bounded by timeout_ms, however many
-calls a request makes), and service resumes by itself as soon as Redis answers.
+Once Redis fails to answer in time (a stalled server, a partition: a reply or a connection
+that did not come within the timeout), calls fail at once until a new connection has answered
+PING, which a background task tries again and again (RECONNECT_PAUSE_S after each failed try):
+a request never waits out one timeout after another (each call is bounded by timeout_ms,
+however many calls a request makes), and service resumes by itself as soon as Redis answers.
+A refused or dropped connection (Redis down or restarting, READONLY after a failover) costs
+no wait, so there the next call simply connects again.
 """
 
 from __future__ import annotations
@@ -183,7 +185,11 @@ class PipelinedConnection:
         async with self._lock:
             if self._protocol is not None and not self._protocol.closed:
                 return self._protocol
-            self._protocol = protocol = await self._open()
+            try:
+                self._protocol = protocol = await self._open()
+            except StoreUnavailable as exc:
+                self._lost(exc)
+                raise
             return protocol
 
     async def _open(self) -> _PipelineProtocol:
@@ -213,14 +219,18 @@ class PipelinedConnection:
         return protocol
 
     def _lost(self, error: StoreUnavailable) -> None:
-        """A connection failed: reconnect in the background; calls fail at once meanwhile."""
-        if self._closed or (self._probe is not None and not self._probe.done()):
+        """A connection failed. After a timeout, reconnect in the background and fail calls
+        at once meanwhile; after a refused or dropped connection, the next call connects
+        again itself (which fails at once while Redis is down)."""
+        if (not error.timeout or self._closed
+                or (self._probe is not None and not self._probe.done())):
             return
         self._down = error
         self._probe = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
-        """Opens connections until one answers PING within the timeout; then calls use it."""
+        """Opens connections until one answers PING within the timeout; then calls use it.
+        A connection refused or dropped (not slow) hands connecting back to the calls."""
         while not self._closed:
             protocol: _PipelineProtocol | None = None
             try:
@@ -228,9 +238,13 @@ class PipelinedConnection:
                 async with asyncio.timeout(self._timeout_s):
                     await protocol.send(("PING",))
             except (StoreUnavailable, TimeoutError) as exc:
-                self._down = exc if isinstance(exc, StoreUnavailable) else _timed_out()
+                failure = exc if isinstance(exc, StoreUnavailable) else _timed_out()
                 if protocol is not None:
-                    protocol.fail(self._down)
+                    protocol.fail(failure)
+                if not failure.timeout:
+                    self._down = None
+                    return
+                self._down = failure
                 await asyncio.sleep(RECONNECT_PAUSE_S)
                 continue
             self._protocol, self._down = protocol, None
