@@ -1,0 +1,136 @@
+"""Alerts in Redis: each subject's recent alerts, and the outbox stream webhooks read.
+
+Two keys, because a quota script may only touch keys of its subject's hash slot:
+
+- `rl:{<tag>}:alerts`, one per subject, in the subject's slot: a list, newest first, of its
+  last SUBJECT_MAX_LEN alerts, each the flat field/value pairs of record.py as a JSON array of
+  strings. The settle (and reserve) Lua pushes each alert it decides here, atomically with the
+  spend that crossed the threshold: the record that makes an alert fire exactly once, and what
+  the usage API reads (`recent_alerts`). It expires SUBJECT_TTL_MS after its newest alert, so
+  an idle subject leaves nothing behind. A list and not a stream: measured on Redis 7.0, a
+  stream holding one alert takes 4 728 bytes (streams preallocate a 4 KB node), a list 512,
+  and three alerts 1 152; most subjects that alert at all have a few.
+- `rl:{alerts}:outbox`, one stream for the whole deployment, in a slot of its own. The daemon
+  that got the alerts in a script's reply appends them here (`Outbox.forward`), at least once,
+  and each webhook's consumer group reads it (delivery.py). The append is idempotent: a marker
+  key `rl:{alerts}:seen:<alert id>` (same slot) is set with the entry, so the same alert
+  forwarded again (a repeated commit answers the same alerts) is not appended twice.
+
+`append_alert` does what the Lua does, as a script of its own: for tests, and for producers
+that are not quota scripts. EMIT_ALERT_LUA is the helper the quota scripts use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from redis.exceptions import ResponseError
+
+from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
+from ratelimitd.policy import Subject
+from ratelimitd.store.connect import RedisClient
+
+OUTBOX_KEY: Final = "rl:{alerts}:outbox"
+SEEN_PREFIX: Final = "rl:{alerts}:seen:"
+SUBJECT_MAX_LEN: Final = 20               # a subject's alerts kept, and the most a reader gets
+SUBJECT_TTL_MS: Final = 40 * 86_400_000    # past a month's budget period
+# How long a forwarded alert's marker lives: longer than a settled reservation answers repeats
+# (2 x [reservations] ttl_s), so a repeated commit never appends it again. ~100 bytes each.
+SEEN_TTL_MS: Final = 86_400_000
+
+# KEYS[1] the subject's list; ARGV[1] its cap, ARGV[2] its ttl (ms), ARGV[3..] the fields.
+APPEND_LUA: Final = """
+redis.call('LPUSH', KEYS[1], cjson.encode({unpack(ARGV, 3)}))
+redis.call('LTRIM', KEYS[1], 0, ARGV[1] - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+# The settle (and reserve) Lua's helper, to paste into the library: pushes one alert to the
+# subject's list (declared among the call's KEYS: same slot) and returns what it pushed, the
+# JSON array of its field/value strings, for the script's reply and the settled record (the
+# daemon decodes it with record.decode_alert_json). Integers go through string.format('%d'):
+# Lua's own number to text conversion keeps 14 digits, and a budget in nano-USD has up to 17.
+# tests/alerts/test_streams.py runs it as written.
+EMIT_ALERT_LUA: Final = """
+local function emit_alert(key, now, kind, severity, scope, sid, tag, limit, ppm, spend, budget,
+                          observed, baseline, period_start)
+  local function int(n) return string.format('%d', n) end
+  local id = 'alt_' .. redis.sha1hex(kind .. '\\n' .. tag .. '\\n' .. limit .. '\\n'
+                                     .. int(period_start) .. '\\n' .. int(ppm)):sub(1, 24)
+  local fields = {'v', '1', 'id', id, 'kind', kind, 'severity', severity, 'scope', scope,
+                  'sid', sid, 'limit', limit, 'threshold_ppm', int(ppm),
+                  'spend_nano', int(spend), 'budget_nano', int(budget),
+                  'observed', int(observed), 'baseline', int(baseline),
+                  'period_start_ms', int(period_start), 'created_ms', int(now)}
+  local encoded = cjson.encode(fields)
+  redis.call('LPUSH', key, encoded)
+  redis.call('LTRIM', key, 0, 19)
+  redis.call('PEXPIRE', key, 3456000000)
+  return encoded
+end
+"""
+# KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
+# ARGV[3..] the fields. Returns the entry id, or false when the alert was forwarded before.
+FORWARD_LUA: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
+"""
+
+
+def subject_alerts_key(subject: Subject) -> str:
+    return f"rl:{{{subject.tag}}}:alerts"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def append_alert(redis: RedisClient, alert: Alert, max_len: int = SUBJECT_MAX_LEN,
+                       ttl_ms: int = SUBJECT_TTL_MS) -> None:
+    """Pushes `alert` to its subject's recent alerts, keeping the last `max_len`. It decides
+    nothing: exactly once is the caller's business (the quota script's)."""
+    script = redis.register_script(APPEND_LUA)
+    await script(keys=[subject_alerts_key(alert.subject)],
+                 args=[max_len, ttl_ms, *alert.fields()])
+
+
+async def recent_alerts(redis: RedisClient, subject: Subject,
+                        count: int = SUBJECT_MAX_LEN) -> list[Alert]:
+    """The subject's latest alerts, newest first, at most `count` (1 to SUBJECT_MAX_LEN). An
+    entry that does not decode (written by a newer version) is left out."""
+    count = max(1, min(count, SUBJECT_MAX_LEN))
+    alerts = []
+    for raw in await redis.lrange(subject_alerts_key(subject), 0, count - 1):
+        try:
+            alerts.append(decode_alert_json(raw))
+        except AlertDecodeError:
+            continue
+    return alerts
+
+
+class Outbox:
+    """The deployment-wide outbox stream, capped at `max_len` entries (MAXLEN ~)."""
+
+    def __init__(self, redis: RedisClient, max_len: int, seen_ttl_ms: int = SEEN_TTL_MS) -> None:
+        self.redis = redis
+        self.key = OUTBOX_KEY
+        self.max_len = max_len
+        self._seen_ttl_ms = seen_ttl_ms
+        self._script = redis.register_script(FORWARD_LUA)
+
+    async def forward(self, alert: Alert) -> bool:
+        """Appends `alert` unless it was forwarded before: True when appended."""
+        entry = await self._script(keys=[self.key, SEEN_PREFIX + alert.id],
+                                   args=[self._seen_ttl_ms, self.max_len, *alert.fields()])
+        return entry is not None
+
+    async def backlog(self) -> dict[str, tuple[int, int | None]]:
+        """Per consumer group (one per webhook): entries read but not acknowledged, and
+        entries not read yet (None when Redis cannot tell, after a trim)."""
+        try:
+            groups = await self.redis.xinfo_groups(self.key)
+        except ResponseError as exc:  # no stream yet: nothing is waiting
+            if "no such key" in str(exc).lower():
+                return {}
+            raise
+        return {_text(g["name"]): (int(g["pending"]), None if g.get("lag") is None
+                                   else int(g["lag"])) for g in groups}

@@ -1,0 +1,111 @@
+"""The server-side pepper: the HMAC key under which Redis stores every API key.
+
+Read from the environment variable RATELIMITD_KEY_PEPPER, else from the systemd credential file
+`$CREDENTIALS_DIRECTORY/key_pepper`. Redis never holds a key, only HMAC-SHA256(pepper, key), so
+a copy of Redis (a backup, a replica, a MONITOR) cannot be replayed as keys, and without the
+pepper the hashes cannot be brute-forced offline either. Key ids and signing secrets are derived
+from the pepper too (domain-separated HMACs), so they need no storage of their own.
+
+No pepper is not an error here: `load_pepper` answers None and key features stay off, while the
+rest of the daemon works (a KeyStore cannot be built without a Pepper).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final
+
+from ratelimitd.keys.format import base62
+
+PEPPER_ENV: Final = "RATELIMITD_KEY_PEPPER"
+PEPPER_CREDENTIAL: Final = "key_pepper"
+MIN_PEPPER_BYTES: Final = 32
+KEY_ID_PREFIX: Final = "key_"
+KEY_ID_CHARS: Final = 17            # 96 bits in base62
+SIGNING_SECRET_PREFIX: Final = "rls_"  # noqa: S105 - a prefix, not a secret
+
+
+class PepperError(ValueError):
+    """The pepper is configured but unusable (too short, unreadable)."""
+
+
+class Pepper:
+    """The pepper and what is derived from it. Its repr never shows it."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < MIN_PEPPER_BYTES:
+            raise PepperError(f"the key pepper must be at least {MIN_PEPPER_BYTES} bytes "
+                              f"(generate one with: openssl rand -hex 32)")
+        # keyed once; each use copies it (saves re-keying on the hot path)
+        self._mac = hmac.new(secret, digestmod=hashlib.sha256)
+
+    def __repr__(self) -> str:
+        return "Pepper(<hidden>)"
+
+    def _hmac(self, *parts: bytes) -> bytes:
+        mac = self._mac.copy()
+        mac.update(b"\0".join(parts))
+        return mac.digest()
+
+    def key_hash(self, api_key: str) -> str:
+        """HMAC-SHA256(pepper, key) in hex: all Redis learns of a key."""
+        mac = self._mac.copy()
+        mac.update(api_key.encode())
+        return mac.hexdigest()
+
+    def key_id(self, api_key: str) -> str:
+        """The key's id: a 96-bit HMAC of the key under its own label, so a resolve finds the
+        key's record (and its Redis slot) in one lookup. Without the pepper it says nothing
+        about the key."""
+        number = int.from_bytes(self._hmac(b"key-id", api_key.encode())[:12], "big")
+        return KEY_ID_PREFIX + base62(number, KEY_ID_CHARS)
+
+    def signing_secret(self, key_id: str, seed: str) -> str:
+        """The key's signing secret: derived, so Redis keeps only the random seed."""
+        return SIGNING_SECRET_PREFIX + self._hmac(b"sign", key_id.encode(), seed.encode()).hex()
+
+
+
+def load_pepper(environ: Mapping[str, str] | None = None) -> Pepper | None:
+    """The configured pepper, or None when neither source is set."""
+    env = os.environ if environ is None else environ
+    value = env.get(PEPPER_ENV, "")
+    if value:
+        return Pepper(value.encode())
+    directory = env.get("CREDENTIALS_DIRECTORY", "")
+    if not directory:
+        return None
+    path = Path(directory) / PEPPER_CREDENTIAL
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise PepperError(f"cannot read the key pepper {path}: {exc.strerror}") from exc
+    # the file as written by `echo`/`systemd-creds`: a trailing newline is not part of it
+    return Pepper(data.rstrip(b"\r\n"))
+
+
+class KeysUnavailableError(RuntimeError):
+    """A key feature was used on a daemon that has no pepper (suggested answer: 503
+    keys_unavailable); everything that needs no key still works."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"API keys are not available: this daemon has no key pepper; set {PEPPER_ENV} "
+            f"(at least {MIN_PEPPER_BYTES} bytes, e.g. `openssl rand -hex 32`) or the systemd "
+            f"credential {PEPPER_CREDENTIAL}, the same on every daemon")
+
+
+def require_pepper(environ: Mapping[str, str] | None = None) -> Pepper:
+    """The configured pepper, or KeysUnavailableError."""
+    pepper = load_pepper(environ)
+    if pepper is None:
+        raise KeysUnavailableError
+    return pepper

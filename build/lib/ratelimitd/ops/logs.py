@@ -1,0 +1,268 @@
+"""Logs: JSON lines on stderr, a request id in every line about a request, no secret ever.
+
+- `setup_logging()` puts one handler on the root logger: `JsonFormatter` (one object per line:
+  ts, level, logger, msg, request_id when known, the record's extra fields, exc) behind a
+  `RedactingFilter`. journald keeps stderr as it is, one entry per line.
+- `request_scope(header)` binds a request id for the duration of one request: the caller's
+  `X-Request-Id` when it is a sane token, else a new one. Return it in the answer's header.
+- `JsonAccessLogger` is aiohttp's access log as JSON lines; pass it to AppRunner, or pass
+  `access_log=None` to switch the access log off (`access_log_options`).
+- `ThrottledLog` keeps noisy lines (malformed requests from one broken client) to N a minute
+  per kind, then says how many it left out.
+
+Redaction is the safety net, not the policy: code should not log secrets in the first place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import IO, Any, Final
+
+import orjson
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web import BaseRequest, StreamResponse
+
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+# A caller's id is kept when it is a plain token of reasonable length; anything else (spaces,
+# quotes, control characters, 200 bytes of junk) could forge or bloat log lines: a new one then.
+_SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+# Context-local (one value per asyncio task), not process state.
+request_id_var: ContextVar[str | None] = ContextVar("ratelimitd_request_id", default=None)
+
+REDACTED: Final = "[redacted]"
+_BEARER: Final = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_API_KEY: Final = re.compile(r"\brlk_[A-Za-z0-9_-]+")  # our API keys and signing secrets
+# every pattern below needs one of these words (in lower case) to match
+_HINT: Final = re.compile("bearer|basic|rlk_|api_key|signing_secret|signature|secret|token|"
+                          "password|pepper|authorization")
+# "name": "value" or name=value for fields that hold secrets
+_SECRET_FIELD: Final = re.compile(
+    r"""(?i)(["']?\b(?:api_key|signing_secret|signature|secret|token|service_tokens?|"""
+    r"""admin_tokens?|password|pepper|authorization)["']?\s*[:=]\s*)(["']?)[^"',}\s]+""")
+_LONG_HEX: Final = re.compile(r"\b[0-9a-fA-F]{64,}\b")  # an HMAC-SHA256 quoted out of context
+_SECRET_FIELDS: Final = frozenset({"api_key", "authorization", "signature", "signing_secret",
+                                   "token", "service_token", "admin_token", "password",
+                                   "pepper", "secret"})
+# LogRecord's own attributes: everything else on a record came in through `extra=`
+_RECORD_FIELDS: Final = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName"}
+
+
+def redact(text: str) -> str:
+    """Whatever looks like a secret, replaced. One search for a hint first: most lines hold
+    none, and a line must cost microseconds (the access log writes one per request)."""
+    if len(text) < 64 and _HINT.search(text.lower()) is None:
+        return text
+    text = _BEARER.sub(r"\1 " + REDACTED, text)
+    text = _API_KEY.sub("rlk_" + REDACTED, text)
+    text = _SECRET_FIELD.sub(r"\1\2" + REDACTED, text)
+    return _LONG_HEX.sub(REDACTED, text)
+
+
+def _redact_value(name: str, value: Any) -> Any:
+    if name.lower() in _SECRET_FIELDS:
+        return REDACTED
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(name, v) for v in value]
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """On the handler: the message (formatted with its arguments), every extra field and the
+    traceback lose whatever looks like a secret before any formatter sees them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        fields = vars(record)
+        for name, value in fields.items():
+            if name not in _RECORD_FIELDS and not isinstance(value, int | float):
+                fields[name] = _redact_value(name, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ms), level, logger, msg, request_id, extras, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = request_id_var.get()
+        if request_id is not None:
+            line["request_id"] = request_id
+        for name, value in vars(record).items():
+            if name not in _RECORD_FIELDS:
+                line.setdefault(name, value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exc"] = record.exc_text
+        return orjson.dumps(line, default=str).decode()
+
+
+def setup_logging(level: int | str = logging.INFO, stream: IO[str] | None = None
+                  ) -> logging.Handler:
+    """JSON lines on stderr (or `stream`) for every logger; replaces earlier handlers of the
+    root logger so no line is written twice or in another format."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(RedactingFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    return handler
+
+
+# -- request ids --------------------------------------------------------------------------------
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def request_id_from(header: str | None) -> str:
+    """The caller's X-Request-Id when sane (and not one of our keys pasted by mistake), else
+    a new one."""
+    if (header is not None and _SANE_REQUEST_ID.fullmatch(header)
+            and not header.startswith("rlk_")):
+        return header
+    return new_request_id()
+
+
+@contextlib.contextmanager
+def request_scope(header: str | None) -> Iterator[str]:
+    """Binds the request id for every line logged inside; yields it for the answer's header.
+
+    Reset on exit: aiohttp serves a keep-alive connection's requests in one task, so the next
+    request on it must not inherit this id."""
+    request_id = request_id_from(header)
+    token = request_id_var.set(request_id)
+    try:
+        yield request_id
+    finally:
+        request_id_var.reset(token)
+
+
+# -- access log ---------------------------------------------------------------------------------
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """aiohttp's access log, one JSON line per answer, with the request id of the answer's
+    X-Request-Id header. The path is logged without its query string (admin calls carry ids
+    there); the Authorization header is never read."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        token = request_id_var.set(request_id) if request_id else None
+        try:
+            self.logger.info("%s %s %d", request.method, request.path, response.status,
+                             extra={"method": request.method, "path": request.path,
+                                    "status": response.status,
+                                    "duration_ms": round(time * 1000, 3),
+                                    "bytes": response.body_length, "remote": request.remote})
+        finally:
+            if token is not None:
+                request_id_var.reset(token)
+
+
+def access_log_options(enabled: bool) -> dict[str, Any]:
+    """Keyword arguments for web.AppRunner: the JSON access log, or none at all (a line per
+    request costs a few µs, and some operators log at the gateway instead)."""
+    if not enabled:
+        return {"access_log": None}
+    return {"access_log": logging.getLogger("ratelimitd.access"),
+            "access_log_class": JsonAccessLogger}
+
+
+# -- noisy lines --------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Window:
+    started: float
+    logged: int = 0
+    suppressed: int = 0
+
+
+class ThrottledLog:
+    """At most `per_window` lines per kind (a fixed string chosen by the code, such as
+    "malformed_request") every `window_s` seconds; the lines past it are counted, and one
+    summary line says how many were left out, when the next line of that kind arrives after
+    the window or on flush() (which `run()` calls every window)."""
+
+    def __init__(self, logger: logging.Logger, per_window: int = 10, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.logger = logger
+        self.per_window = per_window
+        self.window_s = window_s
+        self.clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args: object, **fields: Any) -> bool:
+        """Logs unless this kind is over its allowance; True when the line was written."""
+        now = self.clock()
+        window = self._windows.get(kind)
+        if window is None or now - window.started >= self.window_s:
+            if window is not None:
+                self._summarize(kind, window)
+            window = self._windows[kind] = _Window(now)
+        if window.logged >= self.per_window:
+            window.suppressed += 1
+            return False
+        window.logged += 1
+        self.logger.log(level, msg, *args, extra={"kind": kind, **fields})
+        return True
+
+    def warning(self, kind: str, msg: str, *args: object, **fields: Any) -> bool:
+        return self.log(logging.WARNING, kind, msg, *args, **fields)
+
+    def flush(self) -> None:
+        """Summarizes the windows that are over (all of them when the daemon stops)."""
+        now = self.clock()
+        for kind, window in list(self._windows.items()):
+            if now - window.started >= self.window_s:
+                self._summarize(kind, window)
+                del self._windows[kind]
+
+    def flush_all(self) -> None:
+        for kind, window in self._windows.items():
+            self._summarize(kind, window)
+        self._windows.clear()
+
+    async def run(self) -> None:
+        """Summaries even when a kind goes quiet: flush() every window until cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(self.window_s)
+                self.flush()
+        finally:
+            self.flush_all()
+
+    def _summarize(self, kind: str, window: _Window) -> None:
+        if window.suppressed:
+            self.logger.warning(
+                "%d more %s lines left out (at most %d every %g s)", window.suppressed, kind,
+                self.per_window, self.window_s,
+                extra={"kind": kind, "suppressed": window.suppressed})
+            window.suppressed = 0
