@@ -20,7 +20,6 @@ from aiohttp import web
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
-from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, state_directory
 
@@ -79,7 +78,6 @@ def run(config: Config, workers: int) -> int:
         if workers == 1:
             _serve(config, redis_url, sockets, share_port=False)
         else:
-            prepare_fork(config)  # shared pages: docs/performance.md, "Memory per worker"
             status = _supervise(config, redis_url, sockets, workers)
     finally:
         if embedded is not None:

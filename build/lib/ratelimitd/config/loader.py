@@ -9,7 +9,6 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratelimitd.config import tiers as tier_tables
@@ -112,59 +111,10 @@ def _check(config: Config, where: Where) -> None:
     if config.redis.mode == "sentinel" and not config.redis.url.startswith("redis+sentinel://"):
         raise where.at("redis.url").error(
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
-    _check_replicas_ack(config.redis, where.at("redis.replicas_ack"))
     if config.server.max_body_bytes < 1024:
         raise where.at("server.max_body_bytes").error("must be at least 1024")
-    if not 1 <= config.abuse.ipv4_prefix <= 32:
-        raise where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
-    if not 1 <= config.abuse.ipv6_prefix <= 128:
-        raise where.at("abuse.ipv6_prefix").error("must be from 1 to 128")
-    if config.abuse.block_s < 1:
-        raise where.at("abuse.block_s").error("must be at least 1 second")
     if any(not 0 < t <= 1 for t in config.alerts.thresholds):
         raise where.at("alerts.thresholds").error("each threshold is a fraction in (0, 1]")
-    _check_alerts(config.alerts, where.at("alerts"))
-
-
-def _check_replicas_ack(redis: RedisConfig, where: Where) -> None:
-    """A count of replicas to WAIT for; the embedded Redis has none, TLS is not pipelined."""
-    if not 0 <= redis.replicas_ack <= 16:
-        raise where.error("must be from 0 to 16 replicas")
-    if redis.replicas_ack and not redis.url:
-        raise where.error("the embedded Redis has no replicas: set [redis] url, or 0")
-    if redis.replicas_ack and redis.url.startswith("rediss://"):
-        raise where.error("is not supported over TLS (rediss://) yet: use 0")
-
-
-def _check_alerts(alerts: AlertsConfig, where: Where) -> None:
-    """Webhook URLs are http(s) with a host, each once; signing them needs a secret."""
-    for i, url in enumerate(alerts.webhooks):
-        if not _is_webhook_url(url):
-            # the URL may carry a token: the message names its index, never its text
-            raise where.at("webhooks").at(str(i)).error("must be an http:// or https:// URL "
-                                                        "with a host")
-        if url in alerts.webhooks[:i]:
-            raise where.at("webhooks").at(str(i)).error("is listed twice")
-    if alerts.webhooks and not alerts.webhook_secret:
-        raise where.at("webhook_secret").error("webhooks are signed: set a secret (or env:NAME)")
-    if alerts.webhook_secret:
-        secret = resolve_secret(alerts.webhook_secret, where.at("webhook_secret"))
-        if len(secret) < 16:
-            raise where.at("webhook_secret").error("must be at least 16 characters")
-    for key in ("webhook_timeout_ms", "queue_size", "retry_max_s", "delivery_max_age_s",
-                "stream_max_len"):
-        if getattr(alerts, key) < 1:
-            raise where.at(key).error("must be at least 1")
-
-
-def _is_webhook_url(url: str) -> bool:
-    try:
-        parts = urlsplit(url)
-        _ = parts.port  # a port out of range raises here
-    except ValueError:
-        return False
-    return (parts.scheme in ("http", "https") and bool(parts.hostname)
-            and not any(c.isspace() for c in url))
 
 
 def resolve_secret(value: str, where: Where | None = None) -> str:

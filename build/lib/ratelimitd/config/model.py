@@ -34,9 +34,6 @@ class RedisConfig:
     mode: str = "standalone"
     timeout_ms: int = 100
     on_error: str = "deny"
-    # replicas each settle waits for (WAIT) before it answers; 0: async replication, a failover
-    # may lose the last writes (store/replication.py)
-    replicas_ack: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +81,6 @@ class AbuseConfig:
     auth_failures_per_ip: int = 20
     block_s: int = 900
     signature_max_age_s: int = 300
-    # the ip_prefix scope's networks, and IPv6 auth-failure counting (guard/ip.py)
-    ipv4_prefix: int = 24
-    ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,12 +94,6 @@ class AnomalyConfig:
 class AlertsConfig:
     thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
     webhooks: tuple[str, ...] = ()
-    webhook_secret: str = ""               # HMAC key of the signature header; "env:NAME" too
-    webhook_timeout_ms: int = 5000         # per POST
-    queue_size: int = 10_000               # alerts waiting for the outbox, per daemon
-    retry_max_s: int = 60                  # cap of the exponential backoff between attempts
-    delivery_max_age_s: int = 86_400       # an alert not delivered by then is dropped (counted)
-    stream_max_len: int = 100_000          # the outbox stream's cap (approximate, MAXLEN ~)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,1 +1,0 @@
-"""Operations: systemd notify, Prometheus metrics, JSON logs (issue 14)."""
