@@ -30,6 +30,7 @@ from ratelimitd.http.server import (
     GuardedSite,
     fit_to_fd_limit,
 )
+from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
 from ratelimitd.store.supervisor import StoreHealth, Supervisor
@@ -157,6 +158,7 @@ def run(config: Config, workers: int) -> int:
                 supervisor.watch()
             _serve(config, redis_url, sockets, share_port=False, health=health)
         else:
+            prepare_fork(config)  # shared pages: docs/performance.md, "Memory per worker"
             status = _supervise(config, redis_url, sockets, workers, health,
                                 supervisor.watch if supervisor is not None else None)
     finally:

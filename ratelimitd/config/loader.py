@@ -223,6 +223,9 @@ def _check_redis(config: Config, where: Where) -> None:
     if config.redis.mode == "sentinel" and not config.redis.url.startswith("redis+sentinel://"):
         raise where.at("redis.url").error(
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
+    _check_replicas_ack(config.redis, where.at("redis.replicas_ack"))
+
+
 def _check_abuse(config: Config, where: Where) -> None:
     if not 1 <= config.abuse.ipv4_prefix <= 32:
         raise where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
@@ -242,6 +245,17 @@ def _check_anomaly(config: Config, where: Where) -> None:
     for key in ("default_requests_per_hour", "default_tokens_per_request"):
         if not 1 <= getattr(anomaly, key) <= 10**9:
             raise where.at(key).error("must be a whole number from 1 to 10^9")
+
+
+def _check_replicas_ack(redis: RedisConfig, where: Where) -> None:
+    """A count of replicas to WAIT for; the embedded Redis has none, TLS is not pipelined."""
+    if not 0 <= redis.replicas_ack <= 16:
+        raise where.error("must be from 0 to 16 replicas")
+    if redis.replicas_ack and not redis.url:
+        raise where.error("the embedded Redis has no replicas: set [redis] url, or 0")
+    if redis.replicas_ack and redis.url.startswith("rediss://"):
+        raise where.error("is not supported over TLS (rediss://) yet: use 0")
+
 
 
 def _check_alerts(config: Config, where: Where) -> None:

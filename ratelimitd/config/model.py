@@ -39,6 +39,9 @@ class RedisConfig:
     mode: str = "standalone"
     timeout_ms: int = 100
     on_error: str = "deny"
+    # replicas each settle waits for (WAIT) before it answers; 0: async replication, a failover
+    # may lose the last writes (store/replication.py)
+    replicas_ack: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import hiredis
 from redis.asyncio import ConnectionPool, Redis
@@ -21,10 +21,14 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
 from redis.typing import EncodableT
 
 from ratelimitd.config import RedisConfig
+from ratelimitd.errors import StoreUnavailable
+from ratelimitd.store.cluster import ClusterTransport
 from ratelimitd.store.pipeline import PipelinedConnection
+from ratelimitd.store.replication import ReplicaAck
 from ratelimitd.store.transport import BatchTransport, PipeTransport, Transport
 
 RedisClient = Redis | RedisCluster
@@ -78,12 +82,46 @@ class Store:
 
 def open_store(config: RedisConfig, url: str) -> Store:
     """The connections for `url` (the configured one, or the embedded server's unix socket);
-    nothing connects until the first call."""
+    nothing connects until the first call. The hot path pipelines in every mode but TLS."""
     client = connect(config, url)
     timeout = config.timeout_ms / 1000
-    if config.mode == "standalone" and url.startswith(("redis://", "unix://")):
-        return Store(client, PipeTransport(PipelinedConnection(url, timeout), timeout))
+    acks = ReplicaAck.for_timeout(config.replicas_ack, config.timeout_ms)
+    if config.mode == "cluster" and url.startswith("redis://"):
+        return Store(client, ClusterTransport(url, timeout, acks))
+    if config.mode == "sentinel":
+        return Store(client, PipeTransport(_sentinel_pipe(url, timeout), timeout, acks))
+    if url.startswith(("redis://", "unix://")):
+        return Store(client, PipeTransport(PipelinedConnection(url, timeout), timeout, acks))
     return Store(client, BatchTransport(client, timeout))
+
+
+def _sentinel_pipe(url: str, timeout: float) -> PipelinedConnection:
+    """A pipelined connection to the service's primary of the moment: the sentinels are asked
+    at each (re)connection, and a primary that became a replica answers READONLY, which closes
+    the connection (pipeline.py), so the daemon follows a failover by itself."""
+    hosts, service, password = _sentinel_parts(url)
+    sentinel = Sentinel(hosts, socket_timeout=timeout,  # type: ignore[no-untyped-call]
+                        socket_connect_timeout=timeout, password=password)
+
+    async def locate() -> tuple[str, int]:
+        try:
+            host, port = await sentinel.discover_master(service)
+        except RedisError as exc:
+            raise StoreUnavailable(f"sentinel: {exc}") from exc
+        return str(host), int(port)
+
+    auth = f":{quote(password, safe='')}@" if password else ""
+    return PipelinedConnection(f"redis://{auth}sentinel-primary", timeout, locate=locate)
+
+
+def _sentinel_parts(url: str) -> tuple[list[tuple[str, int]], str, str | None]:
+    """redis+sentinel://[:password@]host:port[,host:port]/service_name"""
+    parts = urlsplit(url)
+    hosts = []
+    for item in parts.netloc.rsplit("@", 1)[-1].split(","):
+        host, _, port = item.rpartition(":")
+        hosts.append((host.strip("[]"), int(port or 26379)))
+    return hosts, parts.path.strip("/"), parts.password
 
 
 def connect(config: RedisConfig, url: str) -> RedisClient:
@@ -103,14 +141,8 @@ def connect(config: RedisConfig, url: str) -> RedisClient:
 
 def _sentinel_master(url: str, timeout: float) -> Redis:
     """redis+sentinel://host:port[,host:port]/service_name -> the service's current master."""
-    parts = urlsplit(url)
-    hosts = []
-    for item in parts.netloc.rsplit("@", 1)[-1].split(","):
-        host, _, port = item.rpartition(":")
-        hosts.append((host.strip("[]"), int(port or 26379)))
-    service = parts.path.strip("/")
+    hosts, service, password = _sentinel_parts(url)
     sentinel = Sentinel(hosts, socket_timeout=timeout,  # type: ignore[no-untyped-call]
-                        socket_connect_timeout=timeout, password=parts.password)
-    master: Redis = sentinel.master_for(service, socket_timeout=timeout,
-                                        password=parts.password)
+                        socket_connect_timeout=timeout, password=password)
+    master: Redis = sentinel.master_for(service, socket_timeout=timeout, password=password)
     return master

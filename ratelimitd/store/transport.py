@@ -2,8 +2,9 @@
 
 `Transport.fcall(function, args)` is one atomic FCALL; calls made in the same event-loop tick
 share one write to Redis. `PipeTransport` sends them through the pipelined connection of a
-standalone Redis; `BatchTransport` through one redis-py pipeline per batch (cluster, sentinel,
-TLS). Either raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
+standalone Redis (or of Sentinel's primary of the moment); `ClusterTransport` (cluster.py)
+through one per cluster primary; `BatchTransport` through one redis-py pipeline per batch
+(TLS). Either raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
 bounds every call by the configured timeout.
 """
 
@@ -21,6 +22,7 @@ from redis.exceptions import ResponseError
 
 from ratelimitd.errors import StoreReplyError, StoreUnavailable
 from ratelimitd.store.pipeline import PipelinedConnection
+from ratelimitd.store.replication import ReplicaAck
 
 # A batch is sent once this many calls wait, without waiting for the end of the tick: small
 # batches let Redis run one while the daemon prepares the next, where one big batch per tick
@@ -77,8 +79,11 @@ class PipeTransport:
 
     pipe: PipelinedConnection
     timeout_s: float | None
+    acks: ReplicaAck | None = None        # [redis] replicas_ack > 0 (replication.py)
 
     def fcall(self, function: str, args: Sequence[Any]) -> Awaitable[Any]:
+        if self.acks is not None and self.acks.applies(function):
+            return self.acks.call(self.pipe, ("FCALL", function, *args))
         return self.pipe.call("FCALL", function, *args)
 
     async def load_library(self, source: str) -> None:
