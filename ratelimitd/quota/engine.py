@@ -14,16 +14,16 @@ import asyncio
 import hashlib
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from os import urandom as os_random
-from typing import Final, Literal
+from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo
 
 import orjson
 
 from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
-from ratelimitd.errors import ReserveInProgress, StoreUnavailable
+from ratelimitd.errors import ReserveInProgress, StoreReplyError, StoreUnavailable
 from ratelimitd.policy import Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
 from ratelimitd.quota.calendar import Calendar
@@ -278,8 +278,14 @@ class Engine:
             return denial
         try:
             if req.guards:
-                result, blocked = await asyncio.gather(self._reserve_all(call),
-                                                       self._blocked(call, req.guards))
+                # the guards' checks leave with the first subject's call, in the same write
+                checks = [self._send_check(call, subject) for subject in req.guards]
+                try:
+                    result = await self._reserve_all(call)
+                except BaseException:
+                    await asyncio.gather(*checks, return_exceptions=True)
+                    raise
+                blocked = await self._blocked(call, req.guards, checks)
                 if blocked is not None and result.allowed:
                     await self._cancel_reached(call)
                     result = _blocked_result(req, blocked)
@@ -297,16 +303,30 @@ class Engine:
             await self.compensator.cancel_now(
                 [(s.tag, call.rand, call.attempt) for s in call.reached])
 
-    async def _blocked(self, call: _Attempt, guards: Sequence[Subject]) -> Blocked | None:
-        """The first of `guards` that is blocked, asked together (one tick, no round trip
-        more than the reserve's own)."""
-        replies = await asyncio.gather(*(self._reserve_on(call, subject, (), 0, "[]",
-                                                          ReserveMode.CHECK)
-                                         for subject in guards))
-        for subject, reply in zip(guards, replies, strict=True):
-            if reply.status == ReserveStatus.BLOCKED:
-                return Blocked(subject, reply.retry_after_ms, reply.tail.decode(errors="replace"))
-        return None
+    def _send_check(self, call: _Attempt, subject: Subject) -> Awaitable[Any]:
+        """A guard's block check, sent now (on a pipelined connection, in the write of this
+        event-loop tick); no task, no coroutine of its own: its reply is awaited later."""
+        return self.scripts.transport.fcall(self.scripts.library.reserve.function,
+                                            self._reserve_args(call, subject, (), 0, "[]",
+                                                               ReserveMode.CHECK, False))
+
+    async def _blocked(self, call: _Attempt, guards: Sequence[Subject],
+                       checks: Sequence[Awaitable[Any]]) -> Blocked | None:
+        """The first of `guards` that is blocked, from the replies of their checks."""
+        found: Blocked | None = None
+        for subject, check in zip(guards, checks, strict=True):
+            try:
+                raw = await check
+            except StoreReplyError as exc:
+                if not exc.missing_function:
+                    raise
+                # Redis lost the library: the runner loads it and asks again
+                raw = await self.scripts.run(self.scripts.library.reserve, self._reserve_args(
+                    call, subject, (), 0, "[]", ReserveMode.CHECK, False))
+            reply = wire.decode_reserve(raw)
+            if found is None and reply.status == ReserveStatus.BLOCKED:
+                found = Blocked(subject, reply.retry_after_ms, reply.tail.decode(errors="replace"))
+        return found
 
     async def _reserve_all(self, call: _Attempt) -> ReserveResult:
         req = call.req
@@ -361,18 +381,24 @@ class Engine:
     async def _reserve_on(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
                           grant: int, others: str, mode: ReserveMode | None = None,
                           primary: bool = False) -> wire.ReserveReply:
-        req = call.req
         mode = call.mode if mode is None else mode
         if mode in (ReserveMode.RESERVE, ReserveMode.RETRY):
             call.reached.append(subject)
-        return wire.decode_reserve(await self.scripts.run(self.scripts.library.reserve, [
+        return wire.decode_reserve(await self.scripts.run(
+            self.scripts.library.reserve,
+            self._reserve_args(call, subject, limits, grant, others, mode, primary)))
+
+    def _reserve_args(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
+                      grant: int, others: str, mode: ReserveMode, primary: bool) -> list[Any]:
+        req = call.req
+        return [
             *_keys(subject.tag, call.rand),
             wire.RESERVE_ARGS.pack(
                 self._clock_override(), mode, self.settings.reservation_ttl_ms,
                 req.input_tokens, grant, req.min_output_tokens, req.prices.input,
                 req.prices.cached_input, req.prices.output, call.attempt),
             others, self._specs_arg(limits), self._record_ttl_text,
-            self._anomaly_arg if primary and req.anomaly else b""]))
+            self._anomaly_arg if primary and req.anomaly else b""]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it
