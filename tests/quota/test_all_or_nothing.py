@@ -1,12 +1,4 @@
-"""All or nothing: a denied reserve consumes nothing, on one subject or several.
-
-What a gateway relies on from the quota engine, against a real redis-server.
-
-Every test drives ratelimitd.engine.Engine (and so the Lua scripts) through its public API and
-checks the promises of the product contract (/work/shared/API.md, "Invariants"): no
-over-admission, all or nothing, exactly once, integer money, bounded under-admission.
-Time moves with the test clock (Engine.with_test_clock), except where Redis TIME is the point.
-"""
+"""All or nothing: a denied reserve consumes nothing, on one subject or several."""
 
 from __future__ import annotations
 

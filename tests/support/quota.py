@@ -1,10 +1,5 @@
-"""Shared helpers of the quota tests (tests/quota/).
-
-Every test drives ratelimitd.engine.Engine (and so the Lua scripts) through its public API and
-checks the promises of the product contract (/work/shared/API.md, "Invariants"): no
-over-admission, all or nothing, exactly once, integer money, bounded under-admission.
-Time moves with the test clock (Engine.with_test_clock), except where Redis TIME is the point.
-"""
+"""Shared helpers of the quota tests (tests/quota/): plans, requests, engines on a test clock,
+and reading what each limit has left."""
 
 from __future__ import annotations
 
