@@ -49,6 +49,11 @@ local function limits_of(blob)
   return parsed[1], parsed[2]
 end
 
+-- Whether the last load_limits() found no `b` or `n` field (Redis runs one call at a time). A
+-- small hash finds a field by scanning from its first: a missing one costs a scan of them all,
+-- on every call. So a hash's first write puts `x`, and `b` and `n` (empty: none), first.
+local MISSING_B, MISSING_N = false, false
+
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
 -- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
@@ -77,6 +82,7 @@ local function load_limits(K, limits, fields, now)
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again
   x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
+  MISSING_B, MISSING_N = not v[2], not v[3]
   return x, v[2], v[3]
 end
 
@@ -132,9 +138,19 @@ local function write_limits(K, limits, now, x, extra, keep)
   -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
   -- PEXPIRE takes whole ms, and `need` may be fractional (a sub-bucket width may be).
   if x < now + need then
+    local first = x == 0
     x = ceil(now + need + need / EXPIRY_SLACK_DIVISOR) + MIN_KEY_TTL_MS
-    out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
-    redis.call('HSET', K, unpack(out, 1, n + 2))
+    if first then
+      -- a new hash: `x`, `b` and `n` go first, where lookups find them at once
+      local head = {'x', spack(DOUBLE_FORMAT, x)}
+      if MISSING_B then head[#head + 1], head[#head + 2] = 'b', '' end
+      if MISSING_N then head[#head + 1], head[#head + 2] = 'n', '' end
+      redis.call('HSET', K, unpack(head))
+      redis.call('HSET', K, unpack(out, 1, n))
+    else
+      out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
+      redis.call('HSET', K, unpack(out, 1, n + 2))
+    end
     redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
   else
     redis.call('HSET', K, unpack(out, 1, n))

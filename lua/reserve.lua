@@ -54,7 +54,9 @@ if mode ~= MODE_CONFIRM and mode ~= MODE_ADOPT then
   end
 end
 
-if mode ~= MODE_DRY_RUN then
+-- A plain reserve's record is new (its id is random): it is written with NX below instead of
+-- read here, which finds a cancel that ran first at no extra command.
+if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
   local prev = redis.call('GET', R)
   local rec = prev and parse_record(prev)
   if rec and rec.attempt == attempt then
@@ -156,6 +158,15 @@ for k = 1, nl do
   refs[k] = charged_ref(lim)
 end
 if mode ~= MODE_DRY_RUN then
+  local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
+                              po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
+  local record_args = {'SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4], 'NX'}
+  if mode ~= MODE_RESERVE then record_args[6] = nil end
+  if not redis.call(unpack(record_args)) then
+    -- a record of this id exists: the cancel of this very attempt ran first
+    head[REPLY_STATUS] = RESERVE_CANCELLED
+    return packed_reply(limits, now, false, head)
+  end
   local extra = false
   if st then
     local spike = count_request(K, AK, now, st, token_factor, default_tokens)
@@ -163,9 +174,6 @@ if mode ~= MODE_DRY_RUN then
     extra = {'n', pack_anomaly(st)}
   end
   write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
-  local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
-                              po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
-  redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
 end
 head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
 head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires
