@@ -29,6 +29,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from redis.exceptions import RedisError
+
+from ratelimitd.errors import StoreUnavailable
 from ratelimitd.guard.ip import (
     DEFAULT_IPV4_PREFIX,
     DEFAULT_IPV6_PREFIX,
@@ -43,6 +46,7 @@ from ratelimitd.store.connect import RedisClient
 
 BLOCK_FIELD: Final = "b"
 INDEX_KEY: Final = "rlb:index"
+
 MAX_TTL_S: Final = 365 * 86_400
 MAX_REASON_CHARS: Final = 200
 MAX_ID_CHARS: Final = 256
@@ -200,8 +204,12 @@ class BlockStore:
         return Block(subject, int(ends), reason)
 
     async def index(self, subject: Subject, ends_at_ms: int) -> None:
-        """Lists a block written by a script (add, or the auth-failure guard)."""
-        await self._redis.zadd(INDEX_KEY, {subject.tag: ends_at_ms})
+        """Lists a block written by a script (add, the auth-failure guard, an anomaly).
+        Raises StoreUnavailable when Redis fails: the block holds, only its listing is lost."""
+        try:
+            await self._redis.zadd(INDEX_KEY, {subject.tag: ends_at_ms})
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def remove(self, subject: Subject) -> bool:
         """Lifts the subject's block; False when it had none."""

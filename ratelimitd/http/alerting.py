@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
-from redis.exceptions import RedisError
 
 from ratelimitd.alerts import Alert, AlertService
-from ratelimitd.guard.blocks import INDEX_KEY
+from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http.app_keys import CONFIG, SERVICES
 from ratelimitd.policy import Limit, Tier
 from ratelimitd.quota.engine import LimitState, ReserveResult, concurrency_lid
@@ -88,8 +87,8 @@ async def after_reserve(app: web.Application, result: ReserveResult) -> list[Ale
     if blocked is not None and any(a.kind == "request_spike" for a in alerts):
         ends = max(a.created_ms for a in alerts) + blocked.retry_after_ms
         try:
-            await app[SERVICES].store.client.zadd(INDEX_KEY, {blocked.subject.tag: ends})
-        except RedisError as exc:   # the block holds anyway; only its listing is missing
+            await app[SERVICES].access.blocks.index(blocked.subject, ends)
+        except StoreUnavailable as exc:  # the block holds anyway; only its listing is missing
             log.warning("could not list the anomaly block of %s: %s", blocked.subject.tag,
                         type(exc).__name__)
     return alerts
