@@ -30,6 +30,8 @@ from ratelimitd.http.server import (
     GuardedSite,
     fit_to_fd_limit,
 )
+from ratelimitd.ops.logs import access_log_options, setup_logging
+from ratelimitd.ops.metrics import MetricsDirectory
 from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve.error("--workers must be at least 1")
     if args.command == "check-config" and args.path is None:
         parser.error("check-config needs a file: give its path or set RATELIMITD_CONFIG")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()  # JSON lines on stderr (journald keeps them as they are)
     try:
         if args.command in admin_cli.COMMANDS:
             return admin_cli.run(args)
@@ -139,6 +141,8 @@ def run(config: Config, workers: int) -> int:
     """Starts the embedded Redis (supervised) when no url is configured, then serves until
     SIGTERM. Returns the exit status: 0 after SIGTERM, else 1 when a worker died or the
     embedded Redis could not be kept running."""
+    log.info("ratelimitd %s starting (%d worker%s, config %s)", __version__, workers,
+             "s" if workers > 1 else "", config.source)
     supervisor = None
     health = None
     status = 0
@@ -159,13 +163,19 @@ def run(config: Config, workers: int) -> int:
             _serve(config, redis_url, sockets, share_port=False, health=health)
         else:
             prepare_fork(config)  # shared pages: docs/performance.md, "Memory per worker"
-            status = _supervise(config, redis_url, sockets, workers, health,
-                                supervisor.watch if supervisor is not None else None)
+            metrics_dir = MetricsDirectory.create()  # the workers' samples, summed on /metrics
+            try:
+                status = _supervise(config, redis_url, sockets, workers, health,
+                                    supervisor.watch if supervisor is not None else None,
+                                    metrics_dir)
+            finally:
+                metrics_dir.remove()
     finally:
         if supervisor is not None:
             supervisor.stop()
     if supervisor is not None and supervisor.failed:
-        return 1
+        status = 1
+    log.info("ratelimitd stopped", extra={"exit_status": status})
     return status
 
 
@@ -185,13 +195,15 @@ def _unix_socket(path: str) -> socket.socket:
 
 
 def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int,
-               health: StoreHealth | None, after_fork: Callable[[], None] | None) -> int:
+               health: StoreHealth | None, after_fork: Callable[[], None] | None,
+               metrics_dir: MetricsDirectory) -> int:
     """Forks the workers; SIGTERM/SIGINT are passed on, and a dead worker stops the rest.
 
     Returns 0 when the workers stopped on SIGTERM, else the failed worker's status (or 1), so
     that a service manager sees the failure and restarts the daemon."""
     context = multiprocessing.get_context("fork")  # workers inherit the unix sockets
-    procs = [context.Process(target=_worker, args=(config, redis_url, sockets, health),
+    procs = [context.Process(target=_worker,
+                             args=(config, redis_url, sockets, health, metrics_dir.path),
                              name=f"ratelimitd-worker-{i}") for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -207,9 +219,13 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, lambda _signum, _frame: _sighup())
     failed = 0
+    gone: set[int] = set()
     while any(p.is_alive() for p in procs):
         for proc in procs:
             proc.join(0.5)
+            if proc.exitcode is not None and proc.pid is not None and proc.pid not in gone:
+                gone.add(proc.pid)
+                metrics_dir.mark_dead(proc.pid)  # its totals stay in /metrics
             if proc.exitcode not in (None, 0, -signal.SIGTERM) and not failed:
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 failed = proc.exitcode if proc.exitcode and proc.exitcode > 0 else 1
@@ -223,26 +239,29 @@ def _sighup() -> None:
 
 
 def _worker(config: Config, redis_url: str, sockets: list[socket.socket],
-            health: StoreHealth | None) -> None:
+            health: StoreHealth | None, metrics_dir: Path) -> None:
     die_with_parent(signal.SIGTERM)  # a worker never outlives its daemon (kill -9 of it)
     try:
-        _serve(config, redis_url, sockets, share_port=True, health=health)
+        _serve(config, redis_url, sockets, share_port=True, health=health,
+               metrics_dir=metrics_dir)
     except ListenError as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool,
-           health: StoreHealth | None) -> None:
+           health: StoreHealth | None, metrics_dir: Path | None = None) -> None:
     """One serving process. share_port: the workers of one daemon bind the same TCP ports
     (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
-    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health))
+    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir))
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],
-                       share_port: bool, health: StoreHealth | None) -> None:
+                       share_port: bool, health: StoreHealth | None,
+                       metrics_dir: Path | None) -> None:
     server = config.server
-    runner = web.AppRunner(create_app(config, redis_url, health), access_log=None,
+    runner = web.AppRunner(create_app(config, redis_url, health, metrics_dir),
+                           **access_log_options(server.access_log),
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            # aiohttp reports bad request lines and hang-ups to it: one
                            # rate-limited INFO line, no traceback

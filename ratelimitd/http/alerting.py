@@ -59,6 +59,10 @@ class Alerting:
     def forward(self, alerts: Iterable[Alert]) -> list[Alert]:
         """Names `alerts` and queues them for the webhooks; returns them named."""
         named = [self.names.name(a) for a in alerts]
+        for alert in named:  # one line per alert (the Lua decides each once per period)
+            log.warning("alert %s: %s %s", alert.kind, alert.scope, alert.limit or "-",
+                        extra={"alert": alert.kind, "alert_id": alert.id,
+                               "scope": alert.scope, "limit": alert.limit})
         if named:
             self.service.submit(named)
         return named
@@ -87,6 +91,8 @@ async def after_reserve(app: web.Application, result: ReserveResult) -> list[Ale
     blocked = result.blocked
     if blocked is not None and any(a.kind == "request_spike" for a in alerts):
         ends = max(a.created_ms for a in alerts) + blocked.retry_after_ms
+        log.warning("blocked %s for %d ms: request spike", blocked.subject.tag,
+                    blocked.retry_after_ms, extra={"block": "anomaly"})
         try:
             await app[SERVICES].store.client.zadd(INDEX_KEY, {blocked.subject.tag: ends})
         except RedisError as exc:   # the block holds anyway; only its listing is missing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -12,7 +13,7 @@ from aiohttp import web
 from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http import admin, decisions, usage
+from ratelimitd.http import admin, decisions, observe, usage
 from ratelimitd.http.admin_auth import ADMIN_TOKENS
 from ratelimitd.http.alerting import alerting_ctx
 from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
@@ -72,6 +73,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
+    ("GET", "/metrics", observe.metrics_handler),
     *admin.ROUTES,
     ("GET", "/v1/admin/usage", usage.usage),
 )
@@ -118,10 +120,13 @@ STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
 OPENAPI: Final = web.AppKey("openapi", dict)
 
 
-def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
-               ) -> web.Application:
-    """The application; `health`: the embedded Redis's supervisor state, for /healthz."""
+def create_app(config: Config, redis_url: str, health: StoreHealth | None = None,
+               metrics_dir: Path | None = None) -> web.Application:
+    """The application; `health`: the embedded Redis's supervisor state, for /healthz;
+    `metrics_dir`: the directory the workers of one daemon share their metrics in."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
+    metrics = app[observe.METRICS] = observe.build_metrics(config, metrics_dir)
+    app[observe.REDIS_CALLS] = observe.RedisCalls.of(metrics)
     app[CONFIG] = config
     app[REDIS_URL] = redis_url
     if health is not None:
@@ -134,19 +139,21 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[ADMIN_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.admin_tokens)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(alerting_ctx)
+    app.cleanup_ctx.append(observe.metrics_ctx)
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))
     for path, handlers in by_path.items():
         resource = app.router.add_resource(path)
         allowed = []
+        route = metrics.route(path)
         for method, handler in handlers:
-            resource.add_route(method, api_handler(handler))
+            resource.add_route(method, api_handler(handler, route))
             allowed.append(method)
             if method == "GET" and not path.startswith("/v1/"):
                 # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless (the probes)
-                resource.add_route("HEAD", api_handler(handler))
+                resource.add_route("HEAD", api_handler(handler, route))
                 allowed.append("HEAD")
-        resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed))))
-    app.router.add_route("*", "/{tail:.*}", api_handler(not_found))
+        resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed)), route))
+    app.router.add_route("*", "/{tail:.*}", api_handler(not_found, metrics.route("other")))
     return app
