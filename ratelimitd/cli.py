@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -24,6 +25,7 @@ from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
 from ratelimitd.http.edge import EdgeLogger
+from ratelimitd.http.lifecycle import BEAT_INTERVAL_S, Liveness, liveness_ctx
 from ratelimitd.http.server import (
     ConnectionGuard,
     ConnectionLimits,
@@ -32,6 +34,7 @@ from ratelimitd.http.server import (
 )
 from ratelimitd.ops.logs import access_log_options, setup_logging
 from ratelimitd.ops.metrics import MetricsDirectory
+from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
@@ -160,7 +163,8 @@ def run(config: Config, workers: int) -> int:
         if workers == 1:
             if supervisor is not None:
                 supervisor.watch()
-            _serve(config, redis_url, sockets, share_port=False, health=health)
+            _serve(config, redis_url, sockets, share_port=False, health=health,
+                   liveness=Liveness(notifier=SystemdNotifier()))
         else:
             prepare_fork(config)  # shared pages: docs/performance.md, "Memory per worker"
             metrics_dir = MetricsDirectory.create()  # the workers' samples, summed on /metrics
@@ -202,8 +206,12 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
     Returns 0 when the workers stopped on SIGTERM, else the failed worker's status (or 1), so
     that a service manager sees the failure and restarts the daemon."""
     context = multiprocessing.get_context("fork")  # workers inherit the unix sockets
+    # the supervisor speaks to systemd for every worker: READY=1 once each has beaten,
+    # WATCHDOG=1 only while each beats (docs/operations.md)
+    notifier, beats = SystemdNotifier(), WorkerHeartbeats(workers, context)
     procs = [context.Process(target=_worker,
-                             args=(config, redis_url, sockets, health, metrics_dir.path),
+                             args=(config, redis_url, sockets, health, metrics_dir.path,
+                                   Liveness(beats=beats, worker=i)),
                              name=f"ratelimitd-worker-{i}") for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -211,6 +219,7 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
         after_fork()
 
     def stop(signum: int, _frame: object) -> None:
+        notifier.stopping()
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
@@ -220,9 +229,11 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
     signal.signal(signal.SIGHUP, lambda _signum, _frame: _sighup())
     failed = 0
     gone: set[int] = set()
+    pinger = _Pinger(notifier, beats)
     while any(p.is_alive() for p in procs):
         for proc in procs:
-            proc.join(0.5)
+            proc.join(0.25)
+            pinger.tick()
             if proc.exitcode is not None and proc.pid is not None and proc.pid not in gone:
                 gone.add(proc.pid)
                 metrics_dir.mark_dead(proc.pid)  # its totals stay in /metrics
@@ -230,7 +241,39 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 failed = proc.exitcode if proc.exitcode and proc.exitcode > 0 else 1
                 stop(signal.SIGTERM, None)
+    notifier.close()
     return failed
+
+
+class _Pinger:
+    """The supervisor's READY=1 (once every worker has beaten) and WATCHDOG=1 (every half
+    WatchdogSec, only while every worker's beat is fresh: a stuck worker gets no ping)."""
+
+    def __init__(self, notifier: SystemdNotifier, beats: WorkerHeartbeats) -> None:
+        self.notifier = notifier
+        self.beats = beats
+        self.ready = False
+        self.next_ping = 0.0
+
+    def tick(self) -> None:
+        if not self.notifier.enabled:
+            return
+        if not self.ready:
+            if self.beats.all_started():
+                self.ready = True
+                self.notifier.ready(f"serving ({self.beats.workers} workers)")
+            return
+        interval = self.notifier.watchdog_interval_s
+        now = time.monotonic()
+        if interval is not None and now >= self.next_ping:
+            max_age = max(2 * interval, 2 * BEAT_INTERVAL_S + 0.5)
+            if self.beats.all_fresh(max_age):
+                self.notifier.watchdog()
+                self.next_ping = now + interval
+            else:
+                log.warning("no ping to systemd: workers %s have not beaten for %.1f s",
+                            self.beats.stale(max_age), max_age)
+                self.next_ping = now + interval
 
 
 def _sighup() -> None:
@@ -239,28 +282,32 @@ def _sighup() -> None:
 
 
 def _worker(config: Config, redis_url: str, sockets: list[socket.socket],
-            health: StoreHealth | None, metrics_dir: Path) -> None:
+            health: StoreHealth | None, metrics_dir: Path, liveness: Liveness) -> None:
     die_with_parent(signal.SIGTERM)  # a worker never outlives its daemon (kill -9 of it)
     try:
         _serve(config, redis_url, sockets, share_port=True, health=health,
-               metrics_dir=metrics_dir)
+               metrics_dir=metrics_dir, liveness=liveness)
     except ListenError as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool,
-           health: StoreHealth | None, metrics_dir: Path | None = None) -> None:
+           health: StoreHealth | None, metrics_dir: Path | None = None,
+           liveness: Liveness | None = None) -> None:
     """One serving process. share_port: the workers of one daemon bind the same TCP ports
     (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
-    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir))
+    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir,
+                            liveness or Liveness()))
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],
                        share_port: bool, health: StoreHealth | None,
-                       metrics_dir: Path | None) -> None:
+                       metrics_dir: Path | None, liveness: Liveness) -> None:
     server = config.server
-    runner = web.AppRunner(create_app(config, redis_url, health, metrics_dir),
+    app = create_app(config, redis_url, health, metrics_dir)
+    app.cleanup_ctx.append(liveness_ctx(liveness))  # after the services: READY=1 needs Redis
+    runner = web.AppRunner(app,
                            **access_log_options(server.access_log),
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            # aiohttp reports bad request lines and hang-ups to it: one
@@ -297,6 +344,8 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, _sighup)
     await stopping.wait()
+    if liveness.notifier is not None:
+        liveness.notifier.stopping()
     log.info("stopping: finishing requests in flight")
     await guard.stop()
     await runner.cleanup()
