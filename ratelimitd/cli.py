@@ -26,6 +26,7 @@ from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
 from ratelimitd.http.edge import EdgeLogger
 from ratelimitd.http.lifecycle import BEAT_INTERVAL_S, Liveness, liveness_ctx
+from ratelimitd.http.reload import reload_config
 from ratelimitd.http.server import (
     ConnectionGuard,
     ConnectionLimits,
@@ -53,7 +54,9 @@ SERVE_EPILOG: Final = """environment:
 
 signals:
   SIGTERM, SIGINT      finish the requests in flight, stop the embedded Redis, exit 0
-  SIGHUP               ignored (logged): reloading is not supported yet
+  SIGHUP               reload the configuration file: tiers, prices, tokens (an invalid file
+                       is logged and the one in use kept); listen, redis, reservations,
+                       alerts, anomaly and calendar changes need a restart
 
 exit status: 0 after SIGTERM; 1 when a worker or the embedded Redis failed for good;
 2 for a bad configuration, state directory or listen address."""
@@ -146,6 +149,9 @@ def run(config: Config, workers: int) -> int:
     embedded Redis could not be kept running."""
     log.info("ratelimitd %s starting (%d worker%s, config %s)", __version__, workers,
              "s" if workers > 1 else "", config.source)
+    # until a process has its reload handler, a SIGHUP must not kill it (the default action);
+    # forked workers inherit this
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     supervisor = None
     health = None
     status = 0
@@ -226,7 +232,8 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: _sighup())
+    signal.signal(signal.SIGHUP,
+                  lambda _signum, _frame: _forward_reload(config.source, procs, notifier))
     failed = 0
     gone: set[int] = set()
     pinger = _Pinger(notifier, beats)
@@ -276,9 +283,21 @@ class _Pinger:
                 self.next_ping = now + interval
 
 
-def _sighup() -> None:
-    log.info("SIGHUP ignored: reloading the configuration is not supported yet; restart "
-             "the daemon to apply a new one")
+def _forward_reload(path: str, procs: Sequence[multiprocessing.process.BaseProcess],
+                    notifier: SystemdNotifier) -> None:
+    """SIGHUP in the supervisor: an invalid file is one error line and nothing changes; a
+    valid one is reloaded by every worker (each re-reads it: http/reload.py)."""
+    try:
+        load_config(None if path.startswith("<") else path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the configuration in use: %s", exc,
+                  extra={"event": "reload", "ok": False})
+        return
+    notifier.reloading()
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGHUP)
+    notifier.ready()  # the workers swap in place and never stop serving
 
 
 def _worker(config: Config, redis_url: str, sockets: list[socket.socket],
@@ -342,13 +361,28 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, _sighup)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(app, liveness))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stopping.wait()
     if liveness.notifier is not None:
         liveness.notifier.stopping()
     log.info("stopping: finishing requests in flight")
     await guard.stop()
     await runner.cleanup()
+
+
+async def _reload(app: web.Application, liveness: Liveness) -> None:
+    if liveness.notifier is not None:
+        liveness.notifier.reloading()
+    await reload_config(app)
+    if liveness.notifier is not None:
+        liveness.notifier.ready()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 
 from ratelimitd.alerts import Alert, AlertService
 from ratelimitd.guard.blocks import INDEX_KEY
-from ratelimitd.http.app_keys import CONFIG, SERVICES
+from ratelimitd.http.app_keys import CONFIG, LIVE
 from ratelimitd.policy import Limit, Tier
 from ratelimitd.quota.engine import LimitState, ReserveResult, concurrency_lid
 
@@ -73,7 +73,7 @@ ALERTING: Final = web.AppKey("alerting", Alerting)
 
 async def alerting_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    services = app[SERVICES]
+    services = app[LIVE].services
     service = AlertService(services.store.client, config.alerts,
                            claim_idle_ms=config.alerts.claim_idle_ms)
     app[ALERTING] = Alerting(service, LimitNames(config.tiers, config.reservations.ttl_s * 1000),
@@ -94,7 +94,7 @@ async def after_reserve(app: web.Application, result: ReserveResult) -> list[Ale
         log.warning("blocked %s for %d ms: request spike", blocked.subject.tag,
                     blocked.retry_after_ms, extra={"block": "anomaly"})
         try:
-            await app[SERVICES].store.client.zadd(INDEX_KEY, {blocked.subject.tag: ends})
+            await app[LIVE].services.store.client.zadd(INDEX_KEY, {blocked.subject.tag: ends})
         except RedisError as exc:   # the block holds anyway; only its listing is missing
             log.warning("could not list the anomaly block of %s: %s", blocked.subject.tag,
                         type(exc).__name__)

@@ -14,14 +14,12 @@ from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
-from ratelimitd.http.admin_auth import ADMIN_TOKENS
 from ratelimitd.http.alerting import alerting_ctx
-from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
+from ratelimitd.http.app_keys import CONFIG, LIVE, REDIS_URL, Live, Services
 from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
     CLIENT_LOG,
     MAX_BODY_BYTES,
-    SERVICE_TOKENS,
     Handler,
     QuietLog,
     api_handler,
@@ -53,7 +51,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     try:
         await services.engine.scripts.ready()
     except StoreUnavailable as exc:
@@ -98,13 +96,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await store.aclose()
         raise
+    service_tokens, admin_tokens = resolved_tokens(config)
     executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS,
                                   thread_name_prefix="ratelimitd-tokens")
-    app[SERVICES] = Services(
+    app[LIVE].services = Services(
         config=config, store=store, engine=engine,
         counter=TokenCounter(config.tokens.default_encoding, config.tokens.models,
                              config.tokens.image_tokens),
-        prices=config.pricing.table(), executor=executor, access=access)
+        prices=config.pricing.table(), executor=executor, access=access,
+        service_tokens=service_tokens, admin_tokens=admin_tokens)
     try:
         await engine.scripts.load()
     except StoreUnavailable as exc:  # /readyz says so; the library loads on first use
@@ -114,6 +114,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     await access.close()
     await engine.aclose()
     await store.aclose()
+
+
+def resolved_tokens(config: Config) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """The service and admin tokens of a configuration, as the edge compares them."""
+    return (tuple(resolve_secret(t).encode() for t in config.server.service_tokens),
+            tuple(resolve_secret(t).encode() for t in config.server.admin_tokens))
 
 
 STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
@@ -135,8 +141,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
     app[CLIENT_LOG] = QuietLog(log)
     app[OPENAPI] = openapi_spec(config)
-    app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
-    app[ADMIN_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.admin_tokens)
+    app[LIVE] = Live()  # its services are made at startup (_services_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)

@@ -23,7 +23,7 @@ from ratelimitd.errors import (
 from ratelimitd.http import observe
 from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
-from ratelimitd.http.app_keys import SERVICES, Services
+from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import json_response, read_json
 from ratelimitd.http.observe import METRICS, REDIS_CALLS
 from ratelimitd.http.schema import (
@@ -72,7 +72,7 @@ async def reserve(request: web.Request) -> web.Response:
 
 
 async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     config = services.config
     metrics = request.app[METRICS]
     body = parse_reserve(await read_json(request))
@@ -143,7 +143,7 @@ def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: st
 
 
 async def commit(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     body = parse_commit(await read_json(request))
     output = body.output_tokens
     if output is None:  # output_text: counted with the commit's model, else the default encoding
@@ -183,7 +183,7 @@ async def commit(request: web.Request) -> web.Response:
 
 
 async def release(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     rid = parse_release(await read_json(request))
     call, metrics = request.app[REDIS_CALLS].release, request.app[METRICS]
     start = time.perf_counter()

@@ -22,14 +22,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ratelimitd.errors import ApiError, StoreUnavailable
 from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
+from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.logs import REQUEST_ID_HEADER, request_scope
 from ratelimitd.ops.metrics import RouteMetrics
 
 log = logging.getLogger("ratelimitd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The service tokens of an app (bytes, compared in constant time) and its body bound.
-SERVICE_TOKENS: Final = web.AppKey("service_tokens", tuple[bytes, ...])
+# The body bound of an app (its tokens are in its live services: they are reloaded).
 MAX_BODY_BYTES: Final = web.AppKey("max_body_bytes", int)
 BODY_TIMEOUT_S: Final = web.AppKey("body_timeout_s", float)
 # aiohttp's own errors inside a handler (404 and 405 are answered by routes of their own)
@@ -136,7 +136,8 @@ async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
     """The handler's answer, or the error shape for whatever it raised."""
     try:
         if is_admin_path(request.path):
-            check_admin_token(request, request.app[SERVICE_TOKENS])
+            services = request.app[LIVE].services
+            check_admin_token(request, services.service_tokens, services.admin_tokens)
         else:
             _check_service_token(request)
         return await handler(request)
@@ -177,7 +178,7 @@ def method_not_allowed(allowed: str) -> Handler:
 
 def _check_service_token(request: web.Request) -> None:
     """Bearer service tokens on /v1/* when configured, compared in constant time."""
-    tokens = request.app[SERVICE_TOKENS]
+    tokens = request.app[LIVE].services.service_tokens
     # /v1/admin/* takes an admin token instead (http/usage.py)
     if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
         header = request.headers.get("Authorization", "")

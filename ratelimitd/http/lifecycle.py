@@ -18,7 +18,7 @@ from typing import Final
 from aiohttp import web
 
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http.app_keys import SERVICES
+from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 
 log = logging.getLogger("ratelimitd")
@@ -39,7 +39,7 @@ async def _until_store_ready(app: web.Application) -> None:
     """Returns once Redis answers and the library is loaded (loading it if needed)."""
     while True:
         try:
-            await app[SERVICES].engine.scripts.ready()
+            await app[LIVE].services.engine.scripts.ready()
             return
         except StoreUnavailable as exc:
             log.info("not ready yet: %s", exc)

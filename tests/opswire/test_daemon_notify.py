@@ -4,6 +4,8 @@ SIGTERM; with --workers 2 the supervisor speaks for its workers."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import signal
 import socket
 import time
@@ -41,10 +43,8 @@ def received(sock: socket.socket, within_s: float) -> list[tuple[float, str]]:
     """(arrival time, datagram) for every datagram in the next within_s seconds."""
     got, deadline = [], time.monotonic() + within_s
     while time.monotonic() < deadline:
-        try:
+        with contextlib.suppress(TimeoutError):
             got.append((time.monotonic(), sock.recv(4096).decode()))
-        except TimeoutError:
-            pass
     return got
 
 
@@ -69,7 +69,7 @@ def test_ready_watchdog_and_stopping_over_a_real_notify_socket(
     assert http(port, "POST", "/v1/reserve", RESERVE)[0] == 200
     pings = [t for t, m in first if m == "WATCHDOG=1"]
     assert len(pings) >= 2, messages
-    gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
     assert all(0.5 <= gap <= 1.6 for gap in gaps), gaps
     daemon.proc.send_signal(signal.SIGTERM)
     last = [m for _, m in received(notify_socket, 1.5)]
