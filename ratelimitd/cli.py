@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
@@ -24,12 +25,17 @@ from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
 from ratelimitd.http.edge import EdgeLogger
+from ratelimitd.http.lifecycle import BEAT_INTERVAL_S, Liveness, liveness_ctx
+from ratelimitd.http.reload import reload_config
 from ratelimitd.http.server import (
     ConnectionGuard,
     ConnectionLimits,
     GuardedSite,
     fit_to_fd_limit,
 )
+from ratelimitd.ops.logs import access_log_options, setup_logging
+from ratelimitd.ops.metrics import MetricsDirectory
+from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
@@ -37,7 +43,8 @@ from ratelimitd.store.supervisor import StoreHealth, Supervisor
 from ratelimitd.units import nano_to_usd
 
 log = logging.getLogger("ratelimitd")
-SHUTDOWN_TIMEOUT_S: Final = 10.0
+# in-flight requests get this long; the embedded Redis then stops, all within 10 s
+SHUTDOWN_TIMEOUT_S: Final = 7.0
 
 SERVE_EPILOG: Final = """environment:
   RATELIMITD_CONFIG    configuration file when --config is not given
@@ -48,7 +55,9 @@ SERVE_EPILOG: Final = """environment:
 
 signals:
   SIGTERM, SIGINT      finish the requests in flight, stop the embedded Redis, exit 0
-  SIGHUP               ignored (logged): reloading is not supported yet
+  SIGHUP               reload the configuration file: tiers, prices, tokens (an invalid file
+                       is logged and the one in use kept); listen, redis, reservations,
+                       alerts, anomaly and calendar changes need a restart
 
 exit status: 0 after SIGTERM; 1 when a worker or the embedded Redis failed for good;
 2 for a bad configuration, state directory or listen address."""
@@ -94,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve.error("--workers must be at least 1")
     if args.command == "check-config" and args.path is None:
         parser.error("check-config needs a file: give its path or set RATELIMITD_CONFIG")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging()  # JSON lines on stderr (journald keeps them as they are)
     try:
         if args.command in admin_cli.COMMANDS:
             return admin_cli.run(args)
@@ -139,6 +148,11 @@ def run(config: Config, workers: int) -> int:
     """Starts the embedded Redis (supervised) when no url is configured, then serves until
     SIGTERM. Returns the exit status: 0 after SIGTERM, else 1 when a worker died or the
     embedded Redis could not be kept running."""
+    log.info("ratelimitd %s starting (%d worker%s, config %s)", __version__, workers,
+             "s" if workers > 1 else "", config.source)
+    # until a process has its reload handler, a SIGHUP must not kill it (the default action);
+    # forked workers inherit this
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     supervisor = None
     health = None
     status = 0
@@ -156,16 +170,23 @@ def run(config: Config, workers: int) -> int:
         if workers == 1:
             if supervisor is not None:
                 supervisor.watch()
-            _serve(config, redis_url, sockets, share_port=False, health=health)
+            _serve(config, redis_url, sockets, share_port=False, health=health,
+                   liveness=Liveness(notifier=SystemdNotifier()))
         else:
             prepare_fork(config)  # shared pages: docs/performance.md, "Memory per worker"
-            status = _supervise(config, redis_url, sockets, workers, health,
-                                supervisor.watch if supervisor is not None else None)
+            metrics_dir = MetricsDirectory.create()  # the workers' samples, summed on /metrics
+            try:
+                status = _supervise(config, redis_url, sockets, workers, health,
+                                    supervisor.watch if supervisor is not None else None,
+                                    metrics_dir)
+            finally:
+                metrics_dir.remove()
     finally:
         if supervisor is not None:
             supervisor.stop()
     if supervisor is not None and supervisor.failed:
-        return 1
+        status = 1
+    log.info("ratelimitd stopped", extra={"exit_status": status})
     return status
 
 
@@ -185,13 +206,19 @@ def _unix_socket(path: str) -> socket.socket:
 
 
 def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], workers: int,
-               health: StoreHealth | None, after_fork: Callable[[], None] | None) -> int:
+               health: StoreHealth | None, after_fork: Callable[[], None] | None,
+               metrics_dir: MetricsDirectory) -> int:
     """Forks the workers; SIGTERM/SIGINT are passed on, and a dead worker stops the rest.
 
     Returns 0 when the workers stopped on SIGTERM, else the failed worker's status (or 1), so
     that a service manager sees the failure and restarts the daemon."""
     context = multiprocessing.get_context("fork")  # workers inherit the unix sockets
-    procs = [context.Process(target=_worker, args=(config, redis_url, sockets, health),
+    # the supervisor speaks to systemd for every worker: READY=1 once each has beaten,
+    # WATCHDOG=1 only while each beats (docs/operations.md)
+    notifier, beats = SystemdNotifier(), WorkerHeartbeats(workers, context)
+    procs = [context.Process(target=_worker,
+                             args=(config, redis_url, sockets, health, metrics_dir.path,
+                                   Liveness(beats=beats, worker=i)),
                              name=f"ratelimitd-worker-{i}") for i in range(workers)]
     for proc in procs:
         proc.start()
@@ -199,50 +226,109 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
         after_fork()
 
     def stop(signum: int, _frame: object) -> None:
+        notifier.stopping()
         for proc in procs:
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGHUP, lambda _signum, _frame: _sighup())
+    signal.signal(signal.SIGHUP,
+                  lambda _signum, _frame: _forward_reload(config.source, procs, notifier))
     failed = 0
+    gone: set[int] = set()
+    pinger = _Pinger(notifier, beats)
     while any(p.is_alive() for p in procs):
         for proc in procs:
-            proc.join(0.5)
+            proc.join(0.25)
+            pinger.tick()
+            if proc.exitcode is not None and proc.pid is not None and proc.pid not in gone:
+                gone.add(proc.pid)
+                metrics_dir.mark_dead(proc.pid)  # its totals stay in /metrics
             if proc.exitcode not in (None, 0, -signal.SIGTERM) and not failed:
                 log.error("%s exited with %s; stopping", proc.name, proc.exitcode)
                 failed = proc.exitcode if proc.exitcode and proc.exitcode > 0 else 1
                 stop(signal.SIGTERM, None)
+    notifier.close()
     return failed
 
 
-def _sighup() -> None:
-    log.info("SIGHUP ignored: reloading the configuration is not supported yet; restart "
-             "the daemon to apply a new one")
+class _Pinger:
+    """The supervisor's READY=1 (once every worker has beaten) and WATCHDOG=1 (every half
+    WatchdogSec, only while every worker's beat is fresh: a stuck worker gets no ping)."""
+
+    def __init__(self, notifier: SystemdNotifier, beats: WorkerHeartbeats) -> None:
+        self.notifier = notifier
+        self.beats = beats
+        self.ready = False
+        self.next_ping = 0.0
+
+    def tick(self) -> None:
+        if not self.notifier.enabled:
+            return
+        if not self.ready:
+            if self.beats.all_started():
+                self.ready = True
+                self.notifier.ready(f"serving ({self.beats.workers} workers)")
+            return
+        interval = self.notifier.watchdog_interval_s
+        now = time.monotonic()
+        if interval is not None and now >= self.next_ping:
+            max_age = max(2 * interval, 2 * BEAT_INTERVAL_S + 0.5)
+            if self.beats.all_fresh(max_age):
+                self.notifier.watchdog()
+                self.next_ping = now + interval
+            else:
+                log.warning("no ping to systemd: workers %s have not beaten for %.1f s",
+                            self.beats.stale(max_age), max_age)
+                self.next_ping = now + interval
+
+
+def _forward_reload(path: str, procs: Sequence[multiprocessing.process.BaseProcess],
+                    notifier: SystemdNotifier) -> None:
+    """SIGHUP in the supervisor: an invalid file is one error line and nothing changes; a
+    valid one is reloaded by every worker (each re-reads it: http/reload.py)."""
+    try:
+        load_config(None if path.startswith("<") else path)
+    except ConfigError as exc:
+        log.error("reload refused, keeping the configuration in use: %s", exc,
+                  extra={"event": "reload", "ok": False})
+        return
+    notifier.reloading()
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGHUP)
+    notifier.ready()  # the workers swap in place and never stop serving
 
 
 def _worker(config: Config, redis_url: str, sockets: list[socket.socket],
-            health: StoreHealth | None) -> None:
+            health: StoreHealth | None, metrics_dir: Path, liveness: Liveness) -> None:
     die_with_parent(signal.SIGTERM)  # a worker never outlives its daemon (kill -9 of it)
     try:
-        _serve(config, redis_url, sockets, share_port=True, health=health)
+        _serve(config, redis_url, sockets, share_port=True, health=health,
+               metrics_dir=metrics_dir, liveness=liveness)
     except ListenError as exc:
         print(f"ratelimitd: {exc}", file=sys.stderr)
         sys.exit(2)
 
 
 def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_port: bool,
-           health: StoreHealth | None) -> None:
+           health: StoreHealth | None, metrics_dir: Path | None = None,
+           liveness: Liveness | None = None) -> None:
     """One serving process. share_port: the workers of one daemon bind the same TCP ports
     (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
-    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health))
+    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir,
+                            liveness or Liveness()))
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],
-                       share_port: bool, health: StoreHealth | None) -> None:
+                       share_port: bool, health: StoreHealth | None,
+                       metrics_dir: Path | None, liveness: Liveness) -> None:
     server = config.server
-    runner = web.AppRunner(create_app(config, redis_url, health), access_log=None,
+    app = create_app(config, redis_url, health, metrics_dir)
+    app.cleanup_ctx.append(liveness_ctx(liveness))  # after the services: READY=1 needs Redis
+    runner = web.AppRunner(app,
+                           **access_log_options(server.access_log),
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,
                            # aiohttp reports bad request lines and hang-ups to it: one
                            # rate-limited INFO line, no traceback
@@ -276,11 +362,28 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, _sighup)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(app, liveness))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stopping.wait()
+    if liveness.notifier is not None:
+        liveness.notifier.stopping()
     log.info("stopping: finishing requests in flight")
     await guard.stop()
     await runner.cleanup()
+
+
+async def _reload(app: web.Application, liveness: Liveness) -> None:
+    if liveness.notifier is not None:
+        liveness.notifier.reloading()
+    await reload_config(app)
+    if liveness.notifier is not None:
+        liveness.notifier.ready()
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def test_a_stale_redis_on_the_socket_is_replaced_safely(
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
-def test_sighup_is_ignored_with_a_log_line(
+def test_sighup_reloads_with_a_log_line_and_keeps_serving(
         tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int],
         workers: str) -> None:
     port, data_dir = free_port(), tmp_path / "data"
@@ -201,7 +201,7 @@ def test_sighup_is_ignored_with_a_log_line(
     time.sleep(0.5)
     assert daemon.proc.poll() is None, daemon.log
     assert http(port, "POST", "/v1/reserve", RESERVE)[0] == 200
-    assert "SIGHUP ignored" in daemon.log
+    assert "reloaded" in daemon.log
     assert daemon.stop() == 0
 
 

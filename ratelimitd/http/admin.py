@@ -23,7 +23,7 @@ from aiohttp import web
 from ratelimitd.access import blocked_error, redis_failures
 from ratelimitd.errors import ApiError, invalid
 from ratelimitd.guard import BlockInputError, InvalidIpError, canonical_ip, ip_prefix
-from ratelimitd.http.app_keys import SERVICES, Services
+from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import Handler, json_response, read_json
 from ratelimitd.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.policy import Prices, Subject
@@ -82,7 +82,7 @@ def _caller_ip(body: Mapping[str, Any]) -> str | None:
 # -- keys --------------------------------------------------------------------------------------
 
 async def create_key(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     keys = services.access.require_keys()
     body = await _body(request, CREATE_FIELDS)
     # checked by check_create, before anything is spent
@@ -133,7 +133,7 @@ async def _count_creation(services: Services, ip: str) -> str | None:
 
 
 async def rotate_key(request: web.Request) -> web.Response:
-    keys = request.app[SERVICES].access.require_keys()
+    keys = request.app[LIVE].services.access.require_keys()
     body = await _body(request, ROTATE_FIELDS, optional=True)
     with _admin_errors():
         async with redis_failures():
@@ -142,7 +142,7 @@ async def rotate_key(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    keys = request.app[SERVICES].access.require_keys()
+    keys = request.app[LIVE].services.access.require_keys()
     await _body(request, frozenset(), optional=True)
     with _admin_errors():
         async with redis_failures():
@@ -151,7 +151,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 async def show_key(request: web.Request) -> web.Response:
-    keys = request.app[SERVICES].access.require_keys()
+    keys = request.app[LIVE].services.access.require_keys()
     with _admin_errors():
         async with redis_failures():
             info = await keys.show(request.match_info["key_id"])
@@ -169,7 +169,7 @@ def _block_subject(services: Services, scope: object, ident: object) -> Subject:
 
 
 async def add_block(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     body = await _body(request, BLOCK_FIELDS)
     for name in ("scope", "id", "ttl_s", "reason"):
         if name not in body:
@@ -182,7 +182,7 @@ async def add_block(request: web.Request) -> web.Response:
 
 
 async def remove_block(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     query = request.query
     for name in ("scope", "id"):
         if name not in query:
@@ -194,7 +194,7 @@ async def remove_block(request: web.Request) -> web.Response:
 
 
 async def list_blocks(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     raw = request.query.get("limit", "1000")
     if not raw.isdigit():
         raise invalid("limit", "must be a whole number from 1 to 10000")

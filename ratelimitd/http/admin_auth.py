@@ -18,10 +18,9 @@ from aiohttp import web
 from ratelimitd.errors import ApiError
 
 ADMIN_PREFIX: Final = "/v1/admin/"
-ADMIN_TOKENS: Final = web.AppKey("admin_tokens", tuple[bytes, ...])
 _CHALLENGE: Final = 'Bearer realm="ratelimitd-admin"'
 _CONFIGURE: Final = ("; this daemon has no admin token: set [server] admin_tokens "
-                     "(\"env:NAME\" reads a variable) and restart it")
+                     "(\"env:NAME\" reads a variable) and reload (SIGHUP) or restart it")
 
 
 def is_admin_path(path: str) -> bool:
@@ -35,8 +34,8 @@ def _matches(candidate: bytes, tokens: tuple[bytes, ...]) -> bool:
     return matched
 
 
-def check_admin_token(request: web.Request, service_tokens: tuple[bytes, ...]) -> None:
-    admin_tokens = request.app[ADMIN_TOKENS]
+def check_admin_token(request: web.Request, service_tokens: tuple[bytes, ...],
+                      admin_tokens: tuple[bytes, ...]) -> None:
     hint = "" if admin_tokens else _CONFIGURE
     scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():

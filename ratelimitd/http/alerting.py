@@ -21,7 +21,7 @@ from aiohttp import web
 
 from ratelimitd.alerts import Alert, AlertService
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http.app_keys import CONFIG, SERVICES
+from ratelimitd.http.app_keys import CONFIG, LIVE
 from ratelimitd.policy import Limit, Tier
 from ratelimitd.quota.engine import LimitState, ReserveResult, concurrency_lid
 
@@ -58,6 +58,10 @@ class Alerting:
     def forward(self, alerts: Iterable[Alert]) -> list[Alert]:
         """Names `alerts` and queues them for the webhooks; returns them named."""
         named = [self.names.name(a) for a in alerts]
+        for alert in named:  # one line per alert (the Lua decides each once per period)
+            log.warning("alert %s: %s %s", alert.kind, alert.scope, alert.limit or "-",
+                        extra={"alert": alert.kind, "alert_id": alert.id,
+                               "scope": alert.scope, "limit": alert.limit})
         if named:
             self.service.submit(named)
         return named
@@ -68,7 +72,7 @@ ALERTING: Final = web.AppKey("alerting", Alerting)
 
 async def alerting_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    services = app[SERVICES]
+    services = app[LIVE].services
     service = AlertService(services.store.client, config.alerts,
                            claim_idle_ms=config.alerts.claim_idle_ms)
     app[ALERTING] = Alerting(service, LimitNames(config.tiers, config.reservations.ttl_s * 1000),
@@ -86,8 +90,10 @@ async def after_reserve(app: web.Application, result: ReserveResult) -> list[Ale
     blocked = result.blocked
     if blocked is not None and any(a.kind == "request_spike" for a in alerts):
         ends = max(a.created_ms for a in alerts) + blocked.retry_after_ms
+        log.warning("blocked %s for %d ms: request spike", blocked.subject.tag,
+                    blocked.retry_after_ms, extra={"block": "anomaly"})
         try:
-            await app[SERVICES].access.blocks.index(blocked.subject, ends)
+            await app[LIVE].services.access.blocks.index(blocked.subject, ends)
         except StoreUnavailable as exc:  # the block holds anyway; only its listing is missing
             log.warning("could not list the anomaly block of %s: %s", blocked.subject.tag,
                         type(exc).__name__)

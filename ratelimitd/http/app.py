@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final
 
 from aiohttp import web
@@ -12,15 +13,13 @@ from aiohttp import web
 from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.http import admin, decisions, usage
-from ratelimitd.http.admin_auth import ADMIN_TOKENS
+from ratelimitd.http import admin, decisions, observe, usage
 from ratelimitd.http.alerting import alerting_ctx
-from ratelimitd.http.app_keys import CONFIG, REDIS_URL, SERVICES, Services
+from ratelimitd.http.app_keys import CONFIG, LIVE, REDIS_URL, Live, Services
 from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
     CLIENT_LOG,
     MAX_BODY_BYTES,
-    SERVICE_TOKENS,
     Handler,
     QuietLog,
     api_handler,
@@ -52,7 +51,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     try:
         await services.engine.scripts.ready()
     except StoreUnavailable as exc:
@@ -72,6 +71,7 @@ ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
+    ("GET", "/metrics", observe.metrics_handler),
     *admin.ROUTES,
     ("GET", "/v1/admin/usage", usage.usage),
 )
@@ -96,13 +96,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await store.aclose()
         raise
+    service_tokens, admin_tokens = resolved_tokens(config)
     executor = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS,
                                   thread_name_prefix="ratelimitd-tokens")
-    app[SERVICES] = Services(
+    app[LIVE].services = Services(
         config=config, store=store, engine=engine,
         counter=TokenCounter(config.tokens.default_encoding, config.tokens.models,
                              config.tokens.image_tokens),
-        prices=config.pricing.table(), executor=executor, access=access)
+        prices=config.pricing.table(), executor=executor, access=access,
+        service_tokens=service_tokens, admin_tokens=admin_tokens)
     try:
         await engine.scripts.load()
     except StoreUnavailable as exc:  # /readyz says so; the library loads on first use
@@ -114,14 +116,23 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     await store.aclose()
 
 
+def resolved_tokens(config: Config) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+    """The service and admin tokens of a configuration, as the edge compares them."""
+    return (tuple(resolve_secret(t).encode() for t in config.server.service_tokens),
+            tuple(resolve_secret(t).encode() for t in config.server.admin_tokens))
+
+
 STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
 OPENAPI: Final = web.AppKey("openapi", dict)
 
 
-def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
-               ) -> web.Application:
-    """The application; `health`: the embedded Redis's supervisor state, for /healthz."""
+def create_app(config: Config, redis_url: str, health: StoreHealth | None = None,
+               metrics_dir: Path | None = None) -> web.Application:
+    """The application; `health`: the embedded Redis's supervisor state, for /healthz;
+    `metrics_dir`: the directory the workers of one daemon share their metrics in."""
     app = web.Application(client_max_size=config.server.max_body_bytes)
+    metrics = app[observe.METRICS] = observe.build_metrics(config, metrics_dir)
+    app[observe.REDIS_CALLS] = observe.RedisCalls.of(metrics)
     app[CONFIG] = config
     app[REDIS_URL] = redis_url
     if health is not None:
@@ -130,23 +141,24 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
     app[CLIENT_LOG] = QuietLog(log)
     app[OPENAPI] = openapi_spec(config)
-    app[SERVICE_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.service_tokens)
-    app[ADMIN_TOKENS] = tuple(resolve_secret(t).encode() for t in config.server.admin_tokens)
+    app[LIVE] = Live()  # its services are made at startup (_services_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(alerting_ctx)
+    app.cleanup_ctx.append(observe.metrics_ctx)
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))
     for path, handlers in by_path.items():
         resource = app.router.add_resource(path)
         allowed = []
+        route = metrics.route(path)
         for method, handler in handlers:
-            resource.add_route(method, api_handler(handler))
+            resource.add_route(method, api_handler(handler, route))
             allowed.append(method)
             if method == "GET" and not path.startswith("/v1/"):
                 # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless (the probes)
-                resource.add_route("HEAD", api_handler(handler))
+                resource.add_route("HEAD", api_handler(handler, route))
                 allowed.append("HEAD")
-        resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed))))
-    app.router.add_route("*", "/{tail:.*}", api_handler(not_found))
+        resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed)), route))
+    app.router.add_route("*", "/{tail:.*}", api_handler(not_found, metrics.route("other")))
     return app

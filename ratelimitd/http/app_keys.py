@@ -25,8 +25,20 @@ class Services:
     prices: PriceTable
     executor: ThreadPoolExecutor
     access: Access              # API keys, signatures, blocks (access/)
+    # bearer tokens, resolved: reloaded with the configuration they come from
+    service_tokens: tuple[bytes, ...] = ()
+    admin_tokens: tuple[bytes, ...] = ()
+
+
+class Live:
+    """The services the handlers use, read per request: SIGHUP (http/reload.py) replaces them
+    in one assignment (an aiohttp app is frozen once started; its keys cannot change). A
+    request keeps the services it started with."""
+
+    __slots__ = ("services",)
+    services: Services
 
 
 CONFIG: Final = web.AppKey("config", Config)
 REDIS_URL: Final = web.AppKey("redis_url", str)
-SERVICES: Final = web.AppKey("services", Services)
+LIVE: Final = web.AppKey("live", Live)

@@ -8,6 +8,7 @@ decisions are made in lua/ through the engine only.
 from __future__ import annotations
 
 import logging
+import time
 
 from aiohttp import web
 
@@ -19,10 +20,12 @@ from ratelimitd.errors import (
     TokenCountError,
     invalid,
 )
+from ratelimitd.http import observe
 from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
-from ratelimitd.http.app_keys import SERVICES, Services
+from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import json_response, read_json
+from ratelimitd.http.observe import METRICS, REDIS_CALLS
 from ratelimitd.http.schema import (
     ReserveBody,
     parse_commit,
@@ -30,8 +33,9 @@ from ratelimitd.http.schema import (
     parse_reserve,
     prompt_chars,
 )
+from ratelimitd.ops.metrics import Metrics
 from ratelimitd.policy import plan
-from ratelimitd.quota.engine import ReserveRequest
+from ratelimitd.quota.engine import ReserveRequest, ReserveResult
 
 log = logging.getLogger("ratelimitd.http")
 
@@ -54,13 +58,29 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
 
 
 async def reserve(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    """Every outcome is counted once: an answer by its result, an error by its code."""
+    metrics = request.app[METRICS]
+    tier: list[str] = []  # the caller's tier once known, for the error's count
+    try:
+        return await _reserve(request, tier)
+    except ApiError as err:
+        observe.refused(metrics, err, tier[0] if tier else None)
+        raise
+    except StoreUnavailable:
+        metrics.decision("error", "backend_unavailable", tier[0] if tier else None)
+        raise
+
+
+async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
+    services = request.app[LIVE].services
     config = services.config
+    metrics = request.app[METRICS]
     body = parse_reserve(await read_json(request))
     caller = await identify(services.access, api_key=body.api_key, signature=body.signature,
                             user=body.user, tier=body.tier, org=body.org,
                             attributes=body.attributes or {})
     who = caller.identity
+    known_tier.append(who.tier)
     tier = config.tiers.get(who.tier)
     if tier is None:
         field = "tier" if body.api_key is None else "api_key"
@@ -81,34 +101,72 @@ async def reserve(request: web.Request) -> web.Response:
                            else config.reservations.min_output_tokens),
         idempotency_key=body.idempotency_key, dry_run=body.dry_run, anomaly=tier.anomaly,
         guards=block_guards(subjects, who, services.access.prefixes))
+    call = request.app[REDIS_CALLS].reserve
+    start = time.perf_counter()
     try:
         result = await services.engine.reserve(reservation)
     except ReserveInProgress as exc:
         raise ApiError(409, "idempotency_key_in_use", f"idempotency_key: {exc}",
                        {"Retry-After": "1"}) from exc
     except StoreUnavailable as exc:
+        observe.store_failed(call, exc)
         if config.redis.on_error != "allow":
             raise
         log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
+        metrics.decision("degraded", "backend_unavailable", who.tier)
         return degraded_answer(input_tokens, cap)
+    finally:
+        call.observe(time.perf_counter() - start)
+    _count_reserve(metrics, result, who.tier, body.model, body.dry_run)
     if result.alerts:
-        await after_reserve(request.app, result)
+        for alert in await after_reserve(request.app, result):
+            metrics.alert(alert.kind)
+            if alert.kind == "request_spike" and result.blocked is not None:
+                metrics.block(result.blocked.subject.scope, "anomaly")
     warnings = [*caller.warnings,
                 *budget_warnings(result.states, request.app[ALERTING].thresholds)]
     return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000, warnings)
 
 
+def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: str,
+                   dry_run: bool) -> None:
+    if result.allowed:
+        metrics.decision("allowed", None, tier)
+        if not dry_run and not result.duplicate:
+            metrics.reserved(tier, model, result.input_tokens + result.max_output_tokens,
+                             result.reserved_cost_nano)
+    elif result.blocked is not None:
+        metrics.decision("blocked", "blocked", tier)
+    else:
+        denied = result.denied_by
+        metrics.decision("denied", denied.limit.name if denied is not None else None, tier)
+
+
 async def commit(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     body = parse_commit(await read_json(request))
     output = body.output_tokens
     if output is None:  # output_text: counted with the commit's model, else the default encoding
         text = body.output_text or ""
         output = await services.counter.count_prompt(body.model or "", text, None,
                                                      services.executor) if text else 0
-    result = await services.engine.commit(body.reservation_id, body.input_tokens, output,
-                                          body.cached_input_tokens)
+    call, metrics = request.app[REDIS_CALLS].commit, request.app[METRICS]
+    start = time.perf_counter()
+    try:
+        result = await services.engine.commit(body.reservation_id, body.input_tokens, output,
+                                              body.cached_input_tokens)
+    except StoreUnavailable as exc:
+        observe.store_failed(call, exc)
+        raise
+    finally:
+        call.observe(time.perf_counter() - start)
+    if result.status == "applied":
+        # the reservation's tier is not in the engine's answer (not done): counted as "other"
+        used = result.input_tokens + result.output_tokens
+        metrics.committed(None, body.model, used, result.cost_nano,
+                          max(0, used - result.reserved_tokens))
     if result.status == "not_found":
+        metrics.expired()
         reservations = services.config.reservations
         raise ApiError(404, "reservation_not_found",
                        f"reservation_id: unknown, or expired (reservations live "
@@ -117,14 +175,29 @@ async def commit(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_released",
                        "reservation_id: this reservation was released; it cannot be committed")
-    return commit_answer(result, request.app[ALERTING].forward(result.alerts))
+    alerts = request.app[ALERTING].forward(result.alerts)
+    if result.status == "applied":
+        for alert in alerts:
+            metrics.alert(alert.kind)
+    return commit_answer(result, alerts)
 
 
 async def release(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     rid = parse_release(await read_json(request))
-    result = await services.engine.release(rid)
+    call, metrics = request.app[REDIS_CALLS].release, request.app[METRICS]
+    start = time.perf_counter()
+    try:
+        result = await services.engine.release(rid)
+    except StoreUnavailable as exc:
+        observe.store_failed(call, exc)
+        raise
+    finally:
+        call.observe(time.perf_counter() - start)
+    if result.status == "applied":
+        metrics.released()
     if result.status == "not_found":
+        metrics.expired()
         raise ApiError(404, "reservation_not_found", "reservation_id: unknown, or expired")
     if result.status == "conflict":
         raise ApiError(409, "reservation_committed",

@@ -22,12 +22,14 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ratelimitd.errors import ApiError, StoreUnavailable
 from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
+from ratelimitd.http.app_keys import LIVE
+from ratelimitd.ops.logs import REQUEST_ID_HEADER, request_scope
+from ratelimitd.ops.metrics import RouteMetrics
 
 log = logging.getLogger("ratelimitd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The service tokens of an app (bytes, compared in constant time) and its body bound.
-SERVICE_TOKENS: Final = web.AppKey("service_tokens", tuple[bytes, ...])
+# The body bound of an app (its tokens are in its live services: they are reloaded).
 MAX_BODY_BYTES: Final = web.AppKey("max_body_bytes", int)
 BODY_TIMEOUT_S: Final = web.AppKey("body_timeout_s", float)
 # aiohttp's own errors inside a handler (404 and 405 are answered by routes of their own)
@@ -111,41 +113,56 @@ def backend_unavailable() -> ApiError:
                     {"Retry-After": "1"})
 
 
-def api_handler(handler: Handler) -> Handler:
-    """Checks the service token, and turns every failure into the error shape."""
+def api_handler(handler: Handler, route: RouteMetrics | None = None) -> Handler:
+    """Checks the service token, and turns every failure into the error shape; binds the
+    request id (the caller's X-Request-Id when sane, else a new one) for every log line about
+    the request and returns it on every answer, errors too; `route`: the route's latency and
+    status counters, resolved once when it is registered."""
 
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
-        try:
-            if is_admin_path(request.path):
-                check_admin_token(request, request.app[SERVICE_TOKENS])
-            else:
-                _check_service_token(request)
-            return await handler(request)
-        except ClosingApiError as err:
-            response = error_response(err)
-            response.force_close()
+        start = time.perf_counter()
+        with request_scope(request.headers.get(REQUEST_ID_HEADER)) as request_id:
+            response = await _answer(handler, request)
+            response.headers[REQUEST_ID_HEADER] = request_id
+            if route is not None:
+                route.observe(response.status, time.perf_counter() - start)
             return response
-        except ApiError as err:
-            return error_response(err)
-        except ClientGone as exc:
-            request.app[CLIENT_LOG].note("client hung up before its request was read: %s", exc)
-            raise ConnectionResetError(str(exc)) from None
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            message = exc.reason if exc.status != 413 else (
-                f"body: larger than the {request.app[MAX_BODY_BYTES]} bytes allowed")
-            return error_response(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
-                                           message))
-        except StoreUnavailable as exc:
-            log.warning("redis unavailable: %s", exc)
-            return error_response(backend_unavailable())
-        except Exception:
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            return error_response(ApiError(500, "internal_error", "internal error; see the logs"))
 
     return handle
+
+
+async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
+    """The handler's answer, or the error shape for whatever it raised."""
+    try:
+        if is_admin_path(request.path):
+            services = request.app[LIVE].services
+            check_admin_token(request, services.service_tokens, services.admin_tokens)
+        else:
+            _check_service_token(request)
+        return await handler(request)
+    except ClosingApiError as err:
+        response = error_response(err)
+        response.force_close()
+        return response
+    except ApiError as err:
+        return error_response(err)
+    except ClientGone as exc:
+        request.app[CLIENT_LOG].note("client hung up before its request was read: %s", exc)
+        raise ConnectionResetError(str(exc)) from None
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.reason if exc.status != 413 else (
+            f"body: larger than the {request.app[MAX_BODY_BYTES]} bytes allowed")
+        return error_response(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
+                                       message))
+    except StoreUnavailable as exc:
+        log.warning("redis unavailable: %s", exc)
+        return error_response(backend_unavailable())
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal_error", "internal error; see the logs"))
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -161,7 +178,7 @@ def method_not_allowed(allowed: str) -> Handler:
 
 def _check_service_token(request: web.Request) -> None:
     """Bearer service tokens on /v1/* when configured, compared in constant time."""
-    tokens = request.app[SERVICE_TOKENS]
+    tokens = request.app[LIVE].services.service_tokens
     # /v1/admin/* takes an admin token instead (http/usage.py)
     if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
         header = request.headers.get("Authorization", "")

@@ -518,6 +518,10 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
             "/openapi.json": _probe("This document", {"200": {
                 "description": "OpenAPI 3.1", "content": {_JSON: {"schema": {
                     "type": "object"}}}}}),
+            "/metrics": _probe("Prometheus metrics, summed over the workers (no token: "
+                               "counts by tier, model and route, never a user, key or ip)", {
+                "200": {"description": "Prometheus text format 0.0.4", "content": {
+                    "text/plain": {"schema": {"type": "string"}}}}}),
             **_admin_paths(),
             "/v1/admin/usage": usage.OPENAPI_PATH,
         },

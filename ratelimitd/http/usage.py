@@ -23,7 +23,7 @@ from ratelimitd.errors import invalid
 from ratelimitd.guard.blocks import BlockInputError, BlockStore
 from ratelimitd.http.alerting import ALERTING
 from ratelimitd.http.answers import _display
-from ratelimitd.http.app_keys import SERVICES
+from ratelimitd.http.app_keys import LIVE
 from ratelimitd.http.edge import json_response
 from ratelimitd.policy import Limit, Tier
 
@@ -39,7 +39,7 @@ def limits_of_scope(tiers: Mapping[str, Tier], scope: str) -> list[tuple[Limit, 
 
 
 async def usage(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+    services = request.app[LIVE].services
     config = services.config
     query = request.query
     tiers = config.tiers
