@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what ratelimitd needs on a fresh Debian machine (as root) and leaves a virtualenv in
-# .venv. `scripts/setup.sh dev` also installs the test and lint tools. Safe to run again: it
-# reinstalls only when pyproject.toml changed.
+# .venv. `scripts/setup.sh dev` also installs the test and lint tools. Every Python package is
+# installed at the exact version constraints.txt names (refresh it with scripts/lock.sh), so a new
+# release of a dependency cannot break a fresh machine. Safe to run again: it reinstalls only
+# when pyproject.toml or constraints.txt changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,10 +33,10 @@ fi
 
 extra=""
 case "${1:-}" in dev|bench) extra="[dev]" ;; esac
-# Install only when the virtualenv is missing or pyproject.toml changed since the last install
-# (a stamp holds its hash and the extra), so a restart needs no package index.
+# Install only when the virtualenv is missing or pyproject.toml or constraints.txt changed since
+# the last install (a stamp holds their hash and the extra), so a restart needs no package index.
 stamp=.venv/.ratelimitd-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) ${extra:-[]}"
+want="$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1) ${extra:-[]}"
 have="$(cat "$stamp" 2>/dev/null || true)"
 if [ -x .venv/bin/python ] && { [ "$have" = "$want" ] || { [ -z "$extra" ] && [ "${have%% *}" = "${want%% *}" ]; }; }; then
     echo "ratelimitd: .venv is up to date with pyproject.toml${extra:+ $extra}" >&2
@@ -42,8 +44,8 @@ if [ -x .venv/bin/python ] && { [ "$have" = "$want" ] || { [ -z "$extra" ] && [ 
 fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -c constraints.txt pip
 fi
 rm -f "$stamp"
-.venv/bin/pip install -q -e ".${extra}"
+.venv/bin/pip install -q -c constraints.txt -e ".${extra}"
 echo "$want" >"$stamp"

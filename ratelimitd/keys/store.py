@@ -398,7 +398,7 @@ class KeyStore:
                 backoff = min(backoff * 2, 1.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
     async def _publish(self, key_id: str) -> None:
         self.cache.invalidate(key_id)

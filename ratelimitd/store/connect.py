@@ -100,7 +100,7 @@ def _sentinel_pipe(url: str, timeout: float) -> PipelinedConnection:
     at each (re)connection, and a primary that became a replica answers READONLY, which closes
     the connection (pipeline.py), so the daemon follows a failover by itself."""
     hosts, service, password = _sentinel_parts(url)
-    sentinel = Sentinel(hosts, socket_timeout=timeout,  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, socket_timeout=timeout,
                         socket_connect_timeout=timeout, password=password)
 
     async def locate() -> tuple[str, int]:
@@ -142,7 +142,7 @@ def connect(config: RedisConfig, url: str) -> RedisClient:
 def _sentinel_master(url: str, timeout: float) -> Redis:
     """redis+sentinel://host:port[,host:port]/service_name -> the service's current master."""
     hosts, service, password = _sentinel_parts(url)
-    sentinel = Sentinel(hosts, socket_timeout=timeout,  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(hosts, socket_timeout=timeout,
                         socket_connect_timeout=timeout, password=password)
     master: Redis = sentinel.master_for(service, socket_timeout=timeout, password=password)
     return master
