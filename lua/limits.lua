@@ -13,10 +13,15 @@ local FIRST_LIMIT_FIELD = 4
 -- Limits from a blob of specs (SPEC each). Each array is built with every entry a call sets
 -- (no holes), so Lua sizes it once.
 local function parse_specs(blob)
-  local limits, pos, n = array8(), 1, #blob / SPEC_SIZE
+  local limits, pos, n, shadow = array8(), 1, #blob / SPEC_SIZE, false
   for k = 1, n do
     local lid, algo, metric, limit, a, b, c, d
     lid, algo, metric, limit, a, b, c, d, pos = sunpack(SPEC_FORMAT, blob, pos)
+    if algo > ALG_SHADOW_FLAG then
+      algo = algo - ALG_SHADOW_FLAG
+      shadow = shadow or {}
+      shadow[k] = true
+    end
     if algo == ALG_SLIDING then
       limits[k] = sliding_parse(lid, algo, metric, limit, a, b)
     elseif algo == ALG_CALENDAR then
@@ -26,8 +31,12 @@ local function parse_specs(blob)
     end
   end
   for k = n + 1, MAX_LIMITS do limits[k] = nil end
-  return limits
+  return limits, shadow
 end
+
+-- The shadow limits (by index) of the blob limits_of() parsed last, or false: read by
+-- reserve.lua and packed_reply (Redis runs one call at a time)
+local SHADOW = false
 
 -- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b`
 -- and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
@@ -41,11 +50,13 @@ local function limits_of(blob)
   local parsed = PARSED[blob]
   if not parsed then
     if nparsed >= MAX_PARSED_BLOBS then PARSED, nparsed = {}, 0 end
-    local limits, fields = parse_specs(blob), {'x', 'b', 'n'}
+    local limits, shadow = parse_specs(blob)
+    local fields = {'x', 'b', 'n'}
     for k = 1, #limits do fields[k + FIRST_LIMIT_FIELD - 1] = limits[k][LID] end
-    parsed = {limits, fields}
+    parsed = {limits, fields, shadow}
     PARSED[blob], nparsed = parsed, nparsed + 1
   end
+  SHADOW = parsed[3]
   return parsed[1], parsed[2]
 end
 
@@ -164,7 +175,8 @@ local function reply_head()
           false, false, false, false, false, false, false, false}
 end
 
--- A reply: the head's numbers, then for every limit what remains (not below 0 unless `exact`)
+-- A reply: the head's numbers, then for every limit what remains (not below 0 unless `exact`
+-- or a shadow limit)
 -- and in how many ms it is back to full, as signed 64-bit integers; then `tail` (an opaque
 -- string) when given, then the JSON array of `alerts` (alert JSONs, alerts.lua) when any.
 local function packed_reply(limits, now, tail, out, alerts, exact)
@@ -181,7 +193,7 @@ local function packed_reply(limits, now, tail, out, alerts, exact)
     else
       reset = bucket_reset(lim)
     end
-    if remaining < 0 and not exact then remaining = 0 end
+    if remaining < 0 and not exact and not (SHADOW and SHADOW[k]) then remaining = 0 end
     out[n + 1], out[n + 2], n = remaining, reset, n + 2
   end
   out[REPLY_ALERTS_AT] = tail and #tail or 0

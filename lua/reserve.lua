@@ -118,6 +118,9 @@ for k = 1, nl do
   else
     max_out = (est[m] <= room) and cap or -1
   end
+  if SHADOW and SHADOW[k] then
+    max_out = grant  -- charged and reported, never denies nor caps the grant
+  end
   if max_out < floor_out then
     denied = denied or {}
     denied[#denied + 1] = k

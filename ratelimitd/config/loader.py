@@ -3,6 +3,7 @@ checks every section and the rules that span keys, and returns a frozen `Config`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -20,6 +21,8 @@ from ratelimitd.config.model import (
     AttributesConfig,
     CalendarConfig,
     Config,
+    EnvoyConfig,
+    GrpcConfig,
     KeysConfig,
     PricingConfig,
     RedisConfig,
@@ -35,8 +38,9 @@ from ratelimitd.config.reader import (
     no_unknown,
     section,
 )
+from ratelimitd.envoy.rules import load_rules
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
-from ratelimitd.policy import default_tiers
+from ratelimitd.policy import Tier, default_tiers
 from ratelimitd.tokens.offline import check_encoding_name
 
 # Sections read field by field from their dataclass; tiers and pricing have shapes of their own.
@@ -44,7 +48,7 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
     "server": ServerConfig, "redis": RedisConfig, "reservations": ReservationsConfig,
     "tokens": TokensConfig, "calendar": CalendarConfig, "keys": KeysConfig,
     "abuse": AbuseConfig, "anomaly": AnomalyConfig, "alerts": AlertsConfig,
-    "attributes": AttributesConfig,
+    "attributes": AttributesConfig, "grpc": GrpcConfig, "envoy": EnvoyConfig,
 }
 MAX_ALERT_THRESHOLDS: Final = 16
 MAX_ANOMALY_BLOCK_S: Final = 7 * 86_400
@@ -99,12 +103,25 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if "tiers" in data:
         with problems.collect():
             tables["tiers"] = tier_tables.tiers(data["tiers"], where.at("tiers"), declared)
+    if sections["server"].shadow_mode:
+        tables["tiers"] = _all_shadow(tables["tiers"])
+    if sections["envoy"].config:
+        with problems.collect():
+            base = Path(source).parent if not source.startswith("<") else Path.cwd()
+            tables["envoy_rules"] = load_rules(sections["envoy"].config, base)
     config = Config(**sections, **tables, source=source)
     for check in _CHECKS:
         with problems.collect():
             check(config, where)
     problems.raise_any()
     return config
+
+
+def _all_shadow(tiers: Mapping[str, Tier]) -> dict[str, Tier]:
+    """[server] shadow_mode: every limit of every tier counts and reports, never denies."""
+    return {name: dataclasses.replace(
+        tier, limits=tuple(dataclasses.replace(lim, shadow=True) for lim in tier.limits))
+        for name, tier in tiers.items()}
 
 
 def _with_line(problem: ConfigError, text: str) -> ConfigError:
@@ -173,6 +190,11 @@ def _check_server(config: Config, where: Where) -> None:
                 f"{listen!r}: use host:port (port 0 to 65535) or unix:/path/to.sock")
     if not config.server.listen:
         raise where.at("server.listen").error("needs at least one address")
+    for i, listen in enumerate(config.grpc.listen):
+        tcp = re.fullmatch(r"\[?[^\s\]]+\]?:(\d{1,5})", listen)
+        if tcp is None or int(tcp.group(1)) > 65_535:
+            raise where.at("grpc.listen").at(str(i)).error(
+                f"{listen!r}: use host:port (port 0 to 65535)")
     if config.server.max_body_bytes < 1024:
         raise where.at("server.max_body_bytes").error("must be at least 1024")
     for key in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ratelimitd.envoy.rules import EnvoyRules
 from ratelimitd.policy import (
     DEFAULT_MODEL_PRICE,
     DEFAULT_PRICES,
@@ -31,6 +32,8 @@ class ServerConfig:
     keepalive_timeout_s: float = 30.0       # idle between requests
     max_connections: int = 4096             # beyond it the idlest connection is closed
     access_log: bool = True                 # one JSON line per answer on stderr
+    # every limit is evaluated, counted and reported but never denies (rolling out limits)
+    shadow_mode: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,20 @@ class AttributesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcConfig:
+    # Envoy's rate limit service (envoy/service.py); none: no gRPC listener
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyConfig:
+    # envoyproxy/ratelimit YAML files (glob patterns, relative to this file's directory)
+    config: tuple[str, ...] = ()
+    # add RateLimit-Limit / -Remaining / -Reset to the answers (response_headers_to_add)
+    response_headers: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = ServerConfig()
     redis: RedisConfig = RedisConfig()
@@ -145,4 +162,8 @@ class Config:
     anomaly: AnomalyConfig = AnomalyConfig()
     alerts: AlertsConfig = AlertsConfig()
     attributes: AttributesConfig = AttributesConfig()
+    grpc: GrpcConfig = GrpcConfig()
+    envoy: EnvoyConfig = EnvoyConfig()
+    # the rules [envoy] config loads (envoy/rules.py)
+    envoy_rules: EnvoyRules = field(default_factory=EnvoyRules)
     source: str = "<defaults>"

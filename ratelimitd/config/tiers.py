@@ -3,6 +3,7 @@ know): the seed's shorthand, `[[tiers.X.limits]]`, and `[pricing]`."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any, Final
@@ -27,7 +28,8 @@ UNKNOWN_MODEL_CHOICES: Final = ("default", "deny")
 _SHORTHAND_LIMITS: Final = ("requests_per_minute", "tokens_per_day", "daily_budget_usd",
                             "max_concurrent")
 _SHORTHAND_CAPS: Final = ("max_output_tokens", "max_prompt_chars", "max_input_tokens")
-_LIMIT_KEYS: Final = ("name", "scope", "metric", "window", "limit", "algorithm", "burst")
+_LIMIT_KEYS: Final = ("name", "scope", "metric", "window", "limit", "algorithm", "burst",
+                       "shadow")
 _NAME: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # The longest sliding or bucket window: every time the engine derives from it stays a whole
 # number of ms far below what Redis and Lua's doubles hold exactly
@@ -111,6 +113,13 @@ def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier
 
 
 def _limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:
+    limit = _plain_limit(table, where, declared)
+    if read_value(bool, table.get("shadow", False), where.at("shadow")):
+        return dataclasses.replace(limit, shadow=True)
+    return limit
+
+
+def _plain_limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:
     no_unknown(table, _LIMIT_KEYS, where, "")
     for key in ("name", "metric", "limit"):
         if key not in table:
@@ -140,7 +149,7 @@ def _limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:
     window = read_value(str, table.get("window", ""), where.at("window"))
     if window in CALENDAR_PERIODS:
         if algorithm != "sliding" or "burst" in table:
-            raise where.at("window").error("a calendar window (day, month) is a budget; "
+            raise where.at("window").error("a calendar window (day, month, year) is a budget; "
                                            "it takes no token_bucket or burst")
         return Limit(name, scope, metric, amount, "calendar", period=window)
     try:

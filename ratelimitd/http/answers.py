@@ -39,6 +39,9 @@ def limit_json(state: LimitState) -> dict[str, Any]:
     answer = dict(_limit_facts(lim))
     answer["remaining"] = _display(lim, state.remaining)
     answer["reset_ms"] = state.reset_ms
+    if lim.shadow:  # counted, never denies: "over" says whether it would have denied
+        answer["shadow"] = True
+        answer["over"] = state.over
     return answer
 
 

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from ratelimitd.access import open_access
 from ratelimitd.config import Config, resolve_secret
+from ratelimitd.envoy.service import grpc_ctx
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
 from ratelimitd.http.alerting import alerting_ctx
@@ -143,6 +144,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[OPENAPI] = openapi_spec(config)
     app[LIVE] = Live()  # its services are made at startup (_services_ctx)
     app.cleanup_ctx.append(_services_ctx)
+    app.cleanup_ctx.append(grpc_ctx)    # [grpc] listen: Envoy's rate limit service
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)
     by_path: dict[str, list[tuple[str, Handler]]] = {}

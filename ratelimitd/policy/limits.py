@@ -22,7 +22,7 @@ METRICS: Final[tuple[str, ...]] = (
     "requests", "tokens", "input_tokens", "output_tokens", "cost_usd", "concurrent",
 )
 DEFAULT_SUB_BUCKETS: Final = 60
-CALENDAR_PERIODS: Final = ("day", "month")
+CALENDAR_PERIODS: Final = ("day", "month", "year")
 # Scopes a request names directly; any other scope is read from the request's attributes.
 BUILTIN_SCOPES: Final = ("key", "user", "org", "ip", "ip_prefix", "global")
 # Order in which a reserve visits subjects: the caller's own limits deny first and cheapest.
@@ -40,6 +40,8 @@ class Limit:
     period: str = ""              # calendar: "day" | "month"
     burst: int = 0                # token bucket capacity
     buckets: int = DEFAULT_SUB_BUCKETS
+    # counted and reported like any other limit, never denies (its state is the same limit's)
+    shadow: bool = False
     # Derived once: limits key caches on every request, and a dataclass hash would rebuild a
     # tuple of every field each time.
     lid: str = field(init=False, compare=False, repr=False)
@@ -51,7 +53,8 @@ class Limit:
         # Short id of the limit's state in Redis; changes when the state's layout would.
         lid = hashlib.blake2s("|".join(map(str, ident)).encode(), digest_size=4).hexdigest()
         object.__setattr__(self, "lid", lid)
-        object.__setattr__(self, "_hash", hash((*ident, self.scope, self.limit, self.burst)))
+        object.__setattr__(self, "_hash", hash((*ident, self.scope, self.limit, self.burst,
+                                                self.shadow)))
 
     def __hash__(self) -> int:
         return self._hash

@@ -1,4 +1,4 @@
-"""Calendar periods (day, month) of the configured timezone, as the Lua needs them.
+"""Calendar periods (day, month, year) of the configured timezone, as the Lua needs them.
 
 Lua has no timezone database, so each call gets the starts of the previous, current and next
 two periods (by the daemon's clock) and the Lua picks the one Redis time falls in: daylight
@@ -36,12 +36,16 @@ class Calendar:
 
 def _period_start(local: datetime, period: str) -> datetime:
     day = local.replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "year":
+        return day.replace(month=1, day=1)
     return day.replace(day=1) if period == "month" else day
 
 
 def _shift(start: datetime, period: str, k: int) -> datetime:
     """Start of the k-th period after `start`, at local midnight (DST-aware)."""
-    if period == "month":
+    if period == "year":
+        naive = start.replace(tzinfo=None, year=start.year + k)
+    elif period == "month":
         months = start.month - 1 + k
         naive = start.replace(tzinfo=None, year=start.year + months // 12, month=months % 12 + 1)
     else:

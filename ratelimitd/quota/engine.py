@@ -67,6 +67,13 @@ class ReserveRequest:
     guards: Sequence[Subject] = ()
     # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`)
     anomaly: bool = False
+    # per plan entry, the input tokens charged on that subject instead of input_tokens (the
+    # gRPC service's per-descriptor hits); a commit applies the primary's usage to all
+    subject_inputs: Sequence[int] | None = None
+    # how long this reserve's records live (and it holds), ms, when not the engine's
+    # reservation ttl plus commit grace: a charge never committed needs them only for
+    # compensation and idempotent retries
+    record_ttl_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -75,6 +82,7 @@ class LimitState:
     subject: Subject
     remaining: int
     reset_ms: int
+    over: bool = False      # a shadow limit this call left over its limit (it never denies)
 
 
 @dataclass(slots=True)
@@ -249,9 +257,9 @@ class Engine:
 
     def _encode_spec(self, lim: Limit) -> bytes:
         lid = lim.lid
+        algorithm = wire.ALGORITHM_CODES[lim.algorithm] + (wire.SHADOW_FLAG if lim.shadow else 0)
         if lim.algorithm == "calendar":
-            head = (lid.encode(), wire.ALGORITHM_CODES[lim.algorithm],
-                    wire.METRIC_CODES[lim.metric])
+            head = (lid.encode(), algorithm, wire.METRIC_CODES[lim.metric])
             return wire.SPEC_HEAD.pack(*head, lim.limit)   # + the period starts, per call
         if lim.algorithm == "token_bucket":
             a, b = lim.window_ms, lim.burst
@@ -261,7 +269,7 @@ class Engine:
             lid = concurrency_lid(lid, self.settings.reservation_ttl_ms)
         else:
             a, b = lim.window_ms, lim.buckets
-        head = (lid.encode(), wire.ALGORITHM_CODES[lim.algorithm], wire.METRIC_CODES[lim.metric])
+        head = (lid.encode(), algorithm, wire.METRIC_CODES[lim.metric])
         return wire.SPEC.pack(*head, lim.limit, a, b, 0, 0)
 
     # -- reserve ---------------------------------------------------------------------------
@@ -337,7 +345,7 @@ class Engine:
         alerts: list[Alert] = []
         for index, (subject, limits) in enumerate(req.plan):
             reply = await self._reserve_on(call, subject, limits, grant,
-                                           others if index == 0 else "[]", primary=index == 0)
+                                           others if index == 0 else "[]", index=index)
             if reply.alerts:
                 alerts = decode_alerts(reply.alerts)
             hold = _SubjectHold(subject, limits, reply.granted_output,
@@ -380,36 +388,43 @@ class Engine:
 
     async def _reserve_on(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
                           grant: int, others: str, mode: ReserveMode | None = None,
-                          primary: bool = False) -> wire.ReserveReply:
+                          index: int = -1) -> wire.ReserveReply:
+        """One subject's call; `index`: its place in the plan (0: the primary), or -1."""
         mode = call.mode if mode is None else mode
         if mode in (ReserveMode.RESERVE, ReserveMode.RETRY):
             call.reached.append(subject)
         return wire.decode_reserve(await self.scripts.run(
             self.scripts.library.reserve,
-            self._reserve_args(call, subject, limits, grant, others, mode, primary)))
+            self._reserve_args(call, subject, limits, grant, others, mode, index == 0, index)))
 
     def _reserve_args(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
-                      grant: int, others: str, mode: ReserveMode, primary: bool) -> list[Any]:
+                      grant: int, others: str, mode: ReserveMode, primary: bool,
+                      index: int = -1) -> list[Any]:
         req = call.req
+        inputs = req.subject_inputs
         return [
             *_keys(subject.tag, call.rand),
             wire.RESERVE_ARGS.pack(
-                self._clock_override(), mode, self.settings.reservation_ttl_ms,
-                req.input_tokens, grant, req.min_output_tokens, req.prices.input,
+                self._clock_override(), mode,
+                self.settings.reservation_ttl_ms if req.record_ttl_ms is None
+                else req.record_ttl_ms,
+                req.input_tokens if inputs is None or index < 0 else inputs[index], grant,
+                req.min_output_tokens, req.prices.input,
                 req.prices.cached_input, req.prices.output, call.attempt),
-            others, self._specs_arg(limits), self._record_ttl_text,
+            others, self._specs_arg(limits),
+            self._record_ttl_text if req.record_ttl_ms is None else str(req.record_ttl_ms),
             self._anomaly_arg if primary and req.anomaly else b""]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it
         denies now is answered without holding the other subjects' quota meanwhile."""
         now = time.monotonic()
-        for subject, limits in call.req.plan[1:]:
+        for index, (subject, limits) in enumerate(call.req.plan[1:], 1):
             until = self._denying.get(subject.tag)
             if until is None or until < now:
                 continue
             reply = await self._reserve_on(call, subject, limits, call.req.max_output_tokens,
-                                           "[]", ReserveMode.DRY_RUN)
+                                           "[]", ReserveMode.DRY_RUN, index)
             if reply.status == ReserveStatus.BLOCKED:
                 return _blocked_result(call.req, Blocked(subject, reply.retry_after_ms,
                                                          reply.tail.decode(errors="replace")))
@@ -591,6 +606,8 @@ def _blocked_result(req: ReserveRequest, blocked: Blocked) -> ReserveResult:
 
 def _states(subject: Subject, limits: Sequence[Limit], pairs: Sequence[int]
             ) -> list[LimitState]:
-    """Limit states from a reply's tail: remaining, reset ms per limit."""
-    return [LimitState(lim, subject, pairs[2 * k], pairs[2 * k + 1])
+    """Limit states from a reply's tail: remaining, reset ms per limit (a shadow limit's
+    remaining comes unclamped: below 0, it is over)."""
+    return [LimitState(lim, subject, max(pairs[2 * k], 0), pairs[2 * k + 1],
+                       over=pairs[2 * k] < 0)
             for k, lim in enumerate(limits)]

@@ -22,6 +22,9 @@ METRIC_CODES: Final = {
     "concurrent": 6,
 }
 ALGORITHM_CODES: Final = {"sliding": 1, "calendar": 2, "token_bucket": 3}
+# Added to a spec's algorithm code: a shadow limit, charged and reported like any other but
+# never denying nor capping the grant; its remaining is reported unclamped (below 0: over).
+SHADOW_FLAG: Final = 64
 
 
 class ReserveMode(IntEnum):
@@ -239,6 +242,7 @@ def lua_constants() -> str:
 
     ints([(f"METRIC_{name.upper()}", code) for name, code in METRIC_CODES.items()])
     ints([(f"ALG_{name.upper()}", code) for name, code in ALGORITHM_CODES.items()])
+    ints([("ALG_SHADOW_FLAG", SHADOW_FLAG)])
     for enum in (ReserveMode, SettleMode):
         ints([(f"MODE_{m.name}", m.value) for m in enum])
     ints([(f"RESERVE_{s.name}", s.value) for s in ReserveStatus])

@@ -1,0 +1,229 @@
+"""Envoy's rate limit service: a real gRPC client (the xds-protos stubs) over a real socket
+against a real `ratelimitd serve` on a real Redis, with envoyproxy/ratelimit's YAML rules."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
+from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
+from google.protobuf import wrappers_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.daemons import DaemonProcess
+from tests.support.faults import DurableRedis
+from tests.support.redis_servers import RedisServer, free_port
+
+HERE = Path(__file__).parent
+Entries = list[tuple[str, str]]
+OK, OVER = rls_pb2.RateLimitResponse.OK, rls_pb2.RateLimitResponse.OVER_LIMIT
+
+
+class Rls:
+    """A gRPC client of one daemon's rate limit service."""
+
+    def __init__(self, port: int) -> None:
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = rls_pb2_grpc.RateLimitServiceStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    def ask(self, domain: str, *descriptors: Entries | tuple[Entries, int], hits: int = 0,
+            request_id: str | None = None) -> Any:
+        """One call; a descriptor given as (entries, n) carries its own hits_addend n."""
+        request = rls_pb2.RateLimitRequest(domain=domain, hits_addend=hits)
+        for desc in descriptors:
+            entries, own = desc if isinstance(desc, tuple) else (desc, None)
+            out = ratelimit_pb2.RateLimitDescriptor(entries=[
+                ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries])
+            if own is not None:
+                out.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=own))
+            request.descriptors.append(out)
+        metadata = [("x-request-id", request_id)] if request_id else None
+        return self.stub.ShouldRateLimit(request, timeout=10, metadata=metadata)
+
+
+def start(tmp: Path, redis_url: str, rest: str = "", name: str = "d", workers: int = 1,
+          on_error: str = "deny") -> tuple[DaemonProcess, Rls]:
+    for yaml in HERE.glob("*.yaml"):
+        shutil.copy(yaml, tmp / yaml.name)
+    grpc_port = free_port()
+    daemon = DaemonProcess(tmp, f'url = "{redis_url}"\ntimeout_ms = 200\non_error = "{on_error}"',
+                           f'[grpc]\nlisten = ["127.0.0.1:{grpc_port}"]\n'
+                           f'[envoy]\nconfig = ["*.yaml"]\nresponse_headers = true\n{rest}',
+                           "--workers", str(workers), name=name)
+    daemon.wait_ready()
+    return daemon, Rls(grpc_port)
+
+
+@pytest.fixture(scope="module")
+def rls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rls]:
+    tmp = tmp_path_factory.mktemp("envoy")
+    redis = RedisServer(tmp / "redis")
+    daemon, client = start(tmp, redis.url)
+    yield client
+    client.channel.close()
+    daemon.stop()
+    redis.stop()
+
+
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def test_health_serves(rls: Rls) -> None:
+    for service in ("", "envoy.service.ratelimit.v3.RateLimitService"):
+        answer = rls.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_readme_example_2_nested_and_aggregate(rls: Rls) -> None:
+    number = unique()
+    marketing = [("message_type", "marketing"), ("to_number", number)]
+    for _ in range(5):
+        answer = rls.ask("messaging", marketing, [("to_number", number)])
+        assert answer.overall_code == OK
+    answer = rls.ask("messaging", marketing, [("to_number", number)])
+    assert answer.overall_code == OVER
+    assert [s.code for s in answer.statuses] == [OVER, OK]
+    assert answer.statuses[0].current_limit.requests_per_unit == 5
+    assert answer.statuses[0].current_limit.unit == rls_pb2.RateLimitResponse.RateLimit.DAY
+    # all or nothing: the denied request charged neither descriptor
+    alone = rls.ask("messaging", [("to_number", number)])
+    assert alone.overall_code == OK and alone.statuses[0].limit_remaining == 94
+    # another number has its own counters
+    assert rls.ask("messaging", [("message_type", "marketing"),
+                                 ("to_number", unique())]).overall_code == OK
+
+
+def test_readme_example_3_most_specific_and_unmatched(rls: Rls) -> None:
+    assert rls.ask("edge_proxy_per_ip", [("remote_address", "50.0.0.5")]).overall_code == OVER
+    ip = f"10.{unique()}"
+    answers = [rls.ask("edge_proxy_per_ip", [("remote_address", ip)]).overall_code
+               for _ in range(11)]
+    assert answers == [OK] * 10 + [OVER]
+    # example 4: deeper than the rules, unknown keys and domains match nothing: OK
+    for domain, entries in (("edge_proxy_per_ip", [("remote_address", ip), ("x", "y")]),
+                            ("edge_proxy_per_ip", [("other", "1")]), ("nope", [("a", "b")])):
+        answer = rls.ask(domain, entries)
+        assert answer.overall_code == OK and not answer.statuses[0].HasField("current_limit")
+
+
+def test_unlimited_wildcards_and_shared_wildcards(rls: Rls) -> None:
+    answer = rls.ask("more", [("ldap", "x")])
+    assert answer.overall_code == OK and answer.statuses[0].limit_remaining == 2**32 - 1
+    tag = unique()
+    for path in (f"/api/{tag}/1", f"/api/{tag}/2"):     # each value counts on its own
+        assert [rls.ask("more", [("path", path)]).overall_code for _ in range(3)] == [
+            OK, OK, OVER]
+    shared = [rls.ask("more", [("shared", f"v{tag}{i}")]).overall_code for i in range(3)]
+    assert shared in ([OK, OK, OVER], [OVER, OVER, OVER])  # one counter for every v*
+    assert rls.ask("more", [("shared", "w1")]).overall_code == OK   # no rule
+
+
+def test_shadow_rule_never_denies(rls: Rls) -> None:
+    service = unique()
+    codes = [rls.ask("more", [("service", service), ("user", "user-a")]).overall_code
+             for _ in range(3)]
+    assert codes == [OK, OK, OK]
+
+
+def test_replaces(rls: Rls) -> None:
+    both = [[("key_1", "value_1"), ("user", "bkthomps")],
+            [("key_2", "value_2"), ("user", "bkthomps")]]
+    codes = [rls.ask("more", *both).overall_code for _ in range(2)]
+    answer = rls.ask("more", *both)
+    # specific_limit is replaced: only the 3 a minute of the second rule counts
+    assert not answer.statuses[0].HasField("current_limit")
+    assert answer.statuses[1].current_limit.requests_per_unit == 3
+    assert codes == [OK, OK] and answer.overall_code == OK
+    assert rls.ask("more", *both).overall_code == OVER
+    # and the replaced rule was not charged: alone, its 1 a minute is still there
+    assert rls.ask("more", both[0]).overall_code == OK
+
+
+def test_hits_addend_request_and_descriptor(rls: Rls) -> None:
+    a, b = unique(), unique()
+    answer = rls.ask("more", [("a", a)], ([("b", b)], 0), hits=2)
+    assert answer.overall_code == OK and answer.statuses[0].limit_remaining == 0
+    assert rls.ask("more", [("a", a)]).overall_code == OVER
+    headers = {h.key: h.value for h in answer.response_headers_to_add}
+    assert headers["RateLimit-Limit"] in ("1", "2") and "RateLimit-Reset" in headers
+
+
+def test_ai_gateway_two_calls_exactly_once(rls: Rls) -> None:
+    user = unique()
+    desc = [("tokens", user)]
+    assert rls.ask("more", (desc, 0)).overall_code == OK           # budget not spent
+    call = str(uuid.uuid4())
+    for _ in range(3):      # Envoy retries the stream-done call: charged once
+        rls.ask("more", (desc, 60), request_id=call)
+    assert rls.ask("more", (desc, 0)).statuses[0].limit_remaining == 40
+    over = rls.ask("more", (desc, 70), request_id=str(uuid.uuid4()))  # past the limit
+    assert over.overall_code == OVER
+    assert rls.ask("more", (desc, 0)).overall_code == OVER          # the overrun is seen
+
+
+def test_exact_admission_three_daemons(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    started = [start(tmp_path / f"d{i}", redis.url, name=f"d{i}")
+               for i in range(3) if (tmp_path / f"d{i}").mkdir() is None]
+    try:
+        ip = unique()
+
+        def one(k: int) -> int:
+            return int(started[k % 3][1].ask("edge_proxy_per_ip",
+                                            [("remote_address", ip)]).overall_code)
+
+        with ThreadPoolExecutor(32) as pool:
+            codes = list(pool.map(one, range(400)))
+        assert codes.count(OK) == 10 and codes.count(OVER) == 390
+    finally:
+        for daemon, client in started:
+            client.channel.close()
+            daemon.stop()
+        redis.stop()
+
+
+@pytest.mark.parametrize("on_error", ["deny", "allow"])
+def test_redis_stalled_mid_load(tmp_path: Path, on_error: str) -> None:
+    redis = DurableRedis(tmp_path / "redis")
+    daemon, client = start(tmp_path, redis.url, on_error=on_error)
+    try:
+        ip = unique()
+        assert client.ask("edge_proxy_per_ip", [("remote_address", ip)]).overall_code == OK
+        redis.stall()
+        try:
+            answer = client.ask("edge_proxy_per_ip", [("remote_address", ip)])
+        finally:
+            redis.resume()
+        assert answer.overall_code == (OVER if on_error == "deny" else OK)
+        # once Redis answers again, so does the service (its connections reopen)
+        deadline = time.monotonic() + 10
+        while client.ask("edge_proxy_per_ip", [("remote_address", unique())]).overall_code != OK:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        client.channel.close()
+        daemon.stop()
+        redis.stop()
+
+
+def test_check_config_names_file_descriptor_and_line(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        "domain: d\ndescriptors:\n  - key: k\n    descriptors:\n      - key: sub\n"
+        "        rate_limit:\n          unit: fortnight\n          requests_per_unit: 1\n")
+    (tmp_path / "c.toml").write_text('[envoy]\nconfig = ["bad.yaml"]\n')
+    out = subprocess.run([str(Path(sys.executable).parent / "ratelimitd"), "check-config",
+                          str(tmp_path / "c.toml")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "bad.yaml: line 7, descriptor d.k.sub: invalid unit 'fortnight'" in out.stderr
