@@ -23,6 +23,7 @@ API_MD_EXAMPLE = '''\
 listen = ["127.0.0.1:8080"]            # "host:port" or "unix:/run/ratelimitd/ratelimitd.sock"
 service_tokens = []                    # bearer tokens gateways present; "env:NAME" reads a variable
 admin_tokens = []                      # bearer tokens for /v1/admin/*
+shadow_mode = false                    # true: every limit is evaluated and reported but never denies
 max_body_bytes = 1048576
 
 [redis]
@@ -63,6 +64,7 @@ metric = "tokens"                      # requests | tokens | input_tokens | outp
 window = "1h"                          # sliding duration ("90s", "1h", "24h") or "day" / "month" (calendar)
 limit = 100000
 algorithm = "sliding"                  # sliding | token_bucket (then: burst = N)
+shadow = false                         # true: counted and reported ("shadow": true in answers), never denies
 
 [calendar]
 timezone = "UTC"
