@@ -21,8 +21,8 @@ from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support.daemons import DaemonProcess  # noqa: E402
-from tests.support.redis_servers import RedisServer, free_port  # noqa: E402
+from tests.support.daemons import DaemonProcess
+from tests.support.redis_servers import RedisServer, free_port
 
 RULES = """domain: bench
 descriptors:

@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = load_config(args.path)
             print(f"{args.path}: ok ({len(config.tiers)} tiers: {', '.join(config.tiers)})")
             print(describe_tiers(config), end="")
+            rules = config.envoy_rules
+            if rules.files:
+                print(f"envoy rules: {len(rules.rule_names())} in domains "
+                      f"{', '.join(sorted(rules.domains))} ({', '.join(rules.files)})")
             return 0
         return run(load_config(args.config), args.workers)
     except (ConfigError, EmbeddedRedisError, ListenError) as exc:

@@ -227,3 +227,11 @@ def test_check_config_names_file_descriptor_and_line(tmp_path: Path) -> None:
                           str(tmp_path / "c.toml")], capture_output=True, text=True)
     assert out.returncode == 2
     assert "bad.yaml: line 7, descriptor d.k.sub: invalid unit 'fortnight'" in out.stderr
+    (tmp_path / "rules").mkdir()
+    for yaml in HERE.glob("*.yaml"):
+        shutil.copy(yaml, tmp_path / "rules" / yaml.name)
+    (tmp_path / "c.toml").write_text('[envoy]\nconfig = ["rules/*.yaml"]\n')
+    out = subprocess.run([str(Path(sys.executable).parent / "ratelimitd"), "check-config",
+                          str(tmp_path / "c.toml")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "in domains edge_proxy_per_ip, messaging, more" in out.stdout
