@@ -62,7 +62,6 @@ class Status:
 class Decision:
     over: bool
     statuses: list[Status]
-    charged: bool = False
 
 
 @dataclass(slots=True)
@@ -178,5 +177,4 @@ def _answer(result: ReserveResult, statuses: list[Status], applied: list[_Applie
             status.shadow_over = True
         elif state.over and item.kind == "usage":
             status.over = over = True
-    return Decision(over, statuses, charged=result.allowed and not all(
-        i.amount == 0 for i in applied))
+    return Decision(over, statuses)
