@@ -389,3 +389,34 @@ def test_a_toml_syntax_error_names_its_line(tmp_path: Path) -> None:
     path.write_text('[server]\nlisten = ["127.0.0.1:8080"]\nmax_body_bytes = = 5\n')
     done = run_cli("check-config", str(path))
     assert done.returncode == 2 and "line 3" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_embedded_redis_files_are_owner_only_in_a_directory_that_was_not(
+        tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
+    port, data_dir = free_port(), tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "appendonlydir").mkdir(mode=0o755)  # as an earlier run under umask 022 left it
+    (data_dir / "appendonlydir").chmod(0o755)
+    old = os.umask(0o022)  # the daemon's own umask lets others read what it does not guard
+    try:
+        daemon = Daemon(tmp_path, config_text(port, data_dir))
+    finally:
+        os.umask(old)
+    daemons.append(daemon)
+    wait_healthy(daemon, port)
+    embedded_redis_pids.append(redis_pid(data_dir))
+    status, rsv = http(port, "POST", "/v1/reserve", RESERVE)
+    assert status == 200, rsv
+    time.sleep(1.5)  # appendfsync everysec: the write has reached the append-only file
+
+    def modes() -> dict[str, int]:
+        return {str(p.relative_to(data_dir)): p.stat().st_mode & 0o777
+                for p in [data_dir, *data_dir.rglob("*")]}
+
+    serving = modes()
+    assert any(name.startswith("appendonlydir/") for name in serving), serving
+    assert daemon.stop() == 0, daemon.log
+    for seen in (serving, modes()):
+        assert all(mode & 0o077 == 0 for mode in seen.values()), seen
+    assert serving["."] == 0o700
