@@ -9,7 +9,8 @@ With an `api_key`, in this order (docs/keys.md says why):
    key_revoked, expired 403 key_expired (API.md's codes);
 4. a key that requires signatures, or a request that sends one, has its signature verified
    (401 invalid_signature); an authentic one stores its nonce (one Redis call), so a replay on
-   any daemon is refused.
+   any daemon is refused. A refused signature counts as a failure of the address too, as a
+   refused key does (guessing signatures for a known key is stuffing as well).
 The key's warnings (key_expiring, key_rotated) go on the answer. Blocks of the key, the org and
 the address are checked by the reserve itself (guards.py).
 """
@@ -44,14 +45,19 @@ async def identify(access: Access, *, api_key: str | None, signature: object,
     async with redis_failures():
         resolved = await keys.resolve(api_key)
         if isinstance(resolved, KeyFailure):
-            raise await _refused(access, resolved, attributes.get("ip"))
+            raise await _refused(access, ApiError(resolved.status, resolved.code,
+                                                  resolved.message), attributes.get("ip"))
         if resolved.require_signature or signature is not None:
-            await _verify_signature(access, resolved, signature)
+            try:
+                await _verify_signature(access, resolved, signature)
+            except ApiError as err:
+                raise await _refused(access, err, attributes.get("ip")) from None
     return Caller(resolved.identity(attributes), [w.to_json() for w in resolved.warnings])
 
 
-async def _refused(access: Access, failure: KeyFailure, ip: str | None) -> ApiError:
-    """The answer to a refused key; counts the failure against the client's address."""
+async def _refused(access: Access, failure: ApiError, ip: str | None) -> ApiError:
+    """The answer to a refused key or signature (`failure`, unless the address is blocked
+    now); counts the failure against the client's address."""
     if ip is not None:
         outcome = await access.stuffing.record_failure(ip)
         if outcome.block is not None:
@@ -59,7 +65,7 @@ async def _refused(access: Access, failure: KeyFailure, ip: str | None) -> ApiEr
             # the block's end is in Redis time; this daemon's clock only rounds Retry-After
             left = block.ends_at_ms - time.time_ns() // 1_000_000
             return blocked_error(block.subject, max(left, 1), block.reason)
-    return ApiError(failure.status, failure.code, failure.message)
+    return failure
 
 
 async def _verify_signature(access: Access, key: ResolvedKey, signature: object) -> None:

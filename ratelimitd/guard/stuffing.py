@@ -1,12 +1,14 @@
-"""Credential stuffing: failed key lookups counted per client address, then a block.
+"""Credential stuffing: failed key lookups and signatures counted per client address, then a
+block.
 
-Every refused `api_key` (malformed, unknown, revoked, expired) from a request with
-`attributes.ip` is one failure of that address (an IPv6 address counts for its network: see
-ip.py). Failures are kept in a sorted set next to the subject's quota hash (same hash slot:
-`rl:{ip:<addr>}:af`), an exact sliding window of WINDOW_MS. One script per failure prunes,
-adds, counts and, past `auth_failures_per_ip`, writes the block into the subject's hash (as
-blocks.py does) and drops the count, all atomically, so daemons sharing Redis count together
-and the set never holds more than threshold + 1 entries. While the address is blocked a
+Every refused `api_key` (malformed, unknown, revoked, expired) and every refused signature
+(access/caller.py) from a request with `attributes.ip` is one failure of that address (an IPv6
+address counts for its network: see ip.py). Failures are kept in a sorted set next to the
+subject's quota hash (same hash slot: `rl:{ip:<addr>}:af`), an exact sliding window of
+WINDOW_MS. One script per failure prunes, adds, counts and, past `auth_failures_per_ip`,
+writes the block into the subject's hash (as blocks.py does) and drops the count, all
+atomically, so daemons sharing Redis count together and the set never holds more than
+threshold + 1 entries. While the address is blocked a
 failure is not counted (nothing grows during an attack). The block then stops every reserve
 from that address, valid keys included, on every daemon (the reserve reads `b`).
 """
@@ -56,7 +58,8 @@ class FailureOutcome:
 
 
 class AuthFailureGuard:
-    """Counts failed key lookups per address; `threshold` 0 turns the defence off."""
+    """Counts failed key lookups and signatures per address; `threshold` 0 turns the defence
+    off."""
 
     def __init__(self, redis: RedisClient, blocks: BlockStore, threshold: int, block_s: int,
                  ipv6_bits: int = DEFAULT_IPV6_PREFIX) -> None:
@@ -74,12 +77,13 @@ class AuthFailureGuard:
         return cls(redis, blocks, abuse.auth_failures_per_ip, abuse.block_s, blocks.ipv6_bits)
 
     async def record_failure(self, ip: str) -> FailureOutcome:
-        """Counts one failed lookup from `ip` (raises InvalidIpError for a bad address)."""
+        """Counts one failed lookup or signature from `ip` (raises InvalidIpError for a bad
+        address)."""
         subject = auth_failure_subject(ip, self.ipv6_bits)
         if self.threshold == 0:
             return FailureOutcome(subject, 0, None, False)
         key = subject_key(subject)
-        reason = (f"more than {self.threshold} failed API key lookups in "
+        reason = (f"more than {self.threshold} failed API key lookups or signatures in "
                   f"{WINDOW_MS // 60_000} minutes")
         status, _now, ends, failures = await self._failure(
             keys=[key, f"{key}:af"],
