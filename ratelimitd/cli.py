@@ -51,7 +51,10 @@ SERVE_EPILOG: Final = """environment:
   STATE_DIRECTORY      the embedded Redis's directory when [redis] data_dir is "" (systemd
                        sets it from StateDirectory=); else ~/.local/state/ratelimitd
   TIKTOKEN_CACHE_DIR   where tiktoken's rank files are kept (default: the system temp dir)
-  any NAME             a token configured as "env:NAME" ([server] service_tokens, admin_tokens)
+  CREDENTIALS_DIRECTORY  where a secret configured as "credential:NAME" is read (systemd's
+                       LoadCredential= sets it)
+  RATELIMITD_KEY_PEPPER  the key pepper when [keys] pepper is ""
+  any NAME             a secret configured as "env:NAME" (tokens, webhook secret, pepper)
 
 signals:
   SIGTERM, SIGINT      finish the requests in flight, stop the embedded Redis, exit 0

@@ -1,6 +1,6 @@
 """The access services of one daemon process (or one CLI command), built from the config.
 
-Keys need the pepper (RATELIMITD_KEY_PEPPER or the systemd credential key_pepper): without
+Keys need the pepper ([keys] pepper, RATELIMITD_KEY_PEPPER or the credential key_pepper): without
 one, `keys` is None and every key feature answers 503 keys_unavailable while the rest of the
 daemon (identities, blocks, signatures of nothing) works. A pepper that is set but unusable is
 a configuration error: the daemon refuses to start rather than run without the keys it has.
@@ -57,7 +57,7 @@ async def open_access(config: Config, redis: RedisClient, *, listen: bool = True
     """The services on `redis` (the daemon's redis-py client). `listen`: subscribe to other
     daemons' key invalidations (a daemon does; a one-shot CLI command need not)."""
     try:
-        pepper = load_pepper(environ)
+        pepper = load_pepper(config.keys.pepper, environ=environ)
     except PepperError as exc:
         raise ConfigError(f"key pepper: {exc}") from exc
     keys = (KeyStore(redis, pepper, KeyPolicy.from_config(config.keys),

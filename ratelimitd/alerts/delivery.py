@@ -164,7 +164,8 @@ class AlertService:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(config.queue_size)
         self._settings = DeliverySettings(
-            secret=resolve_secret(config.webhook_secret).encode() if config.webhooks else b"",
+            secret=resolve_secret(config.webhook_secret).encode("utf-8", "surrogateescape")
+            if config.webhooks else b"",
             timeout_s=config.webhook_timeout_ms / 1000, retry_base_s=retry_base_s,
             retry_max_s=float(config.retry_max_s), max_age_ms=config.delivery_max_age_s * 1000,
             # a POST in progress is not touched: no other daemon may claim it meanwhile

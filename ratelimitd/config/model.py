@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from ratelimitd.policy import (
     DEFAULT_MODEL_PRICE,
@@ -80,8 +81,15 @@ class CalendarConfig:
     timezone: str = "UTC"
 
 
+# The key pepper's least length ([keys] pepper, RATELIMITD_KEY_PEPPER, credential key_pepper)
+MIN_PEPPER_BYTES: Final = 32
+
+
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
+    # a secret reference ("env:NAME", "credential:NAME"); "" reads $RATELIMITD_KEY_PEPPER,
+    # else the credential key_pepper when it exists, else no pepper (key features off)
+    pepper: str = ""
     max_age_days: int = 90
     warn_days: int = 14
     rotation_grace_s: int = 86_400

@@ -20,7 +20,7 @@ from ratelimitd.errors import ApiError
 ADMIN_PREFIX: Final = "/v1/admin/"
 _CHALLENGE: Final = 'Bearer realm="ratelimitd-admin"'
 _CONFIGURE: Final = ("; this daemon has no admin token: set [server] admin_tokens "
-                     "(\"env:NAME\" reads a variable) and reload (SIGHUP) or restart it")
+                     "(\"env:NAME\" or \"credential:NAME\") and reload (SIGHUP) or restart it")
 
 
 def is_admin_path(path: str) -> bool:
@@ -42,7 +42,9 @@ def check_admin_token(request: web.Request, service_tokens: tuple[bytes, ...],
         raise ApiError(401, "missing_credentials",
                        f"send an admin token as Authorization: Bearer <token>{hint}",
                        {"WWW-Authenticate": _CHALLENGE})
-    candidate = presented.strip().encode()
+    # aiohttp decodes a header as UTF-8 with surrogateescape: a byte that is not UTF-8 comes
+    # back as it was sent (and matches no token) instead of failing
+    candidate = presented.strip().encode("utf-8", "surrogateescape")
     if _matches(candidate, admin_tokens):
         return
     if _matches(candidate, service_tokens):

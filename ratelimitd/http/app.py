@@ -11,7 +11,7 @@ from typing import Final
 from aiohttp import web
 
 from ratelimitd.access import open_access
-from ratelimitd.config import Config, resolve_secret
+from ratelimitd.config import Config, resolve_tokens
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
 from ratelimitd.http.alerting import alerting_ctx
@@ -21,8 +21,9 @@ from ratelimitd.http.edge import (
     CLIENT_LOG,
     MAX_BODY_BYTES,
     Handler,
-    QuietLog,
     api_handler,
+    client_log,
+    client_log_ctx,
     json_response,
     method_not_allowed,
     not_found,
@@ -118,8 +119,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def resolved_tokens(config: Config) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     """The service and admin tokens of a configuration, as the edge compares them."""
-    return (tuple(resolve_secret(t).encode() for t in config.server.service_tokens),
-            tuple(resolve_secret(t).encode() for t in config.server.admin_tokens))
+    return (resolve_tokens(config.server.service_tokens),
+            resolve_tokens(config.server.admin_tokens))
 
 
 STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
@@ -139,9 +140,10 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
         app[STORE_HEALTH] = health
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
-    app[CLIENT_LOG] = QuietLog(log)
+    app[CLIENT_LOG] = client_log(log)
     app[OPENAPI] = openapi_spec(config)
     app[LIVE] = Live()  # its services are made at startup (_services_ctx)
+    app.cleanup_ctx.append(client_log_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)

@@ -7,7 +7,6 @@ decisions are made in lua/ through the engine only.
 
 from __future__ import annotations
 
-import logging
 import time
 
 from aiohttp import web
@@ -24,7 +23,7 @@ from ratelimitd.http import observe
 from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
 from ratelimitd.http.app_keys import LIVE, Services
-from ratelimitd.http.edge import json_response, read_json
+from ratelimitd.http.edge import CLIENT_LOG, json_response, read_json
 from ratelimitd.http.observe import METRICS, REDIS_CALLS
 from ratelimitd.http.schema import (
     ReserveBody,
@@ -36,8 +35,6 @@ from ratelimitd.http.schema import (
 from ratelimitd.ops.metrics import Metrics
 from ratelimitd.policy import plan
 from ratelimitd.quota.engine import ReserveRequest, ReserveResult
-
-log = logging.getLogger("ratelimitd.http")
 
 
 async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
@@ -112,7 +109,8 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
         observe.store_failed(call, exc)
         if config.redis.on_error != "allow":
             raise
-        log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
+        request.app[CLIENT_LOG].warning("redis_unavailable_allowed",
+                                        "redis unavailable, admitting by on_error=allow: %s", exc)
         metrics.decision("degraded", "backend_unavailable", who.tier)
         return degraded_answer(input_tokens, cap)
     finally:

@@ -1,13 +1,16 @@
 """The server-side pepper: the HMAC key under which Redis stores every API key.
 
-Read from the environment variable RATELIMITD_KEY_PEPPER, else from the systemd credential file
-`$CREDENTIALS_DIRECTORY/key_pepper`. Redis never holds a key, only HMAC-SHA256(pepper, key), so
-a copy of Redis (a backup, a replica, a MONITOR) cannot be replayed as keys, and without the
-pepper the hashes cannot be brute-forced offline either. Key ids and signing secrets are derived
-from the pepper too (domain-separated HMACs), so they need no storage of their own.
+Read from `[keys] pepper` when set (a secret reference: "env:NAME" or "credential:NAME",
+resolved by ops/credentials.py), else from the environment variable RATELIMITD_KEY_PEPPER,
+else from the systemd credential key_pepper when it exists. Redis never holds a key, only
+HMAC-SHA256(pepper, key), so a copy of Redis (a backup, a replica, a MONITOR) cannot be
+replayed as keys, and without the pepper the hashes cannot be brute-forced offline either. Key
+ids and signing secrets are derived from the pepper too (domain-separated HMACs), so they need
+no storage of their own.
 
-No pepper is not an error here: `load_pepper` answers None and key features stay off, while the
-rest of the daemon works (a KeyStore cannot be built without a Pepper).
+No pepper is not an error here: with no `[keys] pepper`, `load_pepper` answers None and key
+features stay off, while the rest of the daemon works (a KeyStore cannot be built without a
+Pepper).
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Final
 
+from ratelimitd.config import MIN_PEPPER_BYTES
 from ratelimitd.keys.format import base62
+from ratelimitd.ops.credentials import (
+    CREDENTIAL_PREFIX,
+    CredentialError,
+    credential_path,
+    resolve_secret,
+)
 
 PEPPER_ENV: Final = "RATELIMITD_KEY_PEPPER"
 PEPPER_CREDENTIAL: Final = "key_pepper"
-MIN_PEPPER_BYTES: Final = 32
 KEY_ID_PREFIX: Final = "key_"
 KEY_ID_CHARS: Final = 17            # 96 bits in base62
 SIGNING_SECRET_PREFIX: Final = "rls_"  # noqa: S105 - a prefix, not a secret
@@ -72,24 +80,24 @@ class Pepper:
 
 
 
-def load_pepper(environ: Mapping[str, str] | None = None) -> Pepper | None:
-    """The configured pepper, or None when neither source is set."""
+def load_pepper(reference: str = "", *, environ: Mapping[str, str] | None = None
+                ) -> Pepper | None:
+    """The configured pepper: `reference` ([keys] pepper) when set, which must resolve; else
+    $RATELIMITD_KEY_PEPPER, else the credential key_pepper when it exists; else None."""
     env = os.environ if environ is None else environ
-    value = env.get(PEPPER_ENV, "")
-    if value:
-        return Pepper(value.encode())
-    directory = env.get("CREDENTIALS_DIRECTORY", "")
-    if not directory:
-        return None
-    path = Path(directory) / PEPPER_CREDENTIAL
+    if not reference:
+        if env.get(PEPPER_ENV):
+            reference = f"env:{PEPPER_ENV}"
+        elif env.get("CREDENTIALS_DIRECTORY") and credential_path(PEPPER_CREDENTIAL,
+                                                                   env).exists():
+            reference = CREDENTIAL_PREFIX + PEPPER_CREDENTIAL
+        else:
+            return None
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise PepperError(f"cannot read the key pepper {path}: {exc.strerror}") from exc
-    # the file as written by `echo`/`systemd-creds`: a trailing newline is not part of it
-    return Pepper(data.rstrip(b"\r\n"))
+        secret = resolve_secret(reference, env)
+    except CredentialError as exc:
+        raise PepperError(str(exc)) from None
+    return Pepper(secret.encode("utf-8", "surrogateescape"))
 
 
 class KeysUnavailableError(RuntimeError):
@@ -98,14 +106,16 @@ class KeysUnavailableError(RuntimeError):
 
     def __init__(self) -> None:
         super().__init__(
-            f"API keys are not available: this daemon has no key pepper; set {PEPPER_ENV} "
-            f"(at least {MIN_PEPPER_BYTES} bytes, e.g. `openssl rand -hex 32`) or the systemd "
-            f"credential {PEPPER_CREDENTIAL}, the same on every daemon")
+            f"API keys are not available: this daemon has no key pepper; set [keys] pepper "
+            f"(\"credential:NAME\" or \"env:NAME\"), {PEPPER_ENV} or the systemd credential "
+            f"{PEPPER_CREDENTIAL} (at least {MIN_PEPPER_BYTES} bytes, e.g. `openssl rand -hex "
+            f"32`), the same on every daemon")
 
 
-def require_pepper(environ: Mapping[str, str] | None = None) -> Pepper:
+def require_pepper(reference: str = "", *, environ: Mapping[str, str] | None = None
+                   ) -> Pepper:
     """The configured pepper, or KeysUnavailableError."""
-    pepper = load_pepper(environ)
+    pepper = load_pepper(reference, environ=environ)
     if pepper is None:
         raise KeysUnavailableError
     return pepper

@@ -7,8 +7,9 @@
   `X-Request-Id` when it is a sane token, else a new one. Return it in the answer's header.
 - `JsonAccessLogger` is aiohttp's access log as JSON lines; pass it to AppRunner, or pass
   `access_log=None` to switch the access log off (`access_log_options`).
-- `ThrottledLog` keeps noisy lines (malformed requests from one broken client) to N a minute
-  per kind, then says how many it left out.
+- `ThrottledLog` keeps noisy lines (every line a client can trigger: hang-ups, garbage
+  request lines, unhandled errors with their tracebacks, a Redis outage seen by each request)
+  to N a minute per kind, then says how many it left out.
 
 Redaction is the safety net, not the policy: code should not log secrets in the first place.
 """
@@ -219,8 +220,10 @@ class ThrottledLog:
         self.clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def log(self, level: int, kind: str, msg: str, *args: object, **fields: Any) -> bool:
-        """Logs unless this kind is over its allowance; True when the line was written."""
+    def log(self, level: int, kind: str, msg: str, *args: object, exc_info: bool = False,
+            **fields: Any) -> bool:
+        """Logs unless this kind is over its allowance; True when the line was written.
+        `exc_info`: with the traceback of the exception being handled."""
         now = self.clock()
         window = self._windows.get(kind)
         if window is None or now - window.started >= self.window_s:
@@ -231,7 +234,7 @@ class ThrottledLog:
             window.suppressed += 1
             return False
         window.logged += 1
-        self.logger.log(level, msg, *args, extra={"kind": kind, **fields})
+        self.logger.log(level, msg, *args, exc_info=exc_info, extra={"kind": kind, **fields})
         return True
 
     def warning(self, kind: str, msg: str, *args: object, **fields: Any) -> bool:

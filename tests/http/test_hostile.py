@@ -327,7 +327,7 @@ def test_bearer_bytes_that_are_not_utf8_answer_401(
         tmp_path: Path, redis_server: RedisServer) -> None:
     port = free_port()
     daemon = Daemon(tmp_path, config(port, redis_server.url).replace(
-        "[server]", '[server]\nservice_tokens = ["s3cret"]'))
+        "[server]", '[server]\nservice_tokens = ["s3cret-0123456789abc"]'))
     try:
         wait_healthy(daemon, port)
         body = json.dumps(RESERVE).encode()
@@ -337,7 +337,8 @@ def test_bearer_bytes_that_are_not_utf8_answer_401(
             status, _, answer = exchange(port, raw)
             assert status == 401, answer
             assert_error_shape(answer, "invalid_service_token")
-        good = request(body).replace(b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer s3cret\r\n")
+        good = request(body).replace(
+            b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer s3cret-0123456789abc\r\n")
         assert exchange(port, good)[0] == 200
         assert "Traceback" not in daemon.log
     finally:

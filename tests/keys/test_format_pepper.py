@@ -59,8 +59,8 @@ def test_a_swapped_pair_of_characters_is_caught() -> None:
 def test_the_pepper_comes_from_the_environment_first(tmp_path: Path) -> None:
     (tmp_path / "key_pepper").write_text("f" * 40 + "\n")
     env = {"RATELIMITD_KEY_PEPPER": "e" * 40, "CREDENTIALS_DIRECTORY": str(tmp_path)}
-    from_env = load_pepper(env)
-    from_file = load_pepper({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    from_env = load_pepper(environ=env)
+    from_file = load_pepper(environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
     assert from_env is not None and from_file is not None
     key = generate_api_key()
     assert from_env.key_hash(key) == Pepper(b"e" * 40).key_hash(key)
@@ -68,16 +68,28 @@ def test_the_pepper_comes_from_the_environment_first(tmp_path: Path) -> None:
     assert from_file.key_hash(key) == Pepper(b"f" * 40).key_hash(key)
 
 
+def test_a_configured_pepper_reference_must_resolve(tmp_path: Path) -> None:
+    (tmp_path / "pepper-a").write_text("a" * 40 + "\n")
+    env = {"RATELIMITD_KEY_PEPPER": "e" * 40, "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    configured = load_pepper("credential:pepper-a", environ=env)
+    key = generate_api_key()
+    assert configured is not None and configured.key_hash(key) == Pepper(b"a" * 40).key_hash(key)
+    for reference, says in (("credential:missing", "cannot read"),
+                            ("file:/etc/pepper", "'file:'"), ("env:UNSET_PEPPER", "not set")):
+        with pytest.raises(PepperError, match=says):
+            load_pepper(reference, environ=env)
+
+
 def test_no_pepper_turns_key_features_off_with_a_clear_error(tmp_path: Path) -> None:
-    assert load_pepper({}) is None
-    assert load_pepper({"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
+    assert load_pepper(environ={}) is None
+    assert load_pepper(environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
     with pytest.raises(KeysUnavailableError, match="RATELIMITD_KEY_PEPPER"):
-        require_pepper({})
+        require_pepper(environ={})
 
 
 def test_a_short_pepper_is_refused_and_a_pepper_never_shows_in_repr() -> None:
     with pytest.raises(PepperError, match="at least 32 bytes"):
-        load_pepper({"RATELIMITD_KEY_PEPPER": "short"})
+        load_pepper(environ={"RATELIMITD_KEY_PEPPER": "short"})
     pepper = Pepper(b"s" * 32)
     assert "s" * 32 not in repr(pepper) and "s" * 32 not in str(pepper)
 

@@ -262,11 +262,12 @@ limit = 100
 
 def test_env_service_tokens_are_read_from_the_environment(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from ratelimitd.config import resolve_secret
-    monkeypatch.setenv("RL_CFG_TEST_TOKEN", "s3cr3t")
+    from ratelimitd.config import resolve_tokens
+    monkeypatch.setenv("RL_CFG_TEST_TOKEN", "s3cr3t-from-the-env")
     config = load_config(write(tmp_path, '[server]\nservice_tokens = ["env:RL_CFG_TEST_TOKEN", '
-                                         '"literal"]\n'))
-    assert [resolve_secret(t) for t in config.server.service_tokens] == ["s3cr3t", "literal"]
+                                         '"literal-0123456789"]\n'))
+    assert resolve_tokens(config.server.service_tokens) == (b"s3cr3t-from-the-env",
+                                                            b"literal-0123456789")
     monkeypatch.delenv("RL_CFG_TEST_TOKEN")
     with pytest.raises(ConfigError) as caught:
         load_config(tmp_path / "ratelimitd.toml")
@@ -293,6 +294,13 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ('[server]\nlisten = "127.0.0.1:80"\n', "server.listen", "array"),
     ("[server]\nlisten = []\n", "server.listen", "at least one"),
     ('[server]\nservice_tokens = [""]\n', "server.service_tokens.0", "empty token"),
+    ('[server]\nservice_tokens = ["fifteen-bytes!!"]\n', "server.service_tokens.0",
+     "shorter than 16 bytes"),
+    ('[server]\nadmin_tokens = ["file:/etc/admin"]\n', "server.admin_tokens.0", "'file:'"),
+    ('[server]\nadmin_tokens = ["credential:admin_tokens"]\n', "server.admin_tokens.0",
+     "CREDENTIALS_DIRECTORY is not set"),
+    ('[keys]\npepper = "vault:pepper"\n', "keys.pepper", "'vault:'"),
+    ('[keys]\npepper = "too-short-a-pepper"\n', "keys.pepper", "at least 32 bytes"),
     ("server = 5\n", "server", "table"),
     ('[pricing]\n"gpt-4" = { input = "x", output = 60.0 }\n', "pricing.gpt-4.input", "number"),
     ('[pricing]\n"my-model" = { input = 1.0 }\n', "pricing.my-model", "needs output"),
