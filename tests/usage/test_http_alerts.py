@@ -291,11 +291,12 @@ async def test_usage_api_auth_and_input(serve: Serve) -> None:
     assert_error(resp, data, 401, "invalid_admin_token", "admin_tokens")
     # with service tokens configured too, /v1/admin/* takes the admin token, not a service one
     both = await serve({**config("http://127.0.0.1:9/hook"),
-                        "server": {"admin_tokens": [ADMIN], "service_tokens": ["svc-0123456789"]}})
+                        "server": {"admin_tokens": [ADMIN],
+                                   "service_tokens": ["svc-0123456789abcdef"]}})
     resp, data = await call(both, path, method="GET", headers=AUTH)
     assert resp.status == 200, data
     resp, data = await call(both, path, method="GET",
-                            headers={"Authorization": "Bearer svc-0123456789"})
+                            headers={"Authorization": "Bearer svc-0123456789abcdef"})
     assert_error(resp, data, 403, "admin_token_required")
 
 
