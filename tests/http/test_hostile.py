@@ -381,6 +381,54 @@ def test_a_flood_of_slow_bodies_leaves_normal_clients_served(
             daemon.stop()
 
 
+def test_a_flood_of_huge_prompts_from_one_user_leaves_other_users_counted_fast(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """16 concurrent dry runs of 1 MB prompts that are slow to encode (no spaces), kept up by
+    one user, while another user reserves 9,000-character prompts (counted on the same
+    threads): the other user's reserves stay fast. Without turns per caller each waited
+    behind the whole flood, seconds."""
+    port = free_port()
+    daemon = Daemon(tmp_path, config(port, redis_server.url))
+    huge = json.dumps({**RESERVE, "user": "flood", "input_tokens": None, "dry_run": True,
+                       "prompt": "ab1" * 333_000}).encode()
+    normal = {**RESERVE, "user": "u2", "input_tokens": None, "prompt": "word " * 1800}
+    stop = threading.Event()
+    flooded: list[int] = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                status, _, _ = exchange(port, request(huge))
+                flooded.append(status)
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(16)]
+    try:
+        wait_healthy(daemon, port)
+        for thread in flooders:
+            thread.start()
+        time.sleep(2.0)            # the flood's prompts queue up for the counting threads
+        took = []
+        for _ in range(30):
+            started = time.monotonic()
+            status, _, answer = exchange(port, request(json.dumps(normal).encode()))
+            assert status == 200, answer
+            took.append(time.monotonic() - started)
+            time.sleep(0.05)
+        ordered = sorted(took)
+        print(f"\n9,000-char prompts beside 16 concurrent 1 MB prompts of another user: "
+              f"{_summary(took)}, p99 {ordered[int(len(ordered) * 0.99) - 1] * 1000:.1f} ms; "
+              f"flood answers {sorted(set(flooded))}, {len(flooded)} in all")
+        assert statistics.median(took) < 0.1, _summary(took)
+        assert ordered[-2] < 0.5, _summary(took)      # all but one far below the flood's seconds
+        assert set(flooded) <= {200, 429}, set(flooded)
+        assert "Traceback" not in daemon.log
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(30)
+        daemon.stop()
+
+
 # -- bad bytes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("headers", "status", "code"), [
