@@ -344,7 +344,8 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     await runner.setup()
     guard = ConnectionGuard(ConnectionLimits(
         server.header_timeout_s, server.body_timeout_s, server.keepalive_timeout_s,
-        fit_to_fd_limit(server.max_connections)), asyncio.get_running_loop())
+        fit_to_fd_limit(server.max_connections), server.min_body_bytes_per_s),
+        asyncio.get_running_loop())
     guard.start()
     unix = iter(sockets)
     for address in config.server.listen:

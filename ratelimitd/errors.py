@@ -71,6 +71,10 @@ class TokenCountError(RatelimitdError, ValueError):
     """A prompt that cannot be counted: the message says which part and why."""
 
 
+class CountingQueueFull(RatelimitdError):
+    """A caller already has as many long prompts waiting to be counted as it may."""
+
+
 class EncodingUnavailableError(RatelimitdError, ValueError):
     """A tiktoken encoding that cannot be loaded without the network."""
 

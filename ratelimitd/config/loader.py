@@ -194,6 +194,9 @@ def _check_server(config: Config, where: Where) -> None:
             raise where.at(f"server.{key}").error("must be between 0.1 and 3600 seconds")
     if not 1 <= config.server.max_connections <= 1_000_000:
         raise where.at("server.max_connections").error("must be between 1 and 1000000")
+    if not 1 <= config.server.min_body_bytes_per_s <= 1_000_000_000:
+        raise where.at("server.min_body_bytes_per_s").error(
+            "must be between 1 and 1000000000")
 
 
 def _check_encodings(config: Config, where: Where) -> None:

@@ -31,6 +31,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0            # the whole body, from the end of the head
     keepalive_timeout_s: float = 30.0       # idle between requests
     max_connections: int = 4096             # beyond it the idlest connection is closed
+    min_body_bytes_per_s: float = 500.0     # a slower body is the first closed when full
     access_log: bool = True                 # one JSON line per answer on stderr
 
 

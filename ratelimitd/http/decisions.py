@@ -14,6 +14,7 @@ from aiohttp import web
 from ratelimitd.access import block_guards, identify
 from ratelimitd.errors import (
     ApiError,
+    CountingQueueFull,
     ReserveInProgress,
     StoreUnavailable,
     TokenCountError,
@@ -33,11 +34,12 @@ from ratelimitd.http.schema import (
     prompt_chars,
 )
 from ratelimitd.ops.metrics import Metrics
-from ratelimitd.policy import plan
+from ratelimitd.policy import Identity, plan
 from ratelimitd.quota.engine import ReserveRequest, ReserveResult
 
 
-async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
+async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None,
+                        who: Identity) -> int:
     if body.input_tokens is not None:
         return body.input_tokens
     field = "prompt" if body.prompt is not None else "messages"
@@ -51,7 +53,13 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
     if max_chars is not None and chars > max_chars:
         raise invalid(field, f"{chars} characters; this tier allows {max_chars}",
                       "prompt_too_long")
-    return await services.counter.count(body.model, texts, services.executor)
+    # long prompts take turns per caller: an API key, else a user
+    caller = f"key:{who.key_id}" if who.key_id is not None else f"user:{who.user}"
+    try:
+        return await services.counter.count(body.model, texts, services.executor, caller)
+    except CountingQueueFull as exc:
+        raise ApiError(429, "counting_queue_full", f"{field}: {exc}; retry shortly",
+                       {"Retry-After": "1"}) from exc
 
 
 async def reserve(request: web.Request) -> web.Response:
@@ -86,7 +94,7 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     if prices is None:
         raise invalid("model", f"unknown model {body.model!r}; its price is not configured",
                       "unknown_model")
-    input_tokens = await _input_tokens(services, body, tier.max_prompt_chars)
+    input_tokens = await _input_tokens(services, body, tier.max_prompt_chars, who)
     if tier.max_input_tokens is not None and input_tokens > tier.max_input_tokens:
         raise invalid("input_tokens", f"{input_tokens} input tokens; this tier allows "
                       f"{tier.max_input_tokens}", "too_many_input_tokens")

@@ -66,7 +66,7 @@ ERROR_CODES: Final = frozenset({
     "empty_prompt", "prompt_too_long", "too_many_input_tokens", "unknown_model",
     "invalid_request", "invalid_api_key", "missing_credentials", "invalid_signature",
     "invalid_service_token", "key_revoked", "key_expired", "blocked", "body_too_large",
-    "backend_unavailable", "internal_error"})
+    "backend_unavailable", "internal_error", "counting_queue_full"})
 REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load", "ready",
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",

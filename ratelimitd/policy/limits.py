@@ -120,15 +120,17 @@ def shorthand_limits(
 
 def default_tiers() -> dict[str, Tier]:
     """The seed's three tiers, used when a configuration names none."""
+    # max_prompt_chars: room for any prompt the day's tokens could pay for (text runs about 4
+    # characters a token, rarely over 10), and for a full 128k-token context on the others
     seed = {
-        "free": (10, 10_000, 500, 1.0, 2),
-        "pro": (60, 100_000, 4_000, 50.0, 10),
-        "enterprise": (300, 1_000_000, 8_000, 500.0, 50),
+        "free": (10, 10_000, 500, 1.0, 2, 100_000),
+        "pro": (60, 100_000, 4_000, 50.0, 10, 600_000),
+        "enterprise": (300, 1_000_000, 8_000, 500.0, 50, 1_000_000),
     }
     tiers = {}
-    for name, (rpm, tpd, max_out, budget, concurrent) in seed.items():
+    for name, (rpm, tpd, max_out, budget, concurrent, max_chars) in seed.items():
         tiers[name] = Tier(name, shorthand_limits(rpm, tpd, budget, concurrent),
-                           max_output_tokens=max_out)
+                           max_output_tokens=max_out, max_prompt_chars=max_chars)
     return tiers
 
 

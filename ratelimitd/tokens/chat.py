@@ -37,6 +37,9 @@ from ratelimitd.errors import TokenCountError
 TOOLS_FRAMING_TOKENS: Final = 9
 TOKENS_PER_TOOL_CALL: Final = 3
 MAX_TOOLS: Final = 1024
+# Levels of arrays and objects in one tool's parameters: real schemas use a handful; the bound
+# keeps the rendering's recursion and orjson's own limit (255) out of reach.
+MAX_SCHEMA_DEPTH: Final = 64
 _KNOWN_SCHEMA_KEYS: Final = frozenset({
     "type", "description", "properties", "required", "enum", "items", "anyOf",
     "additionalProperties", "title", "default", "minimum", "maximum", "minLength",
@@ -173,6 +176,9 @@ def render_tools(tools: object) -> tuple[str, list[str]]:
         parameters = function.get("parameters", {})
         if not isinstance(parameters, Mapping):
             raise TokenCountError(f"{at}.function.parameters must be a JSON Schema object")
+        if _depth_exceeds(parameters, MAX_SCHEMA_DEPTH):
+            raise TokenCountError(f"{at}.function.parameters is nested more than "
+                                  f"{MAX_SCHEMA_DEPTH} levels deep")
         if description:
             lines.append(f"// {description}")
         properties = parameters.get("properties")
@@ -186,6 +192,21 @@ def render_tools(tools: object) -> tuple[str, list[str]]:
         _collect_unknown(parameters, unknown)
     lines.append("} // namespace functions")
     return "\n".join(lines), unknown
+
+
+def _depth_exceeds(value: object, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` levels in `value` (without recursion)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = (item.values() if isinstance(item, Mapping)
+                    else item if isinstance(item, list) else None)
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _properties(schema: Mapping[str, Any], indent: int, unknown: list[str]) -> str:

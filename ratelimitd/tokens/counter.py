@@ -3,22 +3,24 @@
 Prompts are user input: text that looks like a special token ("<|endoftext|>") is counted as
 ordinary text, so counting never raises on a string. Encoding a long text takes milliseconds
 to seconds; `TokenCounter.count_prompt` moves that work off the event loop (tiktoken's Rust
-core releases the GIL while it encodes).
+core releases the GIL while it encodes). Callers take turns there (`CallerTurns`): one caller's
+long prompts are encoded one at a time, so its flood holds one thread, never all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import tiktoken
 import tiktoken.model
 
-from ratelimitd.errors import EncodingUnavailableError, TokenCountError
+from ratelimitd.errors import CountingQueueFull, EncodingUnavailableError, TokenCountError
 from ratelimitd.tokens.chat import (
     function_call_texts,
     image_tokens,
@@ -35,6 +37,9 @@ from ratelimitd.tokens.offline import (
 # Below this many characters, encoding takes well under a millisecond: a thread hop would cost
 # more than it saves.
 INLINE_COUNT_MAX_CHARS: Final = 8192
+# A caller's long prompts waiting for their turn, beyond the one being encoded; more are
+# refused (each holds its body in memory meanwhile).
+MAX_WAITING_PER_CALLER: Final = 32
 
 # The cookbook formula for chat models (gpt-3.5-turbo-0613 and later, gpt-4*, gpt-4o*):
 # https://cookbook.openai.com/examples/how_to_count_tokens_with_tiktoken
@@ -55,6 +60,41 @@ class PromptTexts:
     @property
     def chars(self) -> int:
         return sum(len(s) for s in self.strings)
+
+
+@dataclass(slots=True)
+class _Turn:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    holders: int = 0  # the caller's prompts encoding or waiting
+
+
+class CallerTurns:
+    """At most one long prompt per caller is encoded at a time; the others wait their caller's
+    turn, at most `max_waiting` of them. With one caller flooding, the other threads stay free
+    for everyone else."""
+
+    __slots__ = ("_max_waiting", "_turns")
+
+    def __init__(self, max_waiting: int = MAX_WAITING_PER_CALLER) -> None:
+        self._max_waiting = max_waiting
+        self._turns: dict[str, _Turn] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, caller: str) -> AsyncIterator[None]:
+        turn = self._turns.get(caller)
+        if turn is None:
+            turn = self._turns[caller] = _Turn()
+        elif turn.holders > self._max_waiting:
+            raise CountingQueueFull(f"{turn.holders - 1} long prompts of this caller are "
+                                    "already waiting to be counted")
+        turn.holders += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.holders -= 1
+            if not turn.holders:
+                del self._turns[caller]
 
 
 def _count_strings(encoding: tiktoken.Encoding, strings: Sequence[str]) -> int:
@@ -177,6 +217,7 @@ class TokenCounter:
         for model, encoding in self._overrides.items():
             _load_for_config(encoding, f"models[{model!r}]")
         self._loadable = OFFLINE_ENCODINGS | {default_encoding, *self._overrides.values()}
+        self._turns = CallerTurns()
         # Also load the bundled encodings tiktoken's model map may pick (~0.1-0.25 s and
         # 30-75 MB each): loading one lazily would stall the event loop on its first request.
         for encoding in OFFLINE_ENCODINGS:
@@ -212,15 +253,19 @@ class TokenCounter:
         """Validates a prompt and gathers what it costs, without encoding anything."""
         return prompt_texts(model, prompt, messages, tools, self.image_tokens)
 
-    async def count(self, model: str, texts: PromptTexts, executor: Executor | None = None
-                    ) -> int:
-        """Tokens of prepared texts; long ones are encoded in `executor`."""
+    async def count(self, model: str, texts: PromptTexts, executor: Executor | None = None,
+                    caller: str | None = None) -> int:
+        """Tokens of prepared texts; long ones are encoded in `executor`, in `caller`'s turn
+        when one is named (CountingQueueFull when too many of its prompts wait)."""
         encoding = self.encoding_for(model)
         if texts.chars < INLINE_COUNT_MAX_CHARS:
             return texts.fixed_tokens + _count_strings(encoding, texts.strings)
         loop = asyncio.get_running_loop()
         count = functools.partial(_count_strings, encoding, texts.strings)
-        return texts.fixed_tokens + await loop.run_in_executor(executor, count)
+        if caller is None:
+            return texts.fixed_tokens + await loop.run_in_executor(executor, count)
+        async with self._turns.turn(caller):
+            return texts.fixed_tokens + await loop.run_in_executor(executor, count)
 
     async def count_prompt(
         self,

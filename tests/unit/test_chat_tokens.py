@@ -12,7 +12,7 @@ import tiktoken
 
 from ratelimitd.errors import TokenCountError
 from ratelimitd.tokens import TokenCounter
-from ratelimitd.tokens.chat import high_detail_tiles, render_tools
+from ratelimitd.tokens.chat import MAX_SCHEMA_DEPTH, high_detail_tiles, render_tools
 
 WEATHER: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather.",
@@ -135,3 +135,17 @@ def test_malformed_tools_and_parts_name_their_path(
     with pytest.raises(TokenCountError) as caught:
         counter.count_messages("gpt-4o", messages, tools)
     assert path in str(caught.value)
+
+
+def test_parameters_nested_up_to_the_bound_are_rendered_and_deeper_ones_named() -> None:
+    def nested(levels: int) -> Any:
+        value: Any = {"type": "string"}           # one level
+        for _ in range((levels - 1) // 2):
+            value = {"type": "object", "properties": {"a": value}}    # two more
+        return value
+
+    deepest = nested(MAX_SCHEMA_DEPTH - 1)
+    render_tools([{"type": "function", "function": {"name": "f", "parameters": deepest}}])
+    wrapped = {"type": "object", "properties": {"a": {"anyOf": [deepest]}}}  # 3 levels more
+    with pytest.raises(TokenCountError, match=r"tools\[0\]\.function\.parameters is nested"):
+        render_tools([{"type": "function", "function": {"name": "f", "parameters": wrapped}}])

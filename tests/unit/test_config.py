@@ -135,11 +135,12 @@ def test_the_seed_tiers_of_api_md() -> None:
     tiers = parse_config({}).tiers
     assert list(tiers) == ["free", "pro", "enterprise"]
     nano = NANO_PER_USD
-    for name, rpm, tpd, max_out, usd in (("free", 10, 10_000, 500, 1),
-                                         ("pro", 60, 100_000, 4_000, 50),
-                                         ("enterprise", 300, 1_000_000, 8_000, 500)):
+    for name, rpm, tpd, max_out, usd, chars in (
+            ("free", 10, 10_000, 500, 1, 100_000), ("pro", 60, 100_000, 4_000, 50, 600_000),
+            ("enterprise", 300, 1_000_000, 8_000, 500, 1_000_000)):
         tier = tiers[name]
         assert tier.max_output_tokens == max_out
+        assert tier.max_prompt_chars == chars
         limits = summary(tier)
         assert limits["requests_per_minute"] == ("user", "requests", "sliding", 60_000, rpm)
         assert limits["tokens_per_day"] == ("user", "tokens", "sliding", 86_400_000, tpd)
@@ -149,7 +150,7 @@ def test_the_seed_tiers_of_api_md() -> None:
 def test_the_shorthand_spelled_out_is_the_seed() -> None:
     config = parse_config({"tiers": {"free": {
         "requests_per_minute": 10, "tokens_per_day": 10_000, "max_output_tokens": 500,
-        "daily_budget_usd": 1.0, "max_concurrent": 2}}})
+        "daily_budget_usd": 1.0, "max_concurrent": 2, "max_prompt_chars": 100_000}}})
     assert config.tiers["free"] == default_tiers()["free"]
 
 

@@ -22,9 +22,10 @@ import pytest
 import tiktoken
 import tiktoken.model
 
-from ratelimitd.errors import EncodingUnavailableError, TokenCountError
+from ratelimitd.errors import CountingQueueFull, EncodingUnavailableError, TokenCountError
 from ratelimitd.tokens import TokenCounter
 from ratelimitd.tokens import offline as tokens
+from ratelimitd.tokens.counter import CallerTurns
 from ratelimitd.tokens.offline import (
     CL100K_BASE_SHA256,
     CL100K_BASE_URL,
@@ -562,3 +563,29 @@ def test_falls_back_to_memory_if_tiktoken_cannot_read_its_cache(
     monkeypatch.setattr(tiktoken, "get_encoding", download_attempt)
     encoding = load_encoding.__wrapped__("o200k_base")  # bypass the per-process cache
     assert encoding.encode_ordinary(SAMPLE) == load_encoding("o200k_base").encode_ordinary(SAMPLE)
+
+
+async def test_caller_turns_serialize_one_caller_bound_its_waiting_and_forget_it() -> None:
+    turns = CallerTurns(max_waiting=2)
+    running: list[str] = []
+    most = {"a": 0, "b": 0}
+    release = asyncio.Event()
+
+    async def job(caller: str) -> None:
+        async with turns.turn(caller):
+            running.append(caller)
+            most[caller] = max(most[caller], running.count(caller))
+            await release.wait()
+            running.remove(caller)
+
+    tasks = [asyncio.create_task(job("a")) for _ in range(3)]   # one encoding, two waiting
+    other = asyncio.create_task(job("b"))
+    await asyncio.sleep(0)
+    assert sorted(running) == ["a", "b"]                 # b is not queued behind a's prompts
+    with pytest.raises(CountingQueueFull):
+        async with turns.turn("a"):
+            pass
+    release.set()
+    await asyncio.gather(*tasks, other)
+    assert most == {"a": 1, "b": 1}
+    assert turns._turns == {}                           # no state left for idle callers
