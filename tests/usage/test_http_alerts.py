@@ -33,10 +33,15 @@ TIER = {"requests_per_minute": 10_000, "tokens_per_day": 10**9, "daily_budget_us
         "max_concurrent": 100, "max_output_tokens": 16}
 
 
+# Spike decisions from a subject's first request, and a request spike blocks (the defaults
+# alert only, and only after 24 active hours)
+DECIDE_AT_ONCE = {"action": "block", "min_history_hours": 0}
+
+
 def config(hook: str, **alerts: Any) -> dict[str, Any]:
     return {"tiers": {"t": TIER, "quiet": {**TIER, "anomaly": False}},
             "pricing": {"m": {"input": 1.0, "output": 0.0}},
-            "server": {"admin_tokens": [ADMIN]},
+            "server": {"admin_tokens": [ADMIN]}, "anomaly": DECIDE_AT_ONCE,
             "alerts": {"webhooks": [hook], "webhook_secret": SECRET, "retry_max_s": 1,
                        **alerts}}
 
