@@ -93,7 +93,7 @@ if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
     sunpack(ANOMALY_ARGS_FORMAT, ARGV[5])
   st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
   decides, spike_blocks = st[A_HOURS] >= min_hours, blocks == 1
-  local spike = nil
+  local spike
   if decides and spike_blocks then
     spike = request_spike(K, AK, now, st, request_factor, default_requests)
   end
