@@ -81,15 +81,22 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
   end
 end
 
--- Anomalies (anomaly.lua): a request spike blocks the subject now, in this call.
-local st, token_factor, block_ms, default_tokens = false, 0, 0, 0
+-- Anomalies (anomaly.lua), once the subject has the history to judge by: with the action
+-- "block", a request spike blocks the subject now, in this call; with "alert", the call alerts
+-- once it is admitted (below).
+local st, decides, spike_blocks = false, false, false
+local request_factor, token_factor, default_requests, default_tokens
 local fired = false
 if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
-  local request_factor, default_requests
-  request_factor, token_factor, block_ms, default_requests, default_tokens =
+  local block_ms, blocks, min_hours
+  request_factor, token_factor, block_ms, default_requests, default_tokens, blocks, min_hours =
     sunpack(ANOMALY_ARGS_FORMAT, ARGV[5])
   st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
-  local spike = request_spike(K, AK, now, st, request_factor, default_requests)
+  decides, spike_blocks = st[A_HOURS] >= min_hours, blocks == 1
+  local spike
+  if decides and spike_blocks then
+    spike = request_spike(K, AK, now, st, request_factor, default_requests)
+  end
   if spike ~= nil then
     local ends = now + block_ms
     write_limits(K, limits, now, x, {'n', pack_anomaly(st),
@@ -169,8 +176,8 @@ if mode ~= MODE_DRY_RUN then
   end
   local extra = false
   if st then
-    local spike = count_request(K, AK, now, st, token_factor, default_tokens)
-    if spike then fired = {spike} end
+    fired = count_request(K, AK, now, st, decides, not spike_blocks and request_factor,
+                          default_requests, token_factor, default_tokens)
     extra = {'n', pack_anomaly(st)}
   end
   write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)

@@ -44,9 +44,14 @@ from ratelimitd.policy import Subject
 from ratelimitd.units import NANO_PER_USD
 
 ENCODING_VERSION: Final = 1
-KINDS: Final = ("cost_threshold", "request_spike", "token_spike")
 COST_SEVERITIES: Final = ("warning", "critical", "limit")
 ANOMALY_SEVERITY: Final = {"request_spike": "high", "token_spike": "medium"}
+# Every kind of alert with the severities it comes in: the one list that records are checked
+# against and that the metrics' labels are made from
+SEVERITIES: Final[dict[str, tuple[str, ...]]] = {
+    "cost_threshold": COST_SEVERITIES,
+    **{kind: (severity,) for kind, severity in ANOMALY_SEVERITY.items()}}
+KINDS: Final = tuple(SEVERITIES)
 PPM: Final = 1_000_000
 # the stream fields, in the order they are written
 FIELDS: Final = ("v", "id", "kind", "severity", "scope", "sid", "limit", "threshold_ppm",
@@ -157,8 +162,7 @@ def decode_alert(raw: Mapping[Any, Any] | Sequence[Any]) -> Alert:
     kind, severity = fields["kind"], fields["severity"]
     if kind not in KINDS:
         raise AlertDecodeError(f"unknown alert kind {kind!r}")
-    allowed = COST_SEVERITIES if kind == "cost_threshold" else (ANOMALY_SEVERITY[kind],)
-    if severity not in allowed:
+    if severity not in SEVERITIES[kind]:
         raise AlertDecodeError(f"severity {severity!r} does not fit kind {kind!r}")
     try:
         numbers = {name: int(fields[name]) for name in _INT_FIELDS}

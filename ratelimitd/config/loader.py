@@ -38,7 +38,7 @@ from ratelimitd.config.reader import (
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
 from ratelimitd.ops import credentials
 from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
-from ratelimitd.policy import default_tiers
+from ratelimitd.policy import ANOMALY_ACTIONS, default_tiers
 from ratelimitd.tokens.offline import check_encoding_name
 
 # Sections read field by field from their dataclass; tiers and pricing have shapes of their own.
@@ -50,6 +50,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
 }
 MAX_ALERT_THRESHOLDS: Final = 16
 MAX_ANOMALY_BLOCK_S: Final = 7 * 86_400
+# a subject's active hours are counted up to this (lua/anomaly.lua, one byte)
+MAX_HISTORY_HOURS: Final = 255
 # A reservation lives at most a week (its concurrency slot with it)
 MAX_RESERVATION_TTL_S: Final = 7 * 86_400
 _URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -254,6 +256,12 @@ def _check_abuse(config: Config, where: Where) -> None:
 
 def _check_anomaly(config: Config, where: Where) -> None:
     anomaly, where = config.anomaly, where.at("anomaly")
+    if anomaly.action not in ANOMALY_ACTIONS:
+        raise where.at("action").error(
+            f"must be {' or '.join(ANOMALY_ACTIONS)}, not {anomaly.action!r}")
+    if not 0 <= anomaly.min_history_hours <= MAX_HISTORY_HOURS:
+        raise where.at("min_history_hours").error(
+            f"must be from 0 to {MAX_HISTORY_HOURS} (active hours)")
     for key in ("request_spike_factor", "token_spike_factor"):
         if not 1 <= getattr(anomaly, key) <= 1000:
             raise where.at(key).error("must be from 1 to 1000 (times the baseline)")

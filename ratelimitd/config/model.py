@@ -111,6 +111,11 @@ class AbuseConfig:
 
 @dataclass(frozen=True, slots=True)
 class AnomalyConfig:
+    # what a request spike does: "alert", or "block" the subject for block_s too (a tier may
+    # choose its own: `[tiers.X] anomaly = "block"`)
+    action: str = "alert"
+    # no spike decision for a subject with fewer active hours of baseline than this
+    min_history_hours: int = 24
     request_spike_factor: float = 5.0
     token_spike_factor: float = 3.0
     block_s: int = 900

@@ -87,6 +87,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                                    timezone=config.calendar.timezone,
                                    alert_thresholds=config.alerts.thresholds,
                                    anomaly=AnomalySettings(
+                                       # the loader admits only these two
+                                       "block" if config.anomaly.action == "block"
+                                       else "alert",
+                                       config.anomaly.min_history_hours,
                                        config.anomaly.request_spike_factor,
                                        config.anomaly.token_spike_factor,
                                        config.anomaly.block_s * 1000,

@@ -126,7 +126,7 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     _count_reserve(metrics, result, who.tier, body.model, body.dry_run)
     if result.alerts:
         for alert in await after_reserve(request.app, result):
-            metrics.alert(alert.kind)
+            metrics.alert(alert.kind, alert.severity)
             if alert.kind == "request_spike" and result.blocked is not None:
                 metrics.block(result.blocked.subject.scope, "anomaly")
     warnings = [*caller.warnings,
@@ -184,7 +184,7 @@ async def commit(request: web.Request) -> web.Response:
     alerts = request.app[ALERTING].forward(result.alerts)
     if result.status == "applied":
         for alert in alerts:
-            metrics.alert(alert.kind)
+            metrics.alert(alert.kind, alert.severity)
     return commit_answer(result, alerts)
 
 

@@ -45,6 +45,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ratelimitd.alerts.record import SEVERITIES
+
 log = logging.getLogger("ratelimitd.metrics")
 
 OTHER: Final = "other"
@@ -71,8 +73,9 @@ REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load"
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",
                        "ReadOnlyError", "AuthenticationError")
-ALERT_KINDS: Final = frozenset({"budget_50", "budget_80", "budget_100", "request_spike",
-                                "token_spike", "overrun"})
+# (kind, severity) of every alert there is: a cost threshold's severity names which one
+ALERT_LABELS: Final = frozenset((kind, severity) for kind, severities in SEVERITIES.items()
+                                for severity in severities)
 BLOCK_CAUSES: Final = frozenset({"auth_failures", "anomaly", "admin"})
 BLOCK_SCOPES: Final = frozenset({"key", "user", "org", "ip", "ip_prefix", "global"})
 
@@ -208,7 +211,8 @@ FAMILIES: Final = {f.name: f for f in (
             "counter", ("tier", "model")),
     _Family("ratelimitd_overrun_tokens", "Tokens used beyond the reservation", "counter",
             ("tier", "model")),
-    _Family("ratelimitd_alerts", "Alerts raised, by kind", "counter", ("kind",)),
+    _Family("ratelimitd_alerts", "Alerts raised, by kind and severity", "counter",
+            ("kind", "severity")),
     _Family("ratelimitd_blocks", "Blocks placed, by scope and cause", "counter",
             ("scope", "cause")),
 )}
@@ -275,8 +279,8 @@ class Metrics:
                     self._counter("ratelimitd_cost_usd", (stage, tier, model))
                 self._counter("ratelimitd_overruns", (tier, model))
                 self._counter("ratelimitd_overrun_tokens", (tier, model))
-        for kind in ALERT_KINDS:
-            self._counter("ratelimitd_alerts", (kind,))
+        for labels in ALERT_LABELS:
+            self._counter("ratelimitd_alerts", labels)
         for scope in self.block_scopes:
             for cause in BLOCK_CAUSES:
                 self._counter("ratelimitd_blocks", (scope, cause))
@@ -336,8 +340,9 @@ class Metrics:
     def expired(self) -> None:
         self._counter("ratelimitd_reservations", ("expired",)).inc()
 
-    def alert(self, kind: str) -> None:
-        self._counter("ratelimitd_alerts", (bounded(kind, ALERT_KINDS),)).inc()
+    def alert(self, kind: str, severity: str) -> None:
+        labels = (kind, severity) if (kind, severity) in ALERT_LABELS else (OTHER, OTHER)
+        self._counter("ratelimitd_alerts", labels).inc()
 
     def block(self, scope: str, cause: str) -> None:
         labels = (bounded(scope, self.block_scopes), bounded(cause, BLOCK_CAUSES))

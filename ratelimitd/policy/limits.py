@@ -17,6 +17,9 @@ from ratelimitd.units import format_duration, parse_duration, usd_to_nano
 
 Metric = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_usd", "concurrent"]
 Algorithm = Literal["sliding", "token_bucket", "calendar"]
+# What a request spike does: alert only, or block the subject too
+AnomalyAction = Literal["alert", "block"]
+ANOMALY_ACTIONS: Final[tuple[AnomalyAction, ...]] = ("alert", "block")
 
 METRICS: Final[tuple[str, ...]] = (
     "requests", "tokens", "input_tokens", "output_tokens", "cost_usd", "concurrent",
@@ -73,8 +76,9 @@ class Tier:
     max_output_tokens: int | None = None
     max_prompt_chars: int | None = None
     max_input_tokens: int | None = None
-    # anomaly detection on this tier's users (lua/anomaly.lua); `[tiers.X] anomaly = false`
-    anomaly: bool = True
+    # anomaly detection on this tier's users (lua/anomaly.lua): true (the [anomaly] action),
+    # an action of its own ("alert" or "block"), or false (none)
+    anomaly: bool | AnomalyAction = True
     # the limits by scope, in visiting order (see plan); derived once
     scope_groups: tuple[tuple[str, tuple[Limit, ...]], ...] = field(
         init=False, compare=False, repr=False)

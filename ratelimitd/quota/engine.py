@@ -24,7 +24,7 @@ import orjson
 
 from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.errors import ReserveInProgress, StoreReplyError, StoreUnavailable
-from ratelimitd.policy import Limit, Prices, Subject
+from ratelimitd.policy import ANOMALY_ACTIONS, AnomalyAction, Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
 from ratelimitd.quota.calendar import Calendar
 from ratelimitd.quota.compensation import Compensator
@@ -65,8 +65,9 @@ class ReserveRequest:
     # subjects with no limits of their own whose blocks apply too (an api key, an ip): each is
     # asked in the same event-loop tick as the first subject, so it costs no round trip
     guards: Sequence[Subject] = ()
-    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`)
-    anomaly: bool = False
+    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`): True
+    # with AnomalySettings' action, an action of its own, or False (no check)
+    anomaly: bool | AnomalyAction = False
 
 
 @dataclass(slots=True)
@@ -118,8 +119,11 @@ class SettleResult:
 
 @dataclass(frozen=True, slots=True)
 class AnomalySettings:
-    """[anomaly]: what makes a request or token spike (lua/anomaly.lua)."""
+    """[anomaly]: what makes a request or token spike and what a request spike does
+    (lua/anomaly.lua)."""
 
+    action: AnomalyAction = "alert"
+    min_history_hours: int = 24
     request_spike_factor: float = 5.0
     token_spike_factor: float = 3.0
     block_ms: int = 900_000
@@ -154,6 +158,18 @@ def _keys(tag: str, rand: str) -> list[str | int]:
     its alert list, in one hash slot."""
     base = f"rl:{{{tag}}}"
     return [3, base, f"{base}:r:{rand}", f"{base}:alerts"]
+
+
+def _anomaly_args(anomaly: AnomalySettings) -> dict[bool | AnomalyAction, bytes]:
+    def packed(action: AnomalyAction) -> bytes:
+        return wire.ANOMALY_ARGS.pack(
+            round(anomaly.request_spike_factor * wire.PPM),
+            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
+            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request,
+            int(action == "block"), anomaly.min_history_hours)
+    by_action: dict[bool | AnomalyAction, bytes] = {a: packed(a) for a in ANOMALY_ACTIONS}
+    by_action[True] = by_action[anomaly.action]
+    return by_action
 
 
 def decode_alerts(raw: bytes) -> list[Alert]:
@@ -195,11 +211,8 @@ class Engine:
         self.compensator = Compensator(self._cancel, (ttl + self.settings.commit_grace_ms) / 1000)
         ppm = sorted({round(t * wire.PPM) for t in self.settings.alert_thresholds})
         self._thresholds_arg = struct.pack(f"<{len(ppm)}d", *ppm) if ppm else b""
-        anomaly = self.settings.anomaly
-        self._anomaly_arg = wire.ANOMALY_ARGS.pack(
-            round(anomaly.request_spike_factor * wire.PPM),
-            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
-            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request)
+        # ANOMALY_ARGS by ReserveRequest.anomaly (False sends none)
+        self._anomaly_args = _anomaly_args(self.settings.anomaly)
 
     @classmethod
     def with_test_clock(
@@ -398,7 +411,7 @@ class Engine:
                 req.input_tokens, grant, req.min_output_tokens, req.prices.input,
                 req.prices.cached_input, req.prices.output, call.attempt),
             others, self._specs_arg(limits), self._record_ttl_text,
-            self._anomaly_arg if primary and req.anomaly else b""]
+            self._anomaly_args[req.anomaly] if primary and req.anomaly else b""]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it

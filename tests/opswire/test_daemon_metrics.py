@@ -134,7 +134,7 @@ def test_a_scrape_after_traffic_has_every_family_and_the_counts_of_every_worker(
     assert total(samples, "ratelimitd_http_responses_total", route="/v1/reserve",
                  code="429") == counts["denied"]
     allowed_labels = {"result", "reason", "tier", "route", "code", "call", "error", "event",
-                      "stage", "model", "kind", "scope", "cause", "le"}
+                      "stage", "model", "kind", "severity", "scope", "cause", "le"}
     for series in samples.values():
         for key in series:
             assert {name for name, _ in key} <= allowed_labels

@@ -78,7 +78,9 @@ block_s = 900                          # that ip is blocked (403 blocked) this l
 signature_max_age_s = 300              # signed requests: freshness window; nonces kept as long
 
 [anomaly]
-request_spike_factor = 5.0             # requests/hour over 5x the subject's baseline: block + alert
+action = "alert"                       # alert | block (also per tier: anomaly = "alert" | "block" | false)
+min_history_hours = 24                 # no spike decision before this many active hours of baseline
+request_spike_factor = 5.0             # requests/hour over 5x the subject's baseline: alert (or block)
 token_spike_factor = 3.0               # tokens/request over 3x the baseline: alert
 block_s = 900
 
@@ -127,6 +129,7 @@ def test_no_config_and_an_empty_config_give_every_default(tmp_path: Path) -> Non
                 config.abuse.signature_max_age_s) == (20, 900, 300)
         assert (config.anomaly.request_spike_factor, config.anomaly.token_spike_factor,
                 config.anomaly.block_s) == (5.0, 3.0, 900)
+        assert (config.anomaly.action, config.anomaly.min_history_hours) == ("alert", 24)
         assert config.alerts.thresholds == (0.5, 0.8, 1.0) and config.alerts.webhooks == ()
     assert empty.source == str(tmp_path / "ratelimitd.toml")
 
@@ -353,6 +356,9 @@ BAD_CONFIGS: list[tuple[str, str, str]] = [
     ('[tokens]\nmodels = { "my-llm" = 5 }\n', "tokens.models.my-llm", "string"),
     ('[keys]\nmax_age_days = -1\n', "keys.max_age_days", "negative"),
     ('[anomaly]\nrequest_spike_factor = "x"\n', "anomaly.request_spike_factor", "number"),
+    ('[anomaly]\naction = "ban"\n', "anomaly.action", "alert or block"),
+    ("[anomaly]\nmin_history_hours = 256\n", "anomaly.min_history_hours", "from 0 to 255"),
+    ('[tiers.free]\nanomaly = "ban"\n', "tiers.free.anomaly", 'true, false, "alert" or "block"'),
 ]
 
 
@@ -407,3 +413,10 @@ def test_check_config_refuses_a_bad_file_with_the_key_on_stderr(tmp_path: Path) 
     assert "Traceback" not in done.stderr
     missing = run_cli("check-config", str(tmp_path / "missing.toml"))
     assert missing.returncode == 2 and "cannot read" in missing.stderr
+
+
+def test_a_tier_takes_the_anomaly_action_or_one_of_its_own() -> None:
+    config = parse_config({"anomaly": {"action": "block", "min_history_hours": 0},
+                           "tiers": {"a": {}, "b": {"anomaly": "alert"}, "c": {"anomaly": False}}})
+    assert (config.anomaly.action, config.anomaly.min_history_hours) == ("block", 0)
+    assert [config.tiers[t].anomaly for t in "abc"] == [True, "alert", False]
