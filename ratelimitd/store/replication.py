@@ -76,7 +76,8 @@ class ReplicaAck:
         sent = asyncio.ensure_future(pipe.call(*command))
         acked = self._covering_wait(pipe, waits)
         reply = await sent
-        return reply, await acked
+        # shielded: other settles share the same WAIT, a caller that gives up must not cancel it
+        return reply, await asyncio.shield(acked)
 
     def _covering_wait(self, pipe: PipelinedConnection, waits: _Waits) -> asyncio.Future[bool]:
         """The WAIT that covers a write just made: a new one, or the one after the WAIT under
@@ -98,7 +99,7 @@ class ReplicaAck:
                   answer: asyncio.Future[Any]) -> None:
         acked = (not answer.cancelled() and answer.exception() is None
                  and int(answer.result()) >= self.replicas)
-        done.set_result(acked)
+        _resolve(done, acked)
         if not acked:
             waits.lagging_until = time.monotonic() + LAG_PROBE_S
         waits.under_way, covered = None, waits.next
@@ -108,7 +109,12 @@ class ReplicaAck:
         if not acked:
             # replication lags (or the connection failed): those settles are not confirmed
             # either, and asking again now would only hold them for another wait
-            covered.set_result(False)
+            _resolve(covered, False)
             return
         waits.under_way = self._send_wait(pipe, waits)
-        waits.under_way.add_done_callback(lambda then: covered.set_result(then.result()))
+        waits.under_way.add_done_callback(lambda then: _resolve(covered, then.result()))
+
+
+def _resolve(future: asyncio.Future[bool], acked: bool) -> None:
+    if not future.done():
+        future.set_result(acked)
