@@ -9,7 +9,8 @@
 --       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
 --       the commit grace (a number passed to redis.call is formatted with printf, slowly),
 --       5 ANOMALY_ARGS, or '' (no anomaly check: anomaly.lua)
---   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
+--   MODE_RETRY: an idempotent retry; a live record of the same id answers instead, when it
+--   is of the same request (the same other subjects and input tokens), else RESERVE_REUSED.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
 --   MODE_CHECK: answers only whether the subject is blocked (block.lua); charges nothing.
 --   MODE_PEEK: answers RESERVE_PEEKED, every limit as loaded (remaining not clamped at 0), the
@@ -64,6 +65,12 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
     return packed_reply(limits, now, false, head)
   end
   local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
+  if live and mode == MODE_RETRY and (rec.others ~= ARGV[2] or rec.input ~= input) then
+    -- the key's first reserve was another request (other subjects, other input): no retry
+    -- of this one can ever be answered with it
+    head[REPLY_STATUS] = RESERVE_REUSED
+    return packed_reply(limits, now, false, head)
+  end
   if live and mode == MODE_ADOPT then
     -- the retry answers with this reservation: it becomes the retry's attempt, so a cancel
     -- of the first attempt (which failed, or may yet) leaves it alone

@@ -7,6 +7,7 @@
     │   │                      exception, so only store/ and its callers in quota/ know it)
     │   └── StoreReplyError    Redis answered a call with an error reply
     ├── ReserveInProgress      an idempotent retry while the first reserve has not finished
+    ├── IdempotencyKeyReused   an idempotency key sent again with another request
     ├── TokenCountError        a prompt that cannot be counted (not text)
     ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
     ├── EmbeddedRedisError     the embedded redis-server cannot start
@@ -65,6 +66,11 @@ class StoreReplyError(StoreUnavailable):
 class ReserveInProgress(RatelimitdError):
     """A retry with an idempotency key whose first reserve is still under way (or was cut
     short): it cannot be answered with the first reserve's outcome yet."""
+
+
+class IdempotencyKeyReused(RatelimitdError):
+    """An idempotency key whose first reserve was another request (other subjects or input
+    tokens): no retry can be answered with it, so the caller must not retry."""
 
 
 class TokenCountError(RatelimitdError, ValueError):

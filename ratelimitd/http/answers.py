@@ -117,6 +117,8 @@ def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> we
                   "cached_input_tokens": result.cached_input_tokens,
                   "output_tokens": result.output_tokens},
         "alerts": [a.to_json() for a in alerts or ()]}
+    if result.replicated is not None:
+        answer["replicated"] = result.replicated
     over_tokens = result.input_tokens + result.output_tokens - result.reserved_tokens
     over_cost = result.cost_nano - result.reserved_cost_nano
     if over_tokens > 0 or over_cost > 0:

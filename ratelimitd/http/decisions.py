@@ -15,6 +15,7 @@ from ratelimitd.access import block_guards, identify
 from ratelimitd.errors import (
     ApiError,
     CountingQueueFull,
+    IdempotencyKeyReused,
     ReserveInProgress,
     StoreUnavailable,
     TokenCountError,
@@ -113,6 +114,8 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     except ReserveInProgress as exc:
         raise ApiError(409, "idempotency_key_in_use", f"idempotency_key: {exc}",
                        {"Retry-After": "1"}) from exc
+    except IdempotencyKeyReused as exc:
+        raise ApiError(422, "idempotency_key_reused", f"idempotency_key: {exc}") from exc
     except StoreUnavailable as exc:
         observe.store_failed(call, exc)
         if config.redis.on_error != "allow":
@@ -181,6 +184,8 @@ async def commit(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_released",
                        "reservation_id: this reservation was released; it cannot be committed")
+    if result.replicated is False:
+        metrics.unreplicated("commit")
     alerts = request.app[ALERTING].forward(result.alerts)
     if result.status == "applied":
         for alert in alerts:
@@ -208,4 +213,9 @@ async def release(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_committed",
                        "reservation_id: this reservation was committed; it cannot be released")
-    return json_response({"released": True, "duplicate": result.status == "duplicate"})
+    answer = {"released": True, "duplicate": result.status == "duplicate"}
+    if result.replicated is not None:
+        answer["replicated"] = result.replicated
+        if not result.replicated:
+            metrics.unreplicated("release")
+    return json_response(answer)

@@ -7,7 +7,7 @@ schemas, so it stays true to what the server does.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Final
 
 from ratelimitd import __version__
 from ratelimitd.config import Config
@@ -26,6 +26,12 @@ def _body(name: str) -> dict[str, Any]:
 
 def _answer(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
+
+
+_REPLICATED: Final[dict[str, Any]] = {
+    "type": "boolean", "description": "only with [redis] replicas_ack: whether that many "
+    "replicas acknowledged the write in time; false is still done (applied on the primary), "
+    "only not yet known to survive a failover: do not retry"}
 
 
 def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
@@ -280,6 +286,7 @@ _SCHEMAS: dict[str, Any] = {
                                      "cached_input_tokens": {"type": "integer"},
                                      "output_tokens": {"type": "integer"}}},
             "alerts": {"type": "array", "items": {"type": "object"}},
+            "replicated": _REPLICATED,
             "overrun": {"type": "object", "required": ["tokens", "cost_usd"],
                         "properties": {"tokens": {"type": "integer"},
                                        "cost_usd": {"type": "number"}}}},
@@ -290,7 +297,8 @@ _SCHEMAS: dict[str, Any] = {
     "ReleaseResponse": {"type": "object", "additionalProperties": False,
                         "required": ["released", "duplicate"],
                         "properties": {"released": {"const": True},
-                                       "duplicate": {"type": "boolean"}}},
+                                       "duplicate": {"type": "boolean"},
+                                       "replicated": _REPLICATED}},
     "Health": {"type": "object", "required": ["status"],
                "properties": {"status": {"enum": ["ok", "embedded_redis_down"]},
                               "redis": {"type": "string"}}},
@@ -489,7 +497,9 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
                    "too_many_input_tokens, unknown_model, exceeds_limit"),
                   (401, "missing_credentials, invalid_service_token, invalid_api_key, "
                         "invalid_signature"),
-                  (403, "key_revoked, key_expired, blocked"), _BODY_ERRORS, _TIMEOUT_ERRORS,
+                  (403, "key_revoked, key_expired, blocked"),
+                  (409, "idempotency_key_in_use (retry after Retry-After)"),
+                  (422, "idempotency_key_reused (do not retry)"), _BODY_ERRORS, _TIMEOUT_ERRORS,
                   _MEDIA_ERRORS, (503, "backend_unavailable, keys_unavailable"))}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -59,8 +59,8 @@ ROUTES: Final = frozenset({
     "/openapi.json", "/v1/admin/keys", "/v1/admin/keys/{key_id}",
     "/v1/admin/keys/{key_id}/rotate", "/v1/admin/keys/{key_id}/revoke", "/v1/admin/usage",
     "/v1/admin/blocks"})
-STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "413", "429",
-                       "500", "503")
+STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "413", "422",
+                       "429", "500", "503")
 DECISION_RESULTS: Final = frozenset({"allowed", "denied", "invalid", "unauthenticated",
                                      "blocked", "error", "degraded"})
 # Error codes of API.md and the current build; a denial's reason is its limit's name instead.
@@ -68,7 +68,8 @@ ERROR_CODES: Final = frozenset({
     "empty_prompt", "prompt_too_long", "too_many_input_tokens", "unknown_model",
     "invalid_request", "invalid_api_key", "missing_credentials", "invalid_signature",
     "invalid_service_token", "key_revoked", "key_expired", "blocked", "body_too_large",
-    "backend_unavailable", "internal_error", "counting_queue_full"})
+    "backend_unavailable", "internal_error", "counting_queue_full", "idempotency_key_in_use",
+    "idempotency_key_reused"})
 REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load", "ready",
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",
@@ -215,7 +216,10 @@ FAMILIES: Final = {f.name: f for f in (
             ("kind", "severity")),
     _Family("ratelimitd_blocks", "Blocks placed, by scope and cause", "counter",
             ("scope", "cause")),
+    _Family("ratelimitd_unreplicated_settles", "Commits and releases applied but not "
+            "acknowledged by [redis] replicas_ack replicas in time", "counter", ("call",)),
 )}
+SETTLE_CALLS: Final = ("commit", "release")
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +285,8 @@ class Metrics:
                 self._counter("ratelimitd_overrun_tokens", (tier, model))
         for labels in ALERT_LABELS:
             self._counter("ratelimitd_alerts", labels)
+        for settle in SETTLE_CALLS:
+            self._counter("ratelimitd_unreplicated_settles", (settle,))
         for scope in self.block_scopes:
             for cause in BLOCK_CAUSES:
                 self._counter("ratelimitd_blocks", (scope, cause))
@@ -339,6 +345,10 @@ class Metrics:
 
     def expired(self) -> None:
         self._counter("ratelimitd_reservations", ("expired",)).inc()
+
+    def unreplicated(self, call: str) -> None:
+        """A commit or release applied that the replicas did not acknowledge in time."""
+        self._counter("ratelimitd_unreplicated_settles", (call,)).inc()
 
     def alert(self, kind: str, severity: str) -> None:
         labels = (kind, severity) if (kind, severity) in ALERT_LABELS else (OTHER, OTHER)

@@ -23,7 +23,12 @@ from zoneinfo import ZoneInfo
 import orjson
 
 from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
-from ratelimitd.errors import ReserveInProgress, StoreReplyError, StoreUnavailable
+from ratelimitd.errors import (
+    IdempotencyKeyReused,
+    ReserveInProgress,
+    StoreReplyError,
+    StoreUnavailable,
+)
 from ratelimitd.policy import ANOMALY_ACTIONS, AnomalyAction, Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
 from ratelimitd.quota.calendar import Calendar
@@ -115,6 +120,9 @@ class SettleResult:
     # the cost alerts the commit fired (a repeat answers the same); a cost alert's `limit` is
     # the limit's lid: name it with LimitNames (the daemon knows its limits, the Lua does not)
     alerts: list[Alert] = field(default_factory=list)
+    # with [redis] replicas_ack: whether the replicas acknowledged every subject's settle (a
+    # settle they did not is applied all the same: WAIT never rolls back); None: not asked
+    replicated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +385,11 @@ class Engine:
                                         "finished; retry shortly")
             if reply.status == ReserveStatus.CANCELLED:
                 raise StoreUnavailable("this reserve attempt was cancelled before it ran")
+            if reply.status == ReserveStatus.REUSED:
+                await self._undo(call, holds)
+                raise IdempotencyKeyReused(
+                    "this idempotency_key was used for another request (other subjects or "
+                    "input tokens); use a new key for a new request")
             holds.append(hold)
             if first is None:
                 first = reply
@@ -517,29 +530,49 @@ class Engine:
         if parsed is None:
             return SettleResult("not_found")
         rand, primary = parsed
-        reply = await self._settle(primary, rand, mode, input_tokens, cached, output)
+        reply, replicated = await self._settle_acked(primary, rand, mode, input_tokens, cached,
+                                                     output)
         result = SettleResult(
             _OUTCOMES[reply.status], reply.input_tokens, reply.cached_input_tokens,
             reply.output_tokens, reply.cost_nano, reply.reserved_tokens, reply.reserved_cost_nano,
-            decode_alerts(reply.alerts))
+            decode_alerts(reply.alerts), replicated)
         if reply.status in (SettleStatus.APPLIED, SettleStatus.DUPLICATE):
             # Each subject settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
             for tag in orjson.loads(reply.others or b"[]"):
-                other = await self._settle(tag, rand, mode, result.input_tokens,
-                                           result.cached_input_tokens, result.output_tokens)
+                other, replicated = await self._settle_acked(
+                    tag, rand, mode, result.input_tokens, result.cached_input_tokens,
+                    result.output_tokens)
                 result.alerts += decode_alerts(other.alerts)
+                if replicated is False:
+                    result.replicated = False
         return result
+
+    async def _settle_acked(
+        self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int, output: int
+    ) -> tuple[wire.SettleReply, bool | None]:
+        """A commit's or release's settle of one subject: what `[redis] replicas_ack` waits
+        for (store/replication.py); the reply, and whether the replicas acknowledged it."""
+        raw, replicated = await self.scripts.run_acked(
+            self.scripts.library.settle, self._settle_args(tag, rand, mode, input_tokens, cached,
+                                                           output, 0))
+        return wire.decode_settle(raw), replicated
 
     async def _settle(
         self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int,
         output: int, attempt: int = 0
     ) -> wire.SettleReply:
-        return wire.decode_settle(await self.scripts.run(self.scripts.library.settle, [
-            *_keys(tag, rand),
-            wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
-                                  attempt),
-            self._ttl_text, self._thresholds_arg]))
+        """A settle no replica acknowledgement is waited for: a cancel or a resize."""
+        return wire.decode_settle(await self.scripts.run(
+            self.scripts.library.settle,
+            self._settle_args(tag, rand, mode, input_tokens, cached, output, attempt)))
+
+    def _settle_args(self, tag: str, rand: str, mode: SettleMode, input_tokens: int,
+                     cached: int, output: int, attempt: int) -> list[Any]:
+        return [*_keys(tag, rand),
+                wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
+                                      attempt),
+                self._ttl_text, self._thresholds_arg]
 
     # -- usage -------------------------------------------------------------------------------
 

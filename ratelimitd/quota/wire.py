@@ -51,6 +51,8 @@ class ReserveStatus(IntEnum):
     BLOCKED = 6        # the subject is blocked: retry_after_ms until its end; the tail: reason
     PEEKED = 7         # PEEK: per limit what remains unclamped (used = limit - remaining);
                        # retry_after_ms: the block's ms left (0: none), the tail: its reason
+    REUSED = 8         # RETRY: the id's live record is of another request (its idempotency
+                       # key was used for other subjects or input tokens)
 
 
 class SettleStatus(IntEnum):

@@ -35,6 +35,11 @@ class Transport(Protocol):
         """One FCALL of `args` (numkeys, keys..., arguments...): its reply."""
         ...
 
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        """fcall, for a write that `[redis] replicas_ack` waits for (replication.py): its reply,
+        and whether the replicas acknowledged it (None: no acknowledgement is asked for)."""
+        ...
+
     async def load_library(self, source: str) -> None:
         """FUNCTION LOAD REPLACE (on every primary of a cluster)."""
         ...
@@ -80,11 +85,16 @@ class PipeTransport:
     pipe: PipelinedConnection
     timeout_s: float | None
     acks: ReplicaAck | None = None        # [redis] replicas_ack > 0 (replication.py)
+    # the acknowledged writes' own connection, to the same server as `pipe` (with `acks`)
+    acked_pipe: PipelinedConnection | None = None
 
     def fcall(self, function: str, args: Sequence[Any]) -> Awaitable[Any]:
-        if self.acks is not None and self.acks.applies(function):
-            return self.acks.call(self.pipe, ("FCALL", function, *args))
         return self.pipe.call("FCALL", function, *args)
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        if self.acks is None or self.acked_pipe is None:
+            return await self.pipe.call("FCALL", function, *args), None
+        return await self.acks.call(self.acked_pipe, ("FCALL", function, *args))
 
     async def load_library(self, source: str) -> None:
         async with bounded(self.timeout_s):
@@ -100,6 +110,8 @@ class PipeTransport:
 
     async def aclose(self) -> None:
         await self.pipe.aclose()
+        if self.acked_pipe is not None:
+            await self.acked_pipe.aclose()
 
 
 @dataclass(slots=True)
@@ -129,6 +141,10 @@ class BatchTransport:
         elif self._flush is None:
             self._flush = loop.call_soon(self._send)
         return call.done
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        # replicas_ack is refused with TLS, the only mode this transport serves
+        return await self.fcall(function, args), None
 
     async def load_library(self, source: str) -> None:
         async with bounded(self.timeout_s):

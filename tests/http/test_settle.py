@@ -278,6 +278,40 @@ async def test_idempotency_key_returns_the_first_reservation_and_charges_once(
     assert done["duplicate"] is False
 
 
+async def test_an_idempotency_key_reused_for_another_request_is_422_not_a_retry_loop(
+        serve: Serve, redis_client: Redis) -> None:
+    org_limit = {"name": "org_rpm", "scope": "org", "metric": "requests", "window": "60s",
+                 "limit": 100}
+    client = await serve(small(limits=[org_limit]))
+    first_body = rq(input_tokens=100, org="acme", idempotency_key="req-1")
+    resp, first = await call(client, "/v1/reserve", first_body)
+    assert resp.status == 200, first
+    before = _limits_only(await snapshot(redis_client))
+    other_org = {**first_body, "org": "globex"}
+    other_input = {**first_body, "input_tokens": 101}
+    for body in (other_org, other_input):
+        resp, answer = await call(client, "/v1/reserve", body)
+        assert_error(resp, answer, 422, "idempotency_key_reused", "idempotency_key")
+        assert "Retry-After" not in resp.headers
+    assert _limits_only(await snapshot(redis_client)) == before      # nothing charged
+    commit = {"reservation_id": first["reservation_id"], "input_tokens": 100,
+              "output_tokens": 10}
+    resp, done = await call(client, "/v1/commit", commit)
+    assert resp.status == 200, done
+    # once the first is committed, the other request is still refused (never "retry shortly")
+    resp, answer = await call(client, "/v1/reserve", other_org)
+    assert_error(resp, answer, 422, "idempotency_key_reused")
+    # the same request is still answered with the first reservation, charging nothing
+    committed = _limits_only(await snapshot(redis_client))
+    resp, again = await call(client, "/v1/reserve", first_body)
+    assert resp.status == 200 and again["duplicate"] is True, again
+    assert again["reservation_id"] == first["reservation_id"]
+    assert _limits_only(await snapshot(redis_client)) == committed
+    # the key is the user's: another user may use it for anything
+    resp, theirs = await call(client, "/v1/reserve", {**other_org, "user": "u2"})
+    assert resp.status == 200 and theirs["duplicate"] is False, theirs
+
+
 async def test_dry_run_answers_and_reserves_nothing(serve: Serve, redis_client: Redis) -> None:
     client = await serve(small())
     await call(client, "/v1/reserve", rq(input_tokens=100))
