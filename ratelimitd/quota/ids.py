@@ -11,6 +11,8 @@ it belongs to nor can be forged to point at another subject. Both are hashlib's 
 Ids sealed with HMAC-SHA256 (keystream and tag), as earlier versions made them, are still
 read when their tag does not match the BLAKE2b one, so reservations made before an upgrade can
 be settled after it.
+Every id is accepted in its one canonical spelling only: base64 without padding, whose unused
+low bits are zero (a lenient decoder reads several spellings as the same bytes).
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ class ReservationIds:
         return f"{PREFIX}{rand}.{_b64(sealed + self._mac(rand, sealed))}"
 
     def parse(self, rid: str) -> tuple[str, str] | None:
-        """rid -> (random part, primary subject tag), or None when it is not one of ours."""
+        """rid -> (random part, primary subject tag), or None when it is not one of ours (or
+        not spelled as we spell it)."""
         if not rid.startswith(PREFIX) or len(rid) > MAX_CHARS:
             return None
         rand, _, rest = rid[len(PREFIX):].partition(".")
@@ -93,6 +96,8 @@ class ReservationIds:
         try:
             blob = _unb64(rest)
         except (ValueError, binascii.Error):
+            return None
+        if _b64(blob) != rest:  # padding, stray characters or non-zero unused bits
             return None
         sealed, mac = blob[:-_MAC_BYTES], blob[-_MAC_BYTES:]
         if not sealed:
