@@ -32,7 +32,8 @@ MAX_CHARS: Final = 1024
 SEAL_REDIS_KEY: Final = "rl:{ratelimitd}:id-seal"
 SECRET_BYTES: Final = 32
 _RANDOM_BYTES: Final = 18                      # 144 bits
-# drawn from the OS this many ids at a time: one getrandom per reserve was a measurable cost
+# drawn from the OS this many ids at a time (attempt numbers too): one getrandom per reserve
+# was a measurable cost
 _RANDOM_BATCH: Final = 455
 _MAC_BYTES: Final = 10
 _RAND: Final = re.compile(r"[A-Za-z0-9_-]{24}")
@@ -55,6 +56,7 @@ def _xor(data: bytes, stream: bytes) -> bytes:
 class ReservationIds:
     secret: bytes
     _pool: bytes = field(default=b"", repr=False)
+    _used: int = field(default=0, repr=False)  # bytes of the pool given out
     # the keyed hashes with the secret absorbed once; each id hashes a copy
     _stream: Any = field(init=False, repr=False)
     _tag: Any = field(init=False, repr=False)
@@ -65,12 +67,16 @@ class ReservationIds:
         self._tag = hashlib.blake2b(key=self.secret, digest_size=_MAC_BYTES,
                                     person=b"rsv-id-tag")
 
+    def _random_bytes(self, count: int) -> bytes:
+        start = self._used
+        if start + count > len(self._pool):
+            self._pool, start = os.urandom(_RANDOM_BYTES * _RANDOM_BATCH), 0
+        self._used = start + count
+        return self._pool[start:start + count]
+
     def random(self) -> str:
         """A fresh random part."""
-        if len(self._pool) < _RANDOM_BYTES:
-            self._pool = os.urandom(_RANDOM_BYTES * _RANDOM_BATCH)
-        chunk, self._pool = self._pool[:_RANDOM_BYTES], self._pool[_RANDOM_BYTES:]
-        return _b64(chunk)
+        return _b64(self._random_bytes(_RANDOM_BYTES))
 
     def for_key(self, tag: str, idempotency_key: str) -> str:
         """The random part of the reservation an idempotency key names, for one subject."""
@@ -79,7 +85,7 @@ class ReservationIds:
 
     def attempt(self) -> int:
         """A random whole number below 2^52 naming one reserve attempt (a double holds it)."""
-        return int.from_bytes(os.urandom(7)) >> 4 or 1
+        return int.from_bytes(self._random_bytes(7)) >> 4 or 1
 
     def make(self, tag: str, rand: str) -> str:
         sealed = _xor(tag.encode(), self._keystream(rand, len(tag.encode())))
