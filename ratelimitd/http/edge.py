@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from ratelimitd.errors import ApiError, StoreUnavailable
 from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
 from ratelimitd.http.app_keys import LIVE
-from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_scope
+from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
 from ratelimitd.ops.metrics import RouteMetrics
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -115,12 +115,17 @@ def api_handler(handler: Handler, route: RouteMetrics | None = None) -> Handler:
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
-        with request_scope(request.headers.get(REQUEST_ID_HEADER)) as request_id:
+        # request_scope without a context manager's generator: this runs on every request
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        scope = request_id_var.set(request_id)
+        try:
             response = await _answer(handler, request)
             response.headers[REQUEST_ID_HEADER] = request_id
             if route is not None:
                 route.observe(response.status, time.perf_counter() - start)
             return response
+        finally:
+            request_id_var.reset(scope)
 
     return handle
 

@@ -41,6 +41,12 @@ INLINE_COUNT_MAX_CHARS: Final = 8192
 # refused (each holds its body in memory meanwhile).
 MAX_WAITING_PER_CALLER: Final = 32
 
+# Counts of texts this long or longer are kept (a gateway resends the same system prompt and
+# conversation on every call); a shorter one is encoded faster than it is looked up and kept.
+CACHED_MIN_CHARS: Final = 256
+# The kept texts' characters, per encoding (the texts themselves are the keys): ~8 MB at most
+CACHE_MAX_CHARS: Final = 2_000_000
+
 # The cookbook formula for chat models (gpt-3.5-turbo-0613 and later, gpt-4*, gpt-4o*):
 # https://cookbook.openai.com/examples/how_to_count_tokens_with_tiktoken
 TOKENS_PER_MESSAGE: Final = 3
@@ -100,6 +106,36 @@ class CallerTurns:
 def _count_strings(encoding: tiktoken.Encoding, strings: Sequence[str]) -> int:
     # encode_ordinary: special-token text in user input is ordinary text, and never raises.
     return sum(len(encoding.encode_ordinary(s)) for s in strings)
+
+
+class CountCache:
+    """Token counts of long texts by content (a dict keyed by the text: its hash, then an
+    equality check), least recently used out first once the texts kept reach `max_chars`.
+    Used from the event loop's thread only."""
+
+    def __init__(self, max_chars: int = CACHE_MAX_CHARS) -> None:
+        self.max_chars = max_chars
+        self._counts: dict[str, int] = {}
+        self._chars = 0
+
+    def get(self, text: str) -> int | None:
+        count = self._counts.pop(text, None)
+        if count is not None:
+            self._counts[text] = count  # to the end: the most recently used
+        return count
+
+    def put(self, text: str, count: int) -> None:
+        if len(text) > self.max_chars or text in self._counts:
+            return
+        self._counts[text] = count
+        self._chars += len(text)
+        while self._chars > self.max_chars:
+            oldest = next(iter(self._counts))
+            del self._counts[oldest]
+            self._chars -= len(oldest)
+
+    def __len__(self) -> int:
+        return len(self._counts)
 
 
 @dataclass(slots=True)
@@ -218,6 +254,7 @@ class TokenCounter:
             _load_for_config(encoding, f"models[{model!r}]")
         self._loadable = OFFLINE_ENCODINGS | {default_encoding, *self._overrides.values()}
         self._turns = CallerTurns()
+        self._caches: dict[str, CountCache] = {}  # by encoding name
         # Also load the bundled encodings tiktoken's model map may pick (~0.1-0.25 s and
         # 30-75 MB each): loading one lazily would stall the event loop on its first request.
         for encoding in OFFLINE_ENCODINGS:
@@ -256,16 +293,37 @@ class TokenCounter:
     async def count(self, model: str, texts: PromptTexts, executor: Executor | None = None,
                     caller: str | None = None) -> int:
         """Tokens of prepared texts; long ones are encoded in `executor`, in `caller`'s turn
-        when one is named (CountingQueueFull when too many of its prompts wait)."""
-        encoding = self.encoding_for(model)
-        if texts.chars < INLINE_COUNT_MAX_CHARS:
-            return texts.fixed_tokens + _count_strings(encoding, texts.strings)
+        when one is named (CountingQueueFull when too many of its prompts wait). Counts of long
+        texts seen before come from the cache."""
+        name = self.encoding_name_for(model)
+        encoding = load_encoding(name)
+        cache = self._caches.get(name)
+        if cache is None:
+            cache = self._caches[name] = CountCache()
+        known, todo = texts.fixed_tokens, []
+        for text in texts.strings:
+            count = cache.get(text) if len(text) >= CACHED_MIN_CHARS else None
+            if count is None:
+                todo.append(text)
+            else:
+                known += count
+        if sum(len(text) for text in todo) < INLINE_COUNT_MAX_CHARS:
+            counts = [len(encoding.encode_ordinary(text)) for text in todo]
+        else:
+            counts = await self._count_off_loop(encoding, todo, executor, caller)
+        for text, count in zip(todo, counts, strict=True):
+            if len(text) >= CACHED_MIN_CHARS:
+                cache.put(text, count)
+        return known + sum(counts)
+
+    async def _count_off_loop(self, encoding: tiktoken.Encoding, texts: list[str],
+                              executor: Executor | None, caller: str | None) -> list[int]:
         loop = asyncio.get_running_loop()
-        count = functools.partial(_count_strings, encoding, texts.strings)
+        work = functools.partial(_each_count, encoding, texts)
         if caller is None:
-            return texts.fixed_tokens + await loop.run_in_executor(executor, count)
+            return await loop.run_in_executor(executor, work)
         async with self._turns.turn(caller):
-            return texts.fixed_tokens + await loop.run_in_executor(executor, count)
+            return await loop.run_in_executor(executor, work)
 
     async def count_prompt(
         self,
@@ -279,6 +337,10 @@ class TokenCounter:
         Validation runs inline, so malformed input raises TokenCountError before any thread hop.
         """
         return await self.count(model, self.prepare(model, prompt, messages), executor)
+
+
+def _each_count(encoding: tiktoken.Encoding, strings: Sequence[str]) -> list[int]:
+    return [len(encoding.encode_ordinary(s)) for s in strings]
 
 
 def _load_for_config(encoding: str, setting: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import string
 import time
 from typing import Any
 
@@ -175,6 +177,50 @@ async def test_commit_and_release_of_unknown_ids_are_404(serve: Serve, redis_cli
     resp, body = await call(client, "/v1/release", {"reservation_id": rid})
     assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
     assert await snapshot(redis_client) == before
+
+
+def _other_spellings(rid: str) -> list[str]:
+    """Every spelling of rid that a lenient base64 decoder reads as the same bytes, among:
+    another last character (differing in unused bits only), padding, the standard alphabet's
+    + and /, characters the decoder skips."""
+    head, _, blob = rid.partition(".")
+    candidates = [blob[:-1] + c for c in string.ascii_letters + string.digits + "-_"]
+    candidates += [blob + "=", blob + "==", blob + "===", f"{blob[:5]}\n{blob[5:]}",
+                   f"{blob[:5]}!{blob[5:]}", f"{blob[:4]}!!!!{blob[4:]}", blob + " ",
+                   blob.replace("-", "+"), blob.replace("_", "/")]
+    return [f"{head}.{c}" for c in dict.fromkeys(candidates)
+            if c != blob and _lenient(c) == _lenient(blob)]
+
+
+def _lenient(blob: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+    except ValueError:
+        return None
+
+
+async def test_a_reservation_id_is_accepted_only_as_it_was_given(
+        serve: Serve, redis_client: Redis) -> None:
+    """Another spelling of a real id (which a lenient decoder reads as the same bytes) is not
+    that reservation: 404, nothing charged, and the id itself still commits."""
+    client = await serve(small())
+    for user in ("u1", "a-much-longer-user-name@example.com"):
+        resp, rsv = await call(client, "/v1/reserve", rq(user=user, input_tokens=10))
+        assert resp.status == 200, rsv
+        rid = rsv["reservation_id"]
+        spellings = _other_spellings(rid)
+        assert len(spellings) >= 4, spellings
+        before = await snapshot(redis_client)
+        for spelling in spellings:
+            resp, body = await call(client, "/v1/commit", {"reservation_id": spelling,
+                                                          "input_tokens": 10, "output_tokens": 5})
+            assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
+            resp, body = await call(client, "/v1/release", {"reservation_id": spelling})
+            assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
+        assert await snapshot(redis_client) == before
+        resp, done = await call(client, "/v1/commit", {"reservation_id": rid,
+                                                      "input_tokens": 10, "output_tokens": 5})
+        assert resp.status == 200 and done["duplicate"] is False, done
 
 
 async def test_a_limit_of_another_scope_denies_all_or_nothing(serve: Serve) -> None:
