@@ -17,7 +17,7 @@
 -- its baseline would be the defaults, not its own use: no spike decision at all). The reserve
 -- that would make the hour's admitted requests exceed request_factor x the baseline is a
 -- request_spike: with request_spike_blocks (the action "block") the subject is blocked for
--- block_ms (field `b`, as ratelimitd/guard/blocks.py writes it, reason "request_spike") and
+-- block_ms (field `b`, as ratelimitd/abuse/blocks.py writes it, reason "request_spike") and
 -- the call answers BLOCKED, checked before the limits; else (the action "alert") the call, once
 -- admitted, alerts. A commit-fed average of tokens per request this hour (once it has
 -- TOKEN_MIN_SAMPLES commits) above token_factor x its baseline is a token_spike: an alert, no

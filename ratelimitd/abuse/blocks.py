@@ -31,8 +31,7 @@ from typing import Any, Final
 
 from redis.exceptions import RedisError
 
-from ratelimitd.errors import StoreUnavailable
-from ratelimitd.guard.ip import (
+from ratelimitd.abuse.ip import (
     DEFAULT_IPV4_PREFIX,
     DEFAULT_IPV6_PREFIX,
     InvalidIpError,
@@ -41,6 +40,7 @@ from ratelimitd.guard.ip import (
     ip_prefix,
     parse_ip,
 )
+from ratelimitd.errors import StoreUnavailable
 from ratelimitd.policy import BUILTIN_SCOPES, Subject
 from ratelimitd.store.connect import RedisClient
 

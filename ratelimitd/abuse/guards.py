@@ -1,6 +1,6 @@
 """Whose blocks a reserve respects, and the 403 a block answers.
 
-A block (guard/blocks.py) lives on a subject's quota hash and is read by the reserve's own
+A block (blocks.py) lives on a subject's quota hash and is read by the reserve's own
 Lua: subjects of the plan are checked as they are reserved, and the others a request names
 are sent to the engine as `guards` (check-only calls in the same tick as the first subject,
 so they add no round trip). Those are the API key, the org, the client address and its
@@ -14,8 +14,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ratelimitd.abuse.ip import ip_block_subjects
 from ratelimitd.errors import ApiError
-from ratelimitd.guard import ip_block_subjects
 from ratelimitd.policy import BUILTIN_SCOPES, Identity, Limit, PrefixLengths, Subject
 
 

@@ -19,9 +19,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
+from ratelimitd.abuse.blocks import LUA_PRELUDE, Block, BlockStore, subject_key
+from ratelimitd.abuse.ip import DEFAULT_IPV6_PREFIX, auth_failure_subject
 from ratelimitd.config import AbuseConfig
-from ratelimitd.guard.blocks import LUA_PRELUDE, Block, BlockStore, subject_key
-from ratelimitd.guard.ip import DEFAULT_IPV6_PREFIX, auth_failure_subject
 from ratelimitd.policy import Subject
 from ratelimitd.store.connect import RedisClient
 

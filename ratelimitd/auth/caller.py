@@ -4,7 +4,7 @@ With an `api_key`, in this order (docs/keys.md says why):
 1. no pepper on this daemon: 503 keys_unavailable;
 2. resolve the key (no Redis call on a cache hit, one on a miss);
 3. a refused key from a request with `attributes.ip` counts one failed lookup for that address
-   (guard/stuffing.py); past the threshold the address is blocked: 403 blocked. Otherwise the
+   (abuse/stuffing.py); past the threshold the address is blocked: 403 blocked. Otherwise the
    key's own answer: malformed and unknown keys 401 invalid_api_key (one message), revoked 403
    key_revoked, expired 403 key_expired (API.md's codes);
 4. a key that requires signatures, or a request that sends one, has its signature verified
@@ -12,7 +12,7 @@ With an `api_key`, in this order (docs/keys.md says why):
    any daemon is refused. A refused signature counts as a failure of the address too, as a
    refused key does (guessing signatures for a known key is stuffing as well).
 The key's warnings (key_expiring, key_rotated) go on the answer. Blocks of the key, the org and
-the address are checked by the reserve itself (guards.py).
+the address are checked by the reserve itself (abuse/guards.py).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ratelimitd.access.guards import blocked_error
-from ratelimitd.access.services import Access, redis_failures
+from ratelimitd.abuse.guards import blocked_error
+from ratelimitd.auth.keys import KeyFailure, ResolvedKey
+from ratelimitd.auth.services import Access, redis_failures
+from ratelimitd.auth.signatures import SignatureError
 from ratelimitd.errors import ApiError
-from ratelimitd.keys import KeyFailure, ResolvedKey
 from ratelimitd.policy import Identity
-from ratelimitd.signing import SignatureError
 
 
 @dataclass(slots=True)

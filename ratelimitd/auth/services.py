@@ -18,12 +18,12 @@ from typing import Final
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from ratelimitd.abuse import AuthFailureGuard, BlockStore
+from ratelimitd.auth.keys import KeyPolicy, KeyStore, KeysUnavailableError, PepperError, load_pepper
+from ratelimitd.auth.signatures import SignatureVerifier
 from ratelimitd.config import Config
 from ratelimitd.errors import ApiError, ConfigError, StoreUnavailable
-from ratelimitd.guard import AuthFailureGuard, BlockStore
-from ratelimitd.keys import KeyPolicy, KeyStore, KeysUnavailableError, PepperError, load_pepper
 from ratelimitd.policy import Limit, PrefixLengths, sliding
-from ratelimitd.signing import SignatureVerifier
 from ratelimitd.store.connect import RedisClient
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from typing import Any, Final
 
 import orjson
 
-from ratelimitd.access import Access, open_access, redis_failures
+from ratelimitd.abuse import BlockInputError
+from ratelimitd.auth import Access, open_access, redis_failures
+from ratelimitd.auth.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ApiError, StoreUnavailable
-from ratelimitd.guard import BlockInputError
-from ratelimitd.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.store.connect import connect
 from ratelimitd.store.embedded import EmbeddedRedis, state_directory
 

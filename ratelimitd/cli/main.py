@@ -1,6 +1,6 @@
 """Command line: `ratelimitd serve`, `ratelimitd check-config`, `ratelimitd lua --show`,
 `ratelimitd usage SCOPE ID`, and the admin commands `ratelimitd keys ...` /
-`ratelimitd blocks ...` (admin_cli.py)."""
+`ratelimitd blocks ...` (admin.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ from typing import Final
 import uvloop
 from aiohttp import web
 
-from ratelimitd import __version__, admin_cli, usage_report
+from ratelimitd import __version__
+from ratelimitd.cli import admin, usage_report
+from ratelimitd.cli.prefork import prepare_fork
 from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
@@ -36,7 +38,6 @@ from ratelimitd.http.server import (
 from ratelimitd.ops.logs import access_log_options, setup_logging
 from ratelimitd.ops.metrics import MetricsDirectory
 from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
-from ratelimitd.prefork import prepare_fork
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory
 from ratelimitd.store.supervisor import StoreHealth, Supervisor
@@ -86,7 +87,7 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     lua = commands.add_parser("lua", help="the Redis function library, as built")
     lua.add_argument("--show", action="store_true",
                      help="print it, each line with its source file and line")
-    admin_cli.add_commands(commands)
+    admin.add_commands(commands)
     usage_report.add_parser(commands)
     return parser, serve
 
@@ -108,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("check-config needs a file: give its path or set RATELIMITD_CONFIG")
     setup_logging()  # JSON lines on stderr (journald keeps them as they are)
     try:
-        if args.command in admin_cli.COMMANDS:
-            return admin_cli.run(args)
+        if args.command in admin.COMMANDS:
+            return admin.run(args)
         if args.command == "check-config":
             config = load_config(args.path)
             print(f"{args.path}: ok ({len(config.tiers)} tiers: {', '.join(config.tiers)})")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 
 from ratelimitd.config import Config
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 
 
 def prepare_fork(config: Config) -> None:

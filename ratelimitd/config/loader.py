@@ -39,7 +39,7 @@ from ratelimitd.errors import ConfigError, EncodingUnavailableError
 from ratelimitd.ops import credentials
 from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
 from ratelimitd.policy import ANOMALY_ACTIONS, default_tiers
-from ratelimitd.tokens.offline import check_encoding_name
+from ratelimitd.tokenize.offline import check_encoding_name
 
 # Sections read field by field from their dataclass; tiers and pricing have shapes of their own.
 _SECTIONS: Final[dict[str, type[Any]]] = {

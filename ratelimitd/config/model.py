@@ -62,7 +62,7 @@ class ReservationsConfig:
 class TokensConfig:
     default_encoding: str = "o200k_base"
     models: Mapping[str, str] = field(default_factory=dict)
-    # an image part without width and height; 0: the most one can cost (tokens/chat.py)
+    # an image part without width and height; 0: the most one can cost (tokenize/chat.py)
     image_tokens: int = 0
 
 
@@ -104,7 +104,7 @@ class AbuseConfig:
     auth_failures_per_ip: int = 20
     block_s: int = 900
     signature_max_age_s: int = 300
-    # the ip_prefix scope's networks, and IPv6 auth-failure counting (guard/ip.py)
+    # the ip_prefix scope's networks, and IPv6 auth-failure counting (abuse/ip.py)
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ratelimitd.access import blocked_error
+from ratelimitd.abuse import blocked_error
 from ratelimitd.alerts import Alert
 from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response

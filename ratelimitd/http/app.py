@@ -10,7 +10,7 @@ from typing import Final
 
 from aiohttp import web
 
-from ratelimitd.access import open_access
+from ratelimitd.auth import open_access
 from ratelimitd.config import Config, resolve_tokens
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
@@ -32,7 +32,7 @@ from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings
 from ratelimitd.store.connect import open_store
 from ratelimitd.store.supervisor import StoreHealth
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 
 log = logging.getLogger("ratelimitd.http")
 

@@ -1,6 +1,6 @@
 """The decision endpoints: /v1/reserve, /v1/commit, /v1/release.
 
-Thin handlers: parse (schema.py), identify the caller (access/: an API key, its signature),
+Thin handlers: parse (schema.py), identify the caller (auth/: an API key, its signature),
 resolve the tier, price and count, ask the engine, shape the answer (answers.py). Quota
 decisions are made in lua/ through the engine only.
 """
@@ -11,7 +11,8 @@ import time
 
 from aiohttp import web
 
-from ratelimitd.access import block_guards, identify
+from ratelimitd.abuse import block_guards
+from ratelimitd.auth import identify
 from ratelimitd.errors import (
     ApiError,
     CountingQueueFull,

@@ -21,8 +21,8 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from ratelimitd.auth.bearer import check_admin_token, is_admin_path
 from ratelimitd.errors import ApiError, StoreUnavailable
-from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
 from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
 from ratelimitd.ops.metrics import RouteMetrics

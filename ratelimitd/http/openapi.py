@@ -141,7 +141,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Tool": {
         "type": "object", "required": ["type", "function"],
-        "description": "An OpenAI tool: counted as the provider renders it (tokens/chat.py).",
+        "description": "An OpenAI tool: counted as the provider renders it (tokenize/chat.py).",
         "properties": {"type": {"const": "function"}, "function": {
             "type": "object", "required": ["name"],
             "properties": {"name": {"type": "string", "minLength": 1},
@@ -316,7 +316,8 @@ _SCHEMAS.update({
         "required": ["timestamp", "nonce", "method", "path", "body_sha256", "value"],
         "description": "The client's signature, forwarded by the gateway: value = hex "
                        "HMAC-SHA256(signing_secret, \"v1\\n{timestamp}\\n{nonce}\\n{method}\\n"
-                       "{path}\\n{body_sha256}\"); ratelimitd.signing.sign_request makes it",
+                       "{path}\\n{body_sha256}\"); "
+                       "ratelimitd.auth.signatures.sign_request makes it",
         "properties": {
             "timestamp": {"type": "integer", "description": "unix seconds"},
             "nonce": {"type": "string", "pattern": "^[A-Za-z0-9_.~-]{16,128}$"},

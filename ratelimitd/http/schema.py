@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ratelimitd.abuse import InvalidIpError, canonical_ip
 from ratelimitd.errors import ApiError, invalid
-from ratelimitd.guard import InvalidIpError, canonical_ip
 
 MAX_ID_CHARS: Final = 256
 MAX_API_KEY_CHARS: Final = 1024        # longer is no key of ours: a 400, not a lookup

@@ -101,7 +101,7 @@ class ReserveResult:
 
 @dataclass(slots=True)
 class Blocked:
-    """A subject of the reserve is blocked (guard/blocks.py): until when, and why."""
+    """A subject of the reserve is blocked (abuse/blocks.py): until when, and why."""
 
     subject: Subject
     retry_after_ms: int

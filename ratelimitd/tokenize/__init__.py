@@ -1,8 +1,8 @@
 """Token counting: tiktoken encodings loaded offline (offline.py), prompts counted as the
 model's provider counts them (counter.py)."""
 
-from ratelimitd.tokens.counter import INLINE_COUNT_MAX_CHARS, TokenCounter
-from ratelimitd.tokens.offline import (
+from ratelimitd.tokenize.counter import INLINE_COUNT_MAX_CHARS, TokenCounter
+from ratelimitd.tokenize.offline import (
     DEFAULT_ENCODING,
     OFFLINE_ENCODINGS,
     check_encoding_name,

@@ -21,13 +21,13 @@ import tiktoken
 import tiktoken.model
 
 from ratelimitd.errors import CountingQueueFull, EncodingUnavailableError, TokenCountError
-from ratelimitd.tokens.chat import (
+from ratelimitd.tokenize.chat import (
     function_call_texts,
     image_tokens,
     tool_call_texts,
     tools_texts,
 )
-from ratelimitd.tokens.offline import (
+from ratelimitd.tokenize.offline import (
     DEFAULT_ENCODING,
     OFFLINE_ENCODINGS,
     SAME_ORDINARY_TOKENS,

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from tests.keys.conftest import pepper, second_client
+from tests.auth.conftest import pepper, second_client
 
 __all__ = ["pepper", "second_client"]

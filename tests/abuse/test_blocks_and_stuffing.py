@@ -1,13 +1,13 @@
 """Blocks and the credential-stuffing defence against a real redis-server: what an operator
 and the reserve path rely on. Blocks are read back three ways: BlockStore, the reserve-side
-Lua reader (guard/block.lua, run by Redis), and the raw field."""
+Lua reader (lua/block.lua, run by Redis), and the raw field."""
 
 from __future__ import annotations
 
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.guard import (
+from ratelimitd.abuse import (
     AuthFailureGuard,
     BlockInputError,
     BlockStore,
@@ -18,9 +18,9 @@ from ratelimitd.guard import (
     ip_prefix,
     subject_key,
 )
-from ratelimitd.guard.blocks import INDEX_KEY
-from ratelimitd.guard.stuffing import WINDOW_MS
-from ratelimitd.keys import KeyFailure, KeyStore, Pepper, ResolvedKey, generate_api_key
+from ratelimitd.abuse.blocks import INDEX_KEY
+from ratelimitd.abuse.stuffing import WINDOW_MS
+from ratelimitd.auth.keys import KeyFailure, KeyStore, Pepper, ResolvedKey, generate_api_key
 from ratelimitd.policy import Prices, Subject, sliding
 from ratelimitd.quota.engine import Engine, EngineSettings, ReserveRequest
 from ratelimitd.store.transport import BatchTransport

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.keys import KeyPolicy, KeyStore, Pepper
+from ratelimitd.auth.keys import KeyPolicy, KeyStore, Pepper
 from tests.support.clock import Clock
 from tests.support.redis_servers import RedisServer
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ratelimitd.keys import (
+from ratelimitd.auth.keys import (
     KEY_PATTERN,
     KeysUnavailableError,
     Pepper,
@@ -17,7 +17,7 @@ from ratelimitd.keys import (
     require_pepper,
     well_formed,
 )
-from ratelimitd.keys.format import BASE62, RANDOM_CHARS
+from ratelimitd.auth.keys.format import BASE62, RANDOM_CHARS
 
 
 def test_a_new_key_has_the_prefix_enough_randomness_and_a_valid_checksum() -> None:

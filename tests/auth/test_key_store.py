@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ratelimitd.guard import AuthFailureGuard, BlockStore
-from ratelimitd.keys import (
+from ratelimitd.abuse import AuthFailureGuard, BlockStore
+from ratelimitd.auth.keys import (
     INVALIDATE_CHANNEL,
     KeyFailure,
     KeyInputError,
@@ -24,10 +24,10 @@ from ratelimitd.keys import (
     ResolvedKey,
     generate_api_key,
 )
-from ratelimitd.keys.store import DAY_MS
+from ratelimitd.auth.keys.store import DAY_MS
+from ratelimitd.auth.signatures import SignatureVerifier, sign_request
 from ratelimitd.policy import Subject
-from ratelimitd.signing import SignatureVerifier, sign_request
-from tests.keys.conftest import PEPPER_TEXT
+from tests.auth.conftest import PEPPER_TEXT
 from tests.support.clock import Clock
 from tests.support.redis_servers import RedisServer
 

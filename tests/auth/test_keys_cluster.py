@@ -13,10 +13,10 @@ import pytest
 import redis
 from redis.asyncio.cluster import RedisCluster
 
-from ratelimitd.guard import AuthFailureGuard, BlockStore, ip_block_subjects
-from ratelimitd.keys import KeyFailure, KeyStore, Pepper, ResolvedKey
+from ratelimitd.abuse import AuthFailureGuard, BlockStore, ip_block_subjects
+from ratelimitd.auth.keys import KeyFailure, KeyStore, Pepper, ResolvedKey
+from ratelimitd.auth.signatures import SignatureError, SignatureVerifier, sign_request
 from ratelimitd.policy import Subject
-from ratelimitd.signing import SignatureError, SignatureVerifier, sign_request
 from tests.support.redis_servers import RedisServer, free_port
 
 

@@ -1,5 +1,5 @@
 """Signed requests end to end: a key made with require_signature, its client signing with
-ratelimitd.signing, two daemons verifying against one Redis."""
+ratelimitd.auth.signatures, two daemons verifying against one Redis."""
 
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.keys import KeyStore, ResolvedKey
-from ratelimitd.signing import SignatureError, SignatureVerifier, parse_signature, sign_request
+from ratelimitd.auth.keys import KeyStore, ResolvedKey
+from ratelimitd.auth.signatures import (
+    SignatureError,
+    SignatureVerifier,
+    parse_signature,
+    sign_request,
+)
 from tests.support.clock import Clock
 
 BODY = b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}'

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 import redis
 
-from ratelimitd.signing import sign_request
+from ratelimitd.auth.signatures import sign_request
+from tests.cli.test_serve import RATELIMITD, Daemon, http, wait_healthy
 from tests.support.keys import PEPPER
 from tests.support.redis_servers import RedisServer, free_port
-from tests.test_cli import RATELIMITD, Daemon, http, wait_healthy
 
 CONFIG = """
 [server]

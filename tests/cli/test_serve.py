@@ -280,7 +280,7 @@ def test_the_example_configuration_passes_check_config() -> None:
 def test_checking_a_configuration_loads_no_encoding() -> None:
     example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
     probe = ("from ratelimitd.config import load_config\n"
-             "from ratelimitd.tokens.offline import load_encoding\n"
+             "from ratelimitd.tokenize.offline import load_encoding\n"
              f"load_config({str(example)!r})\n"
              "print(load_encoding.cache_info().currsize)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

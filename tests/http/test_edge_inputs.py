@@ -10,7 +10,7 @@ import http_sf
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 from tests.support.http import SMALL_TIER, Serve, assert_error, call, limit_of, rq, small
 
 DEVICE_LIMIT = {"name": "per_device", "scope": "device", "metric": "requests", "window": "60s",

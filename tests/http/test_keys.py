@@ -16,8 +16,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.keys import generate_api_key
-from ratelimitd.signing import sign_request
+from ratelimitd.auth.keys import generate_api_key
+from ratelimitd.auth.signatures import sign_request
 from tests.support.http import Serve, assert_error, call, limit_of, rq
 from tests.support.keys import (
     ADMIN_TOKEN,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.opswire.test_daemon_reload import Load, config_text
+from tests.ops.test_daemon_reload import Load, config_text
 from tests.support.daemon import (
     Daemon,
     alive,

@@ -20,7 +20,7 @@ newest time it stored it at (sub-bucket, period, refill time): the model counts 
 each limit, at that time (`Model.stored`: when the engine last wrote the limit), so (a) below
 holds across steps back; (b) is not checked once time has stepped back in an example. With
 two TTLs, max_concurrent is checked per TTL (issue 9 item 5 is not fixed: see
-tests/quota/test_issue9.py). A failed reserve must charge nothing once the engine's compensator
+tests/quota/test_races.py). A failed reserve must charge nothing once the engine's compensator
 has drained, which (b) catches as a needless denial; a commit whose reply
 was lost is retried, as a gateway does.
 

@@ -1,4 +1,4 @@
-"""Tools, tool calls and images are counted (tokens/chat.py), as the provider counts them and
+"""Tools, tool calls and images are counted (tokenize/chat.py), as the provider counts them and
 never below: the rendering of tool definitions, OpenAI's published image examples, and
 estimates that only grow with what a request carries."""
 
@@ -11,8 +11,8 @@ import pytest
 import tiktoken
 
 from ratelimitd.errors import TokenCountError
-from ratelimitd.tokens import TokenCounter
-from ratelimitd.tokens.chat import MAX_SCHEMA_DEPTH, high_detail_tiles, render_tools
+from ratelimitd.tokenize import TokenCounter
+from ratelimitd.tokenize.chat import MAX_SCHEMA_DEPTH, high_detail_tiles, render_tools
 
 WEATHER: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "description": "Get the current weather.",

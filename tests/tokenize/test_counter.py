@@ -23,10 +23,10 @@ import tiktoken
 import tiktoken.model
 
 from ratelimitd.errors import CountingQueueFull, EncodingUnavailableError, TokenCountError
-from ratelimitd.tokens import TokenCounter
-from ratelimitd.tokens import offline as tokens
-from ratelimitd.tokens.counter import CallerTurns
-from ratelimitd.tokens.offline import (
+from ratelimitd.tokenize import TokenCounter
+from ratelimitd.tokenize import offline as tokens
+from ratelimitd.tokenize.counter import CallerTurns
+from ratelimitd.tokenize.offline import (
     CL100K_BASE_SHA256,
     CL100K_BASE_URL,
     O200K_BASE_SHA256,
@@ -382,7 +382,7 @@ def audit(event, args):
 sys.addaudithook(audit)
 
 from ratelimitd.errors import EncodingUnavailableError
-from ratelimitd.tokens import load_encoding
+from ratelimitd.tokenize import load_encoding
 
 sample = sys.argv[1]
 out = {"opened": opened, "encodings": {}}

@@ -19,10 +19,10 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from ratelimitd.abuse.blocks import INDEX_KEY
 from ratelimitd.alerts import OUTBOX_KEY, verify_webhook_signature
-from ratelimitd.cli import main as cli_main
-from ratelimitd.guard.blocks import INDEX_KEY
-from ratelimitd.usage_report import fetch_usage, render_usage
+from ratelimitd.cli.main import main as cli_main
+from ratelimitd.cli.usage_report import fetch_usage, render_usage
 from tests.alerts.helpers import SECRET, Receiver, wait_until
 from tests.support.http import Serve, assert_error, call
 from tests.support.redis_servers import free_port

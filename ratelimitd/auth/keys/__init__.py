@@ -1,15 +1,15 @@
 """API keys: the `rlk_` format (format), the pepper (pepper), the Redis store with its
 per-process resolve cache (store, cache). See store.py for the Redis layout."""
 
-from ratelimitd.keys.format import KEY_PATTERN, generate_api_key, well_formed
-from ratelimitd.keys.pepper import (
+from ratelimitd.auth.keys.format import KEY_PATTERN, generate_api_key, well_formed
+from ratelimitd.auth.keys.pepper import (
     KeysUnavailableError,
     Pepper,
     PepperError,
     load_pepper,
     require_pepper,
 )
-from ratelimitd.keys.store import (
+from ratelimitd.auth.keys.store import (
     INVALIDATE_CHANNEL,
     CreatedKey,
     KeyFailure,

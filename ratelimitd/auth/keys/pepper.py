@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from typing import Final
 
 from ratelimitd.config import MIN_PEPPER_BYTES
-from ratelimitd.keys.format import base62
+from ratelimitd.auth.keys.format import base62
 from ratelimitd.ops.credentials import (
     CREDENTIAL_PREFIX,
     CredentialError,

@@ -43,10 +43,10 @@ from typing import Any, Final, Literal
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from ratelimitd.auth.keys.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Entry, ResolveCache
+from ratelimitd.auth.keys.format import generate_api_key, well_formed
+from ratelimitd.auth.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
 from ratelimitd.config import KeysConfig
-from ratelimitd.keys.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Entry, ResolveCache
-from ratelimitd.keys.format import generate_api_key, well_formed
-from ratelimitd.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
 from ratelimitd.policy import Identity
 from ratelimitd.store.connect import RedisClient
 
