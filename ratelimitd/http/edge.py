@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,7 +20,7 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from ratelimitd.auth.bearer import check_admin_token, is_admin_path
+from ratelimitd.auth.bearer import check_admin_token, check_service_token, is_admin_path
 from ratelimitd.errors import ApiError, StoreUnavailable
 from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
@@ -135,7 +134,8 @@ async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
     try:
         if is_admin_path(request.path):
             services = request.app[LIVE].services
-            check_admin_token(request, services.service_tokens, services.admin_tokens)
+            check_admin_token(request.headers.get("Authorization", ""),
+                              services.service_tokens, services.admin_tokens)
         else:
             _check_service_token(request)
         return await handler(request)
@@ -177,27 +177,10 @@ def method_not_allowed(allowed: str) -> Handler:
 
 
 def _check_service_token(request: web.Request) -> None:
-    """Bearer service tokens on /v1/* when configured, compared in constant time."""
-    # /v1/admin/* takes an admin token instead (admin_auth.py)
-    if not request.path.startswith("/v1/") or request.path.startswith("/v1/admin/"):
-        return
     tokens = request.app[LIVE].services.service_tokens
-    if tokens:
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "missing_credentials",
-                           "send the service token as Authorization: Bearer <token>",
-                           {"WWW-Authenticate": 'Bearer realm="ratelimitd"'})
-        # a header is bytes: aiohttp decodes it as UTF-8 with surrogateescape, so a byte that
-        # is not UTF-8 comes back as it was sent (and matches no token) instead of failing
-        candidate = presented.strip().encode("utf-8", "surrogateescape")
-        matched = False
-        for token in tokens:  # compare with every token: timing does not tell which matched
-            matched |= hmac.compare_digest(candidate, token)
-        if not matched:
-            raise ApiError(401, "invalid_service_token", "the service token is not valid",
-                           {"WWW-Authenticate": 'Bearer realm="ratelimitd", error="invalid_token"'})
+    # /v1/admin/* takes an admin token instead (auth/bearer.py)
+    if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
+        check_service_token(request.headers.get("Authorization", ""), tokens)
 
 
 def _check_media(request: web.Request) -> None:

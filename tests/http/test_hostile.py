@@ -489,6 +489,24 @@ def test_bearer_bytes_that_are_not_utf8_answer_401(
         daemon.stop()
 
 
+def test_admin_bearer_bytes_that_are_not_utf8_answer_401(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    daemon = Daemon(tmp_path, config(port, redis_server.url).replace(
+        "[server]", '[server]\nadmin_tokens = ["adm1n-s3cret"]'))
+    try:
+        wait_healthy(daemon, port)
+        for token in (b"adm1n-s3cr\xe9t", b"\xff\xfe", b"adm1n-s3cret\x80"):
+            raw = request(b"", method="GET", path="/v1/admin/blocks").replace(
+                b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer " + token + b"\r\n")
+            status, _, answer = exchange(port, raw)
+            assert status == 401, answer
+            assert_error_shape(answer, "invalid_admin_token")
+        assert "Traceback" not in daemon.log
+    finally:
+        daemon.stop()
+
+
 GARBAGE = [
     b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(40)),   # a TLS hello
     b"GET / HTTP/9.9\r\n\r\n",
