@@ -15,9 +15,39 @@
 
 The command line turns ConfigError, EmbeddedRedisError and ListenError into one line and exit
 status 2; the HTTP edge turns StoreUnavailable into 503 backend_unavailable.
+
+ERROR_CODES is the one list of the codes an HTTP answer can carry, with their statuses: the
+metrics bound their `reason` label with it, and tests hold docs/errors.md, the OpenAPI
+description and every `ApiError` of the code to it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+ERROR_CODES: Final[Mapping[str, tuple[int, ...]]] = MappingProxyType({
+    "invalid_request": (400,), "invalid_body": (400,), "empty_prompt": (400,),
+    "prompt_too_long": (400,), "too_many_input_tokens": (400,), "unknown_model": (400,),
+    "exceeds_limit": (400,),
+    "missing_credentials": (401,), "invalid_service_token": (401,), "invalid_api_key": (401,),
+    "invalid_signature": (401,), "invalid_admin_token": (401,),
+    # 409 when an admin rotates a key in that state
+    "key_revoked": (403, 409), "key_expired": (403, 409),
+    "blocked": (403,), "admin_token_required": (403,),
+    "not_found": (404,), "key_not_found": (404,), "reservation_not_found": (404,),
+    "method_not_allowed": (405,),
+    "request_timeout": (408,),
+    "key_rotated": (409,), "reservation_released": (409,), "reservation_committed": (409,),
+    "idempotency_key_in_use": (409,),
+    "body_too_large": (413,),
+    "idempotency_key_reused": (422,),
+    "unsupported_media_type": (415,),
+    "too_many_key_creations": (429,), "counting_queue_full": (429,),
+    "internal_error": (500,),
+    "backend_unavailable": (503,), "keys_unavailable": (503,),
+})
 
 
 class RatelimitdError(Exception):

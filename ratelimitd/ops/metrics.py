@@ -46,6 +46,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from ratelimitd.alerts.record import SEVERITIES
+from ratelimitd.errors import ERROR_CODES
 
 log = logging.getLogger("ratelimitd.metrics")
 
@@ -64,12 +65,6 @@ STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "
 DECISION_RESULTS: Final = frozenset({"allowed", "denied", "invalid", "unauthenticated",
                                      "blocked", "error", "degraded"})
 # Error codes of API.md and the current build; a denial's reason is its limit's name instead.
-ERROR_CODES: Final = frozenset({
-    "empty_prompt", "prompt_too_long", "too_many_input_tokens", "unknown_model",
-    "invalid_request", "invalid_api_key", "missing_credentials", "invalid_signature",
-    "invalid_service_token", "key_revoked", "key_expired", "blocked", "body_too_large",
-    "backend_unavailable", "internal_error", "counting_queue_full", "idempotency_key_in_use",
-    "idempotency_key_reused"})
 REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load", "ready",
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",
@@ -266,7 +261,7 @@ class Metrics:
         totals live on, each set is swapped whole."""
         self.tiers = frozenset(tiers)
         self.models = frozenset(models)
-        self.reasons = frozenset(limit_names) | ERROR_CODES
+        self.reasons = frozenset(limit_names).union(ERROR_CODES)
         self.block_scopes = BLOCK_SCOPES | frozenset(attribute_scopes)
         self._precreate()
 

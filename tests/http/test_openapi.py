@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 from redis.asyncio import Redis
 
 from ratelimitd.config import parse_config
+from ratelimitd.errors import ERROR_CODES
 from ratelimitd.http import create_app
 from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.http.schema import COMMIT_FIELDS, RELEASE_FIELDS, RESERVE_FIELDS
@@ -242,3 +243,14 @@ def test_a_wrong_answer_does_not_validate() -> None:
                                                           "message": "m"}}))
     assert list(validator("CommitResponse").iter_errors(
         {"committed": True, "duplicate": False, "cost_usd": "1", "usage": {}, "alerts": []}))
+
+
+def test_the_openapi_description_names_only_listed_codes_under_their_status() -> None:
+    for path, item in SPEC["paths"].items():
+        for operation in item.values():
+            for status, answer in operation["responses"].items():
+                description = answer["description"]
+                if "codes: " not in description:
+                    continue
+                for code in description.partition("codes: ")[2].split(", "):
+                    assert int(status) in ERROR_CODES.get(code, ()), (path, status, code)

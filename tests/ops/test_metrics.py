@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from ratelimitd.errors import ERROR_CODES
 from ratelimitd.ops.metrics import (
-    ERROR_CODES,
     OTHER,
     ROUTES,
     Metrics,
