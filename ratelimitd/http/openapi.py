@@ -10,8 +10,19 @@ import copy
 from typing import Any, Final
 
 from ratelimitd import __version__
+from ratelimitd.abuse.blocks import MAX_REASON_CHARS, MAX_TTL_S
 from ratelimitd.config import Config
 from ratelimitd.http import usage
+from ratelimitd.http.schema import (
+    ATTRIBUTE_NAME,
+    MAX_API_KEY_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_ID_CHARS,
+    MAX_MESSAGES,
+    MAX_RESERVATION_ID_CHARS,
+    MAX_TOKENS,
+)
+from ratelimitd.tokenize.chat import MAX_IMAGE_SIDE, MAX_TOOLS
 
 _JSON = "application/json"
 
@@ -46,12 +57,13 @@ _MEDIA_ERRORS = (415, "unsupported_media_type")
 _TIMEOUT_ERRORS = (408, "request_timeout")
 _BACKEND = (503, "backend_unavailable")
 
-_COUNT = {"type": "integer", "minimum": 0, "maximum": 100_000_000}
-_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": 100_000_000}
-_CAP = {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000}
+# the bounds are schema.py's (and chat.py's, blocks.py's): the description cannot drift
+_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_TOKENS}
+_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOKENS}
+_CAP = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS}
 # identifiers: 1-256 characters, no control characters (schema.py's _text)
 _NO_CONTROL = "^[^\\u0000-\\u001f\\u007f]*$"
-_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": _NO_CONTROL}
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": _NO_CONTROL}
 _NULLABLE_ID = {**_ID, "type": ["string", "null"]}
 _NON_BLANK = "\\S"
 
@@ -74,7 +86,8 @@ _RETRY_AFTER: dict[str, Any] = {
                     "max_concurrent the latest a slot surely frees (a reservation's TTL)",
                     "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
-_RID = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": _NO_CONTROL}
+_RID = {"type": "string", "minLength": 1, "maxLength": MAX_RESERVATION_ID_CHARS,
+        "pattern": _NO_CONTROL}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -96,8 +109,9 @@ _SCHEMAS: dict[str, Any] = {
             "type": "object", "required": ["url"],
             "properties": {"url": {"type": "string", "minLength": 1},
                            "detail": {"enum": ["low", "high", "auto"]},
-                           "width": {"type": "integer", "minimum": 1, "maximum": 100000},
-                           "height": {"type": "integer", "minimum": 1, "maximum": 100000}},
+                           "width": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGE_SIDE},
+                           "height": {"type": "integer", "minimum": 1,
+                                      "maximum": MAX_IMAGE_SIDE}},
             "dependentRequired": {"width": ["height"], "height": ["width"]}}},
     },
     "FunctionCall": {
@@ -176,18 +190,18 @@ _SCHEMAS: dict[str, Any] = {
             "prompt": {"type": ["string", "null"], "pattern": _NON_BLANK,
                        "description": "blank (only whitespace): 400 empty_prompt"},
             "messages": {"type": ["array", "null"], "items": _ref("Message"),
-                         "minItems": 1, "maxItems": 10000,
+                         "minItems": 1, "maxItems": MAX_MESSAGES,
                          "contains": _ref("MessageWithContent")},
             "tools": {"type": ["array", "null"], "items": _ref("Tool"), "minItems": 1,
-                      "maxItems": 1024},
+                      "maxItems": MAX_TOOLS},
             "input_tokens": _NULLABLE_COUNT,
             "max_output_tokens": {**_CAP, "description": "requested cap; default the tier's. "
                                   "Below min_output_tokens it is its own floor: granted as "
                                   "asked, or denied"},
             "min_output_tokens": {**_CAP, "description": "deny when not even this fits; "
                                   "default [reservations] min_output_tokens (16)"},
-            "attributes": {"type": ["object", "null"], "maxProperties": 32,
-                           "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
+            "attributes": {"type": ["object", "null"], "maxProperties": MAX_ATTRIBUTES,
+                           "propertyNames": {"pattern": f"^{ATTRIBUTE_NAME.pattern}$"},
                            "properties": {"ip": {"anyOf": [
                                {"type": "string", "format": "ipv4"},
                                {"type": "string", "format": "ipv6"}, {"type": "null"}]}},
@@ -197,7 +211,8 @@ _SCHEMAS: dict[str, Any] = {
             "idempotency_key": {**_NULLABLE_ID, "description": "a retried reserve with the "
                                 "same key answers the first reservation, charging nothing more"},
             "dry_run": {"type": "boolean"},
-            "api_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 1024,
+            "api_key": {"type": ["string", "null"], "minLength": 1,
+                        "maxLength": MAX_API_KEY_CHARS,
                         "description": "the end user's key (rlk_...): the daemon resolves user, "
                                        "org and tier; excludes user, tier and org"},
             "signature": {"anyOf": [_ref("Signature"), {"type": "null"}]},
@@ -383,8 +398,8 @@ _SCHEMAS.update({
         "properties": {
             "scope": {"type": "string", "description": "key, user, org, ip, ip_prefix or an "
                                                        "attribute name (not global)"},
-            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
+            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S},
+            "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS}},
     },
     "Block": {
         "type": "object", "additionalProperties": False,

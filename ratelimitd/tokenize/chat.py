@@ -40,6 +40,7 @@ MAX_TOOLS: Final = 1024
 # Levels of arrays and objects in one tool's parameters: real schemas use a handful; the bound
 # keeps the rendering's recursion and orjson's own limit (255) out of reach.
 MAX_SCHEMA_DEPTH: Final = 64
+MAX_IMAGE_SIDE: Final = 100_000  # pixels
 _KNOWN_SCHEMA_KEYS: Final = frozenset({
     "type", "description", "properties", "required", "enum", "items", "anyOf",
     "additionalProperties", "title", "default", "minimum", "maximum", "minLength",
@@ -99,9 +100,11 @@ def image_tokens(part: Mapping[str, Any], path: str, model: str, default_tokens:
     for name, value in (("width", width), ("height", height)):
         if isinstance(value, float) and value.is_integer():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100_000:
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or not 1 <= value <= MAX_IMAGE_SIDE):
             raise TokenCountError(f"{path}.image_url.{name} must be a whole number of pixels "
-                                  "from 1 to 100000 (send both width and height, or neither)")
+                                  f"from 1 to {MAX_IMAGE_SIDE} (send both width and height, "
+                                  "or neither)")
         sizes.append(value)
     return rates.base + rates.tile * high_detail_tiles(*sizes)
 
