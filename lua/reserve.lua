@@ -140,9 +140,10 @@ for k = 1, nl do
   end
 end
 
--- A concurrency slot frees when a call ends, usually long before its reservation expires: a
--- denied caller is told to look again after at most this long
-local CONCURRENT_RETRY_MS = 1000
+-- A concurrency slot frees when a call in flight is committed or released, which no one can
+-- foresee, and at the latest when its reservation expires, at most one sub-bucket (ttl / 60)
+-- late: that latest moment is the hint (a client may retry sooner once one of its calls ends)
+local CONCURRENT_RETRY_MS = ttl + math.floor(ttl / 60)
 
 if denied then
   est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
@@ -150,9 +151,7 @@ if denied then
   for _, k in ipairs(denied) do
     local lim = limits[k]
     local r = retry_after(K, lim, est[lim[METRIC]], now)
-    if lim[METRIC] == METRIC_CONCURRENT and r > CONCURRENT_RETRY_MS then
-      r = CONCURRENT_RETRY_MS
-    end
+    if lim[METRIC] == METRIC_CONCURRENT and r >= 0 then r = CONCURRENT_RETRY_MS end
     if r < 0 or retry < 0 then retry = -1 elseif r > retry then retry = r end
   end
   head[REPLY_STATUS], head[REPLY_DENIED_LIMIT], head[REPLY_RETRY_AFTER_MS] =

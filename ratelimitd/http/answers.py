@@ -53,7 +53,7 @@ def _never_fits(limit: Limit) -> ApiError:
                     "fewer tokens (input or max_output_tokens)")
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int,
+def reserve_answer(result: ReserveResult, dry_run: bool,
                    warnings: Sequence[dict[str, str]] = ()) -> web.Response:
     """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit; a
     blocked subject raises 403 blocked. `warnings` (an API key's key_expiring, key_rotated)
@@ -69,9 +69,7 @@ def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
         retry_ms: int = result.retry_after_ms
         answer: dict[str, Any] = {"allowed": False, "reason": denied.name}
         if denied.metric == "concurrent":
-            # a slot frees when a call in flight is committed or released, which no one can
-            # foresee, and at the latest when its reservation expires: that is the hint
-            retry_ms = max(retry_ms, reservation_ttl_ms + reservation_ttl_ms // 60)
+            # the hint is the latest a slot surely frees (decided in reserve.lua)
             answer["message"] = (
                 f"{denied.name}: {denied.limit} calls in flight; a slot frees when one of them "
                 "is committed or released, and at the latest when its reservation expires "

@@ -135,7 +135,7 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
                 metrics.block(result.blocked.subject.scope, "anomaly")
     warnings = [*caller.warnings,
                 *budget_warnings(result.states, request.app[ALERTING].thresholds)]
-    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000, warnings)
+    return reserve_answer(result, body.dry_run, warnings)
 
 
 def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: str,
