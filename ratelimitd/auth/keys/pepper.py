@@ -21,8 +21,8 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
-from ratelimitd.config import MIN_PEPPER_BYTES
 from ratelimitd.auth.keys.format import base62
+from ratelimitd.config import MIN_PEPPER_BYTES
 from ratelimitd.ops.credentials import (
     CREDENTIAL_PREFIX,
     CredentialError,
