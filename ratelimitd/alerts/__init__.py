@@ -1,7 +1,7 @@
 """Alerts: the record, where Redis keeps it, signed webhook delivery, the usage API's reader.
 
-Where an alert goes, and why (issue 12: "exactly once per subject, limit and period", "pending
-alerts survive a daemon restart", cluster-safe):
+Where an alert goes, and why (exactly once per subject, limit and period; pending alerts
+survive a daemon restart; cluster-safe):
 
 1. **Decided and recorded in the quota script.** The settle Lua (cost thresholds) and the
    reserve Lua (anomalies) decide an alert in the same call that records the spend, and push

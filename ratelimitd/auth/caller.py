@@ -6,7 +6,7 @@ With an `api_key`, in this order (docs/keys.md says why):
 3. a refused key from a request with `attributes.ip` counts one failed lookup for that address
    (abuse/stuffing.py); past the threshold the address is blocked: 403 blocked. Otherwise the
    key's own answer: malformed and unknown keys 401 invalid_api_key (one message), revoked 403
-   key_revoked, expired 403 key_expired (API.md's codes);
+   key_revoked, expired 403 key_expired (docs/errors.md);
 4. a key that requires signatures, or a request that sends one, has its signature verified
    (401 invalid_signature); an authentic one stores its nonce (one Redis call), so a replay on
    any daemon is refused. A refused signature counts as a failure of the address too, as a

@@ -1,4 +1,4 @@
-"""Signed requests (API.md, "Signed requests"): the client's signing function and the verifier.
+"""Signed requests (docs/keys.md): the client's signing function and the verifier.
 
 A key created with `require_signature` has a signing secret. Its client signs every request it
 sends to the gateway with `sign_request`, and the gateway forwards the resulting object as the

@@ -1,4 +1,4 @@
-"""The admin API (API.md's table, plus GET /v1/admin/blocks): API keys and blocks.
+"""The admin API (docs/http-api.md): API keys and blocks.
 
 Every route here is under /v1/admin/, so the edge asks for an admin token (auth/bearer.py).
 Inputs are checked before anything is stored or spent: a refused call changes nothing in Redis.

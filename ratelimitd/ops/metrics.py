@@ -1,9 +1,8 @@
 """Prometheus metrics: cheap to record, one coherent view across `--workers N` processes.
 
 Why not prometheus-client's multiprocess mode: it writes every increment to a memory-mapped
-file under a lock (about 2 µs each, some 16 µs for the eight samples of one reserve: 13 % of a
-reserve at this daemon's ~8 000 requests/s per process, against a 5 % budget). Here, a sample
-is a float in a list, a pre-resolved child is an index into it (about 0.1 µs an increment), and
+file under a lock, which costs a reserve more than its metrics may (docs/performance.md has the
+figures). Here, a sample is a float in a list, a pre-resolved child is an index into it, and
 each worker writes its whole list to its own file in the daemon's metrics directory once a
 second (`run_flusher`), atomically (write, then rename). `/metrics`, whichever worker answers
 it, sums the files of the other workers with its own live values and renders them in the
@@ -54,7 +53,7 @@ OTHER: Final = "other"
 CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
 FLUSH_INTERVAL_S: Final = 1.0
 
-# The routes of API.md; any other path (404s, scans) is counted as "other".
+# The routes the daemon serves; any other path (404s, scans) is counted as "other".
 ROUTES: Final = frozenset({
     "/v1/reserve", "/v1/commit", "/v1/release", "/healthz", "/readyz", "/metrics",
     "/openapi.json", "/v1/admin/keys", "/v1/admin/keys/{key_id}",
@@ -64,7 +63,6 @@ STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "
                        "429", "500", "503")
 DECISION_RESULTS: Final = frozenset({"allowed", "denied", "invalid", "unauthenticated",
                                      "blocked", "error", "degraded"})
-# Error codes of API.md and the current build; a denial's reason is its limit's name instead.
 REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load", "ready",
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",

@@ -1,10 +1,10 @@
-"""How the quota engine's calls reach Redis: one small protocol, two implementations.
+"""How the quota engine's calls reach Redis: one small protocol, three implementations.
 
 `Transport.fcall(function, args)` is one atomic FCALL; calls made in the same event-loop tick
 share one write to Redis. `PipeTransport` sends them through the pipelined connection of a
 standalone Redis (or of Sentinel's primary of the moment); `ClusterTransport` (cluster.py)
 through one per cluster primary; `BatchTransport` through one redis-py pipeline per batch
-(TLS). Either raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
+(TLS). Each raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
 bounds every call by the configured timeout.
 """
 

@@ -1,4 +1,4 @@
-"""Odd but real inputs get right answers (issue 10, items 4-7): null attributes, malformed
+"""Odd but real inputs get right answers: null attributes, malformed
 messages named by their path, output caps below the minimum, HEAD on the probes, calls that
 can never fit, headers at the largest quotas, and chat requests with tools and images."""
 

@@ -19,10 +19,10 @@ a failure can cut it short between them. The engine keeps counting a stepped-bac
 newest time it stored it at (sub-bucket, period, refill time): the model counts each call, on
 each limit, at that time (`Model.stored`: when the engine last wrote the limit), so (a) below
 holds across steps back; (b) is not checked once time has stepped back in an example. With
-two TTLs, max_concurrent is checked per TTL (issue 9 item 5 is not fixed: see
-tests/quota/test_races.py). A failed reserve must charge nothing once the engine's compensator
-has drained, which (b) catches as a needless denial; a commit whose reply
-was lost is retried, as a gateway does.
+two TTLs, max_concurrent is checked per TTL (daemons with different ttl_s keep separate
+concurrency states: quota/engine.py's concurrency_lid). A failed reserve must charge nothing
+once the engine's compensator has drained, which (b) catches as a needless denial; a commit
+whose reply was lost is retried, as a gateway does.
 
 A reference model in Python keeps every admitted call with its timestamp and its amounts, as
 commits and releases change them, and checks, at every admission time t:

@@ -1,7 +1,7 @@
-"""Quota under races and odd configurations: issue 9, items 2 to 9, one test (or two) each.
+"""Quota under races and odd configurations, one test (or two) each.
 
-Each test drives the engine (or the config reader) the way the issue reproduced the bug,
-against a real redis-server, and asserts what a user relies on; each failed on 93924e9.
+Each test drives the engine (or the config reader) through a race or an odd configuration,
+against a real redis-server, and asserts what a user relies on.
 Races are ordered step by step with tests/support/faults.py's FaultyTransport, which holds or
 fails chosen calls of a real transport.
 """
@@ -87,7 +87,7 @@ async def test_a_retry_racing_a_first_reserve_denied_later_is_never_a_half_charg
 ) -> None:
     """A reserves the user, B (same key) finds A's record there, A is denied at global and
     undoes the user, global frees up, B goes on: B must not answer a grant the user never
-    paid for (on 93924e9: allowed, duplicate, and B's commit 409)."""
+    paid for (an allowed duplicate whose commit answers 409)."""
     ta, tb = (FaultyTransport(BatchTransport(redis_client, None)) for _ in range(2))
     a, b = (Engine.with_test_clock(t, clock) for t in (ta, tb))
     limits = (sliding("user_rq", "requests", "60s", 10),

@@ -161,8 +161,9 @@ class KeyStateError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class KeyFailure:
-    """Why a resolve refused a key. `status`/`code` follow API.md: malformed and unknown keys
-    are the same 401 with the same message (no oracle); revoked and expired are 403."""
+    """Why a resolve refused a key. `status`/`code` follow docs/errors.md: malformed and
+    unknown keys are the same 401 with the same message (no oracle); revoked and expired are
+    403."""
 
     reason: FailureReason
 
@@ -418,7 +419,7 @@ class KeyStore:
         costs the same two HMACs (a malformed one hashes a stand-in of the same length). A
         well-formed key costs one Redis round trip on a cache miss, none on a hit; unknown and
         revoked keys are never cached and get replies of the same size, so they take the same
-        time (bench/keys_bench.py: 181.0 vs 181.5 us, interleaved). The format and its
+        time (bench/keys_bench.py measures both). The format and its
         checksum are public, so telling a malformed key from a well-formed one by time tells
         a prober nothing it did not know.
         """
