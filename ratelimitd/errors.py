@@ -2,7 +2,10 @@
 
     RatelimitdError
     ├── ApiError               an HTTP answer: status, snake_case code, message naming the field
+    │   └── ClosingApiError    (http/edge.py) answered, then the connection is closed
     ├── ConfigError            a configuration mistake; the message names the file and the key
+    │   ├── ConfigProblem      (config/reader.py) one mistake, with its key and line
+    │   └── ConfigProblems     (config/reader.py) every mistake of a file at once
     ├── StoreUnavailable       Redis did not answer, or is unreachable (wraps the driver's
     │   │                      exception, so only store/ and its callers in quota/ know it)
     │   └── StoreReplyError    Redis answered a call with an error reply
@@ -11,7 +14,27 @@
     ├── TokenCountError        a prompt that cannot be counted (not text)
     ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
     ├── EmbeddedRedisError     the embedded redis-server cannot start
-    └── ListenError            an address of [server] listen cannot be listened on
+    ├── ServerBinaryNotFoundError  (store/server_binary.py) no redis-server or valkey-server
+    ├── ListenError            an address of [server] listen cannot be listened on
+    ├── LuaBuildError          (quota/library.py) the Lua breaks a build rule (file and line)
+    ├── PepperError            (auth/keys/pepper.py) a key pepper that is set but unusable
+    ├── KeysUnavailableError   (auth/keys/pepper.py) a key feature on a daemon without a pepper
+    ├── KeyInputError          (auth/keys/store.py) a bad argument to a key operation (400)
+    ├── KeyNotFoundError       (auth/keys/store.py) no key has this id (404)
+    ├── KeyStateError          (auth/keys/store.py) the key cannot be rotated in its state (409)
+    ├── SignatureError         (auth/signatures.py) a refused request signature (401)
+    ├── InvalidIpError         (abuse/ip.py) not an IPv4 or IPv6 address (400)
+    ├── BlockInputError        (abuse/blocks.py) a bad argument to a block operation (400)
+    ├── AlertDecodeError       (alerts/record.py) fields that are not an alert
+    ├── CredentialError        (ops/credentials.py) a systemd credential missing or empty
+    ├── ClientGone             (http/edge.py) the client hung up before its request was read
+    └── UsageError             (cli/usage_report.py) the daemon could not be asked, or refused
+
+The client (client/errors.py) draws its own tree: it imports nothing of the daemon.
+
+Each class lives beside the code that raises it when only that code and its callers need it;
+the ones many packages share are defined here. Library errors keep the builtin base they had
+(ValueError, LookupError, RuntimeError) as a second base, so existing handlers still match.
 
 The command line turns ConfigError, EmbeddedRedisError and ListenError into one line and exit
 status 2; the HTTP edge turns StoreUnavailable into 503 backend_unavailable.

@@ -40,7 +40,7 @@ from ratelimitd.abuse.ip import (
     ip_prefix,
     parse_ip,
 )
-from ratelimitd.errors import StoreUnavailable
+from ratelimitd.errors import RatelimitdError, StoreUnavailable
 from ratelimitd.policy import BUILTIN_SCOPES, Subject
 from ratelimitd.store.connect import RedisClient
 
@@ -94,7 +94,7 @@ return {now, redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)}
 """
 
 
-class BlockInputError(ValueError):
+class BlockInputError(RatelimitdError, ValueError):
     """A bad argument to a block operation; `field` names it (answer 400)."""
 
     def __init__(self, field_name: str, problem: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Final
 
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import Subject
 from ratelimitd.policy import ip_prefix as policy_ip_prefix
 
@@ -21,7 +22,7 @@ DEFAULT_IPV6_PREFIX: Final = 64
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-class InvalidIpError(ValueError):
+class InvalidIpError(RatelimitdError, ValueError):
     """Not an IPv4 or IPv6 address (a 400 naming attributes.ip)."""
 
 

@@ -40,6 +40,7 @@ from typing import Any, Final
 
 import orjson
 
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import Subject
 from ratelimitd.units import NANO_PER_USD
 
@@ -61,7 +62,7 @@ _INT_FIELDS: Final = ("threshold_ppm", "spend_nano", "budget_nano", "observed", 
                       "period_start_ms", "created_ms")
 
 
-class AlertDecodeError(ValueError):
+class AlertDecodeError(RatelimitdError, ValueError):
     """Fields that are not an alert of a known encoding."""
 
 

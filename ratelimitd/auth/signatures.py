@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.store.connect import RedisClient
 
 VERSION: Final = "v1"
@@ -43,7 +44,7 @@ _VALUE: Final = re.compile(r"[0-9a-fA-F]{64}")
 FailureReason = Literal["missing", "malformed", "stale", "bad", "replayed"]
 
 
-class SignatureError(Exception):
+class SignatureError(RatelimitdError):
     """A refused signature. Every reason answers 401 invalid_signature; the message says why
     (and names the field when one is malformed)."""
 

@@ -17,6 +17,8 @@ from typing import Any, Final
 
 import orjson
 
+from ratelimitd.errors import RatelimitdError
+
 DEFAULT_URL: Final = "http://127.0.0.1:8080"
 TOKEN_ENV: Final = "RATELIMITD_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 TIMEOUT_S: Final = 10.0
@@ -34,7 +36,7 @@ def add_parser(commands: Any) -> None:
                        help=f"an admin token (default: ${TOKEN_ENV})")
 
 
-class UsageError(Exception):
+class UsageError(RatelimitdError):
     """The daemon could not be asked, or refused: the message says why."""
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from ratelimitd.auth.bearer import check_admin_token, check_service_token, is_admin_path
-from ratelimitd.errors import ApiError, StoreUnavailable
+from ratelimitd.errors import ApiError, RatelimitdError, StoreUnavailable
 from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
 from ratelimitd.ops.metrics import RouteMetrics
@@ -42,7 +42,7 @@ class ClosingApiError(ApiError):
     or undecodable): answered, then closed, so aiohttp does not try to drain the body."""
 
 
-class ClientGone(Exception):
+class ClientGone(RatelimitdError):
     """The client closed the connection before its request was read."""
 
 

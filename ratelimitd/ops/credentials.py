@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
+from ratelimitd.errors import RatelimitdError
+
 ENV_PREFIX: Final = "env:"
 CREDENTIAL_PREFIX: Final = "credential:"
 MIN_TOKEN_BYTES: Final = 16
@@ -35,7 +37,7 @@ _NAME: Final = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _GENERATE: Final = "generate one with: openssl rand -hex 32"
 
 
-class CredentialError(ValueError):
+class CredentialError(RatelimitdError, ValueError):
     """A secret reference that cannot be resolved; the message says which and why."""
 
 

@@ -23,6 +23,7 @@ from typing import Final
 
 from ratelimitd.auth.keys.format import base62
 from ratelimitd.config import MIN_PEPPER_BYTES
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.ops.credentials import (
     CREDENTIAL_PREFIX,
     CredentialError,
@@ -37,7 +38,7 @@ KEY_ID_CHARS: Final = 17            # 96 bits in base62
 SIGNING_SECRET_PREFIX: Final = "rls_"  # noqa: S105 - a prefix, not a secret
 
 
-class PepperError(ValueError):
+class PepperError(RatelimitdError, ValueError):
     """The pepper is configured but unusable (too short, unreadable)."""
 
 
@@ -100,7 +101,7 @@ def load_pepper(reference: str = "", *, environ: Mapping[str, str] | None = None
     return Pepper(secret.encode("utf-8", "surrogateescape"))
 
 
-class KeysUnavailableError(RuntimeError):
+class KeysUnavailableError(RatelimitdError, RuntimeError):
     """A key feature was used on a daemon that has no pepper (suggested answer: 503
     keys_unavailable); everything that needs no key still works."""
 

@@ -47,6 +47,7 @@ from ratelimitd.auth.keys.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Entry
 from ratelimitd.auth.keys.format import generate_api_key, well_formed
 from ratelimitd.auth.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
 from ratelimitd.config import KeysConfig
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import Identity
 from ratelimitd.store.connect import RedisClient
 
@@ -133,7 +134,7 @@ KeyState = Literal["active", "rotated", "expired", "revoked"]
 
 # --- errors -------------------------------------------------------------------------------
 
-class KeyInputError(ValueError):
+class KeyInputError(RatelimitdError, ValueError):
     """A bad argument to an admin operation; `field` names it (answer 400)."""
 
     def __init__(self, field_name: str, problem: str) -> None:
@@ -142,7 +143,7 @@ class KeyInputError(ValueError):
         self.problem = problem
 
 
-class KeyNotFoundError(LookupError):
+class KeyNotFoundError(RatelimitdError, LookupError):
     """No key has this id (answer 404 key_not_found)."""
 
     def __init__(self, key_id: str) -> None:
@@ -150,7 +151,7 @@ class KeyNotFoundError(LookupError):
         self.key_id = key_id
 
 
-class KeyStateError(Exception):
+class KeyStateError(RatelimitdError):
     """The key cannot be rotated in its state (answer 409 with `code`)."""
 
     def __init__(self, code: str, message: str) -> None:
