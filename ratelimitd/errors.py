@@ -25,7 +25,7 @@
     ├── SignatureError         (auth/signatures.py) a refused request signature (401)
     ├── InvalidIpError         (abuse/ip.py) not an IPv4 or IPv6 address (400)
     ├── BlockInputError        (abuse/blocks.py) a bad argument to a block operation (400)
-    ├── AlertDecodeError       (alerts/record.py) fields that are not an alert
+    ├── AlertDecodeError       (quota/alert_record.py) fields that are not an alert
     ├── CredentialError        (ops/credentials.py) a systemd credential missing or empty
     ├── ClientGone             (http/edge.py) the client hung up before its request was read
     └── UsageError             (cli/usage_report.py) the daemon could not be asked, or refused

@@ -52,11 +52,11 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.alerts.signing import SIGNATURE_HEADER, signature_header
 from ratelimitd.alerts.streams import Outbox
 from ratelimitd.config import AlertsConfig, resolve_secret
 from ratelimitd.ops.logs import ThrottledLog
+from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.store.connect import RedisClient
 
 log = logging.getLogger("ratelimitd.alerts")

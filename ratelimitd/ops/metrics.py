@@ -44,8 +44,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from ratelimitd.alerts.record import SEVERITIES
 from ratelimitd.errors import ERROR_CODES
+from ratelimitd.quota.alert_record import SEVERITIES
 
 log = logging.getLogger("ratelimitd.metrics")
 

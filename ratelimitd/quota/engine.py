@@ -22,7 +22,6 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.errors import (
     IdempotencyKeyReused,
     ReserveInProgress,
@@ -31,6 +30,7 @@ from ratelimitd.errors import (
 )
 from ratelimitd.policy import ANOMALY_ACTIONS, AnomalyAction, Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
+from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.quota.calendar import Calendar
 from ratelimitd.quota.compensation import Compensator
 from ratelimitd.quota.ids import ReservationIds
