@@ -270,7 +270,7 @@ def test_serve_with_a_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
 
 
 def test_the_example_configuration_passes_check_config() -> None:
-    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    example = Path(__file__).resolve().parents[2] / "ratelimitd.example.toml"
     done = subprocess.run([sys.executable, "-m", "ratelimitd", "check-config", str(example)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -278,7 +278,7 @@ def test_the_example_configuration_passes_check_config() -> None:
 
 
 def test_checking_a_configuration_loads_no_encoding() -> None:
-    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    example = Path(__file__).resolve().parents[2] / "ratelimitd.example.toml"
     probe = ("from ratelimitd.config import load_config\n"
              "from ratelimitd.tokenize.offline import load_encoding\n"
              f"load_config({str(example)!r})\n"
@@ -322,7 +322,7 @@ def test_workers_0_shows_serves_usage() -> None:
 
 
 def test_check_config_honours_ratelimitd_config_and_prints_the_tiers(tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parent.parent / "ratelimitd.example.toml"
+    example = Path(__file__).resolve().parents[2] / "ratelimitd.example.toml"
     done = run_cli("check-config", env={**os.environ, "RATELIMITD_CONFIG": str(example)})
     assert done.returncode == 0, done.stderr
     assert "ok (2 tiers: free, pro)" in done.stdout
