@@ -47,9 +47,9 @@ class Access:
             raise ApiError(503, "keys_unavailable", str(KeysUnavailableError()))
         return self.keys
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self.keys is not None:
-            await self.keys.close()
+            await self.keys.aclose()
 
 
 async def open_access(config: Config, redis: RedisClient, *, listen: bool = True,

@@ -106,7 +106,7 @@ async def _run(config: Config, args: argparse.Namespace) -> Any:
         try:
             return await _dispatch(access, args)
         finally:
-            await access.close()
+            await access.aclose()
     except StoreUnavailable as exc:
         raise ApiError(503, "backend_unavailable",
                        f"Redis at {redis_url(config)} did not answer ({exc}); is the daemon "

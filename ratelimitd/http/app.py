@@ -116,7 +116,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not load the function library at startup: %s", exc)
     yield
     executor.shutdown(wait=False, cancel_futures=True)
-    await access.close()
+    await access.aclose()
     await engine.aclose()
     await store.aclose()
 

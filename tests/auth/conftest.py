@@ -28,7 +28,7 @@ async def store(redis_client: Redis, pepper: Pepper, policy: KeyPolicy,
                 clock: Clock) -> AsyncIterator[KeyStore]:
     keys = KeyStore(redis_client, pepper, policy, clock=clock, known_tiers={"free", "pro"})
     yield keys
-    await keys.close()
+    await keys.aclose()
 
 
 @pytest.fixture

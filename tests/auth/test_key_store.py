@@ -261,7 +261,7 @@ async def test_a_revocation_reaches_another_daemon_through_pub_sub_within_1s(
         print(f"revocation seen by the other daemon after {seen * 1000:.1f} ms (pub/sub)")
         assert seen < 1.0
     finally:
-        await other.close()
+        await other.aclose()
 
 
 async def test_the_listener_subscribes_again_after_losing_its_connection(
@@ -282,7 +282,7 @@ async def test_the_listener_subscribes_again_after_losing_its_connection(
         await asyncio.sleep(0.2)      # far less than the cache ttl: pub/sub did it
         assert failure(await other.resolve(key.api_key)) == "revoked"
     finally:
-        await other.close()
+        await other.aclose()
 
 
 async def test_a_revocation_reaches_a_daemon_without_pub_sub_within_1s(

@@ -77,7 +77,7 @@ async def test_keys_signatures_and_blocks_work_on_a_cluster(cluster: RedisCluste
         refused = await other.resolve(rotated.api_key)
         assert isinstance(refused, KeyFailure) and refused.reason == "revoked"
     finally:
-        await other.close()
+        await other.aclose()
         await other_client.aclose()
     blocks = BlockStore(cluster)
     guard = AuthFailureGuard(cluster, blocks, threshold=2, block_s=60)

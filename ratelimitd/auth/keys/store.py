@@ -358,7 +358,7 @@ class KeyStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.subscribed.wait(), 2.0)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
