@@ -216,9 +216,9 @@ class PageRun:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
-            log = (self.directory / "background.log")
-            assert time.monotonic() < deadline, (
-                f"nothing ready on {url}:\n{log.read_text(errors='replace') if log.exists() else ''}")
+            log = self.directory / "background.log"
+            shown = log.read_text(errors="replace") if log.exists() else ""
+            assert time.monotonic() < deadline, f"nothing ready on {url}:\n{shown}"
             time.sleep(0.05)
 
     def close(self) -> None:
