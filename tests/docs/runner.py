@@ -27,6 +27,7 @@ import functools
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -222,7 +223,8 @@ class PageRun:
             time.sleep(0.05)
 
     def close(self) -> None:
-        """Stops what the page started in the background (each by its own process group)."""
+        """Stops what the page started in the background (each by its own process group) and
+        removes the page's directory."""
         for group in self.groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGTERM)
@@ -232,6 +234,7 @@ class PageRun:
                 time.sleep(0.05)
             if _group_alive(group):
                 os.killpg(group, signal.SIGKILL)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _group_alive(pgid: int) -> bool:
