@@ -46,7 +46,14 @@ _REPLICATED: Final[dict[str, Any]] = {
 
 
 def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
-    return {str(status): _answer(f"error; codes: {codes}", "Error") for status, codes in pairs}
+    """One answer per status, listing every code given for it (in the order given)."""
+    codes: dict[int, list[str]] = {}
+    for status, listed in pairs:
+        for code in listed.split(", "):
+            if code not in codes.setdefault(status, []):
+                codes[status].append(code)
+    return {str(status): _answer(f"error; codes: {', '.join(names)}", "Error")
+            for status, names in codes.items()}
 
 
 _AUTH_ERRORS = (401, "missing_credentials, invalid_service_token")
