@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ratelimitd.guard import AuthFailureGuard, BlockStore
-from ratelimitd.keys import KeyStore, Pepper, generate_api_key
-from ratelimitd.signing import SignatureVerifier, sign_request
+from ratelimitd.abuse import AuthFailureGuard, BlockStore
+from ratelimitd.auth.keys import KeyStore, Pepper, generate_api_key
+from ratelimitd.auth.signatures import SignatureVerifier, sign_request
 from tests.support.redis_servers import RedisServer
 
 

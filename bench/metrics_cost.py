@@ -25,7 +25,7 @@ def bench(python: str, config: Path, port: int, args: argparse.Namespace,
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath  # ahead of the editable install of this tree
-    proc = subprocess.Popen(on_cpu(0, [python, "-m", "ratelimitd.cli", "serve", "--config",
+    proc = subprocess.Popen(on_cpu(0, [python, "-m", "ratelimitd", "serve", "--config",
                                        str(config)]), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:

@@ -71,6 +71,9 @@ class GlideTransport:
                 raise StoreReplyError(str(exc)) from exc
             raise StoreUnavailable(str(exc)) from exc
 
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        return await self.fcall(function, args), None
+
     async def load_library(self, source: str) -> None:
         if isinstance(self.client, GlideClusterClient):
             from glide import AllPrimaries

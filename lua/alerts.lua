@@ -4,7 +4,7 @@
 -- call, in the subject's hash slot) in the call that decides it, so it exists exactly once,
 -- and the call returns it (the JSON array of its field/value strings) for the daemon to answer
 -- and forward to the webhook outbox (ratelimitd/alerts/). The fields, and the alert id, are
--- those of ratelimitd/alerts/record.py; a cost alert's `limit` is the limit's lid here (the
+-- those of ratelimitd/quota/alert_record.py; a cost alert's `limit` is the limit's lid here (the
 -- daemon names it from its configuration).
 --
 -- Cost thresholds (settle, on commit): each cost budget (metric cost_usd) of the subject fires
@@ -15,7 +15,7 @@
 -- bit per threshold (in the order the thresholds are sent, ascending). A mark of a newer
 -- period (Redis time stepped back) is kept, and fires nothing meanwhile.
 
--- Severities of a threshold, as record.py's severity_for: from 1.0 `limit`, from 0.8 `critical`
+-- Severities of a threshold, as alert_record.py's severity_for: from 1.0 `limit`, from 0.8 `critical`
 local LIMIT_PPM, CRITICAL_PPM = 1000000, 800000
 
 -- Integers as text: Lua's own number formatting keeps 14 digits; a budget has up to 17.
@@ -32,7 +32,7 @@ local function subject_of(K)
   return tag, scope, sid
 end
 
--- Pushes one alert to the subject's list AK and returns its JSON (record.py's fields).
+-- Pushes one alert to the subject's list AK and returns its JSON (alert_record.py's fields).
 local function emit_alert(K, AK, now, kind, severity, limit, ppm, spend, budget, observed,
                           baseline, period_start)
   local tag, scope, sid = subject_of(K)

@@ -13,10 +13,13 @@
 -- configured defaults; until it has BASELINE_MIN_HOURS active hours, its baseline is never
 -- below them.
 --
--- Checked at reserve: the reserve that would make the hour's admitted requests exceed
--- request_factor x the baseline is a request_spike: the subject is blocked for block_ms
--- (field `b`, as ratelimitd/guard/blocks.py writes it, reason "request_spike") and the call
--- answers BLOCKED; a commit-fed average of tokens per request this hour (once it has
+-- Checked at reserve, and only once the subject has min_history_hours active hours (before,
+-- its baseline would be the defaults, not its own use: no spike decision at all). The reserve
+-- that would make the hour's admitted requests exceed request_factor x the baseline is a
+-- request_spike: with request_spike_blocks (the action "block") the subject is blocked for
+-- block_ms (field `b`, as ratelimitd/abuse/blocks.py writes it, reason "request_spike") and
+-- the call answers BLOCKED, checked before the limits; else (the action "alert") the call, once
+-- admitted, alerts. A commit-fed average of tokens per request this hour (once it has
 -- TOKEN_MIN_SAMPLES commits) above token_factor x its baseline is a token_spike: an alert, no
 -- block. Each alerts once per subject and hour (the alerts' period is the hour's start).
 
@@ -88,17 +91,27 @@ local function request_spike(K, AK, now, st, factor_ppm, default_requests)
                     floor(base + 0.5), st[A_HOUR] * HOUR_MS)
 end
 
--- Reserve, admitted: counts the request; returns a token spike's alert JSON, or false.
-local function count_request(K, AK, now, st, factor_ppm, default_tokens)
+-- Reserve, admitted: counts the request. When the subject has the history to judge by
+-- (`decides`), a request spike alerts if request_factor is given (the action "alert"), and a
+-- token spike alerts. Returns the alerts' JSON (an array), or false.
+local function count_request(K, AK, now, st, decides, request_factor, default_requests,
+                             token_factor, default_tokens)
+  local fired = false
+  if decides and request_factor then
+    local spike = request_spike(K, AK, now, st, request_factor, default_requests)
+    if spike then fired = {spike} end
+  end
   st[A_REQUESTS] = st[A_REQUESTS] + 1
   local commits = st[A_COMMITS]
-  if commits < TOKEN_MIN_SAMPLES then return false end
+  if not decides or commits < TOKEN_MIN_SAMPLES then return fired end
   local base = baseline_of(st[A_BASE_TOKENS], default_tokens, st)
-  if st[A_TOKENS] * PPM <= factor_ppm * base * commits then return false end
-  if not first_this_hour(st, TOKEN_SPIKE_BIT) then return false end
-  return emit_alert(K, AK, now, 'token_spike', 'medium', '', factor_ppm, 0, 0,
-                    floor(st[A_TOKENS] / commits + 0.5), floor(base + 0.5),
-                    st[A_HOUR] * HOUR_MS)
+  if st[A_TOKENS] * PPM <= token_factor * base * commits then return fired end
+  if not first_this_hour(st, TOKEN_SPIKE_BIT) then return fired end
+  fired = fired or {}
+  fired[#fired + 1] = emit_alert(K, AK, now, 'token_spike', 'medium', '', token_factor, 0, 0,
+                                 floor(st[A_TOKENS] / commits + 0.5), floor(base + 0.5),
+                                 st[A_HOUR] * HOUR_MS)
+  return fired
 end
 
 -- Settle, commit: the call's tokens count in the hour's average.

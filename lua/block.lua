@@ -1,6 +1,6 @@
 -- block.lua: a subject's block, read inside the reserve's own call.
 --
--- ratelimitd/guard/blocks.py writes it (admin blocks, credential-stuffing blocks, anomaly
+-- ratelimitd/abuse/blocks.py writes it (admin blocks, credential-stuffing blocks, anomaly
 -- blocks) into the subject hash K, field `b`: DOUBLE(the block's end, ms of the same clock
 -- the reserve uses), then the reason (UTF-8). A `b` whose end is not after `now` is no block.
 -- The writer keeps K, and its `x` field, alive until the block ends, so the reserve's own

@@ -3,13 +3,14 @@
 -- State in the subject hash K:  lid = PAIR(level (below 0 after an overrun), last refill time).
 
 -- The entries of a loaded token bucket, after core.lua's: refill per window, window ms,
--- burst, level, last refill
-local RATE, WINDOW, BURST, LEVEL, TS = 8, 9, 10, 11, 12
+-- burst, level, last refill, and the time it is counted at (Redis time, or its last refill
+-- when that is ahead: time stepped back)
+local RATE, WINDOW, BURST, LEVEL, TS, AT = 8, 9, 10, 11, 12, 13
 
 -- spec parameters: a = window ms, b = burst; the limit is the refill per window
 local function bucket_parse(lid, algo, metric, limit, a, b)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, RATE, WINDOW, BURST, LEVEL, TS
-  return {lid, algo, metric, b, 0, false, false, limit, a, b, 0, 0}
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, RATE, WINDOW, BURST, LEVEL, TS, AT
+  return {lid, algo, metric, b, 0, false, false, limit, a, b, 0, 0, 0}
 end
 
 local function bucket_load(lim, raw, now)
@@ -28,12 +29,17 @@ local function bucket_load(lim, raw, now)
     end
   end
   if level >= burst then level, ts = burst, now end
-  lim[LEVEL], lim[TS], lim[USED] = level, ts, burst - level
+  lim[LEVEL], lim[TS], lim[USED], lim[AT] = level, ts, burst - level, now
 end
 
 local function bucket_add(lim, delta)
-  lim[LEVEL] = min(lim[BURST], lim[LEVEL] - delta)
-  lim[USED] = lim[BURST] - lim[LEVEL]
+  local level = lim[LEVEL] - delta
+  if level >= lim[BURST] then
+    -- full now (a refund): it refills from now on, as a full bucket loaded now would; its
+    -- refill clock must not stay behind, or time stepping back would refill that lag again
+    level, lim[TS] = lim[BURST], lim[AT]
+  end
+  lim[LEVEL], lim[USED] = level, lim[BURST] - level
   return true
 end
 
@@ -52,6 +58,8 @@ local function bucket_reset(lim)
   return bucket_ttl(lim)
 end
 
+-- (the time since the last refill already counts towards the next unit)
 local function bucket_retry(lim, need)
-  return max(1, ceil((need - lim[LEVEL]) * lim[WINDOW] / lim[RATE]))
+  local wait = (need - lim[LEVEL]) * lim[WINDOW] / lim[RATE] - (lim[AT] - lim[TS])
+  return max(1, ceil(wait))
 end

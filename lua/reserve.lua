@@ -9,7 +9,8 @@
 --       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
 --       the commit grace (a number passed to redis.call is formatted with printf, slowly),
 --       5 ANOMALY_ARGS, or '' (no anomaly check: anomaly.lua)
---   MODE_RETRY: an idempotent retry; a live record of the same id answers instead.
+--   MODE_RETRY: an idempotent retry; a live record of the same id answers instead, when it
+--   is of the same request (the same other subjects and input tokens), else RESERVE_REUSED.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
 --   MODE_CHECK: answers only whether the subject is blocked (block.lua); charges nothing.
 --   MODE_PEEK: answers RESERVE_PEEKED, every limit as loaded (remaining not clamped at 0), the
@@ -64,6 +65,12 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
     return packed_reply(limits, now, false, head)
   end
   local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
+  if live and mode == MODE_RETRY and (rec.others ~= ARGV[2] or rec.input ~= input) then
+    -- the key's first reserve was another request (other subjects, other input): no retry
+    -- of this one can ever be answered with it
+    head[REPLY_STATUS] = RESERVE_REUSED
+    return packed_reply(limits, now, false, head)
+  end
   if live and mode == MODE_ADOPT then
     -- the retry answers with this reservation: it becomes the retry's attempt, so a cancel
     -- of the first attempt (which failed, or may yet) leaves it alone
@@ -81,15 +88,22 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
   end
 end
 
--- Anomalies (anomaly.lua): a request spike blocks the subject now, in this call.
-local st, token_factor, block_ms, default_tokens = false, 0, 0, 0
+-- Anomalies (anomaly.lua), once the subject has the history to judge by: with the action
+-- "block", a request spike blocks the subject now, in this call; with "alert", the call alerts
+-- once it is admitted (below).
+local st, decides, spike_blocks = false, false, false
+local request_factor, token_factor, default_requests, default_tokens
 local fired = false
 if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
-  local request_factor, default_requests
-  request_factor, token_factor, block_ms, default_requests, default_tokens =
+  local block_ms, blocks, min_hours
+  request_factor, token_factor, block_ms, default_requests, default_tokens, blocks, min_hours =
     sunpack(ANOMALY_ARGS_FORMAT, ARGV[5])
   st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
-  local spike = request_spike(K, AK, now, st, request_factor, default_requests)
+  decides, spike_blocks = st[A_HOURS] >= min_hours, blocks == 1
+  local spike
+  if decides and spike_blocks then
+    spike = request_spike(K, AK, now, st, request_factor, default_requests)
+  end
   if spike ~= nil then
     local ends = now + block_ms
     write_limits(K, limits, now, x, {'n', pack_anomaly(st),
@@ -129,9 +143,10 @@ for k = 1, nl do
   end
 end
 
--- A concurrency slot frees when a call ends, usually long before its reservation expires: a
--- denied caller is told to look again after at most this long
-local CONCURRENT_RETRY_MS = 1000
+-- A concurrency slot frees when a call in flight is committed or released, which no one can
+-- foresee, and at the latest when its reservation expires, at most one sub-bucket (ttl / 60)
+-- late: that latest moment is the hint (a client may retry sooner once one of its calls ends)
+local CONCURRENT_RETRY_MS = ttl + math.floor(ttl / 60)
 
 if denied then
   est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
@@ -139,9 +154,7 @@ if denied then
   for _, k in ipairs(denied) do
     local lim = limits[k]
     local r = retry_after(K, lim, est[lim[METRIC]], now)
-    if lim[METRIC] == METRIC_CONCURRENT and r > CONCURRENT_RETRY_MS then
-      r = CONCURRENT_RETRY_MS
-    end
+    if lim[METRIC] == METRIC_CONCURRENT and r >= 0 then r = CONCURRENT_RETRY_MS end
     if r < 0 or retry < 0 then retry = -1 elseif r > retry then retry = r end
   end
   head[REPLY_STATUS], head[REPLY_DENIED_LIMIT], head[REPLY_RETRY_AFTER_MS] =
@@ -172,8 +185,8 @@ if mode ~= MODE_DRY_RUN then
   end
   local extra = false
   if st then
-    local spike = count_request(K, AK, now, st, token_factor, default_tokens)
-    if spike then fired = {spike} end
+    fired = count_request(K, AK, now, st, decides, not spike_blocks and request_factor,
+                          default_requests, token_factor, default_tokens)
     extra = {'n', pack_anomaly(st)}
   end
   write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)

@@ -2,6 +2,6 @@
 
 import sys
 
-from ratelimitd.cli import main
+from ratelimitd.cli.main import main
 
 sys.exit(main())

@@ -23,6 +23,10 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 if [ "${1:-}" = bench ]; then command -v wrk >/dev/null 2>&1 || need+=(wrk); fi
 # tests/ops checks the systemd unit with systemd-analyze (Debian's systemd package ships it)
 if [ "${1:-}" = dev ]; then command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd); fi
+# the documentation's examples, which the tests run, call curl, jq and openssl
+if [ "${1:-}" = dev ]; then
+    for tool in curl jq openssl; do command -v "$tool" >/dev/null 2>&1 || need+=("$tool"); done
+fi
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "missing: ${need[*]}; install them (apt-get install ${need[*]}) or run as root" >&2

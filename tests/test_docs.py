@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ratelimitd.config.loader import _SECTIONS
+from ratelimitd.errors import ERROR_CODES
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,16 +22,17 @@ def test_every_configuration_key_is_documented() -> None:
                 f"{section}.{field.name}"
 
 
-def test_every_error_code_is_documented() -> None:
+def test_every_error_code_is_in_the_one_list_and_documented_with_its_status() -> None:
     source = "\n".join(p.read_text() for p in (ROOT / "ratelimitd").rglob("*.py"))
-    codes = set(re.findall(r'ApiError\(\s*\d{3},\s*"([a-z_]+)"', source))
-    codes |= set(re.findall(r'invalid\([^()]*?"([a-z_]+)"\)', source, re.S))
-    codes |= {"body_too_large"}
-    assert {"exceeds_limit", "unsupported_media_type", "request_timeout",
-            "empty_prompt"} <= codes
+    raised = set(re.findall(r'ApiError\(\s*(\d{3}),\s*"([a-z_]+)"', source))
+    raised |= {(400, code) for code in re.findall(r'invalid\([^()]*?"([a-z_]+)"\)', source, re.S)}
+    for status, code in raised:
+        assert int(status) in ERROR_CODES.get(code, ()), code
     text = (ROOT / "docs" / "errors.md").read_text()
-    for code in codes:
-        assert f"`{code}`" in text, code
+    documented = {(int(status), code)
+                  for status, code in re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", text, re.M)}
+    assert documented == {(status, code) for code, statuses in ERROR_CODES.items()
+                          for status in statuses}
 
 
 def test_the_readme_links_the_reference_in_the_repository() -> None:

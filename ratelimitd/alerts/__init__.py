@@ -1,7 +1,7 @@
 """Alerts: the record, where Redis keeps it, signed webhook delivery, the usage API's reader.
 
-Where an alert goes, and why (issue 12: "exactly once per subject, limit and period", "pending
-alerts survive a daemon restart", cluster-safe):
+Where an alert goes, and why (exactly once per subject, limit and period; pending alerts
+survive a daemon restart; cluster-safe):
 
 1. **Decided and recorded in the quota script.** The settle Lua (cost thresholds) and the
    reserve Lua (anomalies) decide an alert in the same call that records the spend, and push
@@ -31,19 +31,11 @@ the cluster), or the script writing the outbox itself (one slot only outside clu
 not done, by choice: rare (a crash in a millisecond window), and costly to close.
 
 Receivers get each alert once per webhook in the normal case and at least once across crashes:
-they dedupe on the alert's `id` (deterministic, record.py). They verify the signature with
-`verify_webhook_signature` (signing.py).
+they dedupe on the alert's `id` (deterministic, quota/alert_record.py). They verify the
+signature with `verify_webhook_signature` (signing.py).
 """
 
 from ratelimitd.alerts.delivery import AlertService, AlertStats, webhook_group
-from ratelimitd.alerts.record import (
-    Alert,
-    AlertDecodeError,
-    alert_id,
-    decode_alert,
-    decode_alert_json,
-    severity_for,
-)
 from ratelimitd.alerts.signing import (
     SIGNATURE_HEADER,
     signature_header,
@@ -55,6 +47,14 @@ from ratelimitd.alerts.streams import (
     append_alert,
     recent_alerts,
     subject_alerts_key,
+)
+from ratelimitd.quota.alert_record import (
+    Alert,
+    AlertDecodeError,
+    alert_id,
+    decode_alert,
+    decode_alert_json,
+    severity_for,
 )
 
 __all__ = [

@@ -52,10 +52,11 @@ import orjson
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.alerts.signing import SIGNATURE_HEADER, signature_header
 from ratelimitd.alerts.streams import Outbox
 from ratelimitd.config import AlertsConfig, resolve_secret
+from ratelimitd.ops.logs import ThrottledLog
+from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.store.connect import RedisClient
 
 log = logging.getLogger("ratelimitd.alerts")
@@ -121,22 +122,6 @@ class _Outcome(Enum):
     RETRY = "retry"
 
 
-class _Throttled:
-    """A warning logged at most once per LOG_EVERY_S, with how many were held back."""
-
-    def __init__(self) -> None:
-        self._last = -LOG_EVERY_S
-        self._held = 0
-
-    def warning(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._last < LOG_EVERY_S:
-            self._held += 1
-            return
-        held, self._held, self._last = self._held, 0, now
-        log.warning(message + (f" ({held} more like it since)" if held else ""), *args)
-
-
 @dataclass(frozen=True, slots=True)
 class DeliverySettings:
     """The knobs of delivery; from AlertsConfig, plus the timings tests shorten."""
@@ -164,7 +149,8 @@ class AlertService:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._queue: asyncio.Queue[Alert] = asyncio.Queue(config.queue_size)
         self._settings = DeliverySettings(
-            secret=resolve_secret(config.webhook_secret).encode() if config.webhooks else b"",
+            secret=resolve_secret(config.webhook_secret).encode("utf-8", "surrogateescape")
+            if config.webhooks else b"",
             timeout_s=config.webhook_timeout_ms / 1000, retry_base_s=retry_base_s,
             retry_max_s=float(config.retry_max_s), max_age_ms=config.delivery_max_age_s * 1000,
             # a POST in progress is not touched: no other daemon may claim it meanwhile
@@ -179,8 +165,8 @@ class AlertService:
         self._forwarder: asyncio.Task[None] | None = None
         self._worker_tasks: list[asyncio.Task[None]] = []
         self._in_flight: Alert | None = None
-        self._queue_log = _Throttled()
-        self._forward_log = _Throttled()
+        self._queue_log = ThrottledLog(log, per_window=1, window_s=LOG_EVERY_S)
+        self._forward_log = ThrottledLog(log, per_window=1, window_s=LOG_EVERY_S)
 
     # -- the handlers' side ----------------------------------------------------------------------
 
@@ -195,8 +181,8 @@ class AlertService:
                 self._queue.put_nowait(alert)
             except asyncio.QueueFull:
                 self.stats.queue_full += 1
-                self._queue_log.warning("alert queue full (%d): alert %s not sent to webhooks "
-                                        "(it stays in the subject's alerts)",
+                self._queue_log.warning("alert_queue_full", "alert queue full (%d): alert %s not "
+                                        "sent to webhooks (it stays in the subject's alerts)",
                                         self._queue.maxsize, alert.id)
 
     # -- life cycle ------------------------------------------------------------------------------
@@ -261,7 +247,8 @@ class AlertService:
                 break
             except RedisError as exc:
                 self.stats.forward_errors += 1
-                self._forward_log.warning("cannot append alerts to the outbox, retrying: %s",
+                self._forward_log.warning("outbox_unavailable",
+                                          "cannot append alerts to the outbox, retrying: %s",
                                           type(exc).__name__)
             except Exception:
                 self.stats.internal_errors += 1
@@ -322,7 +309,7 @@ class _WebhookWorker:
         self._group_ready = False
         self._next_claim = 0.0
         self._claim_cursor = "0-0"
-        self._log = _Throttled()
+        self._log = ThrottledLog(log, per_window=1, window_s=LOG_EVERY_S)
 
     @property
     def _stats(self) -> AlertStats:
@@ -344,7 +331,8 @@ class _WebhookWorker:
                     self._group_ready = False  # the stream was deleted: make it again
                 self._stats.redis_errors += 1
                 errors += 1
-                self._log.warning("webhook %s: Redis call failed, retrying: %s", self.label,
+                self._log.warning("webhook_redis_error",
+                                  "webhook %s: Redis call failed, retrying: %s", self.label,
                                   type(exc).__name__)
                 await self._idle(self._service.backoff_s(errors))
             except Exception:  # a bug must not end delivery for good
@@ -469,8 +457,8 @@ class _WebhookWorker:
                     timeout=aiohttp.ClientTimeout(total=settings.timeout_s)) as response:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            self._log.warning("webhook %s unreachable, retrying: %s", self.label,
-                              type(exc).__name__)
+            self._log.warning("webhook_unreachable", "webhook %s unreachable, retrying: %s",
+                              self.label, type(exc).__name__)
             return _Outcome.RETRY
         if 200 <= status < 300:
             return _Outcome.DELIVERED
@@ -478,7 +466,8 @@ class _WebhookWorker:
             log.warning("webhook %s refused alert %s with HTTP %d; not sent again", self.label,
                         alert_id, status)
             return _Outcome.REJECTED
-        self._log.warning("webhook %s answered HTTP %d, retrying", self.label, status)
+        self._log.warning("webhook_status", "webhook %s answered HTTP %d, retrying", self.label,
+                          status)
         return _Outcome.RETRY
 
     async def _wait_holding(self, entry_id: Any, seconds: float) -> bool:

@@ -2,14 +2,15 @@
 
 Two keys, because a quota script may only touch keys of its subject's hash slot:
 
-- `rl:{<tag>}:alerts`, one per subject, in the subject's slot: a list, newest first, of its
-  last SUBJECT_MAX_LEN alerts, each the flat field/value pairs of record.py as a JSON array of
-  strings. The settle (and reserve) Lua pushes each alert it decides here, atomically with the
-  spend that crossed the threshold: the record that makes an alert fire exactly once, and what
-  the usage API reads (`recent_alerts`). It expires SUBJECT_TTL_MS after its newest alert, so
-  an idle subject leaves nothing behind. A list and not a stream: measured on Redis 7.0, a
-  stream holding one alert takes 4 728 bytes (streams preallocate a 4 KB node), a list 512,
-  and three alerts 1 152; most subjects that alert at all have a few.
+- `rl:{<tag>}:alerts`, one per subject, in the subject's slot: a list, newest first, of its last
+  SUBJECT_MAX_LEN alerts, each the flat field/value pairs of quota/alert_record.py as a JSON
+  array of strings. The settle (and reserve) Lua pushes each alert it decides here, atomically
+  with the spend that crossed the threshold: the record that makes an alert fire exactly once,
+  and what the usage API reads (`recent_alerts`). It expires SUBJECT_TTL_MS after its newest
+  alert, so an idle subject leaves nothing behind. A list and not a stream: measured on Redis
+  7.0, a stream holding one alert takes 4 728 bytes (streams preallocate a 4 KB node), a list
+  512, and three alerts 1 152; most subjects that alert at all have a few.
+
 - `rl:{alerts}:outbox`, one stream for the whole deployment, in a slot of its own. The daemon
   that got the alerts in a script's reply appends them here (`Outbox.forward`), at least once,
   and each webhook's consumer group reads it (delivery.py). The append is idempotent: a marker
@@ -26,9 +27,9 @@ from typing import Any, Final
 
 from redis.exceptions import ResponseError
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.policy import Subject
 from ratelimitd.quota import wire
+from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.store.connect import RedisClient
 
 OUTBOX_KEY: Final = "rl:{alerts}:outbox"

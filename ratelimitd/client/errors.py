@@ -1,5 +1,9 @@
 """The API's error answers as exceptions, so a gateway catches what it can act on.
 
+This tree is separate from the daemon's (ratelimitd/errors.py) on purpose: a gateway imports
+the client without any of the daemon's modules (a test checks it), so the client's root is its
+own RatelimitdError.
+
     RatelimitdError                 any failure; .status, .code, .message, .headers
     ├── RateLimited                 429: denied by a limit; .retry_after (s), .reason, .limits
     ├── InvalidRequest              400 / 413: the request is wrong; retrying will not help

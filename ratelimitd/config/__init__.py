@@ -5,8 +5,9 @@ reading, tiers.py the tier, limit and price tables, loader.py `load_config` / `p
 and the checks that span keys.
 """
 
-from ratelimitd.config.loader import load_config, parse_config, resolve_secret
+from ratelimitd.config.loader import load_config, parse_config, resolve_secret, resolve_tokens
 from ratelimitd.config.model import (
+    MIN_PEPPER_BYTES,
     AbuseConfig,
     AlertsConfig,
     AnomalyConfig,
@@ -22,6 +23,7 @@ from ratelimitd.config.model import (
 from ratelimitd.errors import ConfigError
 
 __all__ = [
+    "MIN_PEPPER_BYTES",
     "AbuseConfig",
     "AlertsConfig",
     "AnomalyConfig",
@@ -37,4 +39,5 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve_secret",
+    "resolve_tokens",
 ]

@@ -4,7 +4,6 @@ checks every section and the rules that span keys, and returns a frozen `Config`
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratelimitd.config import tiers as tier_tables
 from ratelimitd.config.model import (
+    MIN_PEPPER_BYTES,
     AbuseConfig,
     AlertsConfig,
     AnomalyConfig,
@@ -40,8 +40,10 @@ from ratelimitd.config.reader import (
 )
 from ratelimitd.envoy.rules import load_rules
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
-from ratelimitd.policy import Tier, default_tiers
-from ratelimitd.tokens.offline import check_encoding_name
+from ratelimitd.ops import credentials
+from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
+from ratelimitd.policy import ANOMALY_ACTIONS, Tier, default_tiers
+from ratelimitd.tokenize.offline import check_encoding_name
 
 # Sections read field by field from their dataclass; tiers and pricing have shapes of their own.
 _SECTIONS: Final[dict[str, type[Any]]] = {
@@ -52,6 +54,8 @@ _SECTIONS: Final[dict[str, type[Any]]] = {
 }
 MAX_ALERT_THRESHOLDS: Final = 16
 MAX_ANOMALY_BLOCK_S: Final = 7 * 86_400
+# a subject's active hours are counted up to this (lua/anomaly.lua, one byte)
+MAX_HISTORY_HOURS: Final = 255
 # A reservation lives at most a week (its concurrency slot with it)
 MAX_RESERVATION_TTL_S: Final = 7 * 86_400
 _URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -176,10 +180,22 @@ def _normalised(parts: list[str]) -> list[str]:
 
 
 def _check_tokens(config: Config, where: Where) -> None:
+    problems = Problems()
     for key, tokens in (("service_tokens", config.server.service_tokens),
                         ("admin_tokens", config.server.admin_tokens)):
         for i, token in enumerate(tokens):
-            resolve_secret(token, where.at("server").at(key).at(str(i)))
+            with problems.collect():
+                resolve_tokens((token,), where.at("server").at(key).at(str(i)))
+    problems.raise_any()
+
+
+def _check_keys(config: Config, where: Where) -> None:
+    if config.keys.pepper:
+        pepper = resolve_secret(config.keys.pepper, where.at("keys.pepper"))
+        if len(pepper.encode("utf-8", "surrogateescape")) < MIN_PEPPER_BYTES:
+            raise where.at("keys.pepper").error(
+                f"must be at least {MIN_PEPPER_BYTES} bytes (generate one with: "
+                "openssl rand -hex 32)")
 
 
 def _check_server(config: Config, where: Where) -> None:
@@ -202,6 +218,9 @@ def _check_server(config: Config, where: Where) -> None:
             raise where.at(f"server.{key}").error("must be between 0.1 and 3600 seconds")
     if not 1 <= config.server.max_connections <= 1_000_000:
         raise where.at("server.max_connections").error("must be between 1 and 1000000")
+    if not 1 <= config.server.min_body_bytes_per_s <= 1_000_000_000:
+        raise where.at("server.min_body_bytes_per_s").error(
+            "must be between 1 and 1000000000")
 
 
 def _check_encodings(config: Config, where: Where) -> None:
@@ -259,6 +278,12 @@ def _check_abuse(config: Config, where: Where) -> None:
 
 def _check_anomaly(config: Config, where: Where) -> None:
     anomaly, where = config.anomaly, where.at("anomaly")
+    if anomaly.action not in ANOMALY_ACTIONS:
+        raise where.at("action").error(
+            f"must be {' or '.join(ANOMALY_ACTIONS)}, not {anomaly.action!r}")
+    if not 0 <= anomaly.min_history_hours <= MAX_HISTORY_HOURS:
+        raise where.at("min_history_hours").error(
+            f"must be from 0 to {MAX_HISTORY_HOURS} (active hours)")
     for key in ("request_spike_factor", "token_spike_factor"):
         if not 1 <= getattr(anomaly, key) <= 1000:
             raise where.at(key).error("must be from 1 to 1000 (times the baseline)")
@@ -297,11 +322,12 @@ def _check_alerts(config: Config, where: Where) -> None:
         if url in alerts.webhooks[:i]:
             raise where.at("webhooks").at(str(i)).error("is listed twice")
     if alerts.webhooks and not alerts.webhook_secret:
-        raise where.at("webhook_secret").error("webhooks are signed: set a secret (or env:NAME)")
+        raise where.at("webhook_secret").error(
+            "webhooks are signed: set a secret (env:NAME or credential:NAME)")
     if alerts.webhook_secret:
         secret = resolve_secret(alerts.webhook_secret, where.at("webhook_secret"))
-        if len(secret) < 16:
-            raise where.at("webhook_secret").error("must be at least 16 characters")
+        if len(secret.encode("utf-8", "surrogateescape")) < MIN_TOKEN_BYTES:
+            raise where.at("webhook_secret").error(f"must be at least {MIN_TOKEN_BYTES} bytes")
     for key in ("webhook_timeout_ms", "queue_size", "retry_max_s", "delivery_max_age_s",
                 "stream_max_len", "claim_idle_ms"):
         if getattr(alerts, key) < 1:
@@ -326,20 +352,26 @@ def _check_attributes(config: Config, where: Where) -> None:
                 "built in)")
 
 
-_CHECKS: Final = (_check_tokens, _check_server, _check_encodings, _check_calendar,
+_CHECKS: Final = (_check_tokens, _check_keys, _check_server, _check_encodings, _check_calendar,
                   _check_reservations, _check_redis, _check_abuse, _check_anomaly,
                   _check_alerts,
                   _check_attributes)
 
 
 def resolve_secret(value: str, where: Where | None = None) -> str:
-    """A token as configured: "env:NAME" reads the environment variable NAME."""
-    if not value.startswith("env:"):
-        if not value:
-            raise (where or Where("<config>")).error("an empty token would let anyone in")
-        return value
-    name = value[4:]
-    secret = os.environ.get(name, "")
-    if not secret:
-        raise (where or Where("<config>")).error(f"environment variable {name} is not set")
-    return secret
+    """One configured secret (credentials.py reads the references), or the ConfigError
+    that names its key."""
+    try:
+        return credentials.resolve_secret(value)
+    except credentials.CredentialError as exc:
+        raise (where or Where("<config>")).error(str(exc)) from None
+
+
+def resolve_tokens(values: tuple[str, ...], where: Where | None = None) -> tuple[bytes, ...]:
+    """A configured token list as the edge compares it: every reference resolved, each token
+    at least MIN_TOKEN_BYTES; or the ConfigError that names its key."""
+    try:
+        tokens = credentials.resolve_tokens(values)
+    except credentials.CredentialError as exc:
+        raise (where or Where("<config>")).error(str(exc)) from None
+    return tuple(t.encode("utf-8", "surrogateescape") for t in tokens)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 from ratelimitd.envoy.rules import EnvoyRules
 from ratelimitd.policy import (
@@ -31,6 +32,7 @@ class ServerConfig:
     body_timeout_s: float = 30.0            # the whole body, from the end of the head
     keepalive_timeout_s: float = 30.0       # idle between requests
     max_connections: int = 4096             # beyond it the idlest connection is closed
+    min_body_bytes_per_s: float = 500.0     # a slower body is the first closed when full
     access_log: bool = True                 # one JSON line per answer on stderr
     # every limit is evaluated, counted and reported but never denies (rolling out limits)
     shadow_mode: bool = False
@@ -63,7 +65,7 @@ class ReservationsConfig:
 class TokensConfig:
     default_encoding: str = "o200k_base"
     models: Mapping[str, str] = field(default_factory=dict)
-    # an image part without width and height; 0: the most one can cost (tokens/chat.py)
+    # an image part without width and height; 0: the most one can cost (tokenize/chat.py)
     image_tokens: int = 0
 
 
@@ -83,8 +85,15 @@ class CalendarConfig:
     timezone: str = "UTC"
 
 
+# The key pepper's least length ([keys] pepper, RATELIMITD_KEY_PEPPER, credential key_pepper)
+MIN_PEPPER_BYTES: Final = 32
+
+
 @dataclass(frozen=True, slots=True)
 class KeysConfig:
+    # a secret reference ("env:NAME", "credential:NAME"); "" reads $RATELIMITD_KEY_PEPPER,
+    # else the credential key_pepper when it exists, else no pepper (key features off)
+    pepper: str = ""
     max_age_days: int = 90
     warn_days: int = 14
     rotation_grace_s: int = 86_400
@@ -98,13 +107,18 @@ class AbuseConfig:
     auth_failures_per_ip: int = 20
     block_s: int = 900
     signature_max_age_s: int = 300
-    # the ip_prefix scope's networks, and IPv6 auth-failure counting (guard/ip.py)
+    # the ip_prefix scope's networks, and IPv6 auth-failure counting (abuse/ip.py)
     ipv4_prefix: int = 24
     ipv6_prefix: int = 64
 
 
 @dataclass(frozen=True, slots=True)
 class AnomalyConfig:
+    # what a request spike does: "alert", or "block" the subject for block_s too (a tier may
+    # choose its own: `[tiers.X] anomaly = "block"`)
+    action: str = "alert"
+    # no spike decision for a subject with fewer active hours of baseline than this
+    min_history_hours: int = 24
     request_spike_factor: float = 5.0
     token_spike_factor: float = 3.0
     block_s: int = 900

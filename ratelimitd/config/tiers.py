@@ -11,11 +11,13 @@ from typing import Any, Final
 from ratelimitd.config.model import PricingConfig
 from ratelimitd.config.reader import Problems, Where, no_unknown, read_value
 from ratelimitd.policy import (
+    ANOMALY_ACTIONS,
     BUILTIN_SCOPES,
     CALENDAR_PERIODS,
     DEFAULT_PRICES,
     DEFAULT_SUB_BUCKETS,
     METRICS,
+    AnomalyAction,
     Limit,
     ModelPrice,
     Tier,
@@ -85,7 +87,7 @@ def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
     no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where, "")
-    anomaly = read_value(bool, table.get("anomaly", True), where.at("anomaly"))
+    anomaly = _anomaly(table.get("anomaly", True), where.at("anomaly"))
     numbers = {}
     for key in (*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS):
         if key in table:
@@ -110,6 +112,17 @@ def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier
     return Tier(name, tuple(limits), max_output_tokens=numbers.get("max_output_tokens"),
                 max_prompt_chars=numbers.get("max_prompt_chars"),
                 max_input_tokens=numbers.get("max_input_tokens"), anomaly=anomaly)
+
+
+def _anomaly(raw: Any, where: Where) -> bool | AnomalyAction:
+    """true ([anomaly] action), false (no detection), or the tier's own action."""
+    if isinstance(raw, bool):
+        return raw
+    for action in ANOMALY_ACTIONS:
+        if raw == action:
+            return action
+    choices = " or ".join(f'"{a}"' for a in ANOMALY_ACTIONS)
+    raise where.error(f"must be true, false, {choices}, not {raw!r}")
 
 
 def _limit(table: Any, where: Where, declared: frozenset[str]) -> Limit:

@@ -1,6 +1,6 @@
-"""The admin API (API.md's table, plus GET /v1/admin/blocks): API keys and blocks.
+"""The admin API (docs/http-api.md): API keys and blocks.
 
-Every route here is under /v1/admin/, so the edge asks for an admin token (admin_auth.py).
+Every route here is under /v1/admin/, so the edge asks for an admin token (auth/bearer.py).
 Inputs are checked before anything is stored or spent: a refused call changes nothing in Redis.
 
 Key creation from a client-facing sign-up flow is the multi-account pattern (one actor, many
@@ -20,12 +20,12 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from ratelimitd.access import blocked_error, redis_failures
+from ratelimitd.abuse import BlockInputError, InvalidIpError, blocked_error, canonical_ip, ip_prefix
+from ratelimitd.auth import redis_failures
+from ratelimitd.auth.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.errors import ApiError, invalid
-from ratelimitd.guard import BlockInputError, InvalidIpError, canonical_ip, ip_prefix
 from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import Handler, json_response, read_json
-from ratelimitd.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.policy import Prices, Subject
 from ratelimitd.quota.engine import ReserveRequest
 

@@ -85,7 +85,7 @@ async def alerting_ctx(app: web.Application) -> AsyncIterator[None]:
 async def after_reserve(app: web.Application, result: ReserveResult) -> list[Alert]:
     """Forwards a reserve's anomaly alerts. A request spike this reserve decided blocked its
     subject in the Lua; the blocks index (`rlb:index`, another hash slot, so not writable from
-    there in a cluster) lists it from here, as guard/blocks.py lists the blocks scripts write."""
+    there in a cluster) lists it from here, as abuse/blocks.py lists the blocks scripts write."""
     alerts = app[ALERTING].forward(result.alerts)
     blocked = result.blocked
     if blocked is not None and any(a.kind == "request_spike" for a in alerts):

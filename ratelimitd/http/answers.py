@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ratelimitd.access import blocked_error
+from ratelimitd.abuse import blocked_error
 from ratelimitd.alerts import Alert
 from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response
@@ -56,7 +56,7 @@ def _never_fits(limit: Limit) -> ApiError:
                     "fewer tokens (input or max_output_tokens)")
 
 
-def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int,
+def reserve_answer(result: ReserveResult, dry_run: bool,
                    warnings: Sequence[dict[str, str]] = ()) -> web.Response:
     """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit; a
     blocked subject raises 403 blocked. `warnings` (an API key's key_expiring, key_rotated)
@@ -72,9 +72,7 @@ def reserve_answer(result: ReserveResult, dry_run: bool, reservation_ttl_ms: int
         retry_ms: int = result.retry_after_ms
         answer: dict[str, Any] = {"allowed": False, "reason": denied.name}
         if denied.metric == "concurrent":
-            # a slot frees when a call in flight is committed or released, which no one can
-            # foresee, and at the latest when its reservation expires: that is the hint
-            retry_ms = max(retry_ms, reservation_ttl_ms + reservation_ttl_ms // 60)
+            # the hint is the latest a slot surely frees (decided in reserve.lua)
             answer["message"] = (
                 f"{denied.name}: {denied.limit} calls in flight; a slot frees when one of them "
                 "is committed or released, and at the latest when its reservation expires "
@@ -120,6 +118,8 @@ def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> we
                   "cached_input_tokens": result.cached_input_tokens,
                   "output_tokens": result.output_tokens},
         "alerts": [a.to_json() for a in alerts or ()]}
+    if result.replicated is not None:
+        answer["replicated"] = result.replicated
     over_tokens = result.input_tokens + result.output_tokens - result.reserved_tokens
     over_cost = result.cost_nano - result.reserved_cost_nano
     if over_tokens > 0 or over_cost > 0:

@@ -10,8 +10,8 @@ from typing import Final
 
 from aiohttp import web
 
-from ratelimitd.access import open_access
-from ratelimitd.config import Config, resolve_secret
+from ratelimitd.auth import open_access
+from ratelimitd.config import Config, resolve_tokens
 from ratelimitd.envoy.service import grpc_ctx
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
@@ -22,8 +22,9 @@ from ratelimitd.http.edge import (
     CLIENT_LOG,
     MAX_BODY_BYTES,
     Handler,
-    QuietLog,
     api_handler,
+    client_log,
+    client_log_ctx,
     json_response,
     method_not_allowed,
     not_found,
@@ -32,7 +33,7 @@ from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings
 from ratelimitd.store.connect import open_store
 from ratelimitd.store.supervisor import StoreHealth
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 
 log = logging.getLogger("ratelimitd.http")
 
@@ -87,6 +88,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                                    timezone=config.calendar.timezone,
                                    alert_thresholds=config.alerts.thresholds,
                                    anomaly=AnomalySettings(
+                                       # the loader admits only these two
+                                       "block" if config.anomaly.action == "block"
+                                       else "alert",
+                                       config.anomaly.min_history_hours,
                                        config.anomaly.request_spike_factor,
                                        config.anomaly.token_spike_factor,
                                        config.anomaly.block_s * 1000,
@@ -112,15 +117,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("could not load the function library at startup: %s", exc)
     yield
     executor.shutdown(wait=False, cancel_futures=True)
-    await access.close()
+    await access.aclose()
     await engine.aclose()
     await store.aclose()
 
 
 def resolved_tokens(config: Config) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
     """The service and admin tokens of a configuration, as the edge compares them."""
-    return (tuple(resolve_secret(t).encode() for t in config.server.service_tokens),
-            tuple(resolve_secret(t).encode() for t in config.server.admin_tokens))
+    return (resolve_tokens(config.server.service_tokens),
+            resolve_tokens(config.server.admin_tokens))
 
 
 STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
@@ -140,9 +145,10 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
         app[STORE_HEALTH] = health
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
-    app[CLIENT_LOG] = QuietLog(log)
+    app[CLIENT_LOG] = client_log(log)
     app[OPENAPI] = openapi_spec(config)
     app[LIVE] = Live()  # its services are made at startup (_services_ctx)
+    app.cleanup_ctx.append(client_log_ctx)
     app.cleanup_ctx.append(_services_ctx)
     app.cleanup_ctx.append(grpc_ctx)    # [grpc] listen: Envoy's rate limit service
     app.cleanup_ctx.append(alerting_ctx)

@@ -8,12 +8,12 @@ from typing import Final
 
 from aiohttp import web
 
-from ratelimitd.access import Access
+from ratelimitd.auth import Access
 from ratelimitd.config import Config
 from ratelimitd.policy import PriceTable
 from ratelimitd.quota.engine import Engine
 from ratelimitd.store.connect import Store
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +24,7 @@ class Services:
     counter: TokenCounter
     prices: PriceTable
     executor: ThreadPoolExecutor
-    access: Access              # API keys, signatures, blocks (access/)
+    access: Access              # API keys, signatures, blocks (auth/, abuse/)
     # bearer tokens, resolved: reloaded with the configuration they come from
     service_tokens: tuple[bytes, ...] = ()
     admin_tokens: tuple[bytes, ...] = ()

@@ -1,20 +1,22 @@
 """The decision endpoints: /v1/reserve, /v1/commit, /v1/release.
 
-Thin handlers: parse (schema.py), identify the caller (access/: an API key, its signature),
+Thin handlers: parse (schema.py), identify the caller (auth/: an API key, its signature),
 resolve the tier, price and count, ask the engine, shape the answer (answers.py). Quota
 decisions are made in lua/ through the engine only.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 
 from aiohttp import web
 
-from ratelimitd.access import block_guards, identify
+from ratelimitd.abuse import block_guards
+from ratelimitd.auth import identify
 from ratelimitd.errors import (
     ApiError,
+    CountingQueueFull,
+    IdempotencyKeyReused,
     ReserveInProgress,
     StoreUnavailable,
     TokenCountError,
@@ -24,7 +26,7 @@ from ratelimitd.http import observe
 from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
 from ratelimitd.http.app_keys import LIVE, Services
-from ratelimitd.http.edge import json_response, read_json
+from ratelimitd.http.edge import CLIENT_LOG, json_response, read_json
 from ratelimitd.http.observe import METRICS, REDIS_CALLS
 from ratelimitd.http.schema import (
     ReserveBody,
@@ -34,13 +36,12 @@ from ratelimitd.http.schema import (
     prompt_chars,
 )
 from ratelimitd.ops.metrics import Metrics
-from ratelimitd.policy import plan
+from ratelimitd.policy import Identity, plan
 from ratelimitd.quota.engine import ReserveRequest, ReserveResult
 
-log = logging.getLogger("ratelimitd.http")
 
-
-async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None) -> int:
+async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None,
+                        who: Identity) -> int:
     if body.input_tokens is not None:
         return body.input_tokens
     field = "prompt" if body.prompt is not None else "messages"
@@ -54,7 +55,13 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
     if max_chars is not None and chars > max_chars:
         raise invalid(field, f"{chars} characters; this tier allows {max_chars}",
                       "prompt_too_long")
-    return await services.counter.count(body.model, texts, services.executor)
+    # long prompts take turns per caller: an API key, else a user
+    caller = f"key:{who.key_id}" if who.key_id is not None else f"user:{who.user}"
+    try:
+        return await services.counter.count(body.model, texts, services.executor, caller)
+    except CountingQueueFull as exc:
+        raise ApiError(429, "counting_queue_full", f"{field}: {exc}; retry shortly",
+                       {"Retry-After": "1"}) from exc
 
 
 async def reserve(request: web.Request) -> web.Response:
@@ -89,7 +96,7 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     if prices is None:
         raise invalid("model", f"unknown model {body.model!r}; its price is not configured",
                       "unknown_model")
-    input_tokens = await _input_tokens(services, body, tier.max_prompt_chars)
+    input_tokens = await _input_tokens(services, body, tier.max_prompt_chars, who)
     if tier.max_input_tokens is not None and input_tokens > tier.max_input_tokens:
         raise invalid("input_tokens", f"{input_tokens} input tokens; this tier allows "
                       f"{tier.max_input_tokens}", "too_many_input_tokens")
@@ -108,11 +115,14 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     except ReserveInProgress as exc:
         raise ApiError(409, "idempotency_key_in_use", f"idempotency_key: {exc}",
                        {"Retry-After": "1"}) from exc
+    except IdempotencyKeyReused as exc:
+        raise ApiError(422, "idempotency_key_reused", f"idempotency_key: {exc}") from exc
     except StoreUnavailable as exc:
         observe.store_failed(call, exc)
         if config.redis.on_error != "allow":
             raise
-        log.warning("redis unavailable, admitting by on_error=allow: %s", exc)
+        request.app[CLIENT_LOG].warning("redis_unavailable_allowed",
+                                        "redis unavailable, admitting by on_error=allow: %s", exc)
         metrics.decision("degraded", "backend_unavailable", who.tier)
         return degraded_answer(input_tokens, cap)
     finally:
@@ -120,12 +130,12 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     _count_reserve(metrics, result, who.tier, body.model, body.dry_run)
     if result.alerts:
         for alert in await after_reserve(request.app, result):
-            metrics.alert(alert.kind)
+            metrics.alert(alert.kind, alert.severity)
             if alert.kind == "request_spike" and result.blocked is not None:
                 metrics.block(result.blocked.subject.scope, "anomaly")
     warnings = [*caller.warnings,
                 *budget_warnings(result.states, request.app[ALERTING].thresholds)]
-    return reserve_answer(result, body.dry_run, config.reservations.ttl_s * 1000, warnings)
+    return reserve_answer(result, body.dry_run, warnings)
 
 
 def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: str,
@@ -175,10 +185,12 @@ async def commit(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_released",
                        "reservation_id: this reservation was released; it cannot be committed")
+    if result.replicated is False:
+        metrics.unreplicated("commit")
     alerts = request.app[ALERTING].forward(result.alerts)
     if result.status == "applied":
         for alert in alerts:
-            metrics.alert(alert.kind)
+            metrics.alert(alert.kind, alert.severity)
     return commit_answer(result, alerts)
 
 
@@ -202,4 +214,9 @@ async def release(request: web.Request) -> web.Response:
     if result.status == "conflict":
         raise ApiError(409, "reservation_committed",
                        "reservation_id: this reservation was committed; it cannot be released")
-    return json_response({"released": True, "duplicate": result.status == "duplicate"})
+    answer = {"released": True, "duplicate": result.status == "duplicate"}
+    if result.replicated is not None:
+        answer["replicated"] = result.replicated
+        if not result.replicated:
+            metrics.unreplicated("release")
+    return json_response(answer)

@@ -9,24 +9,22 @@ rates).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from ratelimitd.errors import ApiError, StoreUnavailable
-from ratelimitd.http.admin_auth import check_admin_token, is_admin_path
+from ratelimitd.auth.bearer import check_admin_token, check_service_token, is_admin_path
+from ratelimitd.errors import ApiError, RatelimitdError, StoreUnavailable
 from ratelimitd.http.app_keys import LIVE
-from ratelimitd.ops.logs import REQUEST_ID_HEADER, request_scope
+from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
 from ratelimitd.ops.metrics import RouteMetrics
-
-log = logging.getLogger("ratelimitd.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # The body bound of an app (its tokens are in its live services: they are reloaded).
@@ -37,8 +35,6 @@ _HTTP_CODES: Final = {413: "body_too_large"}
 # Content-Encodings aiohttp decodes without optional packages; any other must not be read as
 # plain JSON (RFC 9110 15.5.16: 415 for an unsupported content coding).
 _ENCODINGS: Final = frozenset({"", "identity", "gzip", "deflate"})
-# A client that hung up, or sent bytes that are not HTTP, is logged in one line this often
-_QUIET_LOG_INTERVAL_S: Final = 10.0
 
 
 class ClosingApiError(ApiError):
@@ -46,44 +42,39 @@ class ClosingApiError(ApiError):
     or undecodable): answered, then closed, so aiohttp does not try to drain the body."""
 
 
-class ClientGone(Exception):
+class ClientGone(RatelimitdError):
     """The client closed the connection before its request was read."""
 
 
-class QuietLog:
-    """At most one line per interval for what clients do wrong at the transport level
-    (hang-ups, garbage request lines): INFO, never a traceback, and a count of the rest."""
-
-    def __init__(self, logger: logging.Logger, interval_s: float = _QUIET_LOG_INTERVAL_S) -> None:
-        self._logger = logger
-        self._interval_s = interval_s
-        self._next = 0.0
-        self._suppressed = 0
-
-    def note(self, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._suppressed += 1
-            return
-        self._next = now + self._interval_s
-        if self._suppressed:
-            message += f" (and {self._suppressed} more like it since the last line)"
-            self._suppressed = 0
-        self._logger.info(message, *args)
+# Every line a client can trigger (a hang-up, garbage, a 500 and its traceback, a Redis outage
+# each request meets) goes through it: one line of a kind every CLIENT_LOG_WINDOW_S, then a
+# count of the rest, so a flood of bad requests cannot flood the log
+CLIENT_LOG: Final = web.AppKey("client_log", ThrottledLog)
+CLIENT_LOG_WINDOW_S: Final = 10.0
 
 
-CLIENT_LOG: Final = web.AppKey("client_log", QuietLog)
+def client_log(logger: logging.Logger) -> ThrottledLog:
+    return ThrottledLog(logger, per_window=1, window_s=CLIENT_LOG_WINDOW_S)
+
+
+async def client_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Summarizes the lines the client log left out, each window and when the app stops."""
+    summaries = asyncio.create_task(app[CLIENT_LOG].run())
+    yield
+    summaries.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await summaries
 
 
 class EdgeLogger(logging.Logger):
     """The logger aiohttp's protocol reports bad requests and early hang-ups to: what it logs
     as an ERROR with a traceback ("Error handling request", "Unhandled exception") is a
-    client's doing, so it becomes one rate-limited INFO line without the traceback."""
+    client's doing, so it becomes a rate-limited INFO line without the traceback."""
 
     def __init__(self, name: str, parent: logging.Logger) -> None:
         super().__init__(name)
         self.parent = parent
-        self._quiet = QuietLog(self)
+        self._quiet = client_log(self)
 
     def exception(self, msg: object, *args: object, exc_info: Any = True,
                   **kwargs: Any) -> None:
@@ -93,7 +84,8 @@ class EdgeLogger(logging.Logger):
             text = str(msg) % args
         except (TypeError, ValueError):
             text = str(msg)
-        self._quiet.note("%s%s", text, detail.replace("\n", " ")[:300])
+        self._quiet.log(logging.INFO, "bad_transport", "%s%s", text,
+                        detail.replace("\n", " ")[:300])
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None
@@ -122,12 +114,17 @@ def api_handler(handler: Handler, route: RouteMetrics | None = None) -> Handler:
     @functools.wraps(handler)
     async def handle(request: web.Request) -> web.StreamResponse:
         start = time.perf_counter()
-        with request_scope(request.headers.get(REQUEST_ID_HEADER)) as request_id:
+        # request_scope without a context manager's generator: this runs on every request
+        request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        scope = request_id_var.set(request_id)
+        try:
             response = await _answer(handler, request)
             response.headers[REQUEST_ID_HEADER] = request_id
             if route is not None:
                 route.observe(response.status, time.perf_counter() - start)
             return response
+        finally:
+            request_id_var.reset(scope)
 
     return handle
 
@@ -137,7 +134,8 @@ async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
     try:
         if is_admin_path(request.path):
             services = request.app[LIVE].services
-            check_admin_token(request, services.service_tokens, services.admin_tokens)
+            check_admin_token(request.headers.get("Authorization", ""),
+                              services.service_tokens, services.admin_tokens)
         else:
             _check_service_token(request)
         return await handler(request)
@@ -148,7 +146,8 @@ async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
     except ApiError as err:
         return error_response(err)
     except ClientGone as exc:
-        request.app[CLIENT_LOG].note("client hung up before its request was read: %s", exc)
+        request.app[CLIENT_LOG].log(logging.INFO, "client_gone",
+                                    "client hung up before its request was read: %s", exc)
         raise ConnectionResetError(str(exc)) from None
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -158,10 +157,11 @@ async def _answer(handler: Handler, request: web.Request) -> web.StreamResponse:
         return error_response(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"),
                                        message))
     except StoreUnavailable as exc:
-        log.warning("redis unavailable: %s", exc)
+        request.app[CLIENT_LOG].warning("redis_unavailable", "redis unavailable: %s", exc)
         return error_response(backend_unavailable())
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        request.app[CLIENT_LOG].log(logging.ERROR, "internal_error", "unhandled error on %s %s",
+                                    request.method, request.path, exc_info=True)
         return error_response(ApiError(500, "internal_error", "internal error; see the logs"))
 
 
@@ -177,25 +177,10 @@ def method_not_allowed(allowed: str) -> Handler:
 
 
 def _check_service_token(request: web.Request) -> None:
-    """Bearer service tokens on /v1/* when configured, compared in constant time."""
     tokens = request.app[LIVE].services.service_tokens
-    # /v1/admin/* takes an admin token instead (http/usage.py)
+    # /v1/admin/* takes an admin token instead (auth/bearer.py)
     if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
-        header = request.headers.get("Authorization", "")
-        scheme, _, presented = header.partition(" ")
-        if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "missing_credentials",
-                           "send the service token as Authorization: Bearer <token>",
-                           {"WWW-Authenticate": 'Bearer realm="ratelimitd"'})
-        # a header is bytes: aiohttp decodes it as UTF-8 with surrogateescape, so a byte that
-        # is not UTF-8 comes back as it was sent (and matches no token) instead of failing
-        candidate = presented.strip().encode("utf-8", "surrogateescape")
-        matched = False
-        for token in tokens:  # compare with every token: timing does not tell which matched
-            matched |= hmac.compare_digest(candidate, token)
-        if not matched:
-            raise ApiError(401, "invalid_service_token", "the service token is not valid",
-                           {"WWW-Authenticate": 'Bearer realm="ratelimitd", error="invalid_token"'})
+        check_service_token(request.headers.get("Authorization", ""), tokens)
 
 
 def _check_media(request: web.Request) -> None:

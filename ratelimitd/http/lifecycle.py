@@ -3,7 +3,7 @@
 Alone (`--workers 1`), the process notifies systemd itself: READY=1 once Redis answers and the
 function library is loaded, WATCHDOG=1 from the event loop every half WatchdogSec, STOPPING=1
 on shutdown. As a worker, it beats into its `WorkerHeartbeats` slot instead (from the event
-loop, once Redis and the library are up), and the supervisor speaks for all (cli.py).
+loop, once Redis and the library are up), and the supervisor speaks for all (cli/main.py).
 """
 
 from __future__ import annotations

@@ -7,11 +7,22 @@ schemas, so it stays true to what the server does.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Final
 
 from ratelimitd import __version__
+from ratelimitd.abuse.blocks import MAX_REASON_CHARS, MAX_TTL_S
 from ratelimitd.config import Config
 from ratelimitd.http import usage
+from ratelimitd.http.schema import (
+    ATTRIBUTE_NAME,
+    MAX_API_KEY_CHARS,
+    MAX_ATTRIBUTES,
+    MAX_ID_CHARS,
+    MAX_MESSAGES,
+    MAX_RESERVATION_ID_CHARS,
+    MAX_TOKENS,
+)
+from ratelimitd.tokenize.chat import MAX_IMAGE_SIDE, MAX_TOOLS
 
 _JSON = "application/json"
 
@@ -28,8 +39,21 @@ def _answer(description: str, schema: str) -> dict[str, Any]:
     return {"description": description, "content": {_JSON: {"schema": _ref(schema)}}}
 
 
+_REPLICATED: Final[dict[str, Any]] = {
+    "type": "boolean", "description": "only with [redis] replicas_ack: whether that many "
+    "replicas acknowledged the write in time; false is still done (applied on the primary), "
+    "only not yet known to survive a failover: do not retry"}
+
+
 def _errors(*pairs: tuple[int, str]) -> dict[str, Any]:
-    return {str(status): _answer(f"error; codes: {codes}", "Error") for status, codes in pairs}
+    """One answer per status, listing every code given for it (in the order given)."""
+    codes: dict[int, list[str]] = {}
+    for status, listed in pairs:
+        for code in listed.split(", "):
+            if code not in codes.setdefault(status, []):
+                codes[status].append(code)
+    return {str(status): _answer(f"error; codes: {', '.join(names)}", "Error")
+            for status, names in codes.items()}
 
 
 _AUTH_ERRORS = (401, "missing_credentials, invalid_service_token")
@@ -40,12 +64,13 @@ _MEDIA_ERRORS = (415, "unsupported_media_type")
 _TIMEOUT_ERRORS = (408, "request_timeout")
 _BACKEND = (503, "backend_unavailable")
 
-_COUNT = {"type": "integer", "minimum": 0, "maximum": 100_000_000}
-_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": 100_000_000}
-_CAP = {"type": ["integer", "null"], "minimum": 1, "maximum": 100_000_000}
+# the bounds are schema.py's (and chat.py's, blocks.py's): the description cannot drift
+_COUNT = {"type": "integer", "minimum": 0, "maximum": MAX_TOKENS}
+_NULLABLE_COUNT = {"type": ["integer", "null"], "minimum": 0, "maximum": MAX_TOKENS}
+_CAP = {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_TOKENS}
 # identifiers: 1-256 characters, no control characters (schema.py's _text)
 _NO_CONTROL = "^[^\\u0000-\\u001f\\u007f]*$"
-_ID = {"type": "string", "minLength": 1, "maxLength": 256, "pattern": _NO_CONTROL}
+_ID = {"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS, "pattern": _NO_CONTROL}
 _NULLABLE_ID = {**_ID, "type": ["string", "null"]}
 _NON_BLANK = "\\S"
 
@@ -68,7 +93,8 @@ _RETRY_AFTER: dict[str, Any] = {
                     "max_concurrent the latest a slot surely frees (a reservation's TTL)",
                     "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
-_RID = {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": _NO_CONTROL}
+_RID = {"type": "string", "minLength": 1, "maxLength": MAX_RESERVATION_ID_CHARS,
+        "pattern": _NO_CONTROL}
 
 _SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -90,8 +116,9 @@ _SCHEMAS: dict[str, Any] = {
             "type": "object", "required": ["url"],
             "properties": {"url": {"type": "string", "minLength": 1},
                            "detail": {"enum": ["low", "high", "auto"]},
-                           "width": {"type": "integer", "minimum": 1, "maximum": 100000},
-                           "height": {"type": "integer", "minimum": 1, "maximum": 100000}},
+                           "width": {"type": "integer", "minimum": 1, "maximum": MAX_IMAGE_SIDE},
+                           "height": {"type": "integer", "minimum": 1,
+                                      "maximum": MAX_IMAGE_SIDE}},
             "dependentRequired": {"width": ["height"], "height": ["width"]}}},
     },
     "FunctionCall": {
@@ -135,7 +162,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "Tool": {
         "type": "object", "required": ["type", "function"],
-        "description": "An OpenAI tool: counted as the provider renders it (tokens/chat.py).",
+        "description": "An OpenAI tool: counted as the provider renders it (tokenize/chat.py).",
         "properties": {"type": {"const": "function"}, "function": {
             "type": "object", "required": ["name"],
             "properties": {"name": {"type": "string", "minLength": 1},
@@ -170,18 +197,18 @@ _SCHEMAS: dict[str, Any] = {
             "prompt": {"type": ["string", "null"], "pattern": _NON_BLANK,
                        "description": "blank (only whitespace): 400 empty_prompt"},
             "messages": {"type": ["array", "null"], "items": _ref("Message"),
-                         "minItems": 1, "maxItems": 10000,
+                         "minItems": 1, "maxItems": MAX_MESSAGES,
                          "contains": _ref("MessageWithContent")},
             "tools": {"type": ["array", "null"], "items": _ref("Tool"), "minItems": 1,
-                      "maxItems": 1024},
+                      "maxItems": MAX_TOOLS},
             "input_tokens": _NULLABLE_COUNT,
             "max_output_tokens": {**_CAP, "description": "requested cap; default the tier's. "
                                   "Below min_output_tokens it is its own floor: granted as "
                                   "asked, or denied"},
             "min_output_tokens": {**_CAP, "description": "deny when not even this fits; "
                                   "default [reservations] min_output_tokens (16)"},
-            "attributes": {"type": ["object", "null"], "maxProperties": 32,
-                           "propertyNames": {"pattern": "^[a-z][a-z0-9_]{0,63}$"},
+            "attributes": {"type": ["object", "null"], "maxProperties": MAX_ATTRIBUTES,
+                           "propertyNames": {"pattern": f"^{ATTRIBUTE_NAME.pattern}$"},
                            "properties": {"ip": {"anyOf": [
                                {"type": "string", "format": "ipv4"},
                                {"type": "string", "format": "ipv6"}, {"type": "null"}]}},
@@ -191,7 +218,8 @@ _SCHEMAS: dict[str, Any] = {
             "idempotency_key": {**_NULLABLE_ID, "description": "a retried reserve with the "
                                 "same key answers the first reservation, charging nothing more"},
             "dry_run": {"type": "boolean"},
-            "api_key": {"type": ["string", "null"], "minLength": 1, "maxLength": 1024,
+            "api_key": {"type": ["string", "null"], "minLength": 1,
+                        "maxLength": MAX_API_KEY_CHARS,
                         "description": "the end user's key (rlk_...): the daemon resolves user, "
                                        "org and tier; excludes user, tier and org"},
             "signature": {"anyOf": [_ref("Signature"), {"type": "null"}]},
@@ -280,6 +308,7 @@ _SCHEMAS: dict[str, Any] = {
                                      "cached_input_tokens": {"type": "integer"},
                                      "output_tokens": {"type": "integer"}}},
             "alerts": {"type": "array", "items": {"type": "object"}},
+            "replicated": _REPLICATED,
             "overrun": {"type": "object", "required": ["tokens", "cost_usd"],
                         "properties": {"tokens": {"type": "integer"},
                                        "cost_usd": {"type": "number"}}}},
@@ -290,7 +319,8 @@ _SCHEMAS: dict[str, Any] = {
     "ReleaseResponse": {"type": "object", "additionalProperties": False,
                         "required": ["released", "duplicate"],
                         "properties": {"released": {"const": True},
-                                       "duplicate": {"type": "boolean"}}},
+                                       "duplicate": {"type": "boolean"},
+                                       "replicated": _REPLICATED}},
     "Health": {"type": "object", "required": ["status"],
                "properties": {"status": {"enum": ["ok", "embedded_redis_down"]},
                               "redis": {"type": "string"}}},
@@ -308,7 +338,8 @@ _SCHEMAS.update({
         "required": ["timestamp", "nonce", "method", "path", "body_sha256", "value"],
         "description": "The client's signature, forwarded by the gateway: value = hex "
                        "HMAC-SHA256(signing_secret, \"v1\\n{timestamp}\\n{nonce}\\n{method}\\n"
-                       "{path}\\n{body_sha256}\"); ratelimitd.signing.sign_request makes it",
+                       "{path}\\n{body_sha256}\"); "
+                       "ratelimitd.auth.signatures.sign_request makes it",
         "properties": {
             "timestamp": {"type": "integer", "description": "unix seconds"},
             "nonce": {"type": "string", "pattern": "^[A-Za-z0-9_.~-]{16,128}$"},
@@ -374,8 +405,8 @@ _SCHEMAS.update({
         "properties": {
             "scope": {"type": "string", "description": "key, user, org, ip, ip_prefix or an "
                                                        "attribute name (not global)"},
-            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": 31_536_000},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 200}},
+            "id": _ID, "ttl_s": {"type": "integer", "minimum": 1, "maximum": MAX_TTL_S},
+            "reason": {"type": "string", "minLength": 1, "maxLength": MAX_REASON_CHARS}},
     },
     "Block": {
         "type": "object", "additionalProperties": False,
@@ -489,7 +520,9 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
                    "too_many_input_tokens, unknown_model, exceeds_limit"),
                   (401, "missing_credentials, invalid_service_token, invalid_api_key, "
                         "invalid_signature"),
-                  (403, "key_revoked, key_expired, blocked"), _BODY_ERRORS, _TIMEOUT_ERRORS,
+                  (403, "key_revoked, key_expired, blocked"),
+                  (409, "idempotency_key_in_use (retry after Retry-After)"),
+                  (422, "idempotency_key_reused (do not retry)"), _BODY_ERRORS, _TIMEOUT_ERRORS,
                   _MEDIA_ERRORS, (503, "backend_unavailable, keys_unavailable"))}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",

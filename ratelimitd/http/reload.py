@@ -22,7 +22,7 @@ from ratelimitd.errors import ConfigError
 from ratelimitd.http.app import resolved_tokens
 from ratelimitd.http.app_keys import LIVE
 from ratelimitd.http.observe import METRICS
-from ratelimitd.tokens import TokenCounter
+from ratelimitd.tokenize import TokenCounter
 
 log = logging.getLogger("ratelimitd")
 NEEDS_RESTART = ("server.listen", "redis", "reservations", "alerts", "anomaly", "calendar")

@@ -11,16 +11,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from ratelimitd.abuse import InvalidIpError, canonical_ip
 from ratelimitd.errors import ApiError, invalid
-from ratelimitd.guard import InvalidIpError, canonical_ip
 
 MAX_ID_CHARS: Final = 256
 MAX_API_KEY_CHARS: Final = 1024        # longer is no key of ours: a 400, not a lookup
+MAX_RESERVATION_ID_CHARS: Final = 1024
 MAX_ATTRIBUTES: Final = 32
 MAX_TOKENS: Final = 100_000_000          # per call; far above any model's context
 MAX_MESSAGES: Final = 10_000
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
-_ATTRIBUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
+ATTRIBUTE_NAME: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 RESERVE_FIELDS: Final = frozenset({
     "api_key", "user", "tier", "org", "model", "prompt", "messages", "input_tokens",
@@ -115,7 +116,7 @@ def _attributes(data: Mapping[str, Any]) -> dict[str, str]:
         raise invalid("attributes", f"at most {MAX_ATTRIBUTES} attributes")
     out: dict[str, str] = {}
     for name, value in raw.items():
-        if not _ATTRIBUTE_NAME.fullmatch(name):
+        if not ATTRIBUTE_NAME.fullmatch(name):
             raise invalid(f"attributes.{name}", "names are lowercase letters, digits and '_'")
         if value is None:  # null is absent: "" would put every such caller in one bucket
             continue
@@ -216,7 +217,7 @@ def parse_release(data: Any) -> str:
 
 
 def parse_reservation_field(body: Mapping[str, Any]) -> str:
-    return _text(body, "reservation_id", required=True, max_chars=1024) or ""
+    return _text(body, "reservation_id", required=True, max_chars=MAX_RESERVATION_ID_CHARS) or ""
 
 
 def prompt_chars(body: ReserveBody) -> int:

@@ -14,10 +14,12 @@ their deadline:
   handler's own 408 answer comes first, see edge.read_json);
 - idle: from a response until the next byte: `keepalive_timeout_s`.
 
-Past `max_connections`, a new connection evicts the idlest one (idle longest, else the oldest
-unfinished head); when every connection is mid-request the new one is refused (closed). The
-cap is kept under the process's open-file limit (`fit_to_fd_limit`), so the listening socket
-never fails with EMFILE.
+Past `max_connections`, a new connection evicts another: the body furthest behind
+`min_body_bytes_per_s` (counted from a grace after its head), else the connection idle longest,
+else the oldest unfinished head. A body on pace is never evicted; when every connection is one,
+the new connection is refused (closed). So connections trickling a body hold their slots only
+while nobody else needs them. The cap is kept under the process's open-file limit
+(`fit_to_fd_limit`), so the listening socket never fails with EMFILE.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ RESERVED_FDS: Final = 128
 # The handler answers a slow body itself with a 408 after body_timeout_s (edge.read_json);
 # the guard closes such a connection only if that answer did not come this much later.
 BODY_GRACE_S: Final = 5.0
+# A body's pace is measured from this long after its head: a request whose head and body come
+# in separate writes, or whose handler is still answering, is not behind when it starts.
+BODY_PACE_GRACE_S: Final = 1.0
 _HEAD_END: Final = b"\r\n\r\n"
 _HEAD, _BODY, _IDLE = 0, 1, 2
 _PHASE_NAMES: Final = ("request head", "request body", "idle keep-alive")
@@ -53,6 +58,7 @@ class ConnectionLimits:
     body_timeout_s: float = 30.0
     keepalive_timeout_s: float = 30.0
     max_connections: int = 4096
+    min_body_bytes_per_s: float = 500.0
 
 
 def fit_to_fd_limit(max_connections: int) -> int:
@@ -117,8 +123,8 @@ class _TransportView:
 class GuardedProtocol(asyncio.Protocol):
     """One client connection: aiohttp's protocol inside, its phase and since-when outside."""
 
-    __slots__ = ("_admitted", "_guard", "_inner", "_tail", "_time", "phase", "since",
-                 "transport")
+    __slots__ = ("_admitted", "_guard", "_inner", "_tail", "_time", "phase", "received",
+                 "since", "transport")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self._guard = guard
@@ -128,6 +134,7 @@ class GuardedProtocol(asyncio.Protocol):
         self._time = guard.loop.time
         self.phase = _HEAD
         self.since = self._time()
+        self.received = 0  # bytes since the head ended (counted from the read that ended it)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -142,13 +149,15 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner.connection_made(_TransportView(transport, self))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
-        if self.phase != _BODY:
+        if self.phase == _BODY:
+            self.received += len(data)
+        else:
             if not self._admitted:
                 return
             # the blank line ending the head, also when split across reads (the tail keeps
             # the last 3 bytes seen, whatever the reads' sizes)
             if _HEAD_END in data or (self._tail and _HEAD_END in self._tail + data[:3]):
-                self.phase, self.since = _BODY, self._time()
+                self.phase, self.since, self.received = _BODY, self._time(), len(data)
             else:
                 if self.phase == _IDLE:
                     self.phase, self.since = _HEAD, self._time()
@@ -217,7 +226,7 @@ class ConnectionGuard:
 
     def admit(self, conn: GuardedProtocol) -> bool:
         if len(self._connections) >= self.limits.max_connections:
-            victim = self._idlest()
+            victim = self._victim()
             if victim is None:
                 self.refused += 1
                 log.debug("refusing a connection: all %d are busy", len(self._connections))
@@ -231,16 +240,24 @@ class ConnectionGuard:
     def forget(self, conn: GuardedProtocol) -> None:
         self._connections.pop(conn, None)
 
-    def _idlest(self) -> GuardedProtocol | None:
-        """The connection idle the longest, else the oldest unfinished head; never one whose
-        request is being read or answered."""
+    def _victim(self) -> GuardedProtocol | None:
+        """The connection a new one displaces: the body furthest behind the minimum rate,
+        else the one idle longest, else the oldest unfinished head; never a body on pace."""
+        now = self.loop.time()
+        rate = self.limits.min_body_bytes_per_s
         best: GuardedProtocol | None = None
+        best_key = (0, 0.0)
         for conn in self._connections:
+            waited = now - conn.since
             if conn.phase == _BODY:
-                continue
-            if best is None or (conn.phase == _IDLE, -conn.since) > (best.phase == _IDLE,
-                                                                      -best.since):
-                best = conn
+                behind = rate * (waited - BODY_PACE_GRACE_S) - conn.received
+                if behind <= 0:
+                    continue
+                key = (3, behind)
+            else:
+                key = (2 if conn.phase == _IDLE else 1, waited)
+            if best is None or key > best_key:
+                best, best_key = conn, key
         return best
 
     def sweep(self) -> None:

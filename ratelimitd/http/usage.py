@@ -18,9 +18,9 @@ from typing import Any
 
 from aiohttp import web
 
+from ratelimitd.abuse.blocks import BlockInputError, BlockStore
 from ratelimitd.alerts import recent_alerts
 from ratelimitd.errors import invalid
-from ratelimitd.guard.blocks import BlockInputError, BlockStore
 from ratelimitd.http.alerting import ALERTING
 from ratelimitd.http.answers import _display
 from ratelimitd.http.app_keys import LIVE

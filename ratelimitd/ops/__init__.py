@@ -1,1 +1,1 @@
-"""Operations: systemd notify, Prometheus metrics, JSON logs (issue 14)."""
+"""Operations: systemd notify, Prometheus metrics, JSON logs."""

@@ -1,14 +1,16 @@
 """Logs: JSON lines on stderr, a request id in every line about a request, no secret ever.
 
-- `setup_logging()` puts one handler on the root logger: `JsonFormatter` (one object per line:
-  ts, level, logger, msg, request_id when known, the record's extra fields, exc) behind a
-  `RedactingFilter`. journald keeps stderr as it is, one entry per line.
+- `setup_logging()` puts one handler on the root logger, a `JsonLinesHandler`: `JsonFormatter`
+  (one object per line: ts, level, logger, msg, request_id when known, the record's extra
+  fields, exc) behind a `RedactingFilter`. journald keeps stderr as it is, one entry per line.
 - `request_scope(header)` binds a request id for the duration of one request: the caller's
   `X-Request-Id` when it is a sane token, else a new one. Return it in the answer's header.
-- `JsonAccessLogger` is aiohttp's access log as JSON lines; pass it to AppRunner, or pass
-  `access_log=None` to switch the access log off (`access_log_options`).
-- `ThrottledLog` keeps noisy lines (malformed requests from one broken client) to N a minute
-  per kind, then says how many it left out.
+- `access_log_options()` gives aiohttp's access log as JSON lines: a line per answer, written
+  straight to the handler's stream (no `logging` record per request, every line of one event
+  loop turn in one write), or no access log at all.
+- `ThrottledLog` keeps noisy lines (every line a client can trigger: hang-ups, garbage
+  request lines, unhandled errors with their tracebacks, a Redis outage seen by each request)
+  to N a window per kind, then says how many it left out.
 
 Redaction is the safety net, not the policy: code should not log secrets in the first place.
 """
@@ -18,8 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
-import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -122,11 +124,52 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root handler. Beside the records of `logging`, it takes finished lines
+    (`write_line`, the access log's), kept until the end of the event loop's turn and then
+    written together: one write a turn instead of one a request. A record logged meanwhile
+    writes the kept lines first, so lines stay in order."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        super().__init__(stream)
+        self._kept: list[bytes] = []
+
+    def write_line(self, line: bytes) -> None:
+        """A finished JSON object, without its newline."""
+        if not self._kept:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop: write now
+                self._kept.append(line)
+                self.flush()
+                return
+        self._kept.append(line)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._kept:
+            self.flush()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._kept:
+                data = b"\n".join(self._kept) + b"\n"
+                self._kept.clear()
+                raw = getattr(self.stream, "buffer", None)
+                if raw is not None:  # stderr: past its text layer, no decode and encode
+                    self.stream.flush()
+                    raw.write(data)
+                    raw.flush()
+                else:
+                    self.stream.write(data.decode())
+            super().flush()
+
+
 def setup_logging(level: int | str = logging.INFO, stream: IO[str] | None = None
                   ) -> logging.Handler:
     """JSON lines on stderr (or `stream`) for every logger; replaces earlier handlers of the
     root logger so no line is written twice or in another format."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler = JsonLinesHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
@@ -140,7 +183,9 @@ def setup_logging(level: int | str = logging.INFO, stream: IO[str] | None = None
 # -- request ids --------------------------------------------------------------------------------
 
 def new_request_id() -> str:
-    return secrets.token_hex(8)
+    """16 hex digits: 64 random bits (random.getrandbits, not the OS: a request id names a
+    line in the logs, it guards nothing)."""
+    return f"{random.getrandbits(64):016x}"
 
 
 def request_id_from(header: str | None) -> str:
@@ -169,9 +214,10 @@ def request_scope(header: str | None) -> Iterator[str]:
 # -- access log ---------------------------------------------------------------------------------
 
 class JsonAccessLogger(AbstractAccessLogger):
-    """aiohttp's access log, one JSON line per answer, with the request id of the answer's
-    X-Request-Id header. The path is logged without its query string (admin calls carry ids
-    there); the Authorization header is never read."""
+    """aiohttp's access log through `logging` (when the root logger has no JsonLinesHandler,
+    as in a program that embeds the app): one JSON line per answer, with the request id of
+    the answer's X-Request-Id header. The path is logged without its query string (admin calls
+    carry ids there); the Authorization header is never read."""
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         request_id = response.headers.get(REQUEST_ID_HEADER)
@@ -187,13 +233,67 @@ class JsonAccessLogger(AbstractAccessLogger):
                 request_id_var.reset(token)
 
 
+class _Timestamps:
+    """The `ts` of a line now: the formatted second is kept while it lasts."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def now(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._text}.{int((now - second) * 1000):03d}Z"
+
+
+class DirectAccessLogger(AbstractAccessLogger):
+    """The access log written straight to the root JsonLinesHandler: the same line as a
+    record through `logging` would give (ts, level, logger, msg, request_id, method, path,
+    status, duration_ms, bytes, remote), redacted alike, without a LogRecord per request.
+    aiohttp makes one per connection; the handler and clock are the class's (see
+    `access_log_options`)."""
+
+    handler: JsonLinesHandler
+    timestamps: _Timestamps
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        method, path, status = redact(request.method), redact(request.path), response.status
+        line: dict[str, Any] = {"ts": self.timestamps.now(), "level": "info",
+                                "logger": self.logger.name,
+                                "msg": redact(f"{method} {path} {status}")}
+        request_id = response.headers.get(REQUEST_ID_HEADER)
+        if request_id is not None:
+            line["request_id"] = request_id
+        line["method"] = method
+        line["path"] = path
+        line["status"] = status
+        line["duration_ms"] = round(time * 1000, 3)
+        line["bytes"] = response.body_length
+        line["remote"] = request.remote
+        self.handler.write_line(orjson.dumps(line))
+
+
 def access_log_options(enabled: bool) -> dict[str, Any]:
-    """Keyword arguments for web.AppRunner: the JSON access log, or none at all (a line per
-    request costs a few µs, and some operators log at the gateway instead)."""
+    """Keyword arguments for web.AppRunner: the JSON access log, or none at all (some
+    operators log at the gateway instead). With setup_logging's handler on the root logger,
+    lines go to it directly (DirectAccessLogger), else through `logging`."""
     if not enabled:
         return {"access_log": None}
-    return {"access_log": logging.getLogger("ratelimitd.access"),
-            "access_log_class": JsonAccessLogger}
+    logger = logging.getLogger("ratelimitd.access")
+    handler = next((h for h in logging.getLogger().handlers
+                    if isinstance(h, JsonLinesHandler)), None)
+    if handler is None or logger.handlers or not logger.propagate:
+        return {"access_log": logger, "access_log_class": JsonAccessLogger}
+    bound = type("DirectAccessLogger", (DirectAccessLogger,),
+                 {"handler": handler, "timestamps": _Timestamps()})
+    return {"access_log": logger, "access_log_class": bound}
 
 
 # -- noisy lines --------------------------------------------------------------------------------
@@ -219,8 +319,10 @@ class ThrottledLog:
         self.clock = clock
         self._windows: dict[str, _Window] = {}
 
-    def log(self, level: int, kind: str, msg: str, *args: object, **fields: Any) -> bool:
-        """Logs unless this kind is over its allowance; True when the line was written."""
+    def log(self, level: int, kind: str, msg: str, *args: object, exc_info: bool = False,
+            **fields: Any) -> bool:
+        """Logs unless this kind is over its allowance; True when the line was written.
+        `exc_info`: with the traceback of the exception being handled."""
         now = self.clock()
         window = self._windows.get(kind)
         if window is None or now - window.started >= self.window_s:
@@ -231,7 +333,7 @@ class ThrottledLog:
             window.suppressed += 1
             return False
         window.logged += 1
-        self.logger.log(level, msg, *args, extra={"kind": kind, **fields})
+        self.logger.log(level, msg, *args, exc_info=exc_info, extra={"kind": kind, **fields})
         return True
 
     def warning(self, kind: str, msg: str, *args: object, **fields: Any) -> bool:

@@ -1,9 +1,8 @@
 """Prometheus metrics: cheap to record, one coherent view across `--workers N` processes.
 
 Why not prometheus-client's multiprocess mode: it writes every increment to a memory-mapped
-file under a lock (about 2 µs each, some 16 µs for the eight samples of one reserve: 13 % of a
-reserve at this daemon's ~8 000 requests/s per process, against a 5 % budget). Here, a sample
-is a float in a list, a pre-resolved child is an index into it (about 0.1 µs an increment), and
+file under a lock, which costs a reserve more than its metrics may (docs/performance.md has the
+figures). Here, a sample is a float in a list, a pre-resolved child is an index into it, and
 each worker writes its whole list to its own file in the daemon's metrics directory once a
 second (`run_flusher`), atomically (write, then rename). `/metrics`, whichever worker answers
 it, sums the files of the other workers with its own live values and renders them in the
@@ -45,34 +44,32 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ratelimitd.errors import ERROR_CODES
+from ratelimitd.quota.alert_record import SEVERITIES
+
 log = logging.getLogger("ratelimitd.metrics")
 
 OTHER: Final = "other"
 CONTENT_TYPE: Final = prometheus_client.CONTENT_TYPE_LATEST
 FLUSH_INTERVAL_S: Final = 1.0
 
-# The routes of API.md; any other path (404s, scans) is counted as "other".
+# The routes the daemon serves; any other path (404s, scans) is counted as "other".
 ROUTES: Final = frozenset({
     "/v1/reserve", "/v1/commit", "/v1/release", "/healthz", "/readyz", "/metrics",
     "/openapi.json", "/v1/admin/keys", "/v1/admin/keys/{key_id}",
     "/v1/admin/keys/{key_id}/rotate", "/v1/admin/keys/{key_id}/revoke", "/v1/admin/usage",
     "/v1/admin/blocks"})
-STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "413", "429",
-                       "500", "503")
+STATUS_CODES: Final = ("200", "201", "400", "401", "403", "404", "405", "409", "413", "422",
+                       "429", "500", "503")
 DECISION_RESULTS: Final = frozenset({"allowed", "denied", "invalid", "unauthenticated",
                                      "blocked", "error", "degraded"})
-# Error codes of API.md and the current build; a denial's reason is its limit's name instead.
-ERROR_CODES: Final = frozenset({
-    "empty_prompt", "prompt_too_long", "too_many_input_tokens", "unknown_model",
-    "invalid_request", "invalid_api_key", "missing_credentials", "invalid_signature",
-    "invalid_service_token", "key_revoked", "key_expired", "blocked", "body_too_large",
-    "backend_unavailable", "internal_error"})
 REDIS_CALLS: Final = frozenset({"reserve", "commit", "release", "resize", "load", "ready",
                                 "admin"})
 REDIS_ERRORS: Final = ("TimeoutError", "ConnectionError", "ResponseError", "BusyLoadingError",
                        "ReadOnlyError", "AuthenticationError")
-ALERT_KINDS: Final = frozenset({"budget_50", "budget_80", "budget_100", "request_spike",
-                                "token_spike", "overrun"})
+# (kind, severity) of every alert there is: a cost threshold's severity names which one
+ALERT_LABELS: Final = frozenset((kind, severity) for kind, severities in SEVERITIES.items()
+                                for severity in severities)
 BLOCK_CAUSES: Final = frozenset({"auth_failures", "anomaly", "admin"})
 BLOCK_SCOPES: Final = frozenset({"key", "user", "org", "ip", "ip_prefix", "global"})
 
@@ -208,10 +205,14 @@ FAMILIES: Final = {f.name: f for f in (
             "counter", ("tier", "model")),
     _Family("ratelimitd_overrun_tokens", "Tokens used beyond the reservation", "counter",
             ("tier", "model")),
-    _Family("ratelimitd_alerts", "Alerts raised, by kind", "counter", ("kind",)),
+    _Family("ratelimitd_alerts", "Alerts raised, by kind and severity", "counter",
+            ("kind", "severity")),
     _Family("ratelimitd_blocks", "Blocks placed, by scope and cause", "counter",
             ("scope", "cause")),
+    _Family("ratelimitd_unreplicated_settles", "Commits and releases applied but not "
+            "acknowledged by [redis] replicas_ack replicas in time", "counter", ("call",)),
 )}
+SETTLE_CALLS: Final = ("commit", "release")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +259,7 @@ class Metrics:
         totals live on, each set is swapped whole."""
         self.tiers = frozenset(tiers)
         self.models = frozenset(models)
-        self.reasons = frozenset(limit_names) | ERROR_CODES
+        self.reasons = frozenset(limit_names).union(ERROR_CODES)
         self.block_scopes = BLOCK_SCOPES | frozenset(attribute_scopes)
         self._precreate()
 
@@ -275,8 +276,10 @@ class Metrics:
                     self._counter("ratelimitd_cost_usd", (stage, tier, model))
                 self._counter("ratelimitd_overruns", (tier, model))
                 self._counter("ratelimitd_overrun_tokens", (tier, model))
-        for kind in ALERT_KINDS:
-            self._counter("ratelimitd_alerts", (kind,))
+        for labels in ALERT_LABELS:
+            self._counter("ratelimitd_alerts", labels)
+        for settle in SETTLE_CALLS:
+            self._counter("ratelimitd_unreplicated_settles", (settle,))
         for scope in self.block_scopes:
             for cause in BLOCK_CAUSES:
                 self._counter("ratelimitd_blocks", (scope, cause))
@@ -336,8 +339,13 @@ class Metrics:
     def expired(self) -> None:
         self._counter("ratelimitd_reservations", ("expired",)).inc()
 
-    def alert(self, kind: str) -> None:
-        self._counter("ratelimitd_alerts", (bounded(kind, ALERT_KINDS),)).inc()
+    def unreplicated(self, call: str) -> None:
+        """A commit or release applied that the replicas did not acknowledge in time."""
+        self._counter("ratelimitd_unreplicated_settles", (call,)).inc()
+
+    def alert(self, kind: str, severity: str) -> None:
+        labels = (kind, severity) if (kind, severity) in ALERT_LABELS else (OTHER, OTHER)
+        self._counter("ratelimitd_alerts", labels).inc()
 
     def block(self, scope: str, cause: str) -> None:
         labels = (bounded(scope, self.block_scopes), bounded(cause, BLOCK_CAUSES))

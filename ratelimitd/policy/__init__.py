@@ -2,11 +2,13 @@
 of a reserve (subjects.py), prices (pricing.py)."""
 
 from ratelimitd.policy.limits import (
+    ANOMALY_ACTIONS,
     BUILTIN_SCOPES,
     CALENDAR_PERIODS,
     DEFAULT_SUB_BUCKETS,
     METRICS,
     Algorithm,
+    AnomalyAction,
     Limit,
     Metric,
     Tier,
@@ -32,6 +34,7 @@ from ratelimitd.policy.subjects import (
 )
 
 __all__ = [
+    "ANOMALY_ACTIONS",
     "BUILTIN_SCOPES",
     "CALENDAR_PERIODS",
     "DEFAULT_MODEL_PRICE",
@@ -39,6 +42,7 @@ __all__ = [
     "DEFAULT_SUB_BUCKETS",
     "METRICS",
     "Algorithm",
+    "AnomalyAction",
     "Identity",
     "Limit",
     "Metric",

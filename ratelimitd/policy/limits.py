@@ -17,6 +17,9 @@ from ratelimitd.units import format_duration, parse_duration, usd_to_nano
 
 Metric = Literal["requests", "tokens", "input_tokens", "output_tokens", "cost_usd", "concurrent"]
 Algorithm = Literal["sliding", "token_bucket", "calendar"]
+# What a request spike does: alert only, or block the subject too
+AnomalyAction = Literal["alert", "block"]
+ANOMALY_ACTIONS: Final[tuple[AnomalyAction, ...]] = ("alert", "block")
 
 METRICS: Final[tuple[str, ...]] = (
     "requests", "tokens", "input_tokens", "output_tokens", "cost_usd", "concurrent",
@@ -76,8 +79,9 @@ class Tier:
     max_output_tokens: int | None = None
     max_prompt_chars: int | None = None
     max_input_tokens: int | None = None
-    # anomaly detection on this tier's users (lua/anomaly.lua); `[tiers.X] anomaly = false`
-    anomaly: bool = True
+    # anomaly detection on this tier's users (lua/anomaly.lua): true (the [anomaly] action),
+    # an action of its own ("alert" or "block"), or false (none)
+    anomaly: bool | AnomalyAction = True
     # the limits by scope, in visiting order (see plan); derived once
     scope_groups: tuple[tuple[str, tuple[Limit, ...]], ...] = field(
         init=False, compare=False, repr=False)
@@ -123,15 +127,17 @@ def shorthand_limits(
 
 def default_tiers() -> dict[str, Tier]:
     """The seed's three tiers, used when a configuration names none."""
+    # max_prompt_chars: room for any prompt the day's tokens could pay for (text runs about 4
+    # characters a token, rarely over 10), and for a full 128k-token context on the others
     seed = {
-        "free": (10, 10_000, 500, 1.0, 2),
-        "pro": (60, 100_000, 4_000, 50.0, 10),
-        "enterprise": (300, 1_000_000, 8_000, 500.0, 50),
+        "free": (10, 10_000, 500, 1.0, 2, 100_000),
+        "pro": (60, 100_000, 4_000, 50.0, 10, 600_000),
+        "enterprise": (300, 1_000_000, 8_000, 500.0, 50, 1_000_000),
     }
     tiers = {}
-    for name, (rpm, tpd, max_out, budget, concurrent) in seed.items():
+    for name, (rpm, tpd, max_out, budget, concurrent, max_chars) in seed.items():
         tiers[name] = Tier(name, shorthand_limits(rpm, tpd, budget, concurrent),
-                           max_output_tokens=max_out)
+                           max_output_tokens=max_out, max_prompt_chars=max_chars)
     return tiers
 
 

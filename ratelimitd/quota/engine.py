@@ -22,10 +22,15 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from ratelimitd.alerts.record import Alert, AlertDecodeError, decode_alert_json
-from ratelimitd.errors import ReserveInProgress, StoreReplyError, StoreUnavailable
-from ratelimitd.policy import Limit, Prices, Subject
+from ratelimitd.errors import (
+    IdempotencyKeyReused,
+    ReserveInProgress,
+    StoreReplyError,
+    StoreUnavailable,
+)
+from ratelimitd.policy import ANOMALY_ACTIONS, AnomalyAction, Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
+from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.quota.calendar import Calendar
 from ratelimitd.quota.compensation import Compensator
 from ratelimitd.quota.ids import ReservationIds
@@ -65,8 +70,9 @@ class ReserveRequest:
     # subjects with no limits of their own whose blocks apply too (an api key, an ip): each is
     # asked in the same event-loop tick as the first subject, so it costs no round trip
     guards: Sequence[Subject] = ()
-    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`)
-    anomaly: bool = False
+    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`): True
+    # with AnomalySettings' action, an action of its own, or False (no check)
+    anomaly: bool | AnomalyAction = False
     # per plan entry, the input tokens charged on that subject instead of input_tokens (the
     # gRPC service's per-descriptor hits); a commit applies the primary's usage to all
     subject_inputs: Sequence[int] | None = None
@@ -103,7 +109,7 @@ class ReserveResult:
 
 @dataclass(slots=True)
 class Blocked:
-    """A subject of the reserve is blocked (guard/blocks.py): until when, and why."""
+    """A subject of the reserve is blocked (abuse/blocks.py): until when, and why."""
 
     subject: Subject
     retry_after_ms: int
@@ -122,12 +128,18 @@ class SettleResult:
     # the cost alerts the commit fired (a repeat answers the same); a cost alert's `limit` is
     # the limit's lid: name it with LimitNames (the daemon knows its limits, the Lua does not)
     alerts: list[Alert] = field(default_factory=list)
+    # with [redis] replicas_ack: whether the replicas acknowledged every subject's settle (a
+    # settle they did not is applied all the same: WAIT never rolls back); None: not asked
+    replicated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class AnomalySettings:
-    """[anomaly]: what makes a request or token spike (lua/anomaly.lua)."""
+    """[anomaly]: what makes a request or token spike and what a request spike does
+    (lua/anomaly.lua)."""
 
+    action: AnomalyAction = "alert"
+    min_history_hours: int = 24
     request_spike_factor: float = 5.0
     token_spike_factor: float = 3.0
     block_ms: int = 900_000
@@ -162,6 +174,18 @@ def _keys(tag: str, rand: str) -> list[str | int]:
     its alert list, in one hash slot."""
     base = f"rl:{{{tag}}}"
     return [3, base, f"{base}:r:{rand}", f"{base}:alerts"]
+
+
+def _anomaly_args(anomaly: AnomalySettings) -> dict[bool | AnomalyAction, bytes]:
+    def packed(action: AnomalyAction) -> bytes:
+        return wire.ANOMALY_ARGS.pack(
+            round(anomaly.request_spike_factor * wire.PPM),
+            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
+            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request,
+            int(action == "block"), anomaly.min_history_hours)
+    by_action: dict[bool | AnomalyAction, bytes] = {a: packed(a) for a in ANOMALY_ACTIONS}
+    by_action[True] = by_action[anomaly.action]
+    return by_action
 
 
 def decode_alerts(raw: bytes) -> list[Alert]:
@@ -203,11 +227,8 @@ class Engine:
         self.compensator = Compensator(self._cancel, (ttl + self.settings.commit_grace_ms) / 1000)
         ppm = sorted({round(t * wire.PPM) for t in self.settings.alert_thresholds})
         self._thresholds_arg = struct.pack(f"<{len(ppm)}d", *ppm) if ppm else b""
-        anomaly = self.settings.anomaly
-        self._anomaly_arg = wire.ANOMALY_ARGS.pack(
-            round(anomaly.request_spike_factor * wire.PPM),
-            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
-            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request)
+        # ANOMALY_ARGS by ReserveRequest.anomaly (False sends none)
+        self._anomaly_args = _anomaly_args(self.settings.anomaly)
 
     @classmethod
     def with_test_clock(
@@ -372,6 +393,11 @@ class Engine:
                                         "finished; retry shortly")
             if reply.status == ReserveStatus.CANCELLED:
                 raise StoreUnavailable("this reserve attempt was cancelled before it ran")
+            if reply.status == ReserveStatus.REUSED:
+                await self._undo(call, holds)
+                raise IdempotencyKeyReused(
+                    "this idempotency_key was used for another request (other subjects or "
+                    "input tokens); use a new key for a new request")
             holds.append(hold)
             if first is None:
                 first = reply
@@ -413,7 +439,7 @@ class Engine:
                 req.prices.cached_input, req.prices.output, call.attempt),
             others, self._specs_arg(limits),
             self._record_ttl_text if req.record_ttl_ms is None else str(req.record_ttl_ms),
-            self._anomaly_arg if primary and req.anomaly else b""]
+            self._anomaly_args[req.anomaly] if primary and req.anomaly else b""]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it
@@ -519,29 +545,49 @@ class Engine:
         if parsed is None:
             return SettleResult("not_found")
         rand, primary = parsed
-        reply = await self._settle(primary, rand, mode, input_tokens, cached, output)
+        reply, replicated = await self._settle_acked(primary, rand, mode, input_tokens, cached,
+                                                     output)
         result = SettleResult(
             _OUTCOMES[reply.status], reply.input_tokens, reply.cached_input_tokens,
             reply.output_tokens, reply.cost_nano, reply.reserved_tokens, reply.reserved_cost_nano,
-            decode_alerts(reply.alerts))
+            decode_alerts(reply.alerts), replicated)
         if reply.status in (SettleStatus.APPLIED, SettleStatus.DUPLICATE):
             # Each subject settles exactly once on its own, so a repeat also finishes what a
             # crash may have left half done; the primary's record holds the usage to apply.
             for tag in orjson.loads(reply.others or b"[]"):
-                other = await self._settle(tag, rand, mode, result.input_tokens,
-                                           result.cached_input_tokens, result.output_tokens)
+                other, replicated = await self._settle_acked(
+                    tag, rand, mode, result.input_tokens, result.cached_input_tokens,
+                    result.output_tokens)
                 result.alerts += decode_alerts(other.alerts)
+                if replicated is False:
+                    result.replicated = False
         return result
+
+    async def _settle_acked(
+        self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int, output: int
+    ) -> tuple[wire.SettleReply, bool | None]:
+        """A commit's or release's settle of one subject: what `[redis] replicas_ack` waits
+        for (store/replication.py); the reply, and whether the replicas acknowledged it."""
+        raw, replicated = await self.scripts.run_acked(
+            self.scripts.library.settle, self._settle_args(tag, rand, mode, input_tokens, cached,
+                                                           output, 0))
+        return wire.decode_settle(raw), replicated
 
     async def _settle(
         self, tag: str, rand: str, mode: SettleMode, input_tokens: int, cached: int,
         output: int, attempt: int = 0
     ) -> wire.SettleReply:
-        return wire.decode_settle(await self.scripts.run(self.scripts.library.settle, [
-            *_keys(tag, rand),
-            wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
-                                  attempt),
-            self._ttl_text, self._thresholds_arg]))
+        """A settle no replica acknowledgement is waited for: a cancel or a resize."""
+        return wire.decode_settle(await self.scripts.run(
+            self.scripts.library.settle,
+            self._settle_args(tag, rand, mode, input_tokens, cached, output, attempt)))
+
+    def _settle_args(self, tag: str, rand: str, mode: SettleMode, input_tokens: int,
+                     cached: int, output: int, attempt: int) -> list[Any]:
+        return [*_keys(tag, rand),
+                wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
+                                      attempt),
+                self._ttl_text, self._thresholds_arg]
 
     # -- usage -------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Final
 
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.quota.wire import lua_constants
 
 # The library's files, in build order; the entry scripts become functions.
@@ -43,7 +44,7 @@ _BINDINGS: Final = (
 )
 
 
-class LuaBuildError(ValueError):
+class LuaBuildError(RatelimitdError, ValueError):
     """The Lua breaks a build rule; the message names the file and line."""
 
 

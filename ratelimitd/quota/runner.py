@@ -47,3 +47,14 @@ class ScriptRunner:
                 raise StoreReplyError(self.library.explain(str(exc))) from exc
         await self.load()
         return await self.transport.fcall(script.function, args)
+
+    async def run_acked(self, script: Script, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        """run, for a write `[redis] replicas_ack` waits for: its reply, and whether the
+        replicas acknowledged it (None: none asked for)."""
+        try:
+            return await self.transport.fcall_acked(script.function, args)
+        except StoreReplyError as exc:
+            if not exc.missing_function:
+                raise StoreReplyError(self.library.explain(str(exc))) from exc
+        await self.load()
+        return await self.transport.fcall_acked(script.function, args)

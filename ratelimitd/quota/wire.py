@@ -54,6 +54,8 @@ class ReserveStatus(IntEnum):
     BLOCKED = 6        # the subject is blocked: retry_after_ms until its end; the tail: reason
     PEEKED = 7         # PEEK: per limit what remains unclamped (used = limit - remaining);
                        # retry_after_ms: the block's ms left (0: none), the tail: its reason
+    REUSED = 8         # RETRY: the id's live record is of another request (its idempotency
+                       # key was used for other subjects or input tokens)
 
 
 class SettleStatus(IntEnum):
@@ -126,9 +128,10 @@ SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "to
 PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
 # The anomaly arguments of a reserve on its primary subject (lua/anomaly.lua); '' turns the
 # check off (other subjects, tiers with `anomaly = false`). Factors are x 10^6, like thresholds.
-ANOMALY_ARGS: Final = Format("ANOMALY_ARGS", "<5d", (
+# request_spike_blocks: 1 when a request spike blocks the subject, 0 when it only alerts.
+ANOMALY_ARGS: Final = Format("ANOMALY_ARGS", "<7d", (
     "request_factor_ppm", "token_factor_ppm", "block_ms", "default_requests_per_hour",
-    "default_tokens_per_request"))
+    "default_tokens_per_request", "request_spike_blocks", "min_history_hours"))
 # The subject hash's field `n` (lua/anomaly.lua): the current hour (its index since the epoch)
 # and its counts, the baselines, how many active hours they have seen (counted up to 255), and
 # which anomalies alerted this hour. Packed small: every busy subject holds one.

@@ -77,6 +77,8 @@ class ClusterTransport:
         self._slots: list[Address | None] = [None] * SLOTS
         self._primaries: set[Address] = set()
         self._pipes: dict[Address, PipelinedConnection] = {}
+        # the acknowledged writes' own connections (replication.py), per primary
+        self._acked_pipes: dict[Address, PipelinedConnection] = {}
         self._library: str | None = None
         self._refreshing: asyncio.Task[None] | None = None
         self._next_refresh = 0.0
@@ -84,10 +86,17 @@ class ClusterTransport:
     # -- the Transport protocol
 
     def fcall(self, function: str, args: Sequence[Any]) -> Awaitable[Any]:
-        return self._call(("FCALL", function, *args), _slot_of(args), function)
+        return self._call(("FCALL", function, *args), _slot_of(args))
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        if self._acks is None:
+            return await self._call(("FCALL", function, *args), _slot_of(args)), None
+        reply: tuple[Any, bool] = await self._call(("FCALL", function, *args), _slot_of(args),
+                                                   acked=True)
+        return reply
 
     async def execute(self, *args: Any) -> Any:
-        return await self._bounded(self._call(args, _slot_of(args), None))
+        return await self._bounded(self._call(args, _slot_of(args)))
 
     async def load_library(self, source: str) -> None:
         self._library = source
@@ -104,22 +113,25 @@ class ClusterTransport:
     async def aclose(self) -> None:
         if self._refreshing is not None:
             self._refreshing.cancel()
-        for pipe in self._pipes.values():
+        for pipe in (*self._pipes.values(), *self._acked_pipes.values()):
             await pipe.aclose()
         self._pipes.clear()
+        self._acked_pipes.clear()
 
     # -- routing
 
-    def _pipe(self, address: Address) -> PipelinedConnection:
-        pipe = self._pipes.get(address)
+    def _pipe(self, address: Address, acked: bool = False) -> PipelinedConnection:
+        pipes = self._acked_pipes if acked else self._pipes
+        pipe = pipes.get(address)
         if pipe is None:
             pipe = PipelinedConnection(f"redis://{self._auth}{address[0]}:{address[1]}",
                                        self.timeout_s)
-            self._pipes[address] = pipe
+            pipes[address] = pipe
         return pipe
 
-    async def _call(self, command: tuple[EncodableT, ...], slot: int, function: str | None
+    async def _call(self, command: tuple[EncodableT, ...], slot: int, acked: bool = False
                     ) -> Any:
+        """The command's reply; with `acked`, (reply, whether the replicas acknowledged it)."""
         loop = asyncio.get_running_loop()
         if loop.time() >= self._next_refresh:
             self._refresh_soon()
@@ -131,11 +143,11 @@ class ClusterTransport:
                 raise StoreUnavailable(f"no node of the cluster serves slot {slot}")
         asking = False
         for _ in range(MAX_REDIRECTS):
-            pipe = self._pipe(address)
+            pipe = self._pipe(address, acked)
             try:
                 if asking:  # ASK is rare (a slot mid-migration): a round trip of its own
                     await pipe.call("ASKING")
-                if self._acks is not None and function is not None and self._acks.applies(function):
+                if acked and self._acks is not None:
                     return await self._acks.call(pipe, command)
                 return await pipe.call(*command)
             except StoreReplyError as exc:
@@ -202,11 +214,12 @@ class ClusterTransport:
             primaries.add(address)
             slots[int(start):int(end) + 1] = [address] * (int(end) - int(start) + 1)
         new = primaries - self._primaries
-        gone = set(self._pipes) - primaries - set(self._seeds)
+        gone = {*self._pipes, *self._acked_pipes} - primaries - set(self._seeds)
         self._slots, self._primaries = slots, primaries
-        for address in gone:  # a demoted or removed primary: its connection is not needed
-            pipe = self._pipes.pop(address)
-            asyncio.get_running_loop().create_task(pipe.aclose())
+        for address in gone:  # a demoted or removed primary: its connections are not needed
+            for pipe in (self._pipes.pop(address, None), self._acked_pipes.pop(address, None)):
+                if pipe is not None:
+                    asyncio.get_running_loop().create_task(pipe.aclose())
         if new and self._library is not None:
             asyncio.get_running_loop().create_task(self._load_quietly(new, self._library))
 

@@ -89,9 +89,13 @@ def open_store(config: RedisConfig, url: str) -> Store:
     if config.mode == "cluster" and url.startswith("redis://"):
         return Store(client, ClusterTransport(url, timeout, acks))
     if config.mode == "sentinel":
-        return Store(client, PipeTransport(_sentinel_pipe(url, timeout), timeout, acks))
+        return Store(client, PipeTransport(
+            _sentinel_pipe(url, timeout), timeout, acks,
+            _sentinel_pipe(url, timeout) if acks is not None else None))
     if url.startswith(("redis://", "unix://")):
-        return Store(client, PipeTransport(PipelinedConnection(url, timeout), timeout, acks))
+        return Store(client, PipeTransport(
+            PipelinedConnection(url, timeout), timeout, acks,
+            PipelinedConnection(url, timeout) if acks is not None else None))
     return Store(client, BatchTransport(client, timeout))
 
 

@@ -20,6 +20,7 @@ import fcntl
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -36,6 +37,8 @@ from ratelimitd.store.server_binary import ServerBinaryNotFoundError, find_serve
 START_TIMEOUT_S: Final = 15.0
 ORPHAN_SHUTDOWN_TIMEOUT_S: Final = 15.0
 _PR_SET_PDEATHSIG: Final = 1
+# redis-server's files (append-only file, its directory, log) readable by the owner only
+_OWNER_ONLY_UMASK: Final = 0o077
 
 
 def state_directory(configured: str) -> Path:
@@ -49,8 +52,9 @@ def state_directory(configured: str) -> Path:
 
 
 def prepare_state_directory(path: Path) -> None:
-    """Creates the state directory and proves it writable; a problem is one line naming the
-    path and what to do (EmbeddedRedisError), never a traceback."""
+    """Creates the state directory, makes it and what it holds owner-only, and proves it
+    writable; a problem is one line naming the path and what to do (EmbeddedRedisError),
+    never a traceback."""
     advice = "set [redis] data_dir (or $STATE_DIRECTORY) to a writable directory"
     if path.exists() and not path.is_dir():
         raise EmbeddedRedisError(f"state directory {path} exists but is not a directory; "
@@ -60,6 +64,7 @@ def prepare_state_directory(path: Path) -> None:
     except OSError as exc:
         raise EmbeddedRedisError(f"cannot create the state directory {path}: "
                                  f"{exc.strerror or exc}; {advice}") from None
+    _owner_only(path, advice)
     probe = path / f".probe-{uuid.uuid4().hex}"
     try:
         probe.write_bytes(b"")
@@ -67,6 +72,23 @@ def prepare_state_directory(path: Path) -> None:
     except OSError as exc:
         raise EmbeddedRedisError(f"the state directory {path} is not writable: "
                                  f"{exc.strerror or exc}; {advice}") from None
+
+
+def _owner_only(path: Path, advice: str) -> None:
+    """The append-only file holds the reservation-id secret and the key records: the
+    directory becomes 0700 and what an earlier run left in it loses its group and other bits,
+    whatever mode the directory had (redis-server then creates files under umask 077)."""
+    try:
+        path.chmod(0o700)
+        for entry in path.rglob("*"):
+            mode = entry.lstat().st_mode
+            if not stat.S_ISLNK(mode) and mode & 0o077:
+                entry.chmod(stat.S_IMODE(mode) & 0o700)
+    except OSError as exc:
+        raise EmbeddedRedisError(
+            f"cannot make the state directory {path} owner-only (it holds the reservation-id "
+            f"secret): {exc.strerror or exc}; run the daemon as its owner or {advice}"
+        ) from None
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -157,7 +179,7 @@ class EmbeddedRedis:
             self.proc = subprocess.Popen(args, stdin=  # noqa: S603
                                          subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True,
-                                         preexec_fn=preexec)
+                                         preexec_fn=preexec, umask=_OWNER_ONLY_UMASK)
             proc = self.proc
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self.answers():
@@ -201,7 +223,8 @@ class EmbeddedRedis:
     def _take_lock(self) -> None:
         path = self.data_dir / "ratelimitd.lock"
         try:
-            lock_file = path.open("ab")
+            lock_file = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+                                  "ab")
         except OSError as exc:
             raise EmbeddedRedisError(f"cannot open {path}: {exc.strerror or exc}") from None
         try:

@@ -21,6 +21,8 @@ import subprocess
 from pathlib import Path
 from typing import Final, Literal
 
+from ratelimitd.errors import RatelimitdError
+
 ServerKind = Literal["any", "redis", "valkey"]
 
 SERVER_KINDS: Final[tuple[ServerKind, ...]] = ("any", "redis", "valkey")
@@ -37,7 +39,7 @@ _VERSION: Final = re.compile(r"\b(Redis|Valkey) server v=(\d+)\.(\d+)\.(\d+)")
 MIN_REDIS_VERSION: Final = (7, 0, 0)
 
 
-class ServerBinaryNotFoundError(RuntimeError):
+class ServerBinaryNotFoundError(RatelimitdError, RuntimeError):
     """No server binary of the kind asked for; the message says how to get one."""
 
 

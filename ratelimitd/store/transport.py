@@ -1,10 +1,10 @@
-"""How the quota engine's calls reach Redis: one small protocol, two implementations.
+"""How the quota engine's calls reach Redis: one small protocol, three implementations.
 
 `Transport.fcall(function, args)` is one atomic FCALL; calls made in the same event-loop tick
 share one write to Redis. `PipeTransport` sends them through the pipelined connection of a
 standalone Redis (or of Sentinel's primary of the moment); `ClusterTransport` (cluster.py)
 through one per cluster primary; `BatchTransport` through one redis-py pipeline per batch
-(TLS). Either raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
+(TLS). Each raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
 bounds every call by the configured timeout.
 """
 
@@ -33,6 +33,11 @@ MAX_BATCH: Final = 8
 class Transport(Protocol):
     def fcall(self, function: str, args: Sequence[Any]) -> Awaitable[Any]:
         """One FCALL of `args` (numkeys, keys..., arguments...): its reply."""
+        ...
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        """fcall, for a write that `[redis] replicas_ack` waits for (replication.py): its reply,
+        and whether the replicas acknowledged it (None: no acknowledgement is asked for)."""
         ...
 
     async def load_library(self, source: str) -> None:
@@ -80,11 +85,16 @@ class PipeTransport:
     pipe: PipelinedConnection
     timeout_s: float | None
     acks: ReplicaAck | None = None        # [redis] replicas_ack > 0 (replication.py)
+    # the acknowledged writes' own connection, to the same server as `pipe` (with `acks`)
+    acked_pipe: PipelinedConnection | None = None
 
     def fcall(self, function: str, args: Sequence[Any]) -> Awaitable[Any]:
-        if self.acks is not None and self.acks.applies(function):
-            return self.acks.call(self.pipe, ("FCALL", function, *args))
         return self.pipe.call("FCALL", function, *args)
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        if self.acks is None or self.acked_pipe is None:
+            return await self.pipe.call("FCALL", function, *args), None
+        return await self.acks.call(self.acked_pipe, ("FCALL", function, *args))
 
     async def load_library(self, source: str) -> None:
         async with bounded(self.timeout_s):
@@ -100,6 +110,8 @@ class PipeTransport:
 
     async def aclose(self) -> None:
         await self.pipe.aclose()
+        if self.acked_pipe is not None:
+            await self.acked_pipe.aclose()
 
 
 @dataclass(slots=True)
@@ -129,6 +141,10 @@ class BatchTransport:
         elif self._flush is None:
             self._flush = loop.call_soon(self._send)
         return call.done
+
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        # replicas_ack is refused with TLS, the only mode this transport serves
+        return await self.fcall(function, args), None
 
     async def load_library(self, source: str) -> None:
         async with bounded(self.timeout_s):

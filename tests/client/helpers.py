@@ -55,7 +55,7 @@ async def usage_of(rl: RatelimitdClient, user: str = "u1") -> dict[str, Any]:
 
 
 def cost_nano(input_tokens: int, output_tokens: int, cached: int = 0) -> int:
-    """API.md's price formula for gpt-4o, in nano-USD rounded up."""
+    """The documented price formula for gpt-4o, in nano-USD rounded up."""
     micro = (input_tokens - cached) * 2_500_000 + cached * 1_250_000 + output_tokens * 10_000_000
     return -(-micro // 1000)
 

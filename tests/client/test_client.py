@@ -309,13 +309,14 @@ async def test_bad_input_is_invalid_request(serve: Serve, fields: dict[str, Any]
 
 
 async def test_service_token_errors_are_auth_errors(serve: Serve) -> None:
-    url = url_of(await serve({**config(), "server": {"service_tokens": ["s3cret"]}}))
+    url = url_of(await serve({**config(),
+                              "server": {"service_tokens": ["s3cret-0123456789abc"]}}))
     for token, code in ((None, "missing_credentials"), ("wrong", "invalid_service_token")):
         async with RatelimitdClient(url, service_token=token) as rl:
             with pytest.raises(AuthError) as err:
                 await rl.reserve(user="u1", tier="t", model="gpt-4o", input_tokens=5)
         assert (err.value.status, err.value.code) == (401, code)
-    async with RatelimitdClient(url, service_token="s3cret") as rl:
+    async with RatelimitdClient(url, service_token="s3cret-0123456789abc") as rl:
         assert (await rl.reserve(user="u1", tier="t", model="gpt-4o",
                                  input_tokens=5)).reservation_id
 

@@ -2,8 +2,7 @@
 and an OpenAI-format upstream served here. All of it over real localhost sockets.
 
 The gateway sends the caller's bearer token to ratelimitd as `api_key`, so these tests create
-a key with the admin API (`POST /v1/admin/keys`, API.md). Until the daemon has API keys
-(issue 11) every test that makes a key fails at that step, saying so.
+a key with the admin API (`POST /v1/admin/keys`, docs/http-api.md).
 """
 
 from __future__ import annotations
@@ -161,7 +160,7 @@ class Stack:
         return client
 
     async def create_key(self, user: str = "e2e", tier: str = "t") -> str:
-        """A key made with the admin API, as API.md describes it (issue 11)."""
+        """A key made with the admin API (docs/http-api.md)."""
         async with aiohttp.ClientSession() as http, http.post(
                 f"{self.daemon_url}/v1/admin/keys", json={"user": user, "tier": tier},
                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:

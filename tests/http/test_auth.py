@@ -18,14 +18,14 @@ from tests.support.http import (
 
 @pytest.fixture
 def service_token_env(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("RATELIMITD_TEST_GATEWAY_TOKEN", "gw-from-env-5f2c")
-    return "gw-from-env-5f2c"
+    monkeypatch.setenv("RATELIMITD_TEST_GATEWAY_TOKEN", "gw-from-env-5f2c-0123456789")
+    return "gw-from-env-5f2c-0123456789"
 
 
 async def test_service_tokens_guard_v1(serve: Serve, redis_client: Redis,
                                        service_token_env: str) -> None:
     client = await serve({**small(), "server": {
-        "service_tokens": ["gw-literal-91ab", "env:RATELIMITD_TEST_GATEWAY_TOKEN"]}})
+        "service_tokens": ["gw-literal-91ab-0123456789", "env:RATELIMITD_TEST_GATEWAY_TOKEN"]}})
     body = rq(input_tokens=10)
     for headers, code in (({}, "missing_credentials"),
                           ({"Authorization": "Basic Z3c6cGFzcw=="}, "missing_credentials"),
@@ -34,14 +34,14 @@ async def test_service_tokens_guard_v1(serve: Serve, redis_client: Redis,
                           ({"Authorization": "Bearer gw-literal-91ac"}, "invalid_service_token"),
                           ({"Authorization": "Bearer env:RATELIMITD_TEST_GATEWAY_TOKEN"},
                            "invalid_service_token"),
-                          ({"Authorization": "Bearer gw-literal-91ab-and-more"},
+                          ({"Authorization": "Bearer gw-literal-91ab-0123456789-and-more"},
                            "invalid_service_token")):
         for path in ("/v1/reserve", "/v1/commit", "/v1/release"):
             resp, answer = await call(client, path, body, headers=headers)
             assert_error(resp, answer, 401, code)
             assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     assert await charged_keys(redis_client) == []            # no unauthenticated call wrote
-    for token in ("gw-literal-91ab", service_token_env):
+    for token in ("gw-literal-91ab-0123456789", service_token_env):
         resp, answer = await call(client, "/v1/reserve", body,
                                   headers={"Authorization": f"Bearer {token}"})
         assert resp.status == 200, answer

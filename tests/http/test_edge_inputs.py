@@ -1,4 +1,4 @@
-"""Odd but real inputs get right answers (issue 10, items 4-7): null attributes, malformed
+"""Odd but real inputs get right answers: null attributes, malformed
 messages named by their path, output caps below the minimum, HEAD on the probes, calls that
 can never fit, headers at the largest quotas, and chat requests with tools and images."""
 
@@ -10,8 +10,8 @@ import http_sf
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.tokens import TokenCounter
-from tests.support.http import Serve, assert_error, call, limit_of, rq, small
+from ratelimitd.tokenize import TokenCounter
+from tests.support.http import SMALL_TIER, Serve, assert_error, call, limit_of, rq, small
 
 DEVICE_LIMIT = {"name": "per_device", "scope": "device", "metric": "requests", "window": "60s",
                 "limit": 5}
@@ -119,3 +119,40 @@ async def test_a_chat_request_with_tools_tool_calls_and_an_image_is_counted(
     assert body["input_tokens"] == expected > text_only + 765   # the image alone is 765
     resp, body = await call(client, "/v1/reserve", rq(prompt="hi", tools=tools))
     assert_error(resp, body, 400, "invalid_request", "tools: only with messages")
+
+
+def _nested_lists(depth: int) -> Any:
+    value: Any = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def _nested_properties(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": {"q": {"oneOf": _nested_lists(255)}}},
+    {"type": "object", "x-extra": _nested_lists(600)},
+    _nested_properties(255),
+    {"type": "object", "properties": {"q": {"description": "untyped",
+                                            "items": _nested_lists(300)}}},
+], ids=["unknown-key-255", "unknown-key-600", "properties-255", "untyped-300"])
+async def test_tool_parameters_nested_too_deep_answer_400_and_charge_nothing(
+        serve: Serve, parameters: dict[str, Any]) -> None:
+    client = await serve(small())
+    tools = [{"type": "function", "function": {"name": "f", "parameters": parameters}}]
+    messages = [{"role": "user", "content": "hi"}]
+    resp, body = await call(client, "/v1/reserve", rq(messages=messages, tools=tools,
+                                                      max_output_tokens=10))
+    assert_error(resp, body, 400, "invalid_request", "tools[0].function.parameters",
+                 "levels deep")
+    # nothing was charged: the first request that is counted sees the whole minute
+    resp, body = await call(client, "/v1/reserve", rq(input_tokens=1, max_output_tokens=10))
+    assert resp.status == 200, body
+    per_minute = SMALL_TIER["requests_per_minute"]
+    assert limit_of(body, "requests_per_minute")["remaining"] == per_minute - 1

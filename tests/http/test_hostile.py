@@ -285,6 +285,150 @@ def test_a_flood_of_idle_and_slow_connections_leaves_normal_clients_served(
             daemon.stop()
 
 
+SLOW_BODY_HEAD = (b"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n{")
+
+
+class SlowBodies:
+    """An attacker holding `count` connections that each send a head promising 100 kB, then
+    one body byte a second; a connection the daemon closes is opened again, every round."""
+
+    def __init__(self, port: int, count: int) -> None:
+        self.port, self.count = port, count
+        self.socks: list[socket.socket] = []
+        self.reopened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> None:
+        try:
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+            sock.sendall(SLOW_BODY_HEAD)
+            self.socks.append(sock)
+        except OSError:
+            pass
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self._open()
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            alive = []
+            for sock in self.socks:
+                try:
+                    sock.send(b" ")
+                    alive.append(sock)
+                except OSError:
+                    sock.close()
+            self.socks = alive
+            while len(self.socks) < self.count and not self._stop.is_set():
+                self.reopened += 1
+                self._open()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self.socks:
+            sock.close()
+
+
+def _try_reserve(port: int) -> float | None:
+    """One reserve on a fresh connection: seconds it took, None if it was not answered 200."""
+    body = json.dumps(RESERVE).encode()
+    started = time.monotonic()
+    try:
+        with connect(port, timeout=5) as sock:
+            sock.sendall(request(body, headers="Content-Type: application/json\r\n"))
+            _, answer = read_until_closed(sock, 5)
+    except (OSError, pytest.fail.Exception):
+        return None
+    return time.monotonic() - started if answer.startswith(b"HTTP/1.1 200") else None
+
+
+def test_a_flood_of_slow_bodies_leaves_normal_clients_served(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """300 connections trickling a 100 kB body at a byte a second against a cap of 200 (the
+    attacker reopens every connection closed): a normal client's reserves all answer 200, fast.
+    Without displacing slow bodies the cap stayed full of them and every normal connection was
+    closed unanswered until body_timeout_s."""
+    port = free_port()
+    daemon = Daemon(tmp_path, config(port, redis_server.url).replace(
+        f"header_timeout_s = {HEADER_S}", "header_timeout_s = 30").replace(
+        f"body_timeout_s = {BODY_S}", "body_timeout_s = 60").replace(
+        "[redis]", "max_connections = 200\n\n[redis]"))
+    attack = SlowBodies(port, 300)
+    try:
+        wait_healthy(daemon, port)
+        attack.start()
+        time.sleep(2.5)           # the bodies fall behind the minimum pace
+        took = []
+        for _ in range(40):
+            took.append(_try_reserve(port))
+            time.sleep(0.05)
+        served = [t for t in took if t is not None]
+        print(f"\nnormal client beside 300 slow bodies (cap 200): {len(served)}/{len(took)} "
+              f"served{'; ' + _summary(served) if served else ''}; "
+              f"attacker reopened {attack.reopened}")
+        assert len(served) == len(took), f"{len(served)}/{len(took)} served"
+        assert max(served) < 2.0, _summary(served)   # the attack's timescale: 60 s
+        assert daemon.proc.poll() is None
+        assert "Traceback" not in daemon.log
+    finally:
+        attack.stop()
+        if daemon.proc.poll() is None:
+            daemon.stop()
+
+
+def test_a_flood_of_huge_prompts_from_one_user_leaves_other_users_counted_fast(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """16 concurrent dry runs of 1 MB prompts that are slow to encode (no spaces), kept up by
+    one user, while another user reserves 9,000-character prompts (counted on the same
+    threads): the other user's reserves stay fast. Without turns per caller each waited
+    behind the whole flood, seconds."""
+    port = free_port()
+    daemon = Daemon(tmp_path, config(port, redis_server.url))
+    huge = json.dumps({**RESERVE, "user": "flood", "input_tokens": None, "dry_run": True,
+                       "prompt": "ab1" * 333_000}).encode()
+    normal = {**RESERVE, "user": "u2", "input_tokens": None, "prompt": "word " * 1800}
+    stop = threading.Event()
+    flooded: list[int] = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                status, _, _ = exchange(port, request(huge))
+                flooded.append(status)
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(16)]
+    try:
+        wait_healthy(daemon, port)
+        for thread in flooders:
+            thread.start()
+        time.sleep(2.0)            # the flood's prompts queue up for the counting threads
+        took = []
+        for _ in range(30):
+            started = time.monotonic()
+            status, _, answer = exchange(port, request(json.dumps(normal).encode()))
+            assert status == 200, answer
+            took.append(time.monotonic() - started)
+            time.sleep(0.05)
+        ordered = sorted(took)
+        print(f"\n9,000-char prompts beside 16 concurrent 1 MB prompts of another user: "
+              f"{_summary(took)}, p99 {ordered[int(len(ordered) * 0.99) - 1] * 1000:.1f} ms; "
+              f"flood answers {sorted(set(flooded))}, {len(flooded)} in all")
+        assert statistics.median(took) < 0.1, _summary(took)
+        assert ordered[-2] < 0.5, _summary(took)      # all but one far below the flood's seconds
+        assert set(flooded) <= {200, 429}, set(flooded)
+        assert "Traceback" not in daemon.log
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join(30)
+        daemon.stop()
+
+
 # -- bad bytes ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("headers", "status", "code"), [
@@ -327,7 +471,7 @@ def test_bearer_bytes_that_are_not_utf8_answer_401(
         tmp_path: Path, redis_server: RedisServer) -> None:
     port = free_port()
     daemon = Daemon(tmp_path, config(port, redis_server.url).replace(
-        "[server]", '[server]\nservice_tokens = ["s3cret"]'))
+        "[server]", '[server]\nservice_tokens = ["s3cret-0123456789abc"]'))
     try:
         wait_healthy(daemon, port)
         body = json.dumps(RESERVE).encode()
@@ -337,8 +481,27 @@ def test_bearer_bytes_that_are_not_utf8_answer_401(
             status, _, answer = exchange(port, raw)
             assert status == 401, answer
             assert_error_shape(answer, "invalid_service_token")
-        good = request(body).replace(b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer s3cret\r\n")
+        good = request(body).replace(
+            b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer s3cret-0123456789abc\r\n")
         assert exchange(port, good)[0] == 200
+        assert "Traceback" not in daemon.log
+    finally:
+        daemon.stop()
+
+
+def test_admin_bearer_bytes_that_are_not_utf8_answer_401(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    daemon = Daemon(tmp_path, config(port, redis_server.url).replace(
+        "[server]", '[server]\nadmin_tokens = ["adm1n-s3cret"]'))
+    try:
+        wait_healthy(daemon, port)
+        for token in (b"adm1n-s3cr\xe9t", b"\xff\xfe", b"adm1n-s3cret\x80"):
+            raw = request(b"", method="GET", path="/v1/admin/blocks").replace(
+                b"Host: x\r\n", b"Host: x\r\nAuthorization: Bearer " + token + b"\r\n")
+            status, _, answer = exchange(port, raw)
+            assert status == 401, answer
+            assert_error_shape(answer, "invalid_admin_token")
         assert "Traceback" not in daemon.log
     finally:
         daemon.stop()

@@ -16,8 +16,8 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from ratelimitd.keys import generate_api_key
-from ratelimitd.signing import sign_request
+from ratelimitd.auth.keys import generate_api_key
+from ratelimitd.auth.signatures import sign_request
 from tests.support.http import Serve, assert_error, call, limit_of, rq
 from tests.support.keys import (
     ADMIN_TOKEN,
@@ -77,6 +77,31 @@ async def test_a_loop_of_wrong_keys_blocks_the_address_on_every_daemon(
     for i in range(6):
         resp, body = await reserve(a, generate_api_key(), f"2001:db8:1:2::{i + 1:x}")
     assert_error(resp, body, 403, "blocked", "2001:db8:1:2::/64")
+
+
+async def test_a_loop_of_bad_signatures_blocks_the_address_like_wrong_keys(
+        serve: Serve) -> None:
+    a, b = await two_daemons(serve, keys_config(abuse={"auth_failures_per_ip": 5,
+                                                       "block_s": 900}))
+    created = await new_key(a, require_signature=True)
+    key, secret = created["api_key"], created["signing_secret"]
+    body = orjson.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]})
+    attacker, bystander = "198.51.100.8", "203.0.113.10"
+    for i in range(5):   # a valid key, signatures guessed, on both daemons
+        guess = sign_request("rls_" + f"{i:02x}" * 32, "POST", "/v1/chat/completions", body)
+        resp, answer = await reserve((a, b)[i % 2], key, attacker, signature=guess)
+        assert_error(resp, answer, 401, "invalid_signature")
+    guess = sign_request("rls_" + "ff" * 32, "POST", "/v1/chat/completions", body)
+    resp, answer = await reserve(b, key, attacker, signature=guess)        # the 6th failure
+    assert_error(resp, answer, 403, "blocked", "198.51.100.8", "signatures")
+    # blocked now even with an authentic signature; another address is served
+    signed = sign_request(secret, "POST", "/v1/chat/completions", body)
+    resp, answer = await reserve(a, key, attacker, signature=signed)
+    assert_error(resp, answer, 403, "blocked", "198.51.100.8")
+    resp, answer = await reserve(a, key, bystander,
+                                 signature=sign_request(secret, "POST", "/v1/chat/completions",
+                                                        body))
+    assert resp.status == 200, answer
 
 
 # -- leaked keys: revoked, expired, rotated ----------------------------------------------------

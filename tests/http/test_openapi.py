@@ -11,6 +11,7 @@ from jsonschema import Draft202012Validator
 from redis.asyncio import Redis
 
 from ratelimitd.config import parse_config
+from ratelimitd.errors import ERROR_CODES
 from ratelimitd.http import create_app
 from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.http.schema import COMMIT_FIELDS, RELEASE_FIELDS, RESERVE_FIELDS
@@ -24,7 +25,7 @@ from tests.support.redis_servers import free_port
 
 # the spec of the configuration the answers below come from: tier "t", service tokens set
 SPEC = openapi_spec(parse_config({"tiers": {"t": SMALL_TIER},
-                                  "server": {"service_tokens": ["tok"]}}))
+                                  "server": {"service_tokens": ["tok-0123456789abcdef"]}}))
 
 
 def validator(schema_name: str) -> Draft202012Validator:
@@ -120,8 +121,9 @@ def test_request_schemas_name_exactly_the_fields_the_server_accepts(
 
 
 async def test_openapi_json_is_served(serve: Serve) -> None:
-    client = await serve({"tiers": {"t": SMALL_TIER}, "server": {"service_tokens": ["tok"]}})
-    resp = await client.get("/openapi.json", headers={"Authorization": "Bearer tok"})
+    token = "tok-0123456789abcdef"
+    client = await serve({"tiers": {"t": SMALL_TIER}, "server": {"service_tokens": [token]}})
+    resp = await client.get("/openapi.json", headers={"Authorization": f"Bearer {token}"})
     assert resp.status == 200
     assert resp.content_type == "application/json"
     assert await resp.json() == SPEC
@@ -129,8 +131,8 @@ async def test_openapi_json_is_served(serve: Serve) -> None:
 
 async def test_real_answers_validate_against_the_spec(serve: Serve, redis_client: Redis,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RATELIMITD_TEST_OPENAPI_TOKEN", "tok-openapi")
-    auth = {"Authorization": "Bearer tok-openapi"}
+    monkeypatch.setenv("RATELIMITD_TEST_OPENAPI_TOKEN", "tok-openapi-0123456789")
+    auth = {"Authorization": "Bearer tok-openapi-0123456789"}
     client = await serve({
         "server": {"service_tokens": ["env:RATELIMITD_TEST_OPENAPI_TOKEN"],
                    "max_body_bytes": 1024},
@@ -241,3 +243,14 @@ def test_a_wrong_answer_does_not_validate() -> None:
                                                           "message": "m"}}))
     assert list(validator("CommitResponse").iter_errors(
         {"committed": True, "duplicate": False, "cost_usd": "1", "usage": {}, "alerts": []}))
+
+
+def test_the_openapi_description_names_only_listed_codes_under_their_status() -> None:
+    for path, item in SPEC["paths"].items():
+        for operation in item.values():
+            for status, answer in operation["responses"].items():
+                description = answer["description"]
+                if "codes: " not in description:
+                    continue
+                for code in description.partition("codes: ")[2].split(", "):
+                    assert int(status) in ERROR_CODES.get(code, ()), (path, status, code)

@@ -21,12 +21,18 @@ __all__ = ["pepper_env"]     # the fixture
 ST = Path(sys.executable).parent / "st"
 TOKEN = "schemathesis-token"
 
-# One operation keeps one 400 that no JSON Schema can state: cached_input_tokens larger than
-# input_tokens (two fields compared); the spec says so in words.
+# Two operations keep an answer that no JSON Schema can state, which the spec says in words:
+# a commit's cached_input_tokens larger than input_tokens (two fields compared), a reserve's
+# idempotency_key sent earlier with another request (422: it depends on what came before).
 ST_CONFIG = '''
 [[operations]]
 include-path = "/v1/commit"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "409"]
+
+[[operations]]
+include-path = "/v1/reserve"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "3xx", "401", "403", "404", "409",
+                                                     "422", "429", "5xx"]
 '''
 
 

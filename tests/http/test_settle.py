@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import string
 import time
 from typing import Any
 
@@ -177,6 +179,50 @@ async def test_commit_and_release_of_unknown_ids_are_404(serve: Serve, redis_cli
     assert await snapshot(redis_client) == before
 
 
+def _other_spellings(rid: str) -> list[str]:
+    """Every spelling of rid that a lenient base64 decoder reads as the same bytes, among:
+    another last character (differing in unused bits only), padding, the standard alphabet's
+    + and /, characters the decoder skips."""
+    head, _, blob = rid.partition(".")
+    candidates = [blob[:-1] + c for c in string.ascii_letters + string.digits + "-_"]
+    candidates += [blob + "=", blob + "==", blob + "===", f"{blob[:5]}\n{blob[5:]}",
+                   f"{blob[:5]}!{blob[5:]}", f"{blob[:4]}!!!!{blob[4:]}", blob + " ",
+                   blob.replace("-", "+"), blob.replace("_", "/")]
+    return [f"{head}.{c}" for c in dict.fromkeys(candidates)
+            if c != blob and _lenient(c) == _lenient(blob)]
+
+
+def _lenient(blob: str) -> bytes | None:
+    try:
+        return base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+    except ValueError:
+        return None
+
+
+async def test_a_reservation_id_is_accepted_only_as_it_was_given(
+        serve: Serve, redis_client: Redis) -> None:
+    """Another spelling of a real id (which a lenient decoder reads as the same bytes) is not
+    that reservation: 404, nothing charged, and the id itself still commits."""
+    client = await serve(small())
+    for user in ("u1", "a-much-longer-user-name@example.com"):
+        resp, rsv = await call(client, "/v1/reserve", rq(user=user, input_tokens=10))
+        assert resp.status == 200, rsv
+        rid = rsv["reservation_id"]
+        spellings = _other_spellings(rid)
+        assert len(spellings) >= 4, spellings
+        before = await snapshot(redis_client)
+        for spelling in spellings:
+            resp, body = await call(client, "/v1/commit", {"reservation_id": spelling,
+                                                          "input_tokens": 10, "output_tokens": 5})
+            assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
+            resp, body = await call(client, "/v1/release", {"reservation_id": spelling})
+            assert_error(resp, body, 404, "reservation_not_found", "reservation_id")
+        assert await snapshot(redis_client) == before
+        resp, done = await call(client, "/v1/commit", {"reservation_id": rid,
+                                                      "input_tokens": 10, "output_tokens": 5})
+        assert resp.status == 200 and done["duplicate"] is False, done
+
+
 async def test_a_limit_of_another_scope_denies_all_or_nothing(serve: Serve) -> None:
     """An ip limit lives in another Redis slot than the user's: when it denies, what the
     user's slot had reserved is given back, and a release frees both."""
@@ -276,6 +322,40 @@ async def test_idempotency_key_returns_the_first_reservation_and_charges_once(
               "output_tokens": 10}
     _, done = await call(client, "/v1/commit", commit)
     assert done["duplicate"] is False
+
+
+async def test_an_idempotency_key_reused_for_another_request_is_422_not_a_retry_loop(
+        serve: Serve, redis_client: Redis) -> None:
+    org_limit = {"name": "org_rpm", "scope": "org", "metric": "requests", "window": "60s",
+                 "limit": 100}
+    client = await serve(small(limits=[org_limit]))
+    first_body = rq(input_tokens=100, org="acme", idempotency_key="req-1")
+    resp, first = await call(client, "/v1/reserve", first_body)
+    assert resp.status == 200, first
+    before = _limits_only(await snapshot(redis_client))
+    other_org = {**first_body, "org": "globex"}
+    other_input = {**first_body, "input_tokens": 101}
+    for body in (other_org, other_input):
+        resp, answer = await call(client, "/v1/reserve", body)
+        assert_error(resp, answer, 422, "idempotency_key_reused", "idempotency_key")
+        assert "Retry-After" not in resp.headers
+    assert _limits_only(await snapshot(redis_client)) == before      # nothing charged
+    commit = {"reservation_id": first["reservation_id"], "input_tokens": 100,
+              "output_tokens": 10}
+    resp, done = await call(client, "/v1/commit", commit)
+    assert resp.status == 200, done
+    # once the first is committed, the other request is still refused (never "retry shortly")
+    resp, answer = await call(client, "/v1/reserve", other_org)
+    assert_error(resp, answer, 422, "idempotency_key_reused")
+    # the same request is still answered with the first reservation, charging nothing
+    committed = _limits_only(await snapshot(redis_client))
+    resp, again = await call(client, "/v1/reserve", first_body)
+    assert resp.status == 200 and again["duplicate"] is True, again
+    assert again["reservation_id"] == first["reservation_id"]
+    assert _limits_only(await snapshot(redis_client)) == committed
+    # the key is the user's: another user may use it for anything
+    resp, theirs = await call(client, "/v1/reserve", {**other_org, "user": "u2"})
+    assert resp.status == 200 and theirs["duplicate"] is False, theirs
 
 
 async def test_dry_run_answers_and_reserves_nothing(serve: Serve, redis_client: Redis) -> None:

@@ -14,8 +14,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from ratelimitd.errors import ERROR_CODES
 from ratelimitd.ops.metrics import (
-    ERROR_CODES,
     OTHER,
     ROUTES,
     Metrics,
@@ -63,8 +63,8 @@ def record(metrics: Metrics, times: int) -> None:
         unknown.observe(404, 0.0001)
         redis_reserve.observe(0.0002)
         redis_reserve.error(TimeoutError())
-        metrics.alert("budget_80")
-        metrics.alert("10.1.2.3")
+        metrics.alert("cost_threshold", "critical")
+        metrics.alert("10.1.2.3", "high")
         metrics.block("ip", "auth_failures")
         metrics.block("10.1.2.0/24", "anomaly")
 
@@ -135,8 +135,9 @@ def test_forked_workers_add_up_in_one_render(metrics_dir: MetricsDirectory) -> N
     assert value(found, "ratelimitd_redis_call_duration_seconds_count", call="reserve") == n
     assert value(found, "ratelimitd_redis_errors_total", call="reserve",
                  error="TimeoutError") == n
-    assert value(found, "ratelimitd_alerts_total", kind="budget_80") == n
-    assert value(found, "ratelimitd_alerts_total", kind=OTHER) == n
+    assert value(found, "ratelimitd_alerts_total", kind="cost_threshold",
+                 severity="critical") == n
+    assert value(found, "ratelimitd_alerts_total", kind=OTHER, severity=OTHER) == n
     assert value(found, "ratelimitd_blocks_total", scope="ip", cause="auth_failures") == n
     assert value(found, "ratelimitd_blocks_total", scope=OTHER, cause="anomaly") == n
     assert value(found, "ratelimitd_workers_up") == 3

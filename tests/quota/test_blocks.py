@@ -1,11 +1,11 @@
-"""Blocks (guard/blocks.py) are enforced inside the reserve's own calls: a blocked subject,
+"""Blocks (abuse/blocks.py) are enforced inside the reserve's own calls: a blocked subject,
 with limits of its own or as a guard (an ip, a key), refuses the reserve and charges nothing."""
 
 from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from ratelimitd.guard.blocks import BlockStore
+from ratelimitd.abuse.blocks import BlockStore
 from ratelimitd.policy import Subject, sliding
 from ratelimitd.quota.engine import ReserveRequest
 from tests.support.clock import Clock

@@ -1,4 +1,4 @@
-"""Quota under Redis faults (issue 9, item 1): every subject counts exactly what was granted.
+"""Quota under Redis faults: every subject counts exactly what was granted.
 
 Two daemons' engines (each with its own connections, on the production transport) serve a
 gateway's load (tests/support/fault_load.py: user, org and global on every reserve, half the

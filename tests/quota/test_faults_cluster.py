@@ -1,4 +1,4 @@
-"""Quota under faults on a real 3-primary Redis Cluster (issue 9, item 1, cluster variant).
+"""Quota under faults on a real 3-primary Redis Cluster.
 
 As tests/quota/test_faults.py, on a cluster the fixture builds (three redis-servers with
 `--cluster-enabled yes`, joined by `redis-cli --cluster create`, AOF fsynced on every write):

@@ -19,10 +19,10 @@ a failure can cut it short between them. The engine keeps counting a stepped-bac
 newest time it stored it at (sub-bucket, period, refill time): the model counts each call, on
 each limit, at that time (`Model.stored`: when the engine last wrote the limit), so (a) below
 holds across steps back; (b) is not checked once time has stepped back in an example. With
-two TTLs, max_concurrent is checked per TTL (issue 9 item 5 is not fixed: see
-tests/quota/test_issue9.py). A failed reserve must charge nothing once the engine's compensator
-has drained, which (b) catches as a needless denial; a commit whose reply
-was lost is retried, as a gateway does.
+two TTLs, max_concurrent is checked per TTL (daemons with different ttl_s keep separate
+concurrency states: quota/engine.py's concurrency_lid). A failed reserve must charge nothing
+once the engine's compensator has drained, which (b) catches as a needless denial; a commit
+whose reply was lost is retried, as a gateway does.
 
 A reference model in Python keeps every admitted call with its timestamp and its amounts, as
 commits and releases change them, and checks, at every admission time t:
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from fractions import Fraction
@@ -462,10 +463,12 @@ _starts = st.sampled_from([
 ]).flatmap(lambda t: st.integers(t, t + 20 * 60_000))
 
 
-# Derandomized: CI explores the same 200 cases every run. Searching further (remove it, raise
-# max_examples) once found a token bucket 0.89 units generous after a 127 ms clock step back
-# (--hypothesis-seed=167252002769551850501161234125943376741, 500 examples): an open bug.
-@settings(max_examples=200, deadline=None, derandomize=True,
+# New random examples each run; RATELIMITD_HYPOTHESIS_EXAMPLES=5000 (say) searches longer. A
+# failure prints its shrunk example and the @reproduce_failure line that replays it.
+EXAMPLES = int(os.environ.get("RATELIMITD_HYPOTHESIS_EXAMPLES", "200"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(quota=_quotas, start=_starts, ops=st.lists(_ops, min_size=20, max_size=80),
        # the second engine's reservation TTL: mostly the first's, else a rolling change

@@ -141,3 +141,26 @@ async def test_windows_admit_again_once_usage_slides_out(
     assert (await engine.reserve(rq(p))).allowed
 
 
+
+
+async def test_a_bucket_refilled_by_a_refund_refills_nothing_twice_after_a_step_back(
+    redis_client: Redis, clock: Clock
+) -> None:
+    """A refund fills the bucket, then Redis time steps back 127 ms (a failover, NTP): the
+    bucket counts on from the newest time it was full at, so once time is back it refills only
+    what the time since then earns, not the 127 ms a second time."""
+    engine = make_engine(redis_client, clock)
+    p = tier_plan(bucket(600, 100, metric="tokens"))      # 10 tokens a second, at most 100
+    first = await engine.reserve(rq(p, 30, 20))
+    assert first.allowed
+    clock.advance(1_050)                    # 10.5 tokens refilled: the level is 60 and a half
+    assert (await engine.commit(first.reservation_id, 0, 0)).status == "applied"
+    full_at = clock.now                     # the refund of 50 fills the bucket
+    clock.advance(-127)
+    assert (await engine.reserve(rq(p, 80, 20))).allowed      # the whole burst
+    clock.now = full_at + 990               # 9.9 tokens since it was last full
+    res = await engine.reserve(rq(p, 10, 0, min_output_tokens=0))
+    assert not res.allowed and reason(res) == "bucket"
+    assert res.retry_after_ms == 10
+    clock.now = full_at + 1_000
+    assert (await engine.reserve(rq(p, 10, 0, min_output_tokens=0))).allowed

@@ -26,7 +26,8 @@ class Daemon:
     """One `ratelimitd serve` process; its log (stderr) goes to a file."""
 
     def __init__(self, tmp_path: Path, config: str, *args: str, name: str = "d",
-                 preexec_fn: Callable[[], None] | None = None) -> None:
+                 preexec_fn: Callable[[], None] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.config_path = tmp_path / f"{name}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp_path / f"{name}.log"
@@ -34,7 +35,8 @@ class Daemon:
         self.proc = subprocess.Popen([str(RATELIMITD), "serve", "--config",
                                       str(self.config_path), *args],
                                      stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+                                     stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
+                                     env=env)
 
     @property
     def log(self) -> str:
@@ -96,10 +98,12 @@ def alive(pid: int) -> bool:
         return False
 
 
-def http(port: int, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+def http(port: int, method: str, path: str, body: Any = None,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=10) as resp:
             return resp.status, json.loads(resp.read())

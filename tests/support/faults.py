@@ -238,6 +238,10 @@ class FaultyTransport:
                                    timeout=True)
         return reply
 
+    async def fcall_acked(self, function: str, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        """The faults apply as to fcall (the wrapped transports ask no acknowledgement)."""
+        return await self._fcall(function, args, self._take(function, args)), None
+
     async def load_library(self, source: str) -> None:
         await self.inner.load_library(source)
 

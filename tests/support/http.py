@@ -65,7 +65,7 @@ async def call(client: TestClient[Any, Any], path: str, body: Any = None, *,
 
 def assert_error(resp: ClientResponse, body: Any, status: int, code: str,
                  *mentions: str) -> None:
-    """The error shape of API.md, exactly {"error": {"code", "message"}}."""
+    """The documented error shape, exactly {"error": {"code", "message"}}."""
     assert resp.status == status, body
     assert resp.content_type == "application/json"
     assert isinstance(body, dict) and set(body) == {"error"}, body
@@ -106,7 +106,8 @@ def nano(usd: float) -> int:
 
 def cost_nano(input_tokens: int, output_tokens: int, cached: int = 0, *, pi: float,
               po: float, pc: float | None = None) -> int:
-    """API.md's formula, in integer nano-USD (prices in USD per 1M tokens, rounded up)."""
+    """The documented cost formula, in integer nano-USD (prices in USD per 1M tokens, rounded
+    up)."""
     micro_i, micro_o = round(pi * 1e6), round(po * 1e6)
     micro_c = micro_i if pc is None else round(pc * 1e6)
     numerator = (input_tokens - cached) * micro_i + cached * micro_c + output_tokens * micro_o

@@ -9,7 +9,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from ratelimitd.alerts import recent_alerts
-from ratelimitd.policy import Limit, Prices, Subject
+from ratelimitd.policy import AnomalyAction, Limit, Prices, Subject
 from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings, ReserveRequest
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
@@ -21,6 +21,8 @@ BUDGET = Limit("daily_budget_usd", "user", "cost_usd", 10**9, "calendar", period
 ROOMY = Limit("requests_per_minute", "user", "requests", 10**6, "sliding", window_ms=60_000)
 U1 = Subject("user", "u1")
 HOUR = 3_600_000
+# spike decisions from a subject's first request, a request spike blocking (the seed's rules)
+AT_ONCE = AnomalySettings(action="block", min_history_hours=0, block_ms=900_000)
 
 
 def engine(client: Redis, clock: Clock, **settings: object) -> Engine:
@@ -28,7 +30,7 @@ def engine(client: Redis, clock: Clock, **settings: object) -> Engine:
                                   EngineSettings(**settings))  # type: ignore[arg-type]
 
 
-async def spend(eng: Engine, tokens: int, *limits: Limit, anomaly: bool = False,
+async def spend(eng: Engine, tokens: int, *limits: Limit, anomaly: bool | AnomalyAction = False,
                 user: str = "u1") -> tuple[list[str], list[str]]:
     """One reserve and commit of `tokens` input tokens; the kinds/thresholds of the alerts of
     each (reserve's, commit's)."""
@@ -92,7 +94,7 @@ async def test_a_sliding_cost_window_alerts_once_per_window_epoch(redis_client: 
 async def test_a_new_subject_sending_five_times_the_default_is_blocked(redis_client: Redis,
                                                                        clock: Clock) -> None:
     clock.now = 1_764_000_000_000 - 1_764_000_000_000 % HOUR + 1000
-    eng = engine(redis_client, clock, anomaly=AnomalySettings(block_ms=900_000))
+    eng = engine(redis_client, clock, anomaly=AT_ONCE)
     for _ in range(50):
         reserve_alerts, _ = await spend(eng, 100, ROOMY, anomaly=True)
         assert reserve_alerts == []
@@ -114,13 +116,56 @@ async def test_a_new_subject_sending_five_times_the_default_is_blocked(redis_cli
 
 async def test_a_token_spike_alerts_without_blocking(redis_client: Redis, clock: Clock) -> None:
     clock.now = 1_764_000_000_000 - 1_764_000_000_000 % HOUR + 1000
-    eng = engine(redis_client, clock)
+    eng = engine(redis_client, clock, anomaly=AT_ONCE)
     kinds = []
     for _ in range(6):           # 2 000 tokens a request: 4x the default 500
         kinds += (await spend(eng, 2000, ROOMY, anomaly=True))[0]
     assert kinds == ["token_spike"]           # once 3 commits tell, and once an hour
     [alert] = await recent_alerts(redis_client, U1)
     assert (alert.severity, alert.observed, alert.baseline) == ("medium", 2000, 500)
+
+
+async def test_the_alert_action_admits_a_request_spike_and_alerts_once_an_hour(
+        redis_client: Redis, clock: Clock) -> None:
+    clock.now = 1_764_000_000_000 - 1_764_000_000_000 % HOUR + 1000
+    eng = engine(redis_client, clock, anomaly=AnomalySettings(min_history_hours=0))
+    fired = []
+    for _ in range(120):              # each admitted (spend checks it)
+        fired += (await spend(eng, 100, ROOMY, anomaly=True))[0]
+    assert fired == ["request_spike"]
+    [alert] = await recent_alerts(redis_client, U1)
+    assert (alert.kind, alert.observed, alert.baseline) == ("request_spike", 51, 10)
+    # a tier's own action: "block" blocks under an [anomaly] action of "alert"
+    for _ in range(50):
+        await spend(eng, 100, ROOMY, anomaly="block", user="u2")
+    res = await eng.reserve(ReserveRequest(tier_plan(ROOMY, user="u2"), 100, 16, PRICES,
+                                           anomaly="block"))
+    assert res.blocked is not None and res.blocked.reason == "request_spike"
+
+
+async def test_no_spike_decision_before_min_history_hours(redis_client: Redis,
+                                                         clock: Clock) -> None:
+    clock.now = 1_764_000_000_000 - 1_764_000_000_000 % HOUR + 1000
+    eng = engine(redis_client, clock, anomaly=AnomalySettings(action="block"))   # 24 hours
+    for _ in range(23):               # 23 active hours of 10 requests of 500 tokens
+        for _ in range(10):
+            assert (await spend(eng, 500, ROOMY, anomaly=True))[0] == []
+        clock.advance(HOUR)
+    for _ in range(80):               # the 24th hour: 8x as many, 4x the tokens; undecided
+        assert (await spend(eng, 2000, ROOMY, anomaly=True))[0] == []
+    assert await recent_alerts(redis_client, U1) == []
+    clock.advance(HOUR)               # 24 active hours: judged by its own baseline now
+    kinds: list[str] = []
+    for _ in range(5):
+        kinds += (await spend(eng, 4000, ROOMY, anomaly=True))[0]
+    assert kinds == ["token_spike"]
+    for n in range(100):
+        res = await eng.reserve(ReserveRequest(tier_plan(ROOMY), 100, 16, PRICES, anomaly=True))
+        if res.blocked is not None:
+            break
+    [spike] = [a for a in await recent_alerts(redis_client, U1) if a.kind == "request_spike"]
+    # the 24th hour moved the baseline by a clipped sample: 10 + (20 - 10) / 8
+    assert (spike.baseline, spike.observed, 5 + n + 1) == (11, 57, 57)
 
 
 async def test_a_steady_subject_neither(redis_client: Redis, clock: Clock) -> None:

@@ -16,12 +16,13 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from ratelimitd.abuse.blocks import INDEX_KEY
 from ratelimitd.alerts import OUTBOX_KEY, verify_webhook_signature
-from ratelimitd.cli import main as cli_main
-from ratelimitd.guard.blocks import INDEX_KEY
-from ratelimitd.usage_report import fetch_usage, render_usage
+from ratelimitd.cli.main import main as cli_main
+from ratelimitd.cli.usage_report import fetch_usage, render_usage
 from tests.alerts.helpers import SECRET, Receiver, wait_until
 from tests.support.http import Serve, assert_error, call
 from tests.support.redis_servers import free_port
@@ -32,10 +33,15 @@ TIER = {"requests_per_minute": 10_000, "tokens_per_day": 10**9, "daily_budget_us
         "max_concurrent": 100, "max_output_tokens": 16}
 
 
+# Spike decisions from a subject's first request, and a request spike blocks (the defaults
+# alert only, and only after 24 active hours)
+DECIDE_AT_ONCE = {"action": "block", "min_history_hours": 0}
+
+
 def config(hook: str, **alerts: Any) -> dict[str, Any]:
     return {"tiers": {"t": TIER, "quiet": {**TIER, "anomaly": False}},
             "pricing": {"m": {"input": 1.0, "output": 0.0}},
-            "server": {"admin_tokens": [ADMIN]},
+            "server": {"admin_tokens": [ADMIN]}, "anomaly": DECIDE_AT_ONCE,
             "alerts": {"webhooks": [hook], "webhook_secret": SECRET, "retry_max_s": 1,
                        **alerts}}
 
@@ -132,6 +138,31 @@ async def test_an_overrun_fires_every_threshold_it_jumps(serve: Serve,
         assert resp.status == 429 and denied["reason"] == "daily_budget_usd"
     finally:
         await receiver.stop()
+
+
+async def alert_counts(client: TestClient[Any, Any]) -> dict[tuple[str, str], float]:
+    """`ratelimitd_alerts_total` of a scrape of `/metrics`, by (kind, severity)."""
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    return {(sample.labels["kind"], sample.labels["severity"]): sample.value
+            for family in text_string_to_metric_families(await resp.text())
+            for sample in family.samples if sample.name == "ratelimitd_alerts_total"}
+
+
+async def test_metrics_count_each_cost_alert_under_its_kind_and_severity(serve: Serve) -> None:
+    client = await serve(config("http://127.0.0.1:9/unused"))
+    fired = []
+    for tokens in (500_000, 300_000, 200_000):       # 50 %, then 80 %, then 100 % of the budget
+        fired += (await spend(client, tokens))["alerts"]
+    assert [a["severity"] for a in fired] == ["warning", "critical", "limit"]
+    await spend(client, 50_000, user="u2", charged=1_000_000)    # another user: all three
+    counts = await alert_counts(client)
+    assert {labels: n for labels, n in counts.items() if n} == {
+        ("cost_threshold", "warning"): 2, ("cost_threshold", "critical"): 2,
+        ("cost_threshold", "limit"): 2}
+    assert set(counts) == {("cost_threshold", "warning"), ("cost_threshold", "critical"),
+                           ("cost_threshold", "limit"), ("request_spike", "high"),
+                           ("token_spike", "medium")}
 
 
 async def test_a_request_spike_blocks_and_alerts(serve: Serve, redis_client: Redis) -> None:
@@ -291,11 +322,12 @@ async def test_usage_api_auth_and_input(serve: Serve) -> None:
     assert_error(resp, data, 401, "invalid_admin_token", "admin_tokens")
     # with service tokens configured too, /v1/admin/* takes the admin token, not a service one
     both = await serve({**config("http://127.0.0.1:9/hook"),
-                        "server": {"admin_tokens": [ADMIN], "service_tokens": ["svc-0123456789"]}})
+                        "server": {"admin_tokens": [ADMIN],
+                                   "service_tokens": ["svc-0123456789abcdef"]}})
     resp, data = await call(both, path, method="GET", headers=AUTH)
     assert resp.status == 200, data
     resp, data = await call(both, path, method="GET",
-                            headers={"Authorization": "Bearer svc-0123456789"})
+                            headers={"Authorization": "Bearer svc-0123456789abcdef"})
     assert_error(resp, data, 403, "admin_token_required")
 
 
