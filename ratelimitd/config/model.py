@@ -160,6 +160,9 @@ class EnvoyConfig:
     config: tuple[str, ...] = ()
     # add RateLimit-Limit / -Remaining / -Reset to the answers (response_headers_to_add)
     response_headers: bool = False
+    # the descriptor entry key whose value names one call of Envoy's (Envoy's retries of it
+    # carry the same): a retried call is charged once; it takes no part in matching rules
+    request_id_key: str = "x-request-id"
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,8 +121,9 @@ def _override(domain: str, desc: Descriptor) -> Match | None:
 
 async def decide(engine: Engine, rules: EnvoyRules, domain: str,
                  descriptors: Sequence[Descriptor], request_hits: int, shadow_all: bool,
-                 idempotency_key: str | None) -> Decision:
-    """Charges every matched descriptor or none; raises StoreUnavailable as the engine does."""
+                 call_id: tuple[str, ...] | None) -> Decision:
+    """Charges every matched descriptor or none (a call that names itself, once: its retries
+    answer what it answered); raises StoreUnavailable as the engine does."""
     statuses, applied = decide_plan(rules, domain, descriptors, request_hits, shadow_all)
     if not applied:
         return Decision(False, statuses)
@@ -140,17 +141,18 @@ async def decide(engine: Engine, rules: EnvoyRules, domain: str,
             amounts[at] += item.amount
     result = await engine.reserve(ReserveRequest(
         plan, 0, 0, _NO_PRICES, min_output_tokens=0,
-        idempotency_key=_key(idempotency_key, domain, descriptors, request_hits),
+        idempotency_key=_key(call_id, domain, descriptors, request_hits),
         dry_run=not any(amounts), subject_inputs=amounts, record_ttl_ms=RECORD_TTL_MS))
     return _answer(result, statuses, applied)
 
 
-def _key(request_id: str | None, domain: str, descriptors: Sequence[Descriptor],
+def _key(call_id: tuple[str, ...] | None, domain: str, descriptors: Sequence[Descriptor],
          request_hits: int) -> str | None:
-    """A retried call (same request id, same question) is charged once."""
-    if not request_id:
+    """One key per call: its identity and its question (the check as a request arrives and
+    the usage when its stream is done share the identity, not the question)."""
+    if call_id is None:
         return None
-    body = orjson.dumps([request_id, domain, request_hits,
+    body = orjson.dumps([call_id, domain, request_hits,
                          [[d.entries, d.hits, d.override] for d in descriptors]])
     return hashlib.blake2b(body, digest_size=16).hexdigest()
 

@@ -33,8 +33,6 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_DESCRIPTORS: Final = 64
 MAX_ENTRIES: Final = 32
 GRACE_S: Final = 5.0
-# gRPC metadata that names one call of Envoy's (its retries carry the same): the first present
-REQUEST_ID_METADATA: Final = ("x-request-id", "traceparent")
 _UNITS: Final = {"second": rls_pb2.RateLimitResponse.RateLimit.SECOND,
                  "minute": rls_pb2.RateLimitResponse.RateLimit.MINUTE,
                  "hour": rls_pb2.RateLimitResponse.RateLimit.HOUR,
@@ -53,16 +51,16 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
         services = self.live.services
         config = services.config
-        descriptors = _descriptors(request)
-        if isinstance(descriptors, str):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, descriptors)
-        assert not isinstance(descriptors, str)
+        parsed = _descriptors(request, config.envoy.request_id_key)
+        if isinstance(parsed, str):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, parsed)
+        assert not isinstance(parsed, str)
+        descriptors, call_id = parsed
         start = time.perf_counter()
         try:
             decision = await decide(
                 services.engine, config.envoy_rules, request.domain, descriptors,
-                request.hits_addend or 1, config.server.shadow_mode,
-                _request_id(context.invocation_metadata()))
+                request.hits_addend or 1, config.server.shadow_mode, call_id)
         except ReserveInProgress:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "this call's first attempt is still running; retry shortly")
@@ -76,28 +74,28 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         return _response(decision, config.envoy.response_headers)
 
 
-def _descriptors(request: Any) -> list[Descriptor] | str:
-    """The request's descriptors, or what is wrong with them."""
+def _descriptors(request: Any, id_key: str
+                 ) -> tuple[list[Descriptor], tuple[str, ...] | None] | str:
+    """The request's descriptors without their `id_key` entries, and the values of those
+    (the call's identity; None when no descriptor carries one); or what is wrong."""
     if len(request.descriptors) > MAX_DESCRIPTORS:
         return f"descriptors: at most {MAX_DESCRIPTORS} per call"
     out = []
+    call_id: list[str] = []
     for i, desc in enumerate(request.descriptors):
         if not desc.entries or len(desc.entries) > MAX_ENTRIES:
             return f"descriptors[{i}]: needs 1 to {MAX_ENTRIES} entries"
+        entries = []
+        for e in desc.entries:
+            if id_key and e.key == id_key:
+                call_id.append(e.value)
+            else:
+                entries.append((e.key, e.value))
         hits = desc.hits_addend.value if desc.HasField("hits_addend") else None
         override = ((desc.limit.unit, desc.limit.requests_per_unit)
                     if desc.HasField("limit") else None)
-        out.append(Descriptor(tuple((e.key, e.value) for e in desc.entries), hits, override))
-    return out
-
-
-def _request_id(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-    found = dict(metadata or ())
-    for name in REQUEST_ID_METADATA:
-        value = found.get(name)
-        if isinstance(value, str) and value:
-            return value
-    return None
+        out.append(Descriptor(tuple(entries), hits, override))
+    return out, (tuple(call_id) if any(call_id) else None)
 
 
 def _log_shadow(domain: str, decision: Decision, seconds: float) -> None:

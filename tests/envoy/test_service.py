@@ -39,17 +39,20 @@ class Rls:
 
     def ask(self, domain: str, *descriptors: Entries | tuple[Entries, int], hits: int = 0,
             request_id: str | None = None) -> Any:
-        """One call; a descriptor given as (entries, n) carries its own hits_addend n."""
+        """One call; a descriptor given as (entries, n) carries its own hits_addend n; a
+        request_id is a last entry `x-request-id` of each descriptor, as Envoy's
+        `request_headers` action adds it."""
         request = rls_pb2.RateLimitRequest(domain=domain, hits_addend=hits)
         for desc in descriptors:
             entries, own = desc if isinstance(desc, tuple) else (desc, None)
+            if request_id is not None:
+                entries = [*entries, ("x-request-id", request_id)]
             out = ratelimit_pb2.RateLimitDescriptor(entries=[
                 ratelimit_pb2.RateLimitDescriptor.Entry(key=k, value=v) for k, v in entries])
             if own is not None:
                 out.hits_addend.CopyFrom(wrappers_pb2.UInt64Value(value=own))
             request.descriptors.append(out)
-        metadata = [("x-request-id", request_id)] if request_id else None
-        return self.stub.ShouldRateLimit(request, timeout=10, metadata=metadata)
+        return self.stub.ShouldRateLimit(request, timeout=10)
 
 
 def start(tmp: Path, redis_url: str, rest: str = "", name: str = "d", workers: int = 1,
@@ -163,14 +166,40 @@ def test_hits_addend_request_and_descriptor(rls: Rls) -> None:
 def test_ai_gateway_two_calls_exactly_once(rls: Rls) -> None:
     user = unique()
     desc = [("tokens", user)]
-    assert rls.ask("more", (desc, 0)).overall_code == OK           # budget not spent
     call = str(uuid.uuid4())
+    # as the request arrives: the budget is not spent, nothing is charged
+    for _ in range(2):
+        arrives = rls.ask("more", (desc, 0), request_id=call)
+        assert arrives.overall_code == OK
+        assert arrives.statuses[0].current_limit.requests_per_unit == 100
     for _ in range(3):      # Envoy retries the stream-done call: charged once
-        rls.ask("more", (desc, 60), request_id=call)
+        done = rls.ask("more", (desc, 60), request_id=call)
+        assert done.overall_code == OK and done.statuses[0].limit_remaining == 40
     assert rls.ask("more", (desc, 0)).statuses[0].limit_remaining == 40
-    over = rls.ask("more", (desc, 70), request_id=str(uuid.uuid4()))  # past the limit
-    assert over.overall_code == OVER
-    assert rls.ask("more", (desc, 0)).overall_code == OVER          # the overrun is seen
+    # another call's usage past the limit: charged in full, the next request sees it
+    over = str(uuid.uuid4())
+    assert rls.ask("more", (desc, 0), request_id=over).overall_code == OK
+    for _ in range(2):
+        assert rls.ask("more", (desc, 70), request_id=over).overall_code == OVER
+    arrives = rls.ask("more", (desc, 0), request_id=str(uuid.uuid4()))
+    assert arrives.overall_code == OVER and arrives.statuses[0].limit_remaining == 0
+    # 130 charged, not 200: a plain descriptor of the same user is over by 30
+    assert rls.ask("more", (desc, 0)).overall_code == OVER
+
+
+def test_stream_done_without_identity_charged_per_call(rls: Rls) -> None:
+    """No `x-request-id` entry: nothing names the call, and each retry is charged."""
+    desc = [("tokens", unique())]
+    for _ in range(2):
+        assert rls.ask("more", (desc, 30)).overall_code == OK
+    assert rls.ask("more", (desc, 0)).statuses[0].limit_remaining == 40
+
+
+def test_request_id_entry_takes_no_part_in_matching(rls: Rls) -> None:
+    ip = f"10.{unique()}"
+    codes = [rls.ask("edge_proxy_per_ip", [("remote_address", ip)],
+                     request_id=str(uuid.uuid4())).overall_code for _ in range(11)]
+    assert codes == [OK] * 10 + [OVER]      # the rule of remote_address, one counter
 
 
 def test_exact_admission_three_daemons(tmp_path: Path) -> None:
