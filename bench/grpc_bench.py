@@ -2,7 +2,12 @@
 worker, real Redis) against an empty grpc.aio handler, server CPU time (user + system, from
 /proc) over N calls sent by an asyncio client with C in flight.
 
+With grpclib importable, an empty grpclib handler too (the same messages, the same client):
+grpclib is no dependency of ratelimitd, so install it somewhere of its own for the run:
+
     .venv/bin/python bench/grpc_bench.py [N] [C]
+    .venv/bin/python -m pip install --target /tmp/grpclib-lib grpclib==0.4.9
+    PYTHONPATH=/tmp/grpclib-lib .venv/bin/python bench/grpc_bench.py [N] [C]
 """
 
 from __future__ import annotations
@@ -49,6 +54,46 @@ EMPTY_SERVER = textwrap.dedent("""
     uvloop.run(main())
 """)
 
+GRPCLIB_SERVER = textwrap.dedent("""
+    import asyncio, sys, uvloop
+    from grpclib.const import Cardinality, Handler
+    from grpclib.server import Server
+    from envoy.service.ratelimit.v3 import rls_pb2
+    METHOD = "/envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit"
+    class Empty:
+        async def ShouldRateLimit(self, stream):
+            await stream.recv_message()
+            await stream.send_message(
+                rls_pb2.RateLimitResponse(overall_code=rls_pb2.RateLimitResponse.OK))
+        def __mapping__(self):
+            return {METHOD: Handler(self.ShouldRateLimit, Cardinality.UNARY_UNARY,
+                                    rls_pb2.RateLimitRequest, rls_pb2.RateLimitResponse)}
+    async def main():
+        host, port = sys.argv[1].rsplit(":", 1)
+        server = Server([Empty()])
+        await server.start(host, int(port))
+        print("ready", flush=True)
+        await server.wait_closed()
+    uvloop.run(main())
+""")
+
+
+def grpclib_present() -> bool:
+    try:
+        import grpclib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def empty_server(code: str) -> tuple[subprocess.Popen[bytes], int]:
+    """An empty handler's server process, once it listens, and its port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", code, f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline().startswith(b"ready")
+    return proc, port
+
 
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
@@ -93,22 +138,26 @@ def main() -> None:
         daemon = DaemonProcess(work, f'url = "{redis.url}"',
                                f'[grpc]\nlisten = ["127.0.0.1:{port}"]\n'
                                '[envoy]\nconfig = ["bench.yaml"]\n')
-        empty_port = free_port()
-        empty = subprocess.Popen([sys.executable, "-c", EMPTY_SERVER, f"127.0.0.1:{empty_port}"],
-                                 stdout=subprocess.PIPE)
+        servers = [("grpc.aio", EMPTY_SERVER)] + (
+            [("grpclib", GRPCLIB_SERVER)] if grpclib_present() else [])
+        empties = [(name, *empty_server(code)) for name, code in servers]
         try:
             daemon.wait_ready()
-            assert empty.stdout is not None and empty.stdout.readline().startswith(b"ready")
             time.sleep(0.5)
-            base = measure(empty.pid, empty_port, 1, calls, concurrency)
-            print(f"empty grpc.aio handler:           {base:7.1f} µs CPU per call")
+            cpu = {name: measure(proc.pid, empty_port, 1, calls, concurrency)
+                   for name, proc, empty_port in empties}
+            for name in ("grpc.aio", "grpclib"):
+                shown = f"{cpu[name]:7.1f} µs CPU per call" if name in cpu else (
+                    "not measured (grpclib not importable)")
+                print(f"empty {name + ' handler:':27}{shown}")
             for n in (1, 3):
                 used = measure(daemon.proc.pid, port, n, calls, concurrency)
                 print(f"ShouldRateLimit, {n} descriptor{'s' if n > 1 else ' '}:    "
-                      f"{used:7.1f} µs CPU per call ({used - base:+.1f} over empty)")
+                      f"{used:7.1f} µs CPU per call ({used - cpu['grpc.aio']:+.1f} over empty)")
         finally:
-            empty.terminate()
-            empty.wait(10)
+            for _, proc, _ in empties:
+                proc.terminate()
+                proc.wait(10)
             daemon.stop()
             redis.stop()
 
