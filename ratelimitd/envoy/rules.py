@@ -13,7 +13,7 @@ when the node says `share_threshold: true`.
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -95,10 +95,11 @@ class EnvoyRules:
         return None
 
     def rule_names(self) -> set[str]:
-        names: set[str] = set()
+        return {rule.path for rule in self.rules()}
+
+    def rules(self) -> Iterator[Rule]:
         for node in self.domains.values():
-            names |= {rule.path for rule in _rules(node)}
-        return names
+            yield from _rules(node)
 
 
 def _step(node: Node, key: str, value: str) -> tuple[Node | None, str]:

@@ -9,7 +9,6 @@ stops gracefully: calls in flight finish within the HTTP shutdown's grace.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
@@ -24,6 +23,7 @@ from grpc_health.v1._async import HealthServicer
 from ratelimitd.envoy.decide import Decision, Descriptor, Status, decide
 from ratelimitd.errors import ListenError, ReserveInProgress, StoreUnavailable
 from ratelimitd.http.app_keys import LIVE, Live
+from ratelimitd.http.observe import SHADOW_REPORT, ShadowReport
 
 log = logging.getLogger("ratelimitd.envoy")
 
@@ -45,8 +45,9 @@ OVER_LIMIT: Final = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    def __init__(self, live: Live) -> None:
+    def __init__(self, live: Live, shadow: ShadowReport) -> None:
         self.live = live
+        self.shadow = shadow
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
         services = self.live.services
@@ -56,7 +57,6 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, parsed)
         assert not isinstance(parsed, str)
         descriptors, call_id = parsed
-        start = time.perf_counter()
         try:
             decision = await decide(
                 services.engine, config.envoy_rules, request.domain, descriptors,
@@ -70,7 +70,9 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
                 return rls_pb2.RateLimitResponse(overall_code=OK)
             log.warning("redis unavailable, answering OVER_LIMIT by on_error=deny: %s", exc)
             return rls_pb2.RateLimitResponse(overall_code=OVER_LIMIT)
-        _log_shadow(request.domain, decision, time.perf_counter() - start)
+        for status in decision.statuses:
+            if status.shadow_over and status.rule is not None:
+                self.shadow.over(status.rule.path, "grpc", domain=request.domain)
         return _response(decision, config.envoy.response_headers)
 
 
@@ -96,15 +98,6 @@ def _descriptors(request: Any, id_key: str
                     if desc.HasField("limit") else None)
         out.append(Descriptor(tuple(entries), hits, override))
     return out, (tuple(call_id) if any(call_id) else None)
-
-
-def _log_shadow(domain: str, decision: Decision, seconds: float) -> None:
-    """A shadow rule that would have denied: one line each (the rollout's evidence)."""
-    for status in decision.statuses:
-        if status.shadow_over and status.rule is not None:
-            log.info("shadow limit over: %s", status.rule.path,
-                     extra={"event": "shadow_over", "domain": domain,
-                            "limit": status.rule.path, "seconds": round(seconds, 6)})
 
 
 def _response(decision: Decision, headers: bool) -> Any:
@@ -157,7 +150,8 @@ async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 1),     # the workers of one daemon share the port
     ])
-    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(RateLimitService(app[LIVE]), server)
+    service = RateLimitService(app[LIVE], app[SHADOW_REPORT])
+    rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for address in config.grpc.listen:

@@ -146,6 +146,8 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[MAX_BODY_BYTES] = config.server.max_body_bytes
     app[BODY_TIMEOUT_S] = config.server.body_timeout_s
     app[CLIENT_LOG] = client_log(log)
+    app[observe.SHADOW_REPORT] = observe.ShadowReport(metrics, logging.getLogger(
+        "ratelimitd.shadow"))
     app[OPENAPI] = openapi_spec(config)
     app[LIVE] = Live()  # its services are made at startup (_services_ctx)
     app.cleanup_ctx.append(client_log_ctx)
@@ -153,6 +155,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app.cleanup_ctx.append(grpc_ctx)    # [grpc] listen: Envoy's rate limit service
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)
+    app.cleanup_ctx.append(observe.shadow_report_ctx)
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))

@@ -128,6 +128,7 @@ async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
     finally:
         call.observe(time.perf_counter() - start)
     _count_reserve(metrics, result, who.tier, body.model, body.dry_run)
+    request.app[observe.SHADOW_REPORT].reserve(result)
     if result.alerts:
         for alert in await after_reserve(request.app, result):
             metrics.alert(alert.kind, alert.severity)

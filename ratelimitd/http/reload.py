@@ -21,7 +21,7 @@ from ratelimitd.config import load_config
 from ratelimitd.errors import ConfigError
 from ratelimitd.http.app import resolved_tokens
 from ratelimitd.http.app_keys import LIVE
-from ratelimitd.http.observe import METRICS
+from ratelimitd.http.observe import METRICS, shadow_limit_names
 from ratelimitd.tokenize import TokenCounter
 
 log = logging.getLogger("ratelimitd")
@@ -50,7 +50,8 @@ async def reload_config(app: web.Application) -> bool:
                                         service_tokens=service_tokens,
                                         admin_tokens=admin_tokens)
     app[METRICS].reconfigure(config.tiers, config.pricing.models,
-                             {lim.name for tier in config.tiers.values() for lim in tier.limits})
+                             {lim.name for tier in config.tiers.values() for lim in tier.limits},
+                             shadow_limits=shadow_limit_names(config))
     log.info("reloaded %s (%d tiers: %s); changes to %s need a restart", path,
              len(config.tiers), ", ".join(config.tiers), ", ".join(NEEDS_RESTART),
              extra={"event": "reload", "ok": True})

@@ -209,6 +209,9 @@ FAMILIES: Final = {f.name: f for f in (
             ("kind", "severity")),
     _Family("ratelimitd_blocks", "Blocks placed, by scope and cause", "counter",
             ("scope", "cause")),
+    _Family("ratelimitd_shadow_over", "Decisions a shadow limit would have denied (it never "
+            "denies), per limit: a tier limit's name or an Envoy rule's path", "counter",
+            ("limit",)),
     _Family("ratelimitd_unreplicated_settles", "Commits and releases applied but not "
             "acknowledged by [redis] replicas_ack replicas in time", "counter", ("call",)),
 )}
@@ -245,22 +248,26 @@ class Metrics:
     configuration names: tiers, models (priced ones), limit names, attribute scopes."""
 
     def __init__(self, tiers: Iterable[str], models: Iterable[str], limit_names: Iterable[str],
-                 attribute_scopes: Iterable[str] = (), directory: Path | None = None) -> None:
+                 attribute_scopes: Iterable[str] = (), directory: Path | None = None,
+                 shadow_limits: Iterable[str] = ()) -> None:
         self.directory = directory
         self._samples = _Samples()
         self._children: dict[tuple[str, tuple[str, ...]], Counter] = {}
         self._flush_warned = False
         self.tiers = self.models = self.reasons = self.block_scopes = frozenset[str]()
-        self.reconfigure(tiers, models, limit_names, attribute_scopes)
+        self.shadow_limits = frozenset[str]()
+        self.reconfigure(tiers, models, limit_names, attribute_scopes, shadow_limits)
 
     def reconfigure(self, tiers: Iterable[str], models: Iterable[str],
-                    limit_names: Iterable[str], attribute_scopes: Iterable[str] = ()) -> None:
+                    limit_names: Iterable[str], attribute_scopes: Iterable[str] = (),
+                    shadow_limits: Iterable[str] = ()) -> None:
         """The label values the configuration allows; called again on reload (SIGHUP): the
         totals live on, each set is swapped whole."""
         self.tiers = frozenset(tiers)
         self.models = frozenset(models)
         self.reasons = frozenset(limit_names).union(ERROR_CODES)
         self.block_scopes = BLOCK_SCOPES | frozenset(attribute_scopes)
+        self.shadow_limits = frozenset(shadow_limits)
         self._precreate()
 
     def _precreate(self) -> None:
@@ -283,6 +290,8 @@ class Metrics:
         for scope in self.block_scopes:
             for cause in BLOCK_CAUSES:
                 self._counter("ratelimitd_blocks", (scope, cause))
+        for limit in self.shadow_limits:
+            self._counter("ratelimitd_shadow_over", (limit,))
 
     def _counter(self, family: str, labels: tuple[str, ...]) -> Counter:
         key = (family, labels)
@@ -346,6 +355,12 @@ class Metrics:
     def alert(self, kind: str, severity: str) -> None:
         labels = (kind, severity) if (kind, severity) in ALERT_LABELS else (OTHER, OTHER)
         self._counter("ratelimitd_alerts", labels).inc()
+
+    def shadow_over(self, limit: str) -> str:
+        """A shadow limit that would have denied; returns its label (the name, or "other")."""
+        label = bounded(limit, self.shadow_limits)
+        self._counter("ratelimitd_shadow_over", (label,)).inc()
+        return label
 
     def block(self, scope: str, cause: str) -> None:
         labels = (bounded(scope, self.block_scopes), bounded(cause, BLOCK_CAUSES))

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -138,6 +139,28 @@ def test_shadow_rule_never_denies(rls: Rls) -> None:
     codes = [rls.ask("more", [("service", service), ("user", "user-a")]).overall_code
              for _ in range(3)]
     assert codes == [OK, OK, OK]
+
+
+def test_shadow_overs_counted_per_rule_and_logged_once_a_window(tmp_path: Path) -> None:
+    redis = RedisServer(tmp_path / "redis")
+    daemon, client = start(tmp_path, redis.url)
+    try:
+        shadow = [("service", unique()), ("user", "user-a")]     # 1 a minute, shadow_mode
+        codes = [client.ask("more", shadow).overall_code for _ in range(4)]
+        assert codes == [OK] * 4
+        for _ in range(3):      # a plain rule over its limit is no shadow over
+            client.ask("more", [("b", unique())])
+        with urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        assert 'ratelimitd_shadow_over_total{limit="more.service.user_user-a"} 3.0' in text
+        assert 'ratelimitd_shadow_over_total{limit="more.b"}' not in text
+        lines = [line for line in daemon.log_path.read_text().splitlines()
+                 if '"event":"shadow_over"' in line]
+        assert len(lines) == 1 and "more.service.user_user-a" in lines[0], lines
+    finally:
+        client.channel.close()
+        daemon.stop()
+        redis.stop()
 
 
 def test_replaces(rls: Rls) -> None:
