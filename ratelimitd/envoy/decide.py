@@ -176,7 +176,7 @@ def _answer(result: ReserveResult, statuses: list[Status], applied: list[_Applie
             status.over = True
             status.reset_ms = result.retry_after_ms or state.reset_ms
         elif state.over and item.shadow:
-            status.shadow_over = True
+            status.shadow_over = not result.duplicate     # a retry's answer is not new
         elif state.over and item.kind == "usage":
             status.over = over = True
     return Decision(over, statuses)

@@ -23,7 +23,9 @@ from grpc_health.v1._async import HealthServicer
 from ratelimitd.envoy.decide import Decision, Descriptor, Status, decide
 from ratelimitd.errors import ListenError, ReserveInProgress, StoreUnavailable
 from ratelimitd.http.app_keys import LIVE, Live
+from ratelimitd.http.edge import CLIENT_LOG
 from ratelimitd.http.observe import SHADOW_REPORT, ShadowReport
+from ratelimitd.ops.logs import ThrottledLog
 
 log = logging.getLogger("ratelimitd.envoy")
 
@@ -45,9 +47,10 @@ OVER_LIMIT: Final = rls_pb2.RateLimitResponse.OVER_LIMIT
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    def __init__(self, live: Live, shadow: ShadowReport) -> None:
+    def __init__(self, live: Live, shadow: ShadowReport, quiet: ThrottledLog) -> None:
         self.live = live
         self.shadow = shadow
+        self.quiet = quiet      # lines every call could write (Redis down): a few a window
 
     async def ShouldRateLimit(self, request: Any, context: Any) -> Any:
         services = self.live.services
@@ -65,11 +68,11 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "this call's first attempt is still running; retry shortly")
         except StoreUnavailable as exc:
-            if config.redis.on_error == "allow":
-                log.warning("redis unavailable, answering OK by on_error=allow: %s", exc)
-                return rls_pb2.RateLimitResponse(overall_code=OK)
-            log.warning("redis unavailable, answering OVER_LIMIT by on_error=deny: %s", exc)
-            return rls_pb2.RateLimitResponse(overall_code=OVER_LIMIT)
+            allow = config.redis.on_error == "allow"
+            self.quiet.warning("grpc_redis_unavailable",
+                               "redis unavailable, answering %s by on_error=%s: %s",
+                               "OK" if allow else "OVER_LIMIT", config.redis.on_error, exc)
+            return rls_pb2.RateLimitResponse(overall_code=OK if allow else OVER_LIMIT)
         for status in decision.statuses:
             if status.shadow_over and status.rule is not None:
                 self.shadow.over(status.rule.path, "grpc", domain=request.domain)
@@ -150,7 +153,7 @@ async def grpc_ctx(app: web.Application) -> AsyncIterator[None]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 1),     # the workers of one daemon share the port
     ])
-    service = RateLimitService(app[LIVE], app[SHADOW_REPORT])
+    service = RateLimitService(app[LIVE], app[SHADOW_REPORT], app[CLIENT_LOG])
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
