@@ -245,7 +245,8 @@ class RedisCallMetrics:
 
 class Metrics:
     """One process's metrics. Build it in each worker (after the fork), with what the
-    configuration names: tiers, models (priced ones), limit names, attribute scopes."""
+    configuration names: tiers, models (priced ones), limit names, attribute scopes, shadow
+    limits."""
 
     def __init__(self, tiers: Iterable[str], models: Iterable[str], limit_names: Iterable[str],
                  attribute_scopes: Iterable[str] = (), directory: Path | None = None,
