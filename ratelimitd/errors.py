@@ -11,6 +11,7 @@
     │   └── StoreReplyError    Redis answered a call with an error reply
     ├── ReserveInProgress      an idempotent retry while the first reserve has not finished
     ├── IdempotencyKeyReused   an idempotency key sent again with another request
+    ├── CountingQueueFull      a caller's long prompts waiting to be counted are too many (429)
     ├── TokenCountError        a prompt that cannot be counted (not text)
     ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
     ├── EmbeddedRedisError     the embedded redis-server cannot start

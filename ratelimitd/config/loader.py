@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ratelimitd.config import tiers as tier_tables
+from ratelimitd.config.envoy_rules import load_rules
 from ratelimitd.config.model import (
     MIN_PEPPER_BYTES,
     AbuseConfig,
@@ -38,7 +39,6 @@ from ratelimitd.config.reader import (
     no_unknown,
     section,
 )
-from ratelimitd.envoy.rules import load_rules
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
 from ratelimitd.ops import credentials
 from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
