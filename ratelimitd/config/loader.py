@@ -12,7 +12,9 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ratelimitd.config import credentials
 from ratelimitd.config import tiers as tier_tables
+from ratelimitd.config.credentials import MIN_TOKEN_BYTES
 from ratelimitd.config.envoy_rules import load_rules
 from ratelimitd.config.model import (
     MIN_PEPPER_BYTES,
@@ -40,8 +42,6 @@ from ratelimitd.config.reader import (
     section,
 )
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
-from ratelimitd.ops import credentials
-from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
 from ratelimitd.policy import ANOMALY_ACTIONS, Tier, default_tiers
 from ratelimitd.tokenize.offline import check_encoding_name
 
