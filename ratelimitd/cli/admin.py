@@ -165,8 +165,11 @@ async def _run(config: Config, args: argparse.Namespace) -> Any:
     settings = dataclasses.replace(config.redis,
                                    timeout_ms=max(config.redis.timeout_ms, CLI_TIMEOUT_MS))
     client = connect(settings, redis_url(config))
+    if args.command == "blocks":  # blocks need no pepper: none is read
+        config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, pepper=""))
+    environ = os.environ if args.command == "keys" else {}
     try:
-        access = await open_access(config, client, listen=False)
+        access = await open_access(config, client, listen=False, environ=environ)
         try:
             return await _dispatch(access, args)
         finally:
