@@ -162,6 +162,8 @@ def test_the_install_guide_installs_a_service_that_serves_with_its_credentials(
     assert json.loads(out[end:])["api_key"].startswith("rlk_"), out
     assert daemon.stop() == 0
     assert token not in daemon.log
+    for line in daemon.log.splitlines():  # the guide reads the journal with `jq .`
+        json.loads(line)
 
 
 def _until_ready(notify: socket.socket) -> bool:
