@@ -363,6 +363,7 @@ def _check_attributes(config: Config, where: Where) -> Iterator[ConfigError]:
                 "built in)")
 
 
+# the checks that span keys: each yields every mistake it finds
 _CHECKS: Final = (_check_server, _check_encodings, _check_calendar, _check_reservations,
                   _check_redis, _check_abuse, _check_anomaly, _check_alerts, _check_attributes)
 # the checks that read secrets (environment, credential files)

@@ -86,6 +86,8 @@ def tiers(table: Any, where: Where, declared: frozenset[str] = frozenset()) -> d
 def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier:
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
+    if not isinstance(table, Mapping):
+        raise where.error(f"must be a table, like [tiers.{name}]")
     problems = Problems()
     with problems.collect():
         no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where,
