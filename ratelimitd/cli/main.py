@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return run(load_config(args.config), args.workers)
     except (ConfigError, EmbeddedRedisError, ListenError) as exc:
-        print(f"ratelimitd: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a configuration's mistakes: one a line
+            print(f"ratelimitd: {line}", file=sys.stderr)
         return 2
 
 
