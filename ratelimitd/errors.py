@@ -11,6 +11,7 @@
     │   └── StoreReplyError    Redis answered a call with an error reply
     ├── ReserveInProgress      an idempotent retry while the first reserve has not finished
     ├── IdempotencyKeyReused   an idempotency key sent again with another request
+    ├── CountingQueueFull      a caller's long prompts waiting to be counted are too many (429)
     ├── TokenCountError        a prompt that cannot be counted (not text)
     ├── EncodingUnavailableError   a tiktoken encoding that cannot load offline
     ├── EmbeddedRedisError     the embedded redis-server cannot start
@@ -26,7 +27,7 @@
     ├── InvalidIpError         (abuse/ip.py) not an IPv4 or IPv6 address (400)
     ├── BlockInputError        (abuse/blocks.py) a bad argument to a block operation (400)
     ├── AlertDecodeError       (quota/alert_record.py) fields that are not an alert
-    ├── CredentialError        (ops/credentials.py) a systemd credential missing or empty
+    ├── CredentialError        (config/credentials.py) a systemd credential missing or empty
     ├── ClientGone             (http/edge.py) the client hung up before its request was read
     └── UsageError             (cli/usage_report.py) the daemon could not be asked, or refused
 

@@ -1,12 +1,14 @@
 """`ratelimitd keys create|rotate|revoke|show` and `ratelimitd blocks add|remove|list`.
 
-The admin API's twins for an operator on a daemon's host: they read the same configuration
-(`--config`, else $RATELIMITD_CONFIG) and the same pepper (RATELIMITD_KEY_PEPPER or the
-systemd credential), talk to the same Redis (the configured url, else the embedded server's
-unix socket in the state directory, which must be running), and print the answer as JSON on
-stdout. A revoke or rotate publishes the invalidation, so running daemons drop the key at once.
-A mistake prints {"error": {"code", "message"}} and exits 1 (2 for a configuration error).
-Creations from here are not counted against any network: the operator is not a sign-up flow.
+The admin API's twins for an operator. They need only what they use: the daemons' Redis
+(`--redis-url`, else [redis] url of `--config` or $RATELIMITD_CONFIG, else the embedded
+server's unix socket in the state directory, which must be running) and, for `keys`, the same
+pepper as the daemons ([keys] pepper, RATELIMITD_KEY_PEPPER or the credential key_pepper);
+the configuration's other secrets are not read. The answer is JSON on stdout, its times ISO
+8601 UTC. A revoke or rotate publishes the invalidation, so running daemons drop the key at
+once. A mistake prints {"error": {"code", "message"}} and exits 1; a missing or bad setting
+prints what is missing and exits 2. Creations from here are not counted against any network:
+the operator is not a sign-up flow.
 """
 
 from __future__ import annotations
@@ -17,19 +19,27 @@ import dataclasses
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
 
 from ratelimitd.abuse import BlockInputError
 from ratelimitd.auth import Access, open_access, redis_failures
-from ratelimitd.auth.keys import KeyInputError, KeyNotFoundError, KeyStateError
+from ratelimitd.auth.keys import (
+    KeyInputError,
+    KeyNotFoundError,
+    KeyStateError,
+    PepperError,
+    load_pepper,
+)
 from ratelimitd.config import Config, load_config
-from ratelimitd.errors import ApiError, StoreUnavailable
+from ratelimitd.errors import ApiError, ConfigError, StoreUnavailable
 from ratelimitd.store.connect import connect
 from ratelimitd.store.embedded import EmbeddedRedis, state_directory
 
 COMMANDS: Final = ("keys", "blocks")
+_URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
 # an operator's command may wait on a busy Redis longer than the hot path's timeout
 CLI_TIMEOUT_MS: Final = 5000
 
@@ -67,6 +77,9 @@ def _action(actions: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = actions.add_parser(name, help=help_text)
     parser.add_argument("--config", default=os.environ.get("RATELIMITD_CONFIG"),
                         help="TOML file (default: $RATELIMITD_CONFIG, else built-in defaults)")
+    parser.add_argument("--redis-url", metavar="URL",
+                        help="the daemons' Redis: redis://host:port, rediss://… or "
+                             "unix:///path (default: [redis] url, else the embedded Redis)")
     return parser
 
 
@@ -77,15 +90,66 @@ def _subject_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Runs a `keys` or `blocks` command (load_config's ConfigError is the caller's)."""
-    config = load_config(args.config)
+    """Runs a `keys` or `blocks` command; a setting that is missing or wrong is a
+    ConfigError (the caller prints it and exits 2)."""
+    config = _settings(args)
     try:
         answer = asyncio.run(_run(config, args))
     except ApiError as exc:
         _print({"error": {"code": exc.code, "message": exc.message}}, sys.stderr)
         return 1
-    _print(answer, sys.stdout)
+    _print(readable_times(answer), sys.stdout)
     return 0
+
+
+def _settings(args: argparse.Namespace) -> Config:
+    """The configuration with --redis-url applied, once it holds what the command needs."""
+    config = load_config(args.config, secrets=False)
+    where = (f"--config {args.config}" if args.config
+             else "--config FILE (or $RATELIMITD_CONFIG)")
+    if args.redis_url:
+        if not args.redis_url.startswith(_URL_SCHEMES):
+            raise ConfigError(f"--redis-url {args.redis_url[:60]!r}: use redis://host:port, "
+                              "rediss://host:port (TLS) or unix:///path/to/redis.sock")
+        config = dataclasses.replace(config, redis=dataclasses.replace(config.redis,
+                                                                       url=args.redis_url))
+    elif not config.redis.url:
+        embedded = EmbeddedRedis(state_directory(config.redis.data_dir))
+        if not embedded.socket.exists():
+            raise ConfigError(
+                f"`{args.command} {args.action}` needs the daemons' Redis: give --redis-url, "
+                f"or [redis] url in {where}; with no url it uses the embedded Redis of a "
+                f"daemon on this host, whose socket {embedded.socket} does not exist "
+                "(set [redis] data_dir or $STATE_DIRECTORY to the daemon's state directory)")
+    if args.command == "keys":
+        try:
+            pepper = load_pepper(config.keys.pepper)
+        except PepperError as exc:
+            raise ConfigError(f"[keys] pepper: {exc}") from None
+        if pepper is None:
+            raise ConfigError(
+                f"`keys {args.action}` needs the daemons' key pepper: set "
+                f"RATELIMITD_KEY_PEPPER, or [keys] pepper in {where}, or "
+                "CREDENTIALS_DIRECTORY to a directory holding key_pepper")
+    return config
+
+
+def readable_times(data: Any) -> Any:
+    """Epoch-ms times ("expires_at_ms") as ISO 8601 UTC ("expires_at"), at any depth."""
+    if isinstance(data, list):
+        return [readable_times(item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    return {(key.removesuffix("_ms") if key.endswith("_at_ms") else key):
+            (iso_utc(value) if key.endswith("_at_ms") and isinstance(value, int)
+             else readable_times(value))
+            for key, value in data.items()}
+
+
+def iso_utc(ms: int) -> str:
+    """2027-03-05T12:36:40Z: whole seconds, UTC."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
 
 
 def _print(data: Any, stream: Any) -> None:
@@ -101,8 +165,11 @@ async def _run(config: Config, args: argparse.Namespace) -> Any:
     settings = dataclasses.replace(config.redis,
                                    timeout_ms=max(config.redis.timeout_ms, CLI_TIMEOUT_MS))
     client = connect(settings, redis_url(config))
+    if args.command == "blocks":  # blocks need no pepper: none is read
+        config = dataclasses.replace(config, keys=dataclasses.replace(config.keys, pepper=""))
+    environ = os.environ if args.command == "keys" else {}
     try:
-        access = await open_access(config, client, listen=False)
+        access = await open_access(config, client, listen=False, environ=environ)
         try:
             return await _dispatch(access, args)
         finally:

@@ -24,6 +24,7 @@ from ratelimitd import __version__
 from ratelimitd.cli import admin, usage_report
 from ratelimitd.cli.prefork import prepare_fork
 from ratelimitd.config import Config, load_config
+from ratelimitd.envoy.service import grpc_ctx
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
 from ratelimitd.http.edge import EdgeLogger
@@ -122,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return run(load_config(args.config), args.workers)
     except (ConfigError, EmbeddedRedisError, ListenError) as exc:
-        print(f"ratelimitd: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines():  # a configuration's mistakes: one a line
+            print(f"ratelimitd: {line}", file=sys.stderr)
         return 2
 
 
@@ -334,7 +336,8 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
                        metrics_dir: Path | None, liveness: Liveness) -> None:
     server = config.server
     app = create_app(config, redis_url, health, metrics_dir)
-    app.cleanup_ctx.append(liveness_ctx(liveness))  # after the services: READY=1 needs Redis
+    app.cleanup_ctx.append(grpc_ctx)  # [grpc] listen: Envoy's rate limit service
+    app.cleanup_ctx.append(liveness_ctx(liveness))  # last: READY=1 needs Redis and gRPC
     runner = web.AppRunner(app,
                            **access_log_options(server.access_log),
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S,

@@ -4,11 +4,11 @@ It needs only aiohttp (it imports nothing of the daemon). The five-line integrat
 
     from ratelimitd.client import RatelimitdClient, RateLimited
 
-    rl = RatelimitdClient("http://127.0.0.1:8080", service_token=TOKEN)   # one per process
-    async with rl.guard(api_key=key, model="gpt-4o", messages=msgs) as call:
-        reply = await llm.chat.completions.create(model="gpt-4o", messages=msgs,
-                                                  max_completion_tokens=call.max_output_tokens)
-        call.set_usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+    async with RatelimitdClient("http://127.0.0.1:8080", service_token=TOKEN) as rl:
+        async with rl.guard(api_key=key, model="gpt-4o", messages=msgs) as call:
+            reply = await llm.chat.completions.create(
+                model="gpt-4o", messages=msgs, max_completion_tokens=call.max_output_tokens)
+            call.set_usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
 
 The guard reserves on enter (RateLimited carries `retry_after`), commits the usage on a normal
 exit, and releases on an exception or a cancellation. Retries reuse the reserve's

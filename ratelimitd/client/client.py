@@ -53,11 +53,11 @@ class RatelimitdClient:
 
     The five-line integration (see `guard`)::
 
-        rl = RatelimitdClient("http://127.0.0.1:8080", service_token=TOKEN)
-        async with rl.guard(api_key=key, model="gpt-4o", messages=msgs) as call:
-            reply = await openai.chat.completions.create(model="gpt-4o", messages=msgs,
-                                                         max_completion_tokens=call.max_output_tokens)
-            call.set_usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
+        async with RatelimitdClient("http://127.0.0.1:8080", service_token=TOKEN) as rl:
+            async with rl.guard(api_key=key, model="gpt-4o", messages=msgs) as call:
+                reply = await openai.chat.completions.create(
+                    model="gpt-4o", messages=msgs, max_completion_tokens=call.max_output_tokens)
+                call.set_usage(reply.usage.prompt_tokens, reply.usage.completion_tokens)
     """
 
     def __init__(self, url: str, *, service_token: str | None = None, timeout_s: float = 2.0,

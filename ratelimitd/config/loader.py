@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from ratelimitd.config import credentials
 from ratelimitd.config import tiers as tier_tables
+from ratelimitd.config.credentials import MIN_TOKEN_BYTES
+from ratelimitd.config.envoy_rules import load_rules
 from ratelimitd.config.model import (
     MIN_PEPPER_BYTES,
     AbuseConfig,
@@ -38,10 +41,7 @@ from ratelimitd.config.reader import (
     no_unknown,
     section,
 )
-from ratelimitd.envoy.rules import load_rules
 from ratelimitd.errors import ConfigError, EncodingUnavailableError
-from ratelimitd.ops import credentials
-from ratelimitd.ops.credentials import MIN_TOKEN_BYTES
 from ratelimitd.policy import ANOMALY_ACTIONS, Tier, default_tiers
 from ratelimitd.tokenize.offline import check_encoding_name
 
@@ -65,8 +65,10 @@ _CHOICES: Final[dict[str, dict[str, tuple[str, ...]]]] = {
 }
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Reads and checks a configuration file; None (or an empty file) gives every default."""
+def load_config(path: str | Path | None, *, secrets: bool = True) -> Config:
+    """Reads and checks a configuration file; None (or an empty file) gives every default.
+    secrets=False leaves the secret references unresolved (a command that uses none of them
+    runs without the environment or credentials the daemon has)."""
     if path is None:
         return Config()
     source = str(path)
@@ -80,14 +82,17 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:  # its message ends "(at line N, column M)"
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
     try:
-        return parse_config(data, source)
+        return parse_config(data, source, secrets=secrets)
     except ConfigProblems as exc:
-        raise ConfigProblems([_with_line(p, text) for p in exc.problems]) from None
+        located = sorted((_with_line(p, text) for p in exc.problems),
+                         key=lambda p: p.line if isinstance(p, ConfigProblem) else 0)
+        raise ConfigProblems(located) from None
     except ConfigProblem as exc:
         raise _with_line(exc, text) from None
 
 
-def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+def parse_config(data: Mapping[str, Any], source: str = "<config>", *,
+                 secrets: bool = True) -> Config:
     """Checks every section and rule; every mistake is reported (ConfigProblems when more
     than one), each naming the file and the dotted key."""
     where = Where(source)
@@ -96,10 +101,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         no_unknown(data, [*_SECTIONS, "pricing", "tiers"], where, "")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        with problems.collect():
-            sections[name] = section(cls, data.get(name, {}), where.at(name),
-                                     _CHOICES.get(name))
-        sections.setdefault(name, cls())  # a section in error: checked no further
+        sections[name] = section(cls, data.get(name, {}), where.at(name), problems,
+                                 _CHOICES.get(name))
     declared = frozenset(sections["attributes"].names)
     tables: dict[str, Any] = {"tiers": default_tiers(), "pricing": PricingConfig()}
     with problems.collect():
@@ -114,9 +117,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             base = Path(source).parent if not source.startswith("<") else Path.cwd()
             tables["envoy_rules"] = load_rules(sections["envoy"].config, base)
     config = Config(**sections, **tables, source=source)
-    for check in _CHECKS:
+    in_error = {p.key for p in problems.found if isinstance(p, ConfigProblem)}
+    for check in (*_CHECKS, *(_SECRET_CHECKS if secrets else ())):
         with problems.collect():
-            check(config, where)
+            for problem in check(config, where):
+                # a key already in error took its default: a check of it would mislead
+                if not (isinstance(problem, ConfigProblem) and problem.key in in_error):
+                    problems.found.append(problem)
     problems.raise_any()
     return config
 
@@ -134,7 +141,7 @@ def _with_line(problem: ConfigError, text: str) -> ConfigError:
     line = locate_key(text, problem.key)
     if line is None:
         return problem
-    return ConfigProblem(f"{problem} (line {line})", problem.key)
+    return ConfigProblem(f"{problem} (line {line})", problem.key, line)
 
 
 _HEADER: Final = re.compile(r"^\[\[\s*(.+?)\s*\]\]|^\[\s*(.+?)\s*\]")
@@ -179,51 +186,51 @@ def _normalised(parts: list[str]) -> list[str]:
     return [p for p in parts if not p.isdigit()]
 
 
-def _check_tokens(config: Config, where: Where) -> None:
-    problems = Problems()
+def _check_tokens(config: Config, where: Where) -> Iterator[ConfigError]:
     for key, tokens in (("service_tokens", config.server.service_tokens),
                         ("admin_tokens", config.server.admin_tokens)):
         for i, token in enumerate(tokens):
-            with problems.collect():
+            try:
                 resolve_tokens((token,), where.at("server").at(key).at(str(i)))
-    problems.raise_any()
+            except ConfigError as exc:
+                yield exc
 
 
-def _check_keys(config: Config, where: Where) -> None:
+def _check_keys(config: Config, where: Where) -> Iterator[ConfigError]:
     if config.keys.pepper:
         pepper = resolve_secret(config.keys.pepper, where.at("keys.pepper"))
         if len(pepper.encode("utf-8", "surrogateescape")) < MIN_PEPPER_BYTES:
-            raise where.at("keys.pepper").error(
+            yield where.at("keys.pepper").error(
                 f"must be at least {MIN_PEPPER_BYTES} bytes (generate one with: "
                 "openssl rand -hex 32)")
 
 
-def _check_server(config: Config, where: Where) -> None:
+def _check_server(config: Config, where: Where) -> Iterator[ConfigError]:
     for i, listen in enumerate(config.server.listen):
         tcp = re.fullmatch(r"\[?[^\s\]]+\]?:(\d{1,5})", listen)
         if not listen.startswith("unix:") and (tcp is None or int(tcp.group(1)) > 65_535):
-            raise where.at("server.listen").at(str(i)).error(
+            yield where.at("server.listen").at(str(i)).error(
                 f"{listen!r}: use host:port (port 0 to 65535) or unix:/path/to.sock")
     if not config.server.listen:
-        raise where.at("server.listen").error("needs at least one address")
+        yield where.at("server.listen").error("needs at least one address")
     for i, listen in enumerate(config.grpc.listen):
         tcp = re.fullmatch(r"\[?[^\s\]]+\]?:(\d{1,5})", listen)
         if tcp is None or int(tcp.group(1)) > 65_535:
-            raise where.at("grpc.listen").at(str(i)).error(
+            yield where.at("grpc.listen").at(str(i)).error(
                 f"{listen!r}: use host:port (port 0 to 65535)")
     if config.server.max_body_bytes < 1024:
-        raise where.at("server.max_body_bytes").error("must be at least 1024")
+        yield where.at("server.max_body_bytes").error("must be at least 1024")
     for key in ("header_timeout_s", "body_timeout_s", "keepalive_timeout_s"):
         if not 0.1 <= getattr(config.server, key) <= 3600:
-            raise where.at(f"server.{key}").error("must be between 0.1 and 3600 seconds")
+            yield where.at(f"server.{key}").error("must be between 0.1 and 3600 seconds")
     if not 1 <= config.server.max_connections <= 1_000_000:
-        raise where.at("server.max_connections").error("must be between 1 and 1000000")
+        yield where.at("server.max_connections").error("must be between 1 and 1000000")
     if not 1 <= config.server.min_body_bytes_per_s <= 1_000_000_000:
-        raise where.at("server.min_body_bytes_per_s").error(
+        yield where.at("server.min_body_bytes_per_s").error(
             "must be between 1 and 1000000000")
 
 
-def _check_encodings(config: Config, where: Where) -> None:
+def _check_encodings(config: Config, where: Where) -> Iterator[ConfigError]:
     # the daemon loads these at startup: a name that cannot load offline is a bad value here
     encodings = [(where.at("tokens.default_encoding"), config.tokens.default_encoding)]
     encodings += [(where.at("tokens.models").at(m), e) for m, e in config.tokens.models.items()]
@@ -231,107 +238,111 @@ def _check_encodings(config: Config, where: Where) -> None:
         try:
             check_encoding_name(encoding)
         except EncodingUnavailableError as exc:
-            raise at.error(str(exc)) from exc
+            yield at.error(str(exc))
 
 
-def _check_calendar(config: Config, where: Where) -> None:
+def _check_calendar(config: Config, where: Where) -> Iterator[ConfigError]:
     try:
         ZoneInfo(config.calendar.timezone)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise where.at("calendar.timezone").error(
-            f"unknown timezone {config.calendar.timezone!r}") from exc
+    except (ZoneInfoNotFoundError, ValueError):
+        yield where.at("calendar.timezone").error(
+            f"unknown timezone {config.calendar.timezone!r}")
 
 
-def _check_reservations(config: Config, where: Where) -> None:
+def _check_reservations(config: Config, where: Where) -> Iterator[ConfigError]:
     if not 1 <= config.reservations.ttl_s <= MAX_RESERVATION_TTL_S:
-        raise where.at("reservations.ttl_s").error(
+        yield where.at("reservations.ttl_s").error(
             f"must be from 1 to {MAX_RESERVATION_TTL_S} seconds")
     if config.reservations.commit_grace_s > MAX_RESERVATION_TTL_S:
-        raise where.at("reservations.commit_grace_s").error(
+        yield where.at("reservations.commit_grace_s").error(
             f"must be at most {MAX_RESERVATION_TTL_S} seconds")
 
 
-def _check_redis(config: Config, where: Where) -> None:
+def _check_redis(config: Config, where: Where) -> Iterator[ConfigError]:
     url = config.redis.url
     if url and config.redis.mode != "sentinel" and not url.startswith(_URL_SCHEMES):
-        raise where.at("redis.url").error(
+        yield where.at("redis.url").error(
             f"{url[:60]!r}: use redis://host:port, rediss://host:port (TLS) or "
             "unix:///path/to/redis.sock, or \"\" for the embedded Redis")
     if config.redis.timeout_ms < 1:
-        raise where.at("redis.timeout_ms").error("must be at least 1 ms")
+        yield where.at("redis.timeout_ms").error("must be at least 1 ms")
     if config.redis.mode == "cluster" and not config.redis.url:
-        raise where.at("redis.url").error("cluster mode needs the url of a cluster node")
+        yield where.at("redis.url").error("cluster mode needs the url of a cluster node")
     if config.redis.mode == "sentinel" and not config.redis.url.startswith("redis+sentinel://"):
-        raise where.at("redis.url").error(
+        yield where.at("redis.url").error(
             "sentinel mode needs redis+sentinel://host:port[,host:port]/service_name")
-    _check_replicas_ack(config.redis, where.at("redis.replicas_ack"))
+    yield from _check_replicas_ack(config.redis, where.at("redis.replicas_ack"))
 
 
-def _check_abuse(config: Config, where: Where) -> None:
+def _check_abuse(config: Config, where: Where) -> Iterator[ConfigError]:
     if not 1 <= config.abuse.ipv4_prefix <= 32:
-        raise where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
+        yield where.at("abuse.ipv4_prefix").error("must be from 1 to 32")
     if not 1 <= config.abuse.ipv6_prefix <= 128:
-        raise where.at("abuse.ipv6_prefix").error("must be from 1 to 128")
+        yield where.at("abuse.ipv6_prefix").error("must be from 1 to 128")
     if config.abuse.block_s < 1:
-        raise where.at("abuse.block_s").error("must be at least 1 second")
+        yield where.at("abuse.block_s").error("must be at least 1 second")
 
 
-def _check_anomaly(config: Config, where: Where) -> None:
+def _check_anomaly(config: Config, where: Where) -> Iterator[ConfigError]:
     anomaly, where = config.anomaly, where.at("anomaly")
     if anomaly.action not in ANOMALY_ACTIONS:
-        raise where.at("action").error(
+        yield where.at("action").error(
             f"must be {' or '.join(ANOMALY_ACTIONS)}, not {anomaly.action!r}")
     if not 0 <= anomaly.min_history_hours <= MAX_HISTORY_HOURS:
-        raise where.at("min_history_hours").error(
+        yield where.at("min_history_hours").error(
             f"must be from 0 to {MAX_HISTORY_HOURS} (active hours)")
     for key in ("request_spike_factor", "token_spike_factor"):
         if not 1 <= getattr(anomaly, key) <= 1000:
-            raise where.at(key).error("must be from 1 to 1000 (times the baseline)")
+            yield where.at(key).error("must be from 1 to 1000 (times the baseline)")
     if not 1 <= anomaly.block_s <= MAX_ANOMALY_BLOCK_S:
-        raise where.at("block_s").error(f"must be from 1 to {MAX_ANOMALY_BLOCK_S} seconds")
+        yield where.at("block_s").error(f"must be from 1 to {MAX_ANOMALY_BLOCK_S} seconds")
     for key in ("default_requests_per_hour", "default_tokens_per_request"):
         if not 1 <= getattr(anomaly, key) <= 10**9:
-            raise where.at(key).error("must be a whole number from 1 to 10^9")
+            yield where.at(key).error("must be a whole number from 1 to 10^9")
 
 
-def _check_replicas_ack(redis: RedisConfig, where: Where) -> None:
+def _check_replicas_ack(redis: RedisConfig, where: Where) -> Iterator[ConfigError]:
     """A count of replicas to WAIT for; the embedded Redis has none, TLS is not pipelined."""
     if not 0 <= redis.replicas_ack <= 16:
-        raise where.error("must be from 0 to 16 replicas")
+        yield where.error("must be from 0 to 16 replicas")
     if redis.replicas_ack and not redis.url:
-        raise where.error("the embedded Redis has no replicas: set [redis] url, or 0")
+        yield where.error("the embedded Redis has no replicas: set [redis] url, or 0")
     if redis.replicas_ack and redis.url.startswith("rediss://"):
-        raise where.error("is not supported over TLS (rediss://) yet: use 0")
+        yield where.error("is not supported over TLS (rediss://) yet: use 0")
 
 
 
-def _check_alerts(config: Config, where: Where) -> None:
+def _check_alerts(config: Config, where: Where) -> Iterator[ConfigError]:
     """Thresholds are fractions; webhook URLs are http(s) with a host, each once; signing
     them needs a secret."""
     alerts, where = config.alerts, where.at("alerts")
     if any(not 0 < t <= 1 for t in alerts.thresholds):
-        raise where.at("thresholds").error("each threshold is a fraction in (0, 1]")
+        yield where.at("thresholds").error("each threshold is a fraction in (0, 1]")
     if len(alerts.thresholds) > MAX_ALERT_THRESHOLDS:
         # the Lua keeps a bit per threshold in a double
-        raise where.at("thresholds").error(f"at most {MAX_ALERT_THRESHOLDS} thresholds")
+        yield where.at("thresholds").error(f"at most {MAX_ALERT_THRESHOLDS} thresholds")
     for i, url in enumerate(alerts.webhooks):
         if not _is_webhook_url(url):
             # the URL may carry a token: the message names its index, never its text
-            raise where.at("webhooks").at(str(i)).error(
+            yield where.at("webhooks").at(str(i)).error(
                 "must be an http:// or https:// URL with a host")
         if url in alerts.webhooks[:i]:
-            raise where.at("webhooks").at(str(i)).error("is listed twice")
+            yield where.at("webhooks").at(str(i)).error("is listed twice")
     if alerts.webhooks and not alerts.webhook_secret:
-        raise where.at("webhook_secret").error(
+        yield where.at("webhook_secret").error(
             "webhooks are signed: set a secret (env:NAME or credential:NAME)")
-    if alerts.webhook_secret:
-        secret = resolve_secret(alerts.webhook_secret, where.at("webhook_secret"))
-        if len(secret.encode("utf-8", "surrogateescape")) < MIN_TOKEN_BYTES:
-            raise where.at("webhook_secret").error(f"must be at least {MIN_TOKEN_BYTES} bytes")
     for key in ("webhook_timeout_ms", "queue_size", "retry_max_s", "delivery_max_age_s",
                 "stream_max_len", "claim_idle_ms"):
         if getattr(alerts, key) < 1:
-            raise where.at(key).error("must be at least 1")
+            yield where.at(key).error("must be at least 1")
+
+
+def _check_webhook_secret(config: Config, where: Where) -> Iterator[ConfigError]:
+    if config.alerts.webhook_secret:
+        at = where.at("alerts.webhook_secret")
+        secret = resolve_secret(config.alerts.webhook_secret, at)
+        if len(secret.encode("utf-8", "surrogateescape")) < MIN_TOKEN_BYTES:
+            yield at.error(f"must be at least {MIN_TOKEN_BYTES} bytes")
 
 
 def _is_webhook_url(url: str) -> bool:
@@ -344,18 +355,19 @@ def _is_webhook_url(url: str) -> bool:
             and not any(c.isspace() for c in url))
 
 
-def _check_attributes(config: Config, where: Where) -> None:
+def _check_attributes(config: Config, where: Where) -> Iterator[ConfigError]:
     for i, name in enumerate(config.attributes.names):
         if not _ATTRIBUTE_NAME.fullmatch(name) or name == "ip":
-            raise where.at("attributes.names").at(str(i)).error(
+            yield where.at("attributes.names").at(str(i)).error(
                 f"{name!r}: an attribute name is lowercase letters, digits and '_' (ip is "
                 "built in)")
 
 
-_CHECKS: Final = (_check_tokens, _check_keys, _check_server, _check_encodings, _check_calendar,
-                  _check_reservations, _check_redis, _check_abuse, _check_anomaly,
-                  _check_alerts,
-                  _check_attributes)
+# the checks that span keys: each yields every mistake it finds
+_CHECKS: Final = (_check_server, _check_encodings, _check_calendar, _check_reservations,
+                  _check_redis, _check_abuse, _check_anomaly, _check_alerts, _check_attributes)
+# the checks that read secrets (environment, credential files)
+_SECRET_CHECKS: Final = (_check_tokens, _check_keys, _check_webhook_secret)
 
 
 def resolve_secret(value: str, where: Where | None = None) -> str:

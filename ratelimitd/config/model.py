@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from ratelimitd.envoy.rules import EnvoyRules
+from ratelimitd.config.envoy_rules import EnvoyRules
 from ratelimitd.policy import (
     DEFAULT_MODEL_PRICE,
     DEFAULT_PRICES,
@@ -181,6 +181,6 @@ class Config:
     attributes: AttributesConfig = AttributesConfig()
     grpc: GrpcConfig = GrpcConfig()
     envoy: EnvoyConfig = EnvoyConfig()
-    # the rules [envoy] config loads (envoy/rules.py)
+    # the rules [envoy] config loads (config/envoy_rules.py)
     envoy_rules: EnvoyRules = field(default_factory=EnvoyRules)
     source: str = "<defaults>"

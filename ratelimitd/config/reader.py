@@ -31,9 +31,10 @@ class Where:
 class ConfigProblem(ConfigError):
     """One mistake, with the dotted key it is about (for its line in the file)."""
 
-    def __init__(self, message: str, key: str) -> None:
+    def __init__(self, message: str, key: str, line: int = 0) -> None:
         super().__init__(message)
         self.key = key
+        self.line = line   # in the file, once located (0: not known)
 
 
 class ConfigProblems(ConfigError):
@@ -68,24 +69,35 @@ class Problems:
 
 
 def no_unknown(table: Mapping[str, Any], known: typing.Iterable[str], where: Where,
-                what: str) -> None:
+               what: str) -> None:
+    """Every key of `table` that is not in `known`, each its own problem."""
     if not isinstance(table, Mapping):
         raise where.error(f"must be a table{what}")
     allowed = set(known)
+    problems = Problems()
     for key in table:
         if key not in allowed:
-            raise where.at(key).error(f"unknown key (known: {', '.join(sorted(allowed))})")
+            with problems.collect():
+                raise where.at(key).error(f"unknown key (known: {', '.join(sorted(allowed))})")
+    problems.raise_any()
 
 
-def section(cls: type[Any], table: Any, where: Where,
+def section(cls: type[Any], table: Any, where: Where, problems: Problems,
             choices: Mapping[str, tuple[str, ...]] | None = None) -> Any:
-    """A section's dataclass from its table; `choices`: the allowed values of some keys."""
+    """A section's dataclass from its table; `choices`: the allowed values of some keys.
+
+    Each mistake is added to `problems`; the section keeps its valid keys (the others take
+    their defaults), so the checks that span keys still see them."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    no_unknown(table, fields, where, "")
+    with problems.collect():
+        no_unknown(table, fields, where, "")
+    if not isinstance(table, Mapping):
+        return cls()
     hints = typing.get_type_hints(cls)
-    problems = Problems()
     values = {}
     for key, raw in table.items():
+        if key not in fields:
+            continue
         with problems.collect():
             item = read_value(hints[key], raw, where.at(key))
             allowed = (choices or {}).get(key)
@@ -94,7 +106,6 @@ def section(cls: type[Any], table: Any, where: Where,
             if isinstance(item, int | float) and not isinstance(item, bool) and item < 0:
                 raise where.at(key).error("must not be negative")
             values[key] = item
-    problems.raise_any()
     return cls(**values)
 
 

@@ -86,21 +86,26 @@ def tiers(table: Any, where: Where, declared: frozenset[str] = frozenset()) -> d
 def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier:
     if not _NAME.match(name):
         raise where.error("tier names use letters, digits, '_', '-' and '.'")
-    no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where, "")
-    anomaly = _anomaly(table.get("anomaly", True), where.at("anomaly"))
+    if not isinstance(table, Mapping):
+        raise where.error(f"must be a table, like [tiers.{name}]")
+    problems = Problems()
+    with problems.collect():
+        no_unknown(table, [*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS, "limits", "anomaly"], where,
+                   "")
+    anomaly: bool | AnomalyAction = True
+    with problems.collect():
+        anomaly = _anomaly(table.get("anomaly", True), where.at("anomaly"))
     numbers = {}
     for key in (*_SHORTHAND_LIMITS, *_SHORTHAND_CAPS):
         if key in table:
-            kind = float if key == "daily_budget_usd" else int
-            value = read_value(kind, table[key], where.at(key))
-            if value < 0 or (value == 0 and key != "daily_budget_usd"):
-                raise where.at(key).error("must be positive")
-            numbers[key] = value
+            with problems.collect():
+                numbers[key] = _shorthand(key, table[key], where.at(key))
     limits = list(shorthand_limits(*(numbers.get(k) for k in _SHORTHAND_LIMITS)))
     raw_limits = table.get("limits", [])
     if not isinstance(raw_limits, list):
-        raise where.at("limits").error("must be an array of tables, like [[tiers.x.limits]]")
-    problems = Problems()
+        with problems.collect():
+            raise where.at("limits").error("must be an array of tables, like [[tiers.x.limits]]")
+        raw_limits = []
     for i, raw in enumerate(raw_limits):
         with problems.collect():
             limits.append(_limit(raw, where.at(f"limits[{i}]"), declared))
@@ -112,6 +117,13 @@ def _tier(name: str, table: Any, where: Where, declared: frozenset[str]) -> Tier
     return Tier(name, tuple(limits), max_output_tokens=numbers.get("max_output_tokens"),
                 max_prompt_chars=numbers.get("max_prompt_chars"),
                 max_input_tokens=numbers.get("max_input_tokens"), anomaly=anomaly)
+
+
+def _shorthand(key: str, raw: Any, where: Where) -> Any:
+    value = read_value(float if key == "daily_budget_usd" else int, raw, where)
+    if value < 0 or (value == 0 and key != "daily_budget_usd"):
+        raise where.error("must be positive")
+    return value
 
 
 def _anomaly(raw: Any, where: Where) -> bool | AnomalyAction:

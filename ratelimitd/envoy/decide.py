@@ -24,7 +24,7 @@ from typing import Final
 
 import orjson
 
-from ratelimitd.envoy.rules import ENVOY_SCOPE, EnvoyRules, Match, Rule, rule_limit
+from ratelimitd.config.envoy_rules import ENVOY_SCOPE, EnvoyRules, Match, Rule, rule_limit
 from ratelimitd.policy import Limit, Prices, Subject
 from ratelimitd.quota.engine import Engine, LimitState, ReserveRequest, ReserveResult
 

@@ -12,7 +12,6 @@ from aiohttp import web
 
 from ratelimitd.auth import open_access
 from ratelimitd.config import Config, resolve_tokens
-from ratelimitd.envoy.service import grpc_ctx
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http import admin, decisions, observe, usage
 from ratelimitd.http.alerting import alerting_ctx
@@ -152,7 +151,6 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app[LIVE] = Live()  # its services are made at startup (_services_ctx)
     app.cleanup_ctx.append(client_log_ctx)
     app.cleanup_ctx.append(_services_ctx)
-    app.cleanup_ctx.append(grpc_ctx)    # [grpc] listen: Envoy's rate limit service
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)
     app.cleanup_ctx.append(observe.shadow_report_ctx)

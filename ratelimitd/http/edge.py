@@ -177,9 +177,11 @@ def method_not_allowed(allowed: str) -> Handler:
 
 
 def _check_service_token(request: web.Request) -> None:
-    tokens = request.app[LIVE].services.service_tokens
     # /v1/admin/* takes an admin token instead (auth/bearer.py)
-    if tokens and request.path.startswith("/v1/") and not request.path.startswith("/v1/admin/"):
+    if not request.path.startswith("/v1/") or request.path.startswith("/v1/admin/"):
+        return
+    tokens = request.app[LIVE].services.service_tokens
+    if tokens:
         check_service_token(request.headers.get("Authorization", ""), tokens)
 
 

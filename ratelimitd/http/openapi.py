@@ -521,8 +521,8 @@ def openapi_spec(config: Config | None = None) -> dict[str, Any]:
                   (401, "missing_credentials, invalid_service_token, invalid_api_key, "
                         "invalid_signature"),
                   (403, "key_revoked, key_expired, blocked"),
-                  (409, "idempotency_key_in_use (retry after Retry-After)"),
-                  (422, "idempotency_key_reused (do not retry)"), _BODY_ERRORS, _TIMEOUT_ERRORS,
+                  (409, "idempotency_key_in_use"),
+                  (422, "idempotency_key_reused"), _BODY_ERRORS, _TIMEOUT_ERRORS,
                   _MEDIA_ERRORS, (503, "backend_unavailable, keys_unavailable"))}
     spec: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -31,7 +31,8 @@ from tests.support.http import Serve
 from tests.support.keys import pepper_env
 
 GATEWAY_PATH = Path(__file__).resolve().parents[2] / "examples" / "openai_gateway.py"
-ADMIN_TOKEN, SERVICE_TOKEN, UPSTREAM_KEY = "admin-t0ken", "service-t0ken", "upstream-t0ken"
+ADMIN_TOKEN, SERVICE_TOKEN = "admin-t0ken-0123456789", "service-t0ken-0123456789"
+UPSTREAM_KEY = "upstream-t0ken"
 MESSAGES = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Write a haiku about budgets"}]
 NOTHING = {"requests": 0, "tokens": 0, "concurrent": 0, "cost_nano": 0}

@@ -407,3 +407,15 @@ def test_a_tier_takes_the_anomaly_action_or_one_of_its_own() -> None:
                            "tiers": {"a": {}, "b": {"anomaly": "alert"}, "c": {"anomaly": False}}})
     assert (config.anomaly.action, config.anomaly.min_history_hours) == ("block", 0)
     assert [config.tiers[t].anomaly for t in "abc"] == [True, "alert", False]
+
+
+def test_every_mistake_of_the_tiers_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"tiers": {"free": 5, "pro": {"requests_per_minute": "x", "max_concurrent": 0,
+                                                   "limits": [{"name": "l", "metric": "nope"}]}},
+                      "server": {"listen": "x", "bogus": 1}})
+    lines = str(caught.value).splitlines()
+    for key in ("tiers.free: must be a table", "tiers.pro.requests_per_minute",
+                "tiers.pro.max_concurrent", "tiers.pro.limits[0]", "server.listen",
+                "server.bogus"):
+        assert sum(key in line for line in lines) == 1, (key, lines)

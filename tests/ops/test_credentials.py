@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ratelimitd.ops.credentials import (
+from ratelimitd.config.credentials import (
     CredentialError,
     read_credential,
     read_token_lines,

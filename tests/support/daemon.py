@@ -27,13 +27,15 @@ class Daemon:
 
     def __init__(self, tmp_path: Path, config: str, *args: str, name: str = "d",
                  preexec_fn: Callable[[], None] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 command: list[str] | None = None) -> None:
+        """`command`: run this instead of `ratelimitd serve --config` of `config`."""
         self.config_path = tmp_path / f"{name}.toml"
         self.config_path.write_text(config)
         self.log_path = tmp_path / f"{name}.log"
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen([str(RATELIMITD), "serve", "--config",
-                                      str(self.config_path), *args],
+        self.proc = subprocess.Popen(command or [str(RATELIMITD), "serve", "--config",
+                                                 str(self.config_path), *args],
                                      stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
                                      env=env)

@@ -1,7 +1,7 @@
 """The server-side pepper: the HMAC key under which Redis stores every API key.
 
 Read from `[keys] pepper` when set (a secret reference: "env:NAME" or "credential:NAME",
-resolved by ops/credentials.py), else from the environment variable RATELIMITD_KEY_PEPPER,
+resolved by config/credentials.py), else from the environment variable RATELIMITD_KEY_PEPPER,
 else from the systemd credential key_pepper when it exists. Redis never holds a key, only
 HMAC-SHA256(pepper, key), so a copy of Redis (a backup, a replica, a MONITOR) cannot be
 replayed as keys, and without the pepper the hashes cannot be brute-forced offline either. Key
@@ -23,13 +23,13 @@ from typing import Final
 
 from ratelimitd.auth.keys.format import base62
 from ratelimitd.config import MIN_PEPPER_BYTES
-from ratelimitd.errors import RatelimitdError
-from ratelimitd.ops.credentials import (
+from ratelimitd.config.credentials import (
     CREDENTIAL_PREFIX,
     CredentialError,
     credential_path,
     resolve_secret,
 )
+from ratelimitd.errors import RatelimitdError
 
 PEPPER_ENV: Final = "RATELIMITD_KEY_PEPPER"
 PEPPER_CREDENTIAL: Final = "key_pepper"
