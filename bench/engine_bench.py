@@ -35,7 +35,8 @@ from redis.asyncio import Redis
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ratelimitd.policy import Identity, Prices, Tier, default_tiers, plan, shorthand_limits
-from ratelimitd.quota.engine import Engine, ReserveRequest
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import ReserveRequest
 from ratelimitd.store.transport import BatchTransport
 from tests.support.redis_servers import RedisServer
 

@@ -41,7 +41,8 @@ from glide import (  # noqa: E402
 
 from ratelimitd.errors import StoreReplyError, StoreUnavailable  # noqa: E402
 from ratelimitd.policy import Identity, Prices, Tier, plan, shorthand_limits  # noqa: E402
-from ratelimitd.quota.engine import Engine, ReserveRequest  # noqa: E402
+from ratelimitd.quota.engine import Engine  # noqa: E402
+from ratelimitd.quota.model import ReserveRequest  # noqa: E402
 from ratelimitd.store.cluster import ClusterTransport  # noqa: E402
 from ratelimitd.store.pipeline import PipelinedConnection  # noqa: E402
 from ratelimitd.store.replication import ReplicaAck  # noqa: E402

@@ -41,7 +41,8 @@ async def _child(port: int, calls: int) -> dict[str, float]:
     from redis.asyncio import Redis
 
     from ratelimitd.policy import Identity, Prices, Tier, plan, shorthand_limits
-    from ratelimitd.quota.engine import Engine, ReserveRequest
+    from ratelimitd.quota.engine import Engine
+    from ratelimitd.quota.model import ReserveRequest
     from ratelimitd.quota.runner import shipped_library
     from ratelimitd.store.transport import BatchTransport
 

@@ -26,7 +26,8 @@ import orjson
 
 from ratelimitd.config.envoy_rules import ENVOY_SCOPE, EnvoyRules, Match, Rule, rule_limit
 from ratelimitd.policy import Limit, Prices, Subject
-from ratelimitd.quota.engine import Engine, LimitState, ReserveRequest, ReserveResult
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import LimitState, ReserveRequest, ReserveResult
 
 # How long an Envoy charge's records live: long enough for the compensation of a request's
 # earlier descriptors and for Envoy's retries of the call; nothing commits them later.

@@ -27,7 +27,7 @@ from ratelimitd.errors import ApiError, invalid
 from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import Handler, json_response, read_json
 from ratelimitd.policy import Prices, Subject
-from ratelimitd.quota.engine import ReserveRequest
+from ratelimitd.quota.model import ReserveRequest
 
 CREATE_FIELDS: Final = frozenset({"user", "tier", "org", "expires_in_days",
                                   "require_signature", "attributes"})

@@ -23,7 +23,8 @@ from ratelimitd.alerts import Alert, AlertService
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.http.app_keys import CONFIG, LIVE
 from ratelimitd.policy import Limit, Tier
-from ratelimitd.quota.engine import LimitState, ReserveResult, concurrency_lid
+from ratelimitd.quota.calls import concurrency_lid
+from ratelimitd.quota.model import LimitState, ReserveResult
 
 log = logging.getLogger("ratelimitd.alerts")
 

@@ -17,7 +17,7 @@ from ratelimitd.errors import ApiError
 from ratelimitd.http.edge import json_response
 from ratelimitd.http.headers import ratelimit_headers, seconds_up
 from ratelimitd.policy import Limit
-from ratelimitd.quota.engine import LimitState, ReserveResult, SettleResult
+from ratelimitd.quota.model import LimitState, ReserveResult, SettleResult
 from ratelimitd.units import nano_to_usd
 
 

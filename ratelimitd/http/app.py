@@ -29,7 +29,8 @@ from ratelimitd.http.edge import (
     not_found,
 )
 from ratelimitd.http.openapi import openapi_spec
-from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import AnomalySettings, EngineSettings
 from ratelimitd.store.connect import open_store
 from ratelimitd.store.supervisor import StoreHealth
 from ratelimitd.tokenize import TokenCounter

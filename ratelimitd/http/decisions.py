@@ -37,7 +37,7 @@ from ratelimitd.http.schema import (
 )
 from ratelimitd.ops.metrics import Metrics
 from ratelimitd.policy import Identity, plan
-from ratelimitd.quota.engine import ReserveRequest, ReserveResult
+from ratelimitd.quota.model import ReserveRequest, ReserveResult
 
 
 async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | None,

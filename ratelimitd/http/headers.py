@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ratelimitd.policy import Limit
-from ratelimitd.quota.engine import LimitState
+from ratelimitd.quota.model import LimitState
 
 # draft-ietf-httpapi-ratelimit-headers quota units ("qu"); the first two are registered there.
 _QUOTA_UNITS: Final = {

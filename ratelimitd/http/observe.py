@@ -22,7 +22,7 @@ from ratelimitd.config import Config
 from ratelimitd.errors import ApiError
 from ratelimitd.ops.logs import ThrottledLog
 from ratelimitd.ops.metrics import CONTENT_TYPE, Metrics, RedisCallMetrics
-from ratelimitd.quota.engine import ReserveResult
+from ratelimitd.quota.model import ReserveResult
 
 # A shadow limit over is told in the log once per limit in this window; the rest are counted
 SHADOW_LOG_WINDOW_S: Final = 60.0

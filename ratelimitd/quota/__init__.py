@@ -1,2 +1,4 @@
-"""The quota engine: its Python half (engine.py, wire.py, library.py, runner.py, calendar.py)
-and its Lua half (the top-level lua/, shipped inside the package as `ratelimitd.lua`)."""
+"""The quota engine: its Python half (engine.py follows the subjects of a call; model.py its
+requests and results; calls.py and wire.py how a call is spelled for the Lua; library.py and
+runner.py build and run the Lua; ids.py, calendar.py, compensation.py, alert_record.py) and its
+Lua half (the top-level lua/, shipped inside the package as `ratelimitd.lua`)."""

@@ -11,13 +11,12 @@ follows the subjects, and shapes the replies.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import struct
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from os import urandom as os_random
-from typing import Any, Final, Literal
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -28,12 +27,23 @@ from ratelimitd.errors import (
     StoreReplyError,
     StoreUnavailable,
 )
-from ratelimitd.policy import ANOMALY_ACTIONS, AnomalyAction, Limit, Prices, Subject
+from ratelimitd.policy import Limit, Prices, Subject
 from ratelimitd.quota import ids, wire
-from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
+from ratelimitd.quota.alert_record import Alert
 from ratelimitd.quota.calendar import Calendar
+from ratelimitd.quota.calls import anomaly_args, call_keys, decode_alerts, encode_spec
 from ratelimitd.quota.compensation import Compensator
 from ratelimitd.quota.ids import ReservationIds
+from ratelimitd.quota.model import (
+    Blocked,
+    EngineSettings,
+    LimitState,
+    PeekResult,
+    ReserveRequest,
+    ReserveResult,
+    SettleOutcome,
+    SettleResult,
+)
 from ratelimitd.quota.runner import ScriptRunner
 from ratelimitd.quota.wire import ReserveMode, ReserveStatus, SettleMode, SettleStatus
 from ratelimitd.store.transport import Transport
@@ -49,162 +59,10 @@ DENYING_MIN_MS, DENYING_MAX_MS, DENYING_MAX_SUBJECTS = 1_000, 10_000, 10_000
 MAX_PEEK_LIMITS: Final = 8
 _NO_PRICES: Final = Prices(input=0, output=0, cached_input=0)
 
-SettleOutcome = Literal["applied", "duplicate", "not_found", "conflict"]
 _OUTCOMES: Final[dict[SettleStatus, SettleOutcome]] = {
     SettleStatus.APPLIED: "applied", SettleStatus.DUPLICATE: "duplicate",
     SettleStatus.NOT_FOUND: "not_found", SettleStatus.CONFLICT: "conflict",
 }
-
-
-# Per-request values are plain (not frozen) dataclasses: a frozen one costs five times as much
-# to build, and a reserve builds several.
-@dataclass(slots=True)
-class ReserveRequest:
-    plan: Sequence[tuple[Subject, Sequence[Limit]]]
-    input_tokens: int
-    max_output_tokens: int
-    prices: Prices
-    min_output_tokens: int = 16
-    idempotency_key: str | None = None
-    dry_run: bool = False
-    # subjects with no limits of their own whose blocks apply too (an api key, an ip): each is
-    # asked in the same event-loop tick as the first subject, so it costs no round trip
-    guards: Sequence[Subject] = ()
-    # check the primary subject for anomalies (lua/anomaly.lua; the tier's `anomaly`): True
-    # with AnomalySettings' action, an action of its own, or False (no check)
-    anomaly: bool | AnomalyAction = False
-    # per plan entry, the input tokens charged on that subject instead of input_tokens (the
-    # gRPC service's per-descriptor hits); a commit applies the primary's usage to all
-    subject_inputs: Sequence[int] | None = None
-    # how long this reserve's records live (and it holds), ms, when not the engine's
-    # reservation ttl plus commit grace: a charge never committed needs them only for
-    # compensation and idempotent retries
-    record_ttl_ms: int | None = None
-
-
-@dataclass(slots=True)
-class LimitState:
-    limit: Limit
-    subject: Subject
-    remaining: int
-    reset_ms: int
-    over: bool = False      # a shadow limit this call left over its limit (it never denies)
-
-
-@dataclass(slots=True)
-class ReserveResult:
-    allowed: bool
-    reservation_id: str
-    expires_at_ms: int
-    input_tokens: int
-    max_output_tokens: int
-    states: list[LimitState]
-    reserved_cost_nano: int = 0
-    denied_by: LimitState | None = None
-    retry_after_ms: int | None = None      # None: the call can never fit this limit
-    duplicate: bool = False
-    blocked: Blocked | None = None
-    alerts: list[Alert] = field(default_factory=list)   # anomalies this reserve fired
-
-
-@dataclass(slots=True)
-class Blocked:
-    """A subject of the reserve is blocked (abuse/blocks.py): until when, and why."""
-
-    subject: Subject
-    retry_after_ms: int
-    reason: str
-
-
-@dataclass(slots=True)
-class SettleResult:
-    status: SettleOutcome
-    input_tokens: int = 0
-    cached_input_tokens: int = 0
-    output_tokens: int = 0
-    cost_nano: int = 0
-    reserved_tokens: int = 0
-    reserved_cost_nano: int = 0
-    # the cost alerts the commit fired (a repeat answers the same); a cost alert's `limit` is
-    # the limit's lid: name it with LimitNames (the daemon knows its limits, the Lua does not)
-    alerts: list[Alert] = field(default_factory=list)
-    # with [redis] replicas_ack: whether the replicas acknowledged every subject's settle (a
-    # settle they did not is applied all the same: WAIT never rolls back); None: not asked
-    replicated: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AnomalySettings:
-    """[anomaly]: what makes a request or token spike and what a request spike does
-    (lua/anomaly.lua)."""
-
-    action: AnomalyAction = "alert"
-    min_history_hours: int = 24
-    request_spike_factor: float = 5.0
-    token_spike_factor: float = 3.0
-    block_ms: int = 900_000
-    default_requests_per_hour: int = 10
-    default_tokens_per_request: int = 500
-
-
-@dataclass(frozen=True, slots=True)
-class PeekResult:
-    """A subject's limits as they stand (ReserveMode.PEEK): per limit, used and reset, and
-    its block, if any."""
-
-    used: list[int]
-    reset_ms: list[int]
-    block_reason: str | None
-    block_ms_left: int
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSettings:
-    reservation_ttl_ms: int = 300_000
-    # an unsettled record outlives its expiry by this much, so a late commit is still charged
-    commit_grace_ms: int = 3_600_000
-    timezone: str = "UTC"
-    # [alerts] thresholds: fractions of every cost budget, each alerting once per period
-    alert_thresholds: tuple[float, ...] = (0.5, 0.8, 1.0)
-    anomaly: AnomalySettings = AnomalySettings()
-
-
-def _keys(tag: str, rand: str) -> list[str | int]:
-    """FCALL's numkeys and keys: the subject's limit state, its record of one reservation and
-    its alert list, in one hash slot."""
-    base = f"rl:{{{tag}}}"
-    return [3, base, f"{base}:r:{rand}", f"{base}:alerts"]
-
-
-def _anomaly_args(anomaly: AnomalySettings) -> dict[bool | AnomalyAction, bytes]:
-    def packed(action: AnomalyAction) -> bytes:
-        return wire.ANOMALY_ARGS.pack(
-            round(anomaly.request_spike_factor * wire.PPM),
-            round(anomaly.token_spike_factor * wire.PPM), anomaly.block_ms,
-            anomaly.default_requests_per_hour, anomaly.default_tokens_per_request,
-            int(action == "block"), anomaly.min_history_hours)
-    by_action: dict[bool | AnomalyAction, bytes] = {a: packed(a) for a in ANOMALY_ACTIONS}
-    by_action[True] = by_action[anomaly.action]
-    return by_action
-
-
-def decode_alerts(raw: bytes) -> list[Alert]:
-    """The alerts of a reply (a JSON array of alerts, each the JSON array of its fields)."""
-    if not raw:
-        return []
-    alerts = []
-    for fields in orjson.loads(raw):
-        try:
-            alerts.append(decode_alert_json(orjson.dumps(fields)))
-        except AlertDecodeError:   # written by a newer version: its daemon forwards it
-            continue
-    return alerts
-
-
-def concurrency_lid(lid: str, ttl_ms: int) -> str:
-    """A concurrency limit's state id: its sub-buckets are as wide as a reservation lives, so
-    daemons with different ttl_s must not share it."""
-    return hashlib.blake2s(f"{lid}|{ttl_ms}".encode(), digest_size=4).hexdigest()
 
 
 class Engine:
@@ -228,7 +86,7 @@ class Engine:
         ppm = sorted({round(t * wire.PPM) for t in self.settings.alert_thresholds})
         self._thresholds_arg = struct.pack(f"<{len(ppm)}d", *ppm) if ppm else b""
         # ANOMALY_ARGS by ReserveRequest.anomaly (False sends none)
-        self._anomaly_args = _anomaly_args(self.settings.anomaly)
+        self._anomaly_args = anomaly_args(self.settings.anomaly)
 
     @classmethod
     def with_test_clock(
@@ -268,30 +126,13 @@ class Engine:
         for lim in limits:
             spec = self._specs.get(lim)
             if spec is None:
-                spec = self._specs[lim] = self._encode_spec(lim)
+                spec = self._specs[lim] = encode_spec(lim, self.settings.reservation_ttl_ms)
             if lim.algorithm == "calendar":
                 now = self._now_ms() if now is None else now
                 parts += (spec, self._calendar.boundaries(lim.period, now))
             else:
                 parts.append(spec)
         return b"".join(parts)
-
-    def _encode_spec(self, lim: Limit) -> bytes:
-        lid = lim.lid
-        algorithm = wire.ALGORITHM_CODES[lim.algorithm] + (wire.SHADOW_FLAG if lim.shadow else 0)
-        if lim.algorithm == "calendar":
-            head = (lid.encode(), algorithm, wire.METRIC_CODES[lim.metric])
-            return wire.SPEC_HEAD.pack(*head, lim.limit)   # + the period starts, per call
-        if lim.algorithm == "token_bucket":
-            a, b = lim.window_ms, lim.burst
-        elif lim.metric == "concurrent":
-            # in-flight calls are a sliding window as long as a reservation lives
-            a, b = self.settings.reservation_ttl_ms, lim.buckets
-            lid = concurrency_lid(lid, self.settings.reservation_ttl_ms)
-        else:
-            a, b = lim.window_ms, lim.buckets
-        head = (lid.encode(), algorithm, wire.METRIC_CODES[lim.metric])
-        return wire.SPEC.pack(*head, lim.limit, a, b, 0, 0)
 
     # -- reserve ---------------------------------------------------------------------------
 
@@ -429,7 +270,7 @@ class Engine:
         req = call.req
         inputs = req.subject_inputs
         return [
-            *_keys(subject.tag, call.rand),
+            *call_keys(subject.tag, call.rand),
             wire.RESERVE_ARGS.pack(
                 self._clock_override(), mode,
                 self.settings.reservation_ttl_ms if req.record_ttl_ms is None
@@ -584,7 +425,7 @@ class Engine:
 
     def _settle_args(self, tag: str, rand: str, mode: SettleMode, input_tokens: int,
                      cached: int, output: int, attempt: int) -> list[Any]:
-        return [*_keys(tag, rand),
+        return [*call_keys(tag, rand),
                 wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
                                       attempt),
                 self._ttl_text, self._thresholds_arg]

@@ -22,7 +22,8 @@ from ratelimitd.abuse.blocks import INDEX_KEY
 from ratelimitd.abuse.stuffing import WINDOW_MS
 from ratelimitd.auth.keys import KeyFailure, KeyStore, Pepper, ResolvedKey, generate_api_key
 from ratelimitd.policy import Prices, Subject, sliding
-from ratelimitd.quota.engine import Engine, EngineSettings, ReserveRequest
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import EngineSettings, ReserveRequest
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 

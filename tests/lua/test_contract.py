@@ -14,8 +14,9 @@ from redis.asyncio import Redis
 
 from ratelimitd.policy import Limit, Prices
 from ratelimitd.quota import wire
-from ratelimitd.quota.engine import Engine, ReserveRequest
+from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.library import read_sources
+from ratelimitd.quota.model import ReserveRequest
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock

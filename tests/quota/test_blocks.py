@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 
 from ratelimitd.abuse.blocks import BlockStore
 from ratelimitd.policy import Subject, sliding
-from ratelimitd.quota.engine import ReserveRequest
+from ratelimitd.quota.model import ReserveRequest
 from tests.support.clock import Clock
 from tests.support.quota import PRICES, left, make_engine, tier_plan
 

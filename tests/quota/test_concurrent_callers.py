@@ -10,7 +10,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from ratelimitd.policy import (
     sliding,
 )
-from ratelimitd.quota.engine import Engine, ReserveRequest, ReserveResult
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import ReserveRequest, ReserveResult
 from tests.support.quota import (
     engine_on,
     left,

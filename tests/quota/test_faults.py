@@ -22,7 +22,8 @@ import pytest
 
 from ratelimitd.config import RedisConfig
 from ratelimitd.errors import StoreUnavailable
-from ratelimitd.quota.engine import Engine, ReserveRequest
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import ReserveRequest
 from ratelimitd.store.connect import Store, open_store
 from tests.support.fault_load import (
     Book,

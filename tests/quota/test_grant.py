@@ -7,7 +7,7 @@ from redis.asyncio import Redis
 from ratelimitd.policy import (
     sliding,
 )
-from ratelimitd.quota.engine import ReserveRequest
+from ratelimitd.quota.model import ReserveRequest
 from tests.support.clock import Clock
 from tests.support.quota import (
     PRICES,

@@ -20,7 +20,7 @@ newest time it stored it at (sub-bucket, period, refill time): the model counts 
 each limit, at that time (`Model.stored`: when the engine last wrote the limit), so (a) below
 holds across steps back; (b) is not checked once time has stepped back in an example. With
 two TTLs, max_concurrent is checked per TTL (daemons with different ttl_s keep separate
-concurrency states: quota/engine.py's concurrency_lid). A failed reserve must charge nothing
+concurrency states: quota/calls.py's concurrency_lid). A failed reserve must charge nothing
 once the engine's compensator has drained, which (b) catches as a needless denial; a commit
 whose reply was lost is retried, as a gateway does.
 
@@ -52,8 +52,9 @@ from redis.asyncio import Redis
 from ratelimitd.errors import StoreUnavailable
 from ratelimitd.policy import Identity, Limit, Prices, Subject, Tier, plan, sliding
 from ratelimitd.quota import wire
-from ratelimitd.quota.engine import Engine, EngineSettings, ReserveRequest, ReserveResult
+from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.ids import SEAL_REDIS_KEY
+from ratelimitd.quota.model import EngineSettings, ReserveRequest, ReserveResult
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 from tests.support.fault_load import drained

@@ -9,7 +9,7 @@ from ratelimitd.policy import (
     shorthand_limits,
     sliding,
 )
-from ratelimitd.quota.engine import ReserveRequest
+from ratelimitd.quota.model import ReserveRequest
 from tests.support.clock import Clock
 from tests.support.quota import (
     MINUTE,

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ratelimitd.errors import ReserveInProgress, StoreUnavailable
 from ratelimitd.policy import Identity, Limit, Subject, Tier, plan, sliding
-from ratelimitd.quota.engine import Engine, ReserveRequest
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import ReserveRequest
 from tests.support.quota import PRICES, Plan, left
 
 BIG = 10**9

@@ -16,8 +16,9 @@ from ratelimitd.policy import (
     Tier,
     plan,
 )
-from ratelimitd.quota.engine import Engine, EngineSettings, ReserveRequest, ReserveResult
+from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.ids import SEAL_REDIS_KEY
+from ratelimitd.quota.model import EngineSettings, ReserveRequest, ReserveResult
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 

@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 
 from ratelimitd.alerts import recent_alerts
 from ratelimitd.policy import AnomalyAction, Limit, Prices, Subject
-from ratelimitd.quota.engine import AnomalySettings, Engine, EngineSettings, ReserveRequest
+from ratelimitd.quota.engine import Engine
+from ratelimitd.quota.model import AnomalySettings, EngineSettings, ReserveRequest
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 from tests.support.quota import tier_plan
