@@ -37,7 +37,7 @@ from ratelimitd.http.server import (
     fit_to_fd_limit,
 )
 from ratelimitd.ops.logs import access_log_options, setup_logging
-from ratelimitd.ops.metrics import MetricsDirectory
+from ratelimitd.ops.metric_sharing import MetricsDirectory
 from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 from ratelimitd.quota.runner import shipped_library
 from ratelimitd.store.embedded import EmbeddedRedis, die_with_parent, state_directory

@@ -21,7 +21,8 @@ from aiohttp import web
 from ratelimitd.config import Config
 from ratelimitd.errors import ApiError
 from ratelimitd.ops.logs import ThrottledLog
-from ratelimitd.ops.metrics import CONTENT_TYPE, Metrics, RedisCallMetrics
+from ratelimitd.ops.metric_sharing import CONTENT_TYPE
+from ratelimitd.ops.metrics import Metrics, RedisCallMetrics
 from ratelimitd.quota.model import ReserveResult
 
 # A shadow limit over is told in the log once per limit in this window; the rest are counted

@@ -1,1 +1,3 @@
-"""Operations: systemd notify, Prometheus metrics, JSON logs."""
+"""Operations: systemd notify (sdnotify.py), JSON logs (logs.py), Prometheus metrics (metrics.py
+records them, metric_catalogue.py lists them, metric_samples.py holds one process's values,
+metric_sharing.py sums the workers' and renders them)."""

@@ -15,12 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from ratelimitd.errors import ERROR_CODES
-from ratelimitd.ops.metrics import (
-    OTHER,
-    ROUTES,
-    Metrics,
-    MetricsDirectory,
-)
+from ratelimitd.ops.metric_catalogue import OTHER, ROUTES
+from ratelimitd.ops.metric_sharing import MetricsDirectory
+from ratelimitd.ops.metrics import Metrics
 
 TIERS = ("free", "pro")
 MODELS = ("gpt-4o", "gpt-4")
