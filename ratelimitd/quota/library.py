@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Final
@@ -94,16 +95,13 @@ class Library:
             parts.append(_Part(file, line, count))
             chunks.append(text)
             line += count
-        library = cls(name, "", scripts["reserve"], scripts["settle"], tuple(parts))
-        source = inline_constants("".join(chunks), library.where)
-        return cls(name, source, scripts["reserve"], scripts["settle"], tuple(parts))
+        located = tuple(parts)
+        source = inline_constants("".join(chunks), lambda n: _where(located, n))
+        return cls(name, source, scripts["reserve"], scripts["settle"], located)
 
     def where(self, line: int) -> str:
         """`file:line` of a line of the built library."""
-        for part in self.parts:
-            if part.first_line <= line < part.first_line + part.lines:
-                return f"{part.file}:{line - part.first_line + 1}"
-        return f"<library>:{line}"
+        return _where(self.parts, line)
 
     def explain(self, message: str) -> str:
         """A Redis error message with each `user_function:LINE` given as file:line."""
@@ -116,6 +114,13 @@ class Library:
         width = max(len(self.where(i + 1)) for i in range(len(lines)))
         return "\n".join(f"{self.where(i + 1):<{width}}  {text}"
                          for i, text in enumerate(lines)) + "\n"
+
+
+def _where(parts: tuple[_Part, ...], line: int) -> str:
+    for part in parts:
+        if part.first_line <= line < part.first_line + part.lines:
+            return f"{part.file}:{line - part.first_line + 1}"
+    return f"<library>:{line}"
 
 
 def shared_script(body: str) -> str:
@@ -134,7 +139,7 @@ def read_sources() -> dict[str, str]:
             for name in (*SHARED_FILES, *ENTRY_SCRIPTS)}
 
 
-def inline_constants(source: str, where: object = None) -> str:
+def inline_constants(source: str, where: Callable[[int], str] | None = None) -> str:
     """The Lua with its named integer constants written as numbers, their declarations
     commented out.
 
@@ -144,7 +149,7 @@ def inline_constants(source: str, where: object = None) -> str:
     rule of core.lua's header: a long bracket, a constant declared twice, or a constant name
     bound again as a local, parameter or loop variable.
     """
-    locate = where if callable(where) else (lambda n: f"line {n}")
+    locate = where or (lambda n: f"line {n}")
     values: dict[str, str] = {}
     for match in _CONSTANTS.finditer(source):
         names, numbers = match.group(1).split(", "), match.group(2).split(", ")
