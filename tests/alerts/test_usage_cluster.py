@@ -11,9 +11,9 @@ from ratelimitd.alerts import subject_alerts_key
 from ratelimitd.policy import Subject
 from tests.alerts.helpers import Receiver, wait_until
 from tests.alerts.test_cluster import cluster  # noqa: F401 - the fixture
+from tests.alerts.test_http_alerts import AUTH, body, config, spend
 from tests.support.http import Serve, call
 from tests.support.redis_servers import RedisServer
-from tests.alerts.test_http_alerts import AUTH, body, config, spend
 
 
 async def test_alerts_and_anomalies_on_a_cluster(serve: Serve,
