@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
 from ratelimitd.abuse.ip import (
     DEFAULT_IPV4_PREFIX,
     DEFAULT_IPV6_PREFIX,
@@ -40,9 +38,10 @@ from ratelimitd.abuse.ip import (
     ip_prefix,
     parse_ip,
 )
-from ratelimitd.errors import RatelimitdError, StoreUnavailable
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import BUILTIN_SCOPES, Subject
 from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.failures import DRIVER_FAILURES, store_error
 
 BLOCK_FIELD: Final = "b"
 INDEX_KEY: Final = "rlb:index"
@@ -208,8 +207,8 @@ class BlockStore:
         Raises StoreUnavailable when Redis fails: the block holds, only its listing is lost."""
         try:
             await self._redis.zadd(INDEX_KEY, {subject.tag: ends_at_ms})
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except DRIVER_FAILURES as exc:
+            raise store_error(exc) from exc
 
     async def remove(self, subject: Subject) -> bool:
         """Lifts the subject's block; False when it had none."""

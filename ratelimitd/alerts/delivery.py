@@ -49,15 +49,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
-from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ratelimitd.alerts.signing import SIGNATURE_HEADER, signature_header
 from ratelimitd.alerts.streams import Outbox
 from ratelimitd.config import AlertsConfig, resolve_secret
+from ratelimitd.errors import StoreReplyError, StoreUnavailable
 from ratelimitd.ops.logs import ThrottledLog
 from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert
 from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.failures import DRIVER_FAILURES, store_error
 
 log = logging.getLogger("ratelimitd.alerts")
 T = TypeVar("T")
@@ -245,11 +245,11 @@ class AlertService:
             try:
                 appended = await self.bounded(self.outbox.forward(alert))
                 break
-            except RedisError as exc:
+            except StoreUnavailable as exc:
                 self.stats.forward_errors += 1
                 self._forward_log.warning("outbox_unavailable",
                                           "cannot append alerts to the outbox, retrying: %s",
-                                          type(exc).__name__)
+                                          _failure_name(exc))
             except Exception:
                 self.stats.internal_errors += 1
                 log.exception("forwarding alert %s to the outbox failed; retrying", alert.id)
@@ -283,12 +283,13 @@ class AlertService:
         return int(self._wall_clock())
 
     async def bounded(self, call: Awaitable[T]) -> T:
-        """A Redis call, failed as a RedisError when it takes longer than redis_timeout_s."""
+        """A Redis call, failed as StoreUnavailable when Redis fails it or it takes longer
+        than redis_timeout_s."""
         try:
             async with asyncio.timeout(self._settings.redis_timeout_s):
                 return await call
-        except TimeoutError as exc:
-            raise RedisTimeoutError("Redis did not answer in time") from exc
+        except DRIVER_FAILURES as exc:  # TimeoutError is one
+            raise store_error(exc) from exc
 
     def backoff_s(self, attempt: int) -> float:
         return backoff_s(attempt, self._settings.retry_base_s, self._settings.retry_max_s,
@@ -326,14 +327,14 @@ class _WebhookWorker:
                     await self._idle(self._service.settings.poll_interval_s)
                     continue
                 await self._deliver_batch(entries)
-            except RedisError as exc:
-                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+            except StoreUnavailable as exc:
+                if isinstance(exc, StoreReplyError) and "NOGROUP" in str(exc):
                     self._group_ready = False  # the stream was deleted: make it again
                 self._stats.redis_errors += 1
                 errors += 1
                 self._log.warning("webhook_redis_error",
                                   "webhook %s: Redis call failed, retrying: %s", self.label,
-                                  type(exc).__name__)
+                                  _failure_name(exc))
                 await self._idle(self._service.backoff_s(errors))
             except Exception:  # a bug must not end delivery for good
                 self._stats.internal_errors += 1
@@ -371,7 +372,7 @@ class _WebhookWorker:
             # from the oldest entry: alerts forwarded before this group existed are delivered
             await self._service.bounded(
                 self._redis.xgroup_create(self._key, self.group, id="0", mkstream=True))
-        except ResponseError as exc:
+        except StoreReplyError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
         self._group_ready = True
@@ -507,3 +508,8 @@ def _entries(stream: Any) -> list[tuple[Any, Any]]:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _failure_name(exc: StoreUnavailable) -> str:
+    """The name of the failure under `exc` (ConnectionError, TimeoutError...), for the logs."""
+    return type(exc.__cause__ if exc.__cause__ is not None else exc).__name__

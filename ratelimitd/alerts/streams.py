@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from redis.exceptions import ResponseError
-
+from ratelimitd.errors import StoreReplyError
 from ratelimitd.policy import Subject
 from ratelimitd.quota import wire
 from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
 from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.failures import DRIVER_FAILURES, store_error
 
 OUTBOX_KEY: Final = "rl:{alerts}:outbox"
 SEEN_PREFIX: Final = "rl:{alerts}:seen:"
@@ -108,9 +108,10 @@ class Outbox:
         entries not read yet (None when Redis cannot tell, after a trim)."""
         try:
             groups = await self.redis.xinfo_groups(self.key)
-        except ResponseError as exc:  # no stream yet: nothing is waiting
-            if "no such key" in str(exc).lower():
-                return {}
+        except DRIVER_FAILURES as exc:
+            failure = store_error(exc)
+            if isinstance(failure, StoreReplyError) and "no such key" in str(failure).lower():
+                return {}  # no stream yet: nothing is waiting
             raise
         return {_text(g["name"]): (int(g["pending"]), None if g.get("lag") is None
                                    else int(g["lag"])) for g in groups}

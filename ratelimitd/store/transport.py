@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from ratelimitd.errors import StoreReplyError, StoreUnavailable
+from ratelimitd.store.failures import store_error
 from ratelimitd.store.pipeline import PipelinedConnection
 from ratelimitd.store.replication import ReplicaAck
 
@@ -53,17 +53,6 @@ class Transport(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def store_error(exc: BaseException) -> StoreUnavailable:
-    """A driver's or a socket's exception as StoreUnavailable."""
-    if isinstance(exc, StoreUnavailable):
-        return exc
-    if isinstance(exc, ResponseError):
-        return StoreReplyError(str(exc))
-    if isinstance(exc, TimeoutError):
-        return StoreUnavailable("Redis did not answer in time", timeout=True)
-    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
 
 
 @contextlib.asynccontextmanager

@@ -40,16 +40,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
-
 from ratelimitd.auth.keys.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Entry, ResolveCache
 from ratelimitd.auth.keys.format import generate_api_key, well_formed
 from ratelimitd.auth.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
 from ratelimitd.config import KeysConfig
 from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import Identity
-from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.connect import RedisClient, is_cluster
+from ratelimitd.store.failures import DRIVER_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +367,10 @@ class KeyStore:
         backoff = 0.05
         while True:
             try:
-                if isinstance(self._redis, RedisCluster):
+                if is_cluster(self._redis):
                     # its pub/sub picks a node from the slot map, which the first call loads
                     await self._redis.initialize()
-            except (RedisError, OSError) as exc:
+            except DRIVER_FAILURES as exc:
                 log.warning("key invalidations: cannot reach the cluster (%s)",
                             type(exc).__name__)
                 await asyncio.sleep(backoff)
@@ -392,21 +390,21 @@ class KeyStore:
                         data = message["data"]
                         self.cache.invalidate(data.decode() if isinstance(data, bytes)
                                               else str(data))
-            except (RedisError, OSError) as exc:
+            except DRIVER_FAILURES as exc:
                 self.subscribed.clear()
                 log.warning("key invalidations: lost the subscription (%s); entries still "
                             "expire within %.1f s", type(exc).__name__, self.cache.ttl_s)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*DRIVER_FAILURES):
                     await pubsub.aclose()
 
     async def _publish(self, key_id: str) -> None:
         self.cache.invalidate(key_id)
         try:
             await self._redis.publish(INVALIDATE_CHANNEL, key_id)
-        except RedisError as exc:
+        except DRIVER_FAILURES as exc:
             # the change is stored; other daemons' entries still expire within the cache ttl
             log.warning("key %s: could not publish the invalidation (%s)", key_id,
                         type(exc).__name__)
