@@ -4,6 +4,7 @@ a revocation reaching another daemon within 1 s; what Redis holds; what costs a 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from ratelimitd.auth.keys import (
     ResolvedKey,
     generate_api_key,
 )
-from ratelimitd.auth.keys.store import DAY_MS
+from ratelimitd.auth.keys.store import DAY_MS, RECORD_FIELDS
 from ratelimitd.auth.signatures import SignatureVerifier, sign_request
 from ratelimitd.policy import Subject
+from ratelimitd.quota.scripts import read_script
 from tests.auth.conftest import PEPPER_TEXT
 from tests.support.clock import Clock
 from tests.support.redis_servers import RedisServer
@@ -449,3 +451,9 @@ async def test_redis_never_holds_a_key_a_secret_or_the_pepper_in_clear(
         assert hashed.encode() in dump
     for secret in secrets_seen:
         assert secret.encode() not in dump, "a secret is stored in clear"
+
+
+@pytest.mark.parametrize("script", ["key_read", "key_resolve"])
+def test_the_scripts_read_a_record_in_the_order_python_decodes_it(script: str) -> None:
+    [fields] = re.findall(r"'HMGET', KEYS\[1\], ([^)]*)\)", read_script(script))
+    assert tuple(re.findall(r"'(\w+)'", fields)) == RECORD_FIELDS

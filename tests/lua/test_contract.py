@@ -2,7 +2,8 @@
 
 The Lua names every code, format and reply field through constants the build writes from
 wire.py; these tests prove it spells none of them itself, uses no name it does not declare,
-and that real calls decode, field by field, into what the Lua meant.
+and that real calls decode, field by field, into what the Lua meant. The scripts outside the
+library (lua/scripts/) name wire.py's formats the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ratelimitd.quota import wire
 from ratelimitd.quota.engine import Engine, ReserveRequest
 from ratelimitd.quota.library import read_sources
 from ratelimitd.quota.runner import shipped_library
+from ratelimitd.quota.scripts import read_script, script_names
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 from tests.support.quota import tier_plan
@@ -48,6 +50,15 @@ def test_the_lua_spells_no_packed_format_of_its_own() -> None:
         # the formats come from wire.py; core.lua only builds '<' .. n longs or doubles
         literals = [f for f in re.findall(r"'(<[^']*)'", text) if f != "<"]
         assert literals == [], (name, literals)
+
+
+def test_the_scripts_spell_no_packed_format_and_use_only_wire_formats() -> None:
+    formats = _declared(wire.lua_formats(wire.FORMATS))
+    for name in script_names():
+        text = read_script(name)
+        assert re.findall(r"'(<[^']*)'", text) == [], name
+        assert not _declared(text) & formats, name
+        assert set(_NAME.findall(_code(text))) <= formats | {"KEYS", "ARGV"}, name
 
 
 def test_every_constant_the_lua_uses_is_declared() -> None:

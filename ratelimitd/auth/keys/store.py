@@ -46,6 +46,7 @@ from ratelimitd.auth.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
 from ratelimitd.config import KeysConfig
 from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import Identity
+from ratelimitd.quota.scripts import script_source
 from ratelimitd.store.connect import RedisClient, is_cluster
 from ratelimitd.store.failures import DRIVER_FAILURES
 
@@ -60,71 +61,12 @@ MAX_GRACE_S: Final = 365 * 86_400
 MAX_ID_CHARS: Final = 256
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_ID: Final = re.compile(rf"{KEY_ID_PREFIX}[0-9A-Za-z]{{{KEY_ID_CHARS}}}")
-_FIELDS: Final = ("h", "u", "o", "t", "c", "e", "r", "rt", "rf", "sg", "s")
+# a record's fields in the order key_read.lua and key_resolve.lua read them
+RECORD_FIELDS: Final = ("h", "u", "o", "t", "c", "e", "r", "rt", "rf", "sg", "s")
 # A resolve of a malformed key hashes this instead (same length, same cost) and compares
 # against a digest no record has.
 _STAND_IN_KEY: Final = "rlk_" + "0" * 36
 _NO_DIGEST: Final = "0" * 64
-
-# Lua: a clock override of 0 means Redis TIME. Numbers go back as integers.
-_NOW: Final = """
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-_READ_LUA: Final = _NOW + f"""
-return {{now, redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})}}
-"""
-# ARGV: clock, the key's hash. Reply: {now, 1, the record's fields} for a key not revoked;
-# {now, 0} unknown, {now, 2} revoked: alike in size and work (no oracle). Lua compares
-# interned strings by identity, so the hash compare takes the same time either way.
-_RESOLVE_LUA: Final = _NOW + f"""
-local v = redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})
-if v[1] ~= ARGV[2] or tonumber(v[7]) > 0 then
-  return {{now, (v[1] == ARGV[2]) and 2 or 0}}
-end
-return {{now, 1, v}}
-"""
-# ARGV: clock, lifetime ms (0 = none), retention ms, then field/value pairs
-_CREATE_LUA: Final = _NOW + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, now, 0} end
-local life = tonumber(ARGV[2])
-local expires = 0
-if life > 0 then expires = now + life end
-redis.call('HSET', KEYS[1], 'c', now, 'e', expires, 'r', 0, unpack(ARGV, 4))
-if expires > 0 then redis.call('PEXPIRE', KEYS[1], expires - now + tonumber(ARGV[3])) end
-return {1, now, expires}
-"""
-# ARGV: clock, new key id, grace ms, max age ms (0 = none), retention ms
-# Reply: {1, now, old key's new expiry} | {0 unknown | -1 revoked | -2 rotated | -3 expired, now}
-_ROTATE_LUA: Final = _NOW + """
-local v = redis.call('HMGET', KEYS[1], 'h', 'c', 'e', 'r', 'rt')
-if not v[1] then return {0, now} end
-if tonumber(v[4]) > 0 then return {-1, now} end
-if v[5] and v[5] ~= '' then return {-2, now} end
-local created, expires, max_age = tonumber(v[2]), tonumber(v[3]), tonumber(ARGV[4])
-if max_age > 0 and (expires == 0 or created + max_age < expires) then
-  expires = created + max_age
-end
-if expires > 0 and now >= expires then return {-3, now} end
-local ends = now + tonumber(ARGV[3])
-if expires > 0 and expires < ends then ends = expires end
-redis.call('HSET', KEYS[1], 'rt', ARGV[2], 'e', ends)
-redis.call('PEXPIRE', KEYS[1], ends - now + tonumber(ARGV[5]))
-return {1, now, ends}
-"""
-# ARGV: clock, retention ms. Reply: {0 unknown | 1 revoked now | 2 already, now, revoked at}
-_REVOKE_LUA: Final = _NOW + """
-local v = redis.call('HMGET', KEYS[1], 'h', 'r')
-if not v[1] then return {0, now, 0} end
-local at = tonumber(v[2])
-if at > 0 then return {2, now, at} end
-redis.call('HSET', KEYS[1], 'r', now)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return {1, now, now}
-"""
 
 FailureReason = Literal["malformed", "unknown", "revoked", "expired"]
 KeyState = Literal["active", "rotated", "expired", "revoked"]
@@ -338,11 +280,11 @@ class KeyStore:
         self._known_tiers = frozenset(known_tiers) if known_tiers is not None else None
         self.cache: ResolveCache[_Record] = ResolveCache(cache_ttl_s, cache_size)
         self._inflight: dict[str, asyncio.Future[Entry[_Record] | FailureReason]] = {}
-        self._read = redis.register_script(_READ_LUA)
-        self._resolve = redis.register_script(_RESOLVE_LUA)
-        self._create_script = redis.register_script(_CREATE_LUA)
-        self._rotate_script = redis.register_script(_ROTATE_LUA)
-        self._revoke_script = redis.register_script(_REVOKE_LUA)
+        self._read = redis.register_script(script_source("key_read", clock=True))
+        self._resolve = redis.register_script(script_source("key_resolve", clock=True))
+        self._create_script = redis.register_script(script_source("key_create", clock=True))
+        self._rotate_script = redis.register_script(script_source("key_rotate", clock=True))
+        self._revoke_script = redis.register_script(script_source("key_revoke", clock=True))
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
