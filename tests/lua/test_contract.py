@@ -17,7 +17,6 @@ from ratelimitd.policy import Limit, Prices
 from ratelimitd.quota import wire
 from ratelimitd.quota.engine import Engine, ReserveRequest
 from ratelimitd.quota.library import read_sources
-from ratelimitd.quota.runner import shipped_library
 from ratelimitd.quota.scripts import read_script, script_names
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
@@ -94,7 +93,6 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     engine = Engine.with_test_clock(BatchTransport(redis_client, None), clock)
     tokens = Limit("tokens_per_min", "user", "tokens", 1000, "sliding", window_ms=60_000)
     cap = Limit("requests_per_min", "user", "requests", 1, "sliding", window_ms=60_000)
-    library = shipped_library()
     keys = [3, "rl:{user:u1}", "rl:{user:u1}:r:abcdefghijklmnopqrstuvwx", "rl:{user:u1}:alerts"]
 
     def args(output_cap: int) -> list[object]:
@@ -103,7 +101,7 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
                                               PRICES.output, 12345),
                 "[]", engine._specs_arg([tokens, cap]), "300000", ""]
 
-    granted = wire.decode_reserve(await engine.scripts.run(library.reserve, args(2000)))
+    granted = wire.decode_reserve(await engine.scripts.reserve(args(2000)))
     assert granted.status == wire.ReserveStatus.RESERVED
     assert granted.granted_output == 900                       # 1000 tokens - 100 input
     assert granted.expires_at_ms == clock() + 300_000
@@ -113,7 +111,7 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     assert list(granted.limit_states[0::2]) == [0, 0]           # remaining: tokens, requests
 
     keys[2] = "rl:{user:u1}:r:bbbbbbbbbbbbbbbbbbbbbbbb"
-    denied = wire.decode_reserve(await engine.scripts.run(library.reserve, args(10)))
+    denied = wire.decode_reserve(await engine.scripts.reserve(args(10)))
     assert denied.status == wire.ReserveStatus.DENIED
     assert denied.denied_limit == 1                            # tokens_per_min, 1-based
     assert 0 < denied.retry_after_ms <= 61_000
@@ -126,8 +124,7 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     lim = Limit("tokens_per_min", "user", "tokens", 10_000, "sliding", window_ms=60_000)
     res = await engine.reserve(ReserveRequest(tier_plan(lim), 100, 500, PRICES))
     rand = (await engine.ids()).parse(res.reservation_id)[0]  # type: ignore[index]
-    library = shipped_library()
-    reply = wire.decode_settle(await engine.scripts.run(library.settle, [
+    reply = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
         wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50, 0), "300000"]))
     assert reply.status == wire.SettleStatus.APPLIED
@@ -137,7 +134,7 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     assert reply.reserved_tokens == 600
     assert reply.reserved_cost_nano == res.reserved_cost_nano
     assert reply.others == b"[]"
-    again = wire.decode_settle(await engine.scripts.run(library.settle, [
+    again = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
         wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0, 0), "300000"]))
     assert again.status == wire.SettleStatus.CONFLICT
