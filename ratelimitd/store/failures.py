@@ -35,3 +35,9 @@ async def store_failures() -> AsyncIterator[None]:
         yield
     except DRIVER_FAILURES as exc:
         raise store_error(exc) from exc
+
+
+def failure_name(exc: StoreUnavailable) -> str:
+    """The name of the driver's failure under `exc` (ConnectionError, TimeoutError...), for
+    logs."""
+    return type(exc.__cause__ if exc.__cause__ is not None else exc).__name__
