@@ -93,7 +93,7 @@ async def bench_engine(client: redis.Redis, url: str, calls: int, concurrency: i
     client.flushall()
     aclient = Redis.from_url(url)
     engine = Engine(BatchTransport(aclient, None))
-    await engine.scripts.load()
+    await engine.load_library()
     # The free tier's four limits, with room enough that every reserve is admitted.
     tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
     plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(USERS)]

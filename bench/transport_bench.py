@@ -96,7 +96,7 @@ class GlideTransport:
 async def drive(transport: Transport, pairs: int, concurrency: int) -> tuple[float, float]:
     """(pairs/s, client CPU µs per pair) of reserve + commit pairs."""
     engine = Engine(transport)
-    await engine.scripts.load()
+    await engine.load_library()
     tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
     plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(USERS)]
     counter = iter(range(pairs))

@@ -64,7 +64,7 @@ async def _child(port: int, calls: int) -> dict[str, float]:
         client = Redis(port=port)
         engine = (Engine.with_test_clock(BatchTransport(client, None), lambda: ticks[0])
                   if counted else Engine(BatchTransport(client, None)))
-        await engine.scripts.load()
+        await engine.load_library()
         rids = [""] * calls
 
         async def reserve(i: int, engine: Engine = engine, rids: list[str] = rids) -> None:

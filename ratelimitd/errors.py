@@ -20,9 +20,9 @@
     ├── LuaBuildError          (quota/library.py) the Lua breaks a build rule (file and line)
     ├── PepperError            (auth/keys/pepper.py) a key pepper that is set but unusable
     ├── KeysUnavailableError   (auth/keys/pepper.py) a key feature on a daemon without a pepper
-    ├── KeyInputError          (auth/keys/store.py) a bad argument to a key operation (400)
-    ├── KeyNotFoundError       (auth/keys/store.py) no key has this id (404)
-    ├── KeyStateError          (auth/keys/store.py) the key cannot be rotated in its state (409)
+    ├── KeyInputError          (auth/keys/errors.py) a bad argument to a key operation (400)
+    ├── KeyNotFoundError       (auth/keys/errors.py) no key has this id (404)
+    ├── KeyStateError          (auth/keys/errors.py) the key cannot be rotated in its state (409)
     ├── SignatureError         (auth/signatures.py) a refused request signature (401)
     ├── InvalidIpError         (abuse/ip.py) not an IPv4 or IPv6 address (400)
     ├── BlockInputError        (abuse/blocks.py) a bad argument to a block operation (400)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from ratelimitd.quota.scripts import script_names
 from tests.support.redis_servers import RedisServer, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ def test_the_wheel_installed_elsewhere_serves_a_reserve(tmp_path: Path,
     wheel = _build_wheel(tmp_path / "dist")
     names = zipfile.ZipFile(wheel).namelist()
     assert "ratelimitd/lua/reserve.lua" in names and "ratelimitd/quota/wire.py" in names
+    assert {f"ratelimitd/lua/scripts/{name}.lua" for name in script_names()} <= set(names)
     packages = {p.parent.relative_to(REPO).as_posix().replace("/", ".")
                 for p in (REPO / "ratelimitd").rglob("__init__.py")}
     assert {f"{p.replace('.', '/')}/__init__.py" for p in packages} <= set(names)

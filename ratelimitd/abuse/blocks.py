@@ -3,9 +3,9 @@
 Where a block lives, and why there: in the subject's own quota hash `rl:{<scope>:<id>}` (the
 one the reserve's Lua already reads for the subject's limits), field `b`, so the reserve sees
 a block inside the call it makes anyway: no extra Redis round trip on the hot path. Layout of
-`b` (documented for the Lua side in block.lua, next to this file):
+`b` (documented for the Lua side in lua/block.lua; written by lua/scripts/block_write.lua):
 
-    struct '<d' little-endian double: the block's end, ms (Redis TIME or the test clock)
+    wire.DOUBLE (a little-endian double): the block's end, ms (Redis TIME or the test clock)
     then the reason, UTF-8
 
 `b` cannot collide with limit state: limit fields are 8 hex characters (`lid`), `lid:<n>` for
@@ -29,8 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from redis.exceptions import RedisError
-
 from ratelimitd.abuse.ip import (
     DEFAULT_IPV4_PREFIX,
     DEFAULT_IPV6_PREFIX,
@@ -40,9 +38,12 @@ from ratelimitd.abuse.ip import (
     ip_prefix,
     parse_ip,
 )
-from ratelimitd.errors import RatelimitdError, StoreUnavailable
+from ratelimitd.errors import RatelimitdError
 from ratelimitd.policy import BUILTIN_SCOPES, Subject
+from ratelimitd.quota import wire
+from ratelimitd.quota.scripts import script_source
 from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.failures import DRIVER_FAILURES, store_error
 
 BLOCK_FIELD: Final = "b"
 INDEX_KEY: Final = "rlb:index"
@@ -51,48 +52,9 @@ MAX_TTL_S: Final = 365 * 86_400
 MAX_REASON_CHARS: Final = 200
 MAX_ID_CHARS: Final = 256
 DEFAULT_LIST_LIMIT: Final = 1000
-_BLOCK_END: Final = struct.Struct("<d")
 _SCOPE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _ESCAPE: Final = re.compile(r"%(25|7B|7D)")
-
-# Lua shared by the scripts that write a block: `now` from ARGV[1] (0: Redis TIME), and
-# set_block(K, now, ends, reason), which also keeps K alive past the block (see above).
-LUA_PRELUDE: Final = """
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function block_end(raw)
-  if raw and #raw >= 8 then return (struct.unpack('<d', raw)) end
-  return 0
-end
-local function set_block(K, ends, reason)
-  redis.call('HSET', K, 'b', struct.pack('<d', ends) .. reason)
-  local keep = ends + 1000
-  if block_end(redis.call('HGET', K, 'x')) < keep then
-    redis.call('HSET', K, 'x', struct.pack('<d', keep))
-  end
-  local pttl = redis.call('PTTL', K)
-  if pttl < keep - now then redis.call('PEXPIRE', K, keep - now) end
-end
-"""
-# KEYS[1] subject hash; ARGV: clock, ttl ms, reason. Reply: {now, ends}
-_ADD_LUA: Final = LUA_PRELUDE + """
-local ends = now + tonumber(ARGV[2])
-set_block(KEYS[1], ends, ARGV[3])
-return {now, ends}
-"""
-_READ_LUA: Final = LUA_PRELUDE + """
-return {now, redis.call('HGET', KEYS[1], 'b')}
-"""
-# KEYS[1] the index; ARGV: clock, limit. Reply: {now, {member, ...}}
-_LIST_LUA: Final = LUA_PRELUDE + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {now, redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)}
-"""
-
 
 class BlockInputError(RatelimitdError, ValueError):
     """A bad argument to a block operation; `field` names it (answer 400)."""
@@ -114,6 +76,11 @@ class Block:
                 "expires_at_ms": self.ends_at_ms, "reason": self.reason}
 
 
+def block_script(name: str) -> str:
+    """Script `name` with the shared block writing (block_write.lua: block_end, set_block)."""
+    return script_source(name, clock=True, shared=("block_write",), formats=(wire.DOUBLE,))
+
+
 def subject_key(subject: Subject) -> str:
     """The subject's quota hash, as the engine names it."""
     return f"rl:{{{subject.tag}}}"
@@ -121,12 +88,12 @@ def subject_key(subject: Subject) -> str:
 
 def parse_block(subject: Subject, raw: bytes | None, now_ms: int) -> Block | None:
     """The block stored in `b`, if it still holds at `now_ms` (Python twin of block.lua)."""
-    if raw is None or len(raw) < _BLOCK_END.size:
+    if raw is None or len(raw) < wire.DOUBLE.size:
         return None
-    (ends,) = _BLOCK_END.unpack_from(raw)
+    (ends,) = struct.unpack_from(wire.DOUBLE.python, raw)
     if ends <= now_ms:
         return None
-    return Block(subject, int(ends), raw[_BLOCK_END.size:].decode(errors="replace"))
+    return Block(subject, int(ends), raw[wire.DOUBLE.size:].decode(errors="replace"))
 
 
 def subject_from_tag(tag: str) -> Subject:
@@ -149,9 +116,9 @@ class BlockStore:
         self._clock = clock
         self.ipv4_bits = ipv4_bits
         self.ipv6_bits = ipv6_bits
-        self._add = redis.register_script(_ADD_LUA)
-        self._read = redis.register_script(_READ_LUA)
-        self._list = redis.register_script(_LIST_LUA)
+        self._add = redis.register_script(block_script("block_add"))
+        self._read = redis.register_script(script_source("block_read", clock=True))
+        self._list = redis.register_script(script_source("block_list", clock=True))
 
     def override(self) -> int:
         """The clock argument of the guard's scripts (0: Redis TIME)."""
@@ -208,8 +175,8 @@ class BlockStore:
         Raises StoreUnavailable when Redis fails: the block holds, only its listing is lost."""
         try:
             await self._redis.zadd(INDEX_KEY, {subject.tag: ends_at_ms})
-        except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        except DRIVER_FAILURES as exc:
+            raise store_error(exc) from exc
 
     async def remove(self, subject: Subject) -> bool:
         """Lifts the subject's block; False when it had none."""

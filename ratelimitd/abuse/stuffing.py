@@ -19,35 +19,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Final
 
-from ratelimitd.abuse.blocks import LUA_PRELUDE, Block, BlockStore, subject_key
+from ratelimitd.abuse.blocks import Block, BlockStore, block_script, subject_key
 from ratelimitd.abuse.ip import DEFAULT_IPV6_PREFIX, auth_failure_subject
 from ratelimitd.config import AbuseConfig
 from ratelimitd.policy import Subject
 from ratelimitd.store.connect import RedisClient
 
 WINDOW_MS: Final = 600_000
-
-# KEYS: 1 the subject hash, 2 its failures; ARGV: clock, window ms, threshold, block ms,
-# reason, a unique member. Reply: {status, now, block end, failures in the window}
-#   status: 0 counted, 1 counted and now blocked, 2 blocked already (not counted)
-_FAILURE_LUA: Final = LUA_PRELUDE + """
-local K, F = KEYS[1], KEYS[2]
-local ends = block_end(redis.call('HGET', K, 'b'))
-if ends > now then return {2, now, ends, 0} end
-local window = tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', F, '-inf', now - window)
-redis.call('ZADD', F, now, ARGV[6])
-local n = redis.call('ZCARD', F)
-if n > tonumber(ARGV[3]) then
-  ends = now + tonumber(ARGV[4])
-  set_block(K, ends, ARGV[5])
-  redis.call('DEL', F)
-  return {1, now, ends, n}
-end
-redis.call('PEXPIRE', F, window)
-return {0, now, 0, n}
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class FailureOutcome:
@@ -69,7 +47,7 @@ class AuthFailureGuard:
         self.threshold = threshold
         self.block_s = block_s
         self.ipv6_bits = ipv6_bits
-        self._failure = redis.register_script(_FAILURE_LUA)
+        self._failure = redis.register_script(block_script("auth_failure"))
 
     @classmethod
     def from_config(cls, redis: RedisClient, blocks: BlockStore,

@@ -20,7 +20,8 @@ survive a daemon restart; cluster-safe):
    append do not make a second entry.
 4. **Delivered from the outbox.** Per webhook URL one consumer group: every daemon reads it,
    POSTs each entry signed, and acknowledges it after a 2xx; entries a dead daemon left
-   unacknowledged are claimed by another (delivery.py). The outbox is what survives a restart.
+   unacknowledged are claimed by another (delivery.py, webhook.py). The outbox is what
+   survives a restart.
 
 The window this leaves: an alert is durable in the outbox once appended (milliseconds after the
 commit, or until Redis is back). A daemon that dies between the script's reply and that append
@@ -35,7 +36,8 @@ they dedupe on the alert's `id` (deterministic, quota/alert_record.py). They ver
 signature with `verify_webhook_signature` (signing.py).
 """
 
-from ratelimitd.alerts.delivery import AlertService, AlertStats, webhook_group
+from ratelimitd.alerts.delivery import AlertService
+from ratelimitd.alerts.settings import AlertStats
 from ratelimitd.alerts.signing import (
     SIGNATURE_HEADER,
     signature_header,
@@ -48,6 +50,7 @@ from ratelimitd.alerts.streams import (
     recent_alerts,
     subject_alerts_key,
 )
+from ratelimitd.alerts.webhook import webhook_group
 from ratelimitd.quota.alert_record import (
     Alert,
     AlertDecodeError,

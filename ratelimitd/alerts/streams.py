@@ -25,12 +25,13 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from redis.exceptions import ResponseError
-
+from ratelimitd.errors import StoreReplyError
 from ratelimitd.policy import Subject
 from ratelimitd.quota import wire
 from ratelimitd.quota.alert_record import Alert, AlertDecodeError, decode_alert_json
+from ratelimitd.quota.scripts import script_source
 from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.failures import DRIVER_FAILURES, store_error
 
 OUTBOX_KEY: Final = "rl:{alerts}:outbox"
 SEEN_PREFIX: Final = "rl:{alerts}:seen:"
@@ -41,20 +42,6 @@ SUBJECT_TTL_MS: Final = wire.ALERT_LIST_TTL_MS
 # How long a forwarded alert's marker lives: longer than a settled reservation answers repeats
 # (2 x [reservations] ttl_s), so a repeated commit never appends it again. ~100 bytes each.
 SEEN_TTL_MS: Final = 86_400_000
-
-# KEYS[1] the subject's list; ARGV[1] its cap, ARGV[2] its ttl (ms), ARGV[3..] the fields.
-APPEND_LUA: Final = """
-redis.call('LPUSH', KEYS[1], cjson.encode({unpack(ARGV, 3)}))
-redis.call('LTRIM', KEYS[1], 0, ARGV[1] - 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-# KEYS[1] the outbox, KEYS[2] the alert's marker; ARGV[1] marker ttl (ms), ARGV[2] the cap,
-# ARGV[3..] the fields. Returns the entry id, or false when the alert was forwarded before.
-FORWARD_LUA: Final = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return false end
-return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-"""
-
 
 def subject_alerts_key(subject: Subject) -> str:
     return f"rl:{{{subject.tag}}}:alerts"
@@ -68,7 +55,7 @@ async def append_alert(redis: RedisClient, alert: Alert, max_len: int = SUBJECT_
                        ttl_ms: int = SUBJECT_TTL_MS) -> None:
     """Pushes `alert` to its subject's recent alerts, keeping the last `max_len`. It decides
     nothing: exactly once is the caller's business (the quota script's)."""
-    script = redis.register_script(APPEND_LUA)
+    script = redis.register_script(script_source("alert_append"))
     await script(keys=[subject_alerts_key(alert.subject)],
                  args=[max_len, ttl_ms, *alert.fields()])
 
@@ -95,7 +82,7 @@ class Outbox:
         self.key = OUTBOX_KEY
         self.max_len = max_len
         self._seen_ttl_ms = seen_ttl_ms
-        self._script = redis.register_script(FORWARD_LUA)
+        self._script = redis.register_script(script_source("alert_forward"))
 
     async def forward(self, alert: Alert) -> bool:
         """Appends `alert` unless it was forwarded before: True when appended."""
@@ -108,9 +95,10 @@ class Outbox:
         entries not read yet (None when Redis cannot tell, after a trim)."""
         try:
             groups = await self.redis.xinfo_groups(self.key)
-        except ResponseError as exc:  # no stream yet: nothing is waiting
-            if "no such key" in str(exc).lower():
-                return {}
+        except DRIVER_FAILURES as exc:
+            failure = store_error(exc)
+            if isinstance(failure, StoreReplyError) and "no such key" in str(failure).lower():
+                return {}  # no stream yet: nothing is waiting
             raise
         return {_text(g["name"]): (int(g["pending"]), None if g.get("lag") is None
                                    else int(g["lag"])) for g in groups}

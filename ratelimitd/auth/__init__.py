@@ -10,6 +10,6 @@ never sees a Redis exception.
 """
 
 from ratelimitd.auth.caller import Caller, identify
-from ratelimitd.auth.services import Access, open_access, redis_failures
+from ratelimitd.auth.services import Access, open_access
 
-__all__ = ["Access", "Caller", "identify", "open_access", "redis_failures"]
+__all__ = ["Access", "Caller", "identify", "open_access"]

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 from ratelimitd.abuse.guards import blocked_error
 from ratelimitd.auth.keys import KeyFailure, ResolvedKey
-from ratelimitd.auth.services import Access, redis_failures
+from ratelimitd.auth.services import Access
 from ratelimitd.auth.signatures import SignatureError
 from ratelimitd.errors import ApiError
 from ratelimitd.policy import Identity
+from ratelimitd.store.failures import store_failures
 
 
 @dataclass(slots=True)
@@ -42,7 +43,7 @@ async def identify(access: Access, *, api_key: str | None, signature: object,
     if api_key is None:
         return Caller(Identity(user, tier, org, None, attributes))
     keys = access.require_keys()
-    async with redis_failures():
+    async with store_failures():
         resolved = await keys.resolve(api_key)
         if isinstance(resolved, KeyFailure):
             raise await _refused(access, ApiError(resolved.status, resolved.code,

@@ -9,22 +9,19 @@ a configuration error: the daemon refuses to start rather than run without the k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
 
 from ratelimitd.abuse import AuthFailureGuard, BlockStore
 from ratelimitd.auth.keys import KeyPolicy, KeyStore, KeysUnavailableError, PepperError, load_pepper
 from ratelimitd.auth.signatures import SignatureVerifier
 from ratelimitd.config import Config
-from ratelimitd.errors import ApiError, ConfigError, StoreUnavailable
+from ratelimitd.errors import ApiError, ConfigError
 from ratelimitd.policy import Limit, PrefixLengths, sliding
-from ratelimitd.store.connect import RedisClient
+from ratelimitd.store.connect import RedisClient, is_cluster
+from ratelimitd.store.failures import DRIVER_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +79,11 @@ async def _warm_pool(redis: RedisClient) -> None:
     """Opens WARM_CONNECTIONS connections now: a cold cache after a restart sends a burst of
     key lookups, which would otherwise open as many connections at once, each within the
     call's timeout. The pool keeps them; a failure here only costs that head start."""
-    if isinstance(redis, RedisCluster):
+    if is_cluster(redis):
         return
     try:
         await asyncio.gather(*(redis.ping() for _ in range(WARM_CONNECTIONS)))
-    except (RedisError, OSError) as exc:
+    except DRIVER_FAILURES as exc:
         log.warning("could not open Redis connections for key lookups yet: %s",
                     type(exc).__name__)
 
-
-@contextlib.asynccontextmanager
-async def redis_failures() -> AsyncIterator[None]:
-    """Redis failures of the access libraries (redis-py) as StoreUnavailable, which the HTTP
-    edge answers 503 backend_unavailable, like the engine's."""
-    try:
-        yield
-    except (RedisError, OSError) as exc:
-        raise StoreUnavailable(f"{type(exc).__name__}: {exc}",
-                               timeout="Timeout" in type(exc).__name__) from exc

@@ -25,7 +25,7 @@ from typing import Any, Final
 import orjson
 
 from ratelimitd.abuse import BlockInputError
-from ratelimitd.auth import Access, open_access, redis_failures
+from ratelimitd.auth import Access, open_access
 from ratelimitd.auth.keys import (
     KeyInputError,
     KeyNotFoundError,
@@ -37,6 +37,7 @@ from ratelimitd.config import Config, load_config
 from ratelimitd.errors import ApiError, ConfigError, StoreUnavailable
 from ratelimitd.store.connect import connect
 from ratelimitd.store.embedded import EmbeddedRedis, state_directory
+from ratelimitd.store.failures import store_failures
 
 COMMANDS: Final = ("keys", "blocks")
 _URL_SCHEMES: Final = ("redis://", "rediss://", "unix://")
@@ -194,7 +195,7 @@ async def _dispatch(access: Access, args: argparse.Namespace) -> Any:
         ("keys", "show"): _show, ("blocks", "add"): _block, ("blocks", "remove"): _unblock,
         ("blocks", "list"): _list,
     }
-    async with redis_failures():
+    async with store_failures():
         return await handlers[(args.command, args.action)](access, args)
 
 

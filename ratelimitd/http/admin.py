@@ -21,13 +21,13 @@ from typing import Any, Final
 from aiohttp import web
 
 from ratelimitd.abuse import BlockInputError, InvalidIpError, blocked_error, canonical_ip, ip_prefix
-from ratelimitd.auth import redis_failures
 from ratelimitd.auth.keys import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.errors import ApiError, invalid
 from ratelimitd.http.app_keys import LIVE, Services
 from ratelimitd.http.edge import Handler, json_response, read_json
 from ratelimitd.policy import Prices, Subject
 from ratelimitd.quota.model import ReserveRequest
+from ratelimitd.store.failures import store_failures
 
 CREATE_FIELDS: Final = frozenset({"user", "tier", "org", "expires_in_days",
                                   "require_signature", "attributes"})
@@ -97,7 +97,7 @@ async def create_key(request: web.Request) -> web.Response:
     ticket = await _count_creation(services, ip) if ip is not None else None
     try:
         with _admin_errors():
-            async with redis_failures():
+            async with store_failures():
                 created = await keys.create(user, tier, org,
                                             expires_in_days, signed)
     except BaseException:
@@ -136,7 +136,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     keys = request.app[LIVE].services.access.require_keys()
     body = await _body(request, ROTATE_FIELDS, optional=True)
     with _admin_errors():
-        async with redis_failures():
+        async with store_failures():
             rotated = await keys.rotate(request.match_info["key_id"], body.get("grace_s"))
     return json_response(rotated.to_json(), 201)
 
@@ -145,7 +145,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     keys = request.app[LIVE].services.access.require_keys()
     await _body(request, frozenset(), optional=True)
     with _admin_errors():
-        async with redis_failures():
+        async with store_failures():
             await keys.revoke(request.match_info["key_id"])
     return json_response({"revoked": True})
 
@@ -153,7 +153,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def show_key(request: web.Request) -> web.Response:
     keys = request.app[LIVE].services.access.require_keys()
     with _admin_errors():
-        async with redis_failures():
+        async with store_failures():
             info = await keys.show(request.match_info["key_id"])
     return json_response(info.to_json())
 
@@ -176,7 +176,7 @@ async def add_block(request: web.Request) -> web.Response:
             raise invalid(name, "is required")
     subject = _block_subject(services, body["scope"], body["id"])
     with _admin_errors():
-        async with redis_failures():
+        async with store_failures():
             block = await services.access.blocks.add(subject, body["ttl_s"], body["reason"])
     return json_response(block.to_json(), 201)
 
@@ -188,7 +188,7 @@ async def remove_block(request: web.Request) -> web.Response:
         if name not in query:
             raise invalid(name, "is required (a query parameter: ?scope=user&id=u1)")
     subject = _block_subject(services, query["scope"], query["id"])
-    async with redis_failures():
+    async with store_failures():
         removed = await services.access.blocks.remove(subject)
     return json_response({"removed": removed})
 
@@ -199,7 +199,7 @@ async def list_blocks(request: web.Request) -> web.Response:
     if not raw.isdigit():
         raise invalid("limit", "must be a whole number from 1 to 10000")
     with _admin_errors():
-        async with redis_failures():
+        async with store_failures():
             blocks = await services.access.blocks.list(int(raw))
     return json_response({"blocks": [b.to_json() for b in blocks]})
 

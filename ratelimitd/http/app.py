@@ -55,7 +55,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     services = request.app[LIVE].services
     try:
-        await services.engine.scripts.ready()
+        await services.engine.ready()
     except StoreUnavailable as exc:
         return json_response({"ready": False, "redis": f"unavailable ({exc})"}, 503)
     return json_response({"ready": True, "redis": "ok", "scripts": "loaded",
@@ -112,7 +112,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         prices=config.pricing.table(), executor=executor, access=access,
         service_tokens=service_tokens, admin_tokens=admin_tokens)
     try:
-        await engine.scripts.load()
+        await engine.load_library()
     except StoreUnavailable as exc:  # /readyz says so; the library loads on first use
         log.warning("could not load the function library at startup: %s", exc)
     yield

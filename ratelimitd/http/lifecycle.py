@@ -39,7 +39,7 @@ async def _until_store_ready(app: web.Application) -> None:
     """Returns once Redis answers and the library is loaded (loading it if needed)."""
     while True:
         try:
-            await app[LIVE].services.engine.scripts.ready()
+            await app[LIVE].services.engine.ready()
             return
         except StoreUnavailable as exc:
             log.info("not ready yet: %s", exc)

@@ -101,6 +101,14 @@ class Engine:
     async def aclose(self) -> None:
         await self.compensator.aclose()
 
+    async def load_library(self) -> None:
+        """Loads the function library now, so the first decisions do not pay for it."""
+        await self.scripts.load()
+
+    async def ready(self) -> None:
+        """Raises StoreUnavailable unless Redis answers and holds the library (loading it)."""
+        await self.scripts.ready()
+
     async def ids(self) -> ReservationIds:
         """Reservation ids under the secret all daemons share (made once, kept in Redis)."""
         if self._ids is not None and time.monotonic() - self._ids_read_at < SECRET_REFRESH_S:
@@ -176,9 +184,8 @@ class Engine:
     def _send_check(self, call: _Attempt, subject: Subject) -> Awaitable[Any]:
         """A guard's block check, sent now (on a pipelined connection, in the write of this
         event-loop tick); no task, no coroutine of its own: its reply is awaited later."""
-        return self.scripts.transport.fcall(self.scripts.library.reserve.function,
-                                            self._reserve_args(call, subject, (), 0, "[]",
-                                                               ReserveMode.CHECK, False))
+        return self.scripts.send_reserve(self._reserve_args(call, subject, (), 0, "[]",
+                                                            ReserveMode.CHECK, False))
 
     async def _blocked(self, call: _Attempt, guards: Sequence[Subject],
                        checks: Sequence[Awaitable[Any]]) -> Blocked | None:
@@ -191,7 +198,7 @@ class Engine:
                 if not exc.missing_function:
                     raise
                 # Redis lost the library: the runner loads it and asks again
-                raw = await self.scripts.run(self.scripts.library.reserve, self._reserve_args(
+                raw = await self.scripts.reserve(self._reserve_args(
                     call, subject, (), 0, "[]", ReserveMode.CHECK, False))
             reply = wire.decode_reserve(raw)
             if found is None and reply.status == ReserveStatus.BLOCKED:
@@ -260,8 +267,7 @@ class Engine:
         mode = call.mode if mode is None else mode
         if mode in (ReserveMode.RESERVE, ReserveMode.RETRY):
             call.reached.append(subject)
-        return wire.decode_reserve(await self.scripts.run(
-            self.scripts.library.reserve,
+        return wire.decode_reserve(await self.scripts.reserve(
             self._reserve_args(call, subject, limits, grant, others, mode, index == 0, index)))
 
     def _reserve_args(self, call: _Attempt, subject: Subject, limits: Sequence[Limit],
@@ -409,9 +415,8 @@ class Engine:
     ) -> tuple[wire.SettleReply, bool | None]:
         """A commit's or release's settle of one subject: what `[redis] replicas_ack` waits
         for (store/replication.py); the reply, and whether the replicas acknowledged it."""
-        raw, replicated = await self.scripts.run_acked(
-            self.scripts.library.settle, self._settle_args(tag, rand, mode, input_tokens, cached,
-                                                           output, 0))
+        raw, replicated = await self.scripts.settle_acked(
+            self._settle_args(tag, rand, mode, input_tokens, cached, output, 0))
         return wire.decode_settle(raw), replicated
 
     async def _settle(
@@ -419,8 +424,7 @@ class Engine:
         output: int, attempt: int = 0
     ) -> wire.SettleReply:
         """A settle no replica acknowledgement is waited for: a cancel or a resize."""
-        return wire.decode_settle(await self.scripts.run(
-            self.scripts.library.settle,
+        return wire.decode_settle(await self.scripts.settle(
             self._settle_args(tag, rand, mode, input_tokens, cached, output, attempt)))
 
     def _settle_args(self, tag: str, rand: str, mode: SettleMode, input_tokens: int,

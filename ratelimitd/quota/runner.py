@@ -9,7 +9,7 @@ the source file and line (Library.explain).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,26 @@ class ScriptRunner:
         if not await self.transport.has_library(self.library.name):
             await self.load()
 
-    async def run(self, script: Script, args: Sequence[Any]) -> Any:
+    def send_reserve(self, args: Sequence[Any]) -> Awaitable[Any]:
+        """A reserve FCALL sent now, in this event-loop tick's write, its reply awaited later.
+        A lost library fails it with StoreReplyError (`missing_function`): `reserve` then
+        loads it and asks again."""
+        return self.transport.fcall(self.library.reserve.function, args)
+
+    async def reserve(self, args: Sequence[Any]) -> Any:
+        """The library's reserve: its reply."""
+        return await self._run(self.library.reserve, args)
+
+    async def settle(self, args: Sequence[Any]) -> Any:
+        """The library's settle: its reply."""
+        return await self._run(self.library.settle, args)
+
+    async def settle_acked(self, args: Sequence[Any]) -> tuple[Any, bool | None]:
+        """settle, for a write `[redis] replicas_ack` waits for: its reply, and whether the
+        replicas acknowledged it (None: none asked for)."""
+        return await self._run_acked(self.library.settle, args)
+
+    async def _run(self, script: Script, args: Sequence[Any]) -> Any:
         """One FCALL of `args` (numkeys, keys..., arguments...): its reply."""
         try:
             return await self.transport.fcall(script.function, args)
@@ -48,9 +67,7 @@ class ScriptRunner:
         await self.load()
         return await self.transport.fcall(script.function, args)
 
-    async def run_acked(self, script: Script, args: Sequence[Any]) -> tuple[Any, bool | None]:
-        """run, for a write `[redis] replicas_ack` waits for: its reply, and whether the
-        replicas acknowledged it (None: none asked for)."""
+    async def _run_acked(self, script: Script, args: Sequence[Any]) -> tuple[Any, bool | None]:
         try:
             return await self.transport.fcall_acked(script.function, args)
         except StoreReplyError as exc:

@@ -10,7 +10,7 @@ fields; tests/lua/test_contract.py proves the halves agree on real Redis.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Final
@@ -235,6 +235,12 @@ def decode_settle(reply: bytes) -> SettleReply:
 # -- the Lua side -----------------------------------------------------------------------------
 
 
+def lua_formats(formats: Iterable[Format]) -> str:
+    """The Lua declarations of `formats` (NAME_FORMAT, NAME_SIZE), one a line."""
+    return "".join(f"local {fmt.name}_FORMAT = '{fmt.lua}'\nlocal {fmt.name}_SIZE = {fmt.size}\n"
+                   for fmt in formats)
+
+
 def lua_constants() -> str:
     """The Lua declarations of everything above, for the head of the function library."""
     lines = ["-- generated from ratelimitd/quota/wire.py when the library is built"]
@@ -250,9 +256,7 @@ def lua_constants() -> str:
         ints([(f"MODE_{m.name}", m.value) for m in enum])
     ints([(f"RESERVE_{s.name}", s.value) for s in ReserveStatus])
     ints([(f"SETTLE_{s.name}", s.value) for s in SettleStatus])
-    for fmt in FORMATS:
-        lines.append(f"local {fmt.name}_FORMAT = '{fmt.lua}'")
-        ints([(f"{fmt.name}_SIZE", fmt.size)])
+    lines += lua_formats(FORMATS).splitlines()
     lines.append(f"local RECORD_RESERVED, RECORD_COMMITTED, RECORD_RELEASED = "
                  f"'{RECORD_RESERVED}', '{RECORD_COMMITTED}', '{RECORD_RELEASED}'")
     lines.append("local RECORD_ALERTS_SEPARATOR = '\\n'")

@@ -8,7 +8,7 @@ own. `open_store` builds both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeGuard
 from urllib.parse import quote, urlsplit
 
 import hiredis
@@ -32,6 +32,11 @@ from ratelimitd.store.replication import ReplicaAck
 from ratelimitd.store.transport import BatchTransport, PipeTransport, Transport
 
 RedisClient = Redis | RedisCluster
+
+
+def is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
+    """Whether `client` speaks to a Redis Cluster (not to one standalone Redis)."""
+    return isinstance(client, RedisCluster)
 
 # Concurrent Redis calls one daemon process may have through redis-py; past it a call fails
 # (503) at once instead of opening sockets without bound.

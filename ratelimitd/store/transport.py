@@ -1,11 +1,15 @@
-"""How the quota engine's calls reach Redis: one small protocol, three implementations.
+"""How the quota engine's calls reach Redis: the Transport protocol, and two of its three
+implementations (the third, `ClusterTransport`, is cluster.py's).
 
-`Transport.fcall(function, args)` is one atomic FCALL; calls made in the same event-loop tick
+The protocol holds what its callers use, no more: the script runner (quota/runner.py) makes
+FCALLs (`fcall`; `fcall_acked` for the writes `[redis] replicas_ack` waits for) and keeps the
+function library in Redis (`has_library`, `load_library`); the engine reads its reservation-id
+secret with `execute`; the Store (connect.py) closes it. Calls made in the same event-loop tick
 share one write to Redis. `PipeTransport` sends them through the pipelined connection of a
-standalone Redis (or of Sentinel's primary of the moment); `ClusterTransport` (cluster.py)
-through one per cluster primary; `BatchTransport` through one redis-py pipeline per batch
-(TLS). Each raises StoreUnavailable (an error reply: StoreReplyError) and nothing else, and
-bounds every call by the configured timeout.
+standalone Redis (or of Sentinel's primary of the moment), `ClusterTransport` through one per
+cluster primary, `BatchTransport` through one redis-py pipeline per batch (TLS). Each raises
+StoreUnavailable (an error reply: StoreReplyError) and nothing else, and bounds every call by
+the configured timeout.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from ratelimitd.errors import StoreReplyError, StoreUnavailable
+from ratelimitd.store.failures import store_error
 from ratelimitd.store.pipeline import PipelinedConnection
 from ratelimitd.store.replication import ReplicaAck
 
@@ -53,17 +57,6 @@ class Transport(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-def store_error(exc: BaseException) -> StoreUnavailable:
-    """A driver's or a socket's exception as StoreUnavailable."""
-    if isinstance(exc, StoreUnavailable):
-        return exc
-    if isinstance(exc, ResponseError):
-        return StoreReplyError(str(exc))
-    if isinstance(exc, TimeoutError):
-        return StoreUnavailable("Redis did not answer in time", timeout=True)
-    return StoreUnavailable(f"{type(exc).__name__}: {exc}")
 
 
 @contextlib.asynccontextmanager

@@ -2,7 +2,8 @@
 
 The Lua names every code, format and reply field through constants the build writes from
 wire.py; these tests prove it spells none of them itself, uses no name it does not declare,
-and that real calls decode, field by field, into what the Lua meant.
+and that real calls decode, field by field, into what the Lua meant. The scripts outside the
+library (lua/scripts/) name wire.py's formats the same way.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ratelimitd.quota import wire
 from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.library import read_sources
 from ratelimitd.quota.model import ReserveRequest
-from ratelimitd.quota.runner import shipped_library
+from ratelimitd.quota.scripts import read_script, script_names
 from ratelimitd.store.transport import BatchTransport
 from tests.support.clock import Clock
 from tests.support.quota import tier_plan
@@ -49,6 +50,15 @@ def test_the_lua_spells_no_packed_format_of_its_own() -> None:
         # the formats come from wire.py; core.lua only builds '<' .. n longs or doubles
         literals = [f for f in re.findall(r"'(<[^']*)'", text) if f != "<"]
         assert literals == [], (name, literals)
+
+
+def test_the_scripts_spell_no_packed_format_and_use_only_wire_formats() -> None:
+    formats = _declared(wire.lua_formats(wire.FORMATS))
+    for name in script_names():
+        text = read_script(name)
+        assert re.findall(r"'(<[^']*)'", text) == [], name
+        assert not _declared(text) & formats, name
+        assert set(_NAME.findall(_code(text))) <= formats | {"KEYS", "ARGV"}, name
 
 
 def test_every_constant_the_lua_uses_is_declared() -> None:
@@ -84,7 +94,6 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     engine = Engine.with_test_clock(BatchTransport(redis_client, None), clock)
     tokens = Limit("tokens_per_min", "user", "tokens", 1000, "sliding", window_ms=60_000)
     cap = Limit("requests_per_min", "user", "requests", 1, "sliding", window_ms=60_000)
-    library = shipped_library()
     keys = [3, "rl:{user:u1}", "rl:{user:u1}:r:abcdefghijklmnopqrstuvwx", "rl:{user:u1}:alerts"]
 
     def args(output_cap: int) -> list[object]:
@@ -93,7 +102,7 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
                                               PRICES.output, 12345),
                 "[]", engine._specs_arg([tokens, cap]), "300000", ""]
 
-    granted = wire.decode_reserve(await engine.scripts.run(library.reserve, args(2000)))
+    granted = wire.decode_reserve(await engine.scripts.reserve(args(2000)))
     assert granted.status == wire.ReserveStatus.RESERVED
     assert granted.granted_output == 900                       # 1000 tokens - 100 input
     assert granted.expires_at_ms == clock() + 300_000
@@ -103,7 +112,7 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     assert list(granted.limit_states[0::2]) == [0, 0]           # remaining: tokens, requests
 
     keys[2] = "rl:{user:u1}:r:bbbbbbbbbbbbbbbbbbbbbbbb"
-    denied = wire.decode_reserve(await engine.scripts.run(library.reserve, args(10)))
+    denied = wire.decode_reserve(await engine.scripts.reserve(args(10)))
     assert denied.status == wire.ReserveStatus.DENIED
     assert denied.denied_limit == 1                            # tokens_per_min, 1-based
     assert 0 < denied.retry_after_ms <= 61_000
@@ -116,8 +125,7 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     lim = Limit("tokens_per_min", "user", "tokens", 10_000, "sliding", window_ms=60_000)
     res = await engine.reserve(ReserveRequest(tier_plan(lim), 100, 500, PRICES))
     rand = (await engine.ids()).parse(res.reservation_id)[0]  # type: ignore[index]
-    library = shipped_library()
-    reply = wire.decode_settle(await engine.scripts.run(library.settle, [
+    reply = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
         wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50, 0), "300000"]))
     assert reply.status == wire.SettleStatus.APPLIED
@@ -127,7 +135,7 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     assert reply.reserved_tokens == 600
     assert reply.reserved_cost_nano == res.reserved_cost_nano
     assert reply.others == b"[]"
-    again = wire.decode_settle(await engine.scripts.run(library.settle, [
+    again = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
         wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0, 0), "300000"]))
     assert again.status == wire.SettleStatus.CONFLICT

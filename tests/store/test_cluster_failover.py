@@ -31,7 +31,7 @@ async def test_a_killed_primary_is_replaced_and_the_daemon_recovers_by_itself(
         cluster: LocalCluster) -> None:
     transport = ClusterTransport(cluster.url, 0.5)
     engine = Engine(transport)
-    await engine.scripts.load()
+    await engine.load_library()
     victim = cluster.primaries[0]
     users = [f"user{i}" for i in range(40)]
     on_victim = [u for u in users if cluster.primary_of(f"rl:{{user:{u}}}") is victim]

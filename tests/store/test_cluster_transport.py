@@ -29,7 +29,7 @@ async def engine(cluster: LocalCluster) -> AsyncIterator[Engine]:
     cluster.flushall()
     transport = ClusterTransport(cluster.url, 2.0)
     quota = Engine(transport)
-    await quota.scripts.load()
+    await quota.load_library()
     yield quota
     await transport.aclose()
 
@@ -49,7 +49,7 @@ async def test_calls_reach_the_primary_of_their_slot_on_every_primary(
     for u in users[:5]:
         owner = cluster.client(cluster.primary_of(f"rl:{{user:{u}}}"))
         assert owner.exists(f"rl:{{user:{u}}}") == 1
-    assert await engine.scripts.transport.has_library(engine.scripts.library.name)
+    assert await engine.transport.has_library(engine.scripts.library.name)
 
 
 async def test_a_moved_slot_is_followed_and_its_state_kept(
@@ -78,7 +78,7 @@ async def test_a_slot_mid_migration_is_served_behind_asking(
     target = next(n for n in cluster.primaries if n is not source)
     slot = cluster.slot_of(key)
     cluster.start_migration(slot, source, target)
-    transport = engine.scripts.transport
+    transport = engine.transport
     try:
         # the source still owns the slot but no longer has the key: it answers ASK, and the
         # call goes to the target once, behind ASKING

@@ -1,7 +1,11 @@
-"""API keys: the `rlk_` format (format), the pepper (pepper), the Redis store with its
-per-process resolve cache (store, cache). See store.py for the Redis layout."""
+"""API keys: the `rlk_` format (format), the pepper (pepper), the Redis store (store: its
+record, record; its answers, results; its errors, errors) with its per-process resolve cache
+(cache) and the invalidations that keep every daemon's cache true (invalidation). See store.py
+for the Redis layout."""
 
+from ratelimitd.auth.keys.errors import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.auth.keys.format import KEY_PATTERN, generate_api_key, well_formed
+from ratelimitd.auth.keys.invalidation import INVALIDATE_CHANNEL
 from ratelimitd.auth.keys.pepper import (
     KeysUnavailableError,
     Pepper,
@@ -9,20 +13,16 @@ from ratelimitd.auth.keys.pepper import (
     load_pepper,
     require_pepper,
 )
-from ratelimitd.auth.keys.store import (
-    INVALIDATE_CHANNEL,
+from ratelimitd.auth.keys.results import (
     CreatedKey,
     KeyFailure,
     KeyInfo,
-    KeyInputError,
-    KeyNotFoundError,
     KeyPolicy,
-    KeyStateError,
-    KeyStore,
     KeyWarning,
     ResolvedKey,
     RotatedKey,
 )
+from ratelimitd.auth.keys.store import KeyStore
 
 __all__ = [
     "INVALIDATE_CHANNEL", "KEY_PATTERN", "CreatedKey", "KeyFailure", "KeyInfo", "KeyInputError",

@@ -22,7 +22,9 @@ Rotation makes a new key (a new id, the old one's user, org, tier, signature req
 new signing secret), then marks the old record rotated-to the new id with its expiry cut to
 now + grace, atomically on the old key's slot; if that refuses (revoked, expired or rotated
 meanwhile) the new record is deleted again. Revocation and rotation publish the key id on
-INVALIDATE_CHANNEL so every daemon's cache drops it (see cache.py).
+INVALIDATE_CHANNEL so every daemon's cache drops it (invalidation.py, cache.py).
+
+The record's layout is record.py's, the answers results.py's, the errors errors.py's.
 
 Resolve does the same work whatever is wrong with a key (see `KeyStore.resolve`).
 """
@@ -30,31 +32,34 @@ Resolve does the same work whatever is wrong with a key (see `KeyStore.resolve`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import logging
 import re
 import secrets
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
-from typing import Any, Final, Literal
-
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from typing import Final
 
 from ratelimitd.auth.keys.cache import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, Entry, ResolveCache
+from ratelimitd.auth.keys.errors import KeyInputError, KeyNotFoundError, KeyStateError
 from ratelimitd.auth.keys.format import generate_api_key, well_formed
+from ratelimitd.auth.keys.invalidation import Invalidations
 from ratelimitd.auth.keys.pepper import KEY_ID_CHARS, KEY_ID_PREFIX, Pepper
-from ratelimitd.config import KeysConfig
-from ratelimitd.errors import RatelimitdError
-from ratelimitd.policy import Identity
+from ratelimitd.auth.keys.record import Record, record_key
+from ratelimitd.auth.keys.results import (
+    CreatedKey,
+    FailureReason,
+    KeyFailure,
+    KeyInfo,
+    KeyPolicy,
+    KeyState,
+    KeyWarning,
+    ResolvedKey,
+    RotatedKey,
+)
+from ratelimitd.quota.scripts import script_source
 from ratelimitd.store.connect import RedisClient
 
-log = logging.getLogger(__name__)
-
-RECORD_PREFIX: Final = "rlk:"
-INVALIDATE_CHANNEL: Final = "ratelimitd:keys:invalidate"
+DEFAULT_POLICY: Final = KeyPolicy()
 DAY_MS: Final = 86_400_000
 RETENTION_MS: Final = 30 * DAY_MS
 MAX_EXPIRES_IN_DAYS: Final = 36_500
@@ -62,264 +67,11 @@ MAX_GRACE_S: Final = 365 * 86_400
 MAX_ID_CHARS: Final = 256
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _KEY_ID: Final = re.compile(rf"{KEY_ID_PREFIX}[0-9A-Za-z]{{{KEY_ID_CHARS}}}")
-_FIELDS: Final = ("h", "u", "o", "t", "c", "e", "r", "rt", "rf", "sg", "s")
 # A resolve of a malformed key hashes this instead (same length, same cost) and compares
 # against a digest no record has.
 _STAND_IN_KEY: Final = "rlk_" + "0" * 36
 _NO_DIGEST: Final = "0" * 64
 
-# Lua: a clock override of 0 means Redis TIME. Numbers go back as integers.
-_NOW: Final = """
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-"""
-_READ_LUA: Final = _NOW + f"""
-return {{now, redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})}}
-"""
-# ARGV: clock, the key's hash. Reply: {now, 1, the record's fields} for a key not revoked;
-# {now, 0} unknown, {now, 2} revoked: alike in size and work (no oracle). Lua compares
-# interned strings by identity, so the hash compare takes the same time either way.
-_RESOLVE_LUA: Final = _NOW + f"""
-local v = redis.call('HMGET', KEYS[1], {', '.join(repr(f) for f in _FIELDS)})
-if v[1] ~= ARGV[2] or tonumber(v[7]) > 0 then
-  return {{now, (v[1] == ARGV[2]) and 2 or 0}}
-end
-return {{now, 1, v}}
-"""
-# ARGV: clock, lifetime ms (0 = none), retention ms, then field/value pairs
-_CREATE_LUA: Final = _NOW + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, now, 0} end
-local life = tonumber(ARGV[2])
-local expires = 0
-if life > 0 then expires = now + life end
-redis.call('HSET', KEYS[1], 'c', now, 'e', expires, 'r', 0, unpack(ARGV, 4))
-if expires > 0 then redis.call('PEXPIRE', KEYS[1], expires - now + tonumber(ARGV[3])) end
-return {1, now, expires}
-"""
-# ARGV: clock, new key id, grace ms, max age ms (0 = none), retention ms
-# Reply: {1, now, old key's new expiry} | {0 unknown | -1 revoked | -2 rotated | -3 expired, now}
-_ROTATE_LUA: Final = _NOW + """
-local v = redis.call('HMGET', KEYS[1], 'h', 'c', 'e', 'r', 'rt')
-if not v[1] then return {0, now} end
-if tonumber(v[4]) > 0 then return {-1, now} end
-if v[5] and v[5] ~= '' then return {-2, now} end
-local created, expires, max_age = tonumber(v[2]), tonumber(v[3]), tonumber(ARGV[4])
-if max_age > 0 and (expires == 0 or created + max_age < expires) then
-  expires = created + max_age
-end
-if expires > 0 and now >= expires then return {-3, now} end
-local ends = now + tonumber(ARGV[3])
-if expires > 0 and expires < ends then ends = expires end
-redis.call('HSET', KEYS[1], 'rt', ARGV[2], 'e', ends)
-redis.call('PEXPIRE', KEYS[1], ends - now + tonumber(ARGV[5]))
-return {1, now, ends}
-"""
-# ARGV: clock, retention ms. Reply: {0 unknown | 1 revoked now | 2 already, now, revoked at}
-_REVOKE_LUA: Final = _NOW + """
-local v = redis.call('HMGET', KEYS[1], 'h', 'r')
-if not v[1] then return {0, now, 0} end
-local at = tonumber(v[2])
-if at > 0 then return {2, now, at} end
-redis.call('HSET', KEYS[1], 'r', now)
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
-return {1, now, now}
-"""
-
-FailureReason = Literal["malformed", "unknown", "revoked", "expired"]
-KeyState = Literal["active", "rotated", "expired", "revoked"]
-
-
-# --- errors -------------------------------------------------------------------------------
-
-class KeyInputError(RatelimitdError, ValueError):
-    """A bad argument to an admin operation; `field` names it (answer 400)."""
-
-    def __init__(self, field_name: str, problem: str) -> None:
-        super().__init__(f"{field_name}: {problem}")
-        self.field = field_name
-        self.problem = problem
-
-
-class KeyNotFoundError(RatelimitdError, LookupError):
-    """No key has this id (answer 404 key_not_found)."""
-
-    def __init__(self, key_id: str) -> None:
-        super().__init__(f"no API key has the id {key_id!r}")
-        self.key_id = key_id
-
-
-class KeyStateError(RatelimitdError):
-    """The key cannot be rotated in its state (answer 409 with `code`)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class KeyFailure:
-    """Why a resolve refused a key. `status`/`code` follow docs/errors.md: malformed and
-    unknown keys are the same 401 with the same message (no oracle); revoked and expired are
-    403."""
-
-    reason: FailureReason
-
-    @property
-    def status(self) -> int:
-        return 401 if self.reason in ("malformed", "unknown") else 403
-
-    @property
-    def code(self) -> str:
-        return {"malformed": "invalid_api_key", "unknown": "invalid_api_key",
-                "revoked": "key_revoked", "expired": "key_expired"}[self.reason]
-
-    @property
-    def message(self) -> str:
-        return {
-            "malformed": _INVALID_MESSAGE, "unknown": _INVALID_MESSAGE,
-            "revoked": "api_key: this key was revoked; ask for a new one",
-            "expired": "api_key: this key has expired; ask for a new one (or rotate it)",
-        }[self.reason]
-
-
-_INVALID_MESSAGE: Final = ("api_key: not a valid API key; check it was copied whole "
-                           "(rlk_ and 36 letters or digits), or ask for a new one")
-
-
-# --- results ------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class KeyWarning:
-    code: str
-    message: str
-
-    def to_json(self) -> dict[str, str]:
-        return {"code": self.code, "message": self.message}
-
-
-@dataclass(frozen=True, slots=True)
-class ResolvedKey:
-    """Who a valid key speaks for, and what to tell its caller."""
-
-    key_id: str
-    user: str
-    tier: str
-    org: str | None
-    created_at_ms: int
-    expires_at_ms: int | None        # effective: the key's own expiry or max_age_days
-    warn_from_ms: int | None         # from then on, a key_expiring warning rides along
-    require_signature: bool
-    rotated_to: str | None
-    warnings: tuple[KeyWarning, ...]
-    signing_secret: str | None = field(default=None, repr=False)
-
-    def identity(self, attributes: Mapping[str, str] | None = None) -> Identity:
-        return Identity(self.user, self.tier, self.org, self.key_id, dict(attributes or {}))
-
-
-@dataclass(frozen=True, slots=True)
-class CreatedKey:
-    key_id: str
-    api_key: str = field(repr=False)
-    expires_at_ms: int | None
-    signing_secret: str | None = field(default=None, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """The 201 answer of POST /v1/admin/keys (the only time the key is shown)."""
-        out: dict[str, Any] = {"key_id": self.key_id, "api_key": self.api_key,
-                               "expires_at_ms": self.expires_at_ms}
-        if self.signing_secret is not None:
-            out["signing_secret"] = self.signing_secret
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class RotatedKey:
-    key_id: str
-    api_key: str = field(repr=False)
-    expires_at_ms: int | None
-    old_key_id: str
-    old_key_expires_at_ms: int
-    signing_secret: str | None = field(default=None, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        """The 201 answer of POST /v1/admin/keys/{key_id}/rotate. A key that requires
-        signatures gets a new signing secret too (the old one works with the old key only)."""
-        out: dict[str, Any] = {"key_id": self.key_id, "api_key": self.api_key,
-                               "expires_at_ms": self.expires_at_ms,
-                               "old_key_id": self.old_key_id,
-                               "old_key_expires_at_ms": self.old_key_expires_at_ms}
-        if self.signing_secret is not None:
-            out["signing_secret"] = self.signing_secret
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class KeyInfo:
-    """A key's metadata, as `show` answers it: never the key, its hash or a secret."""
-
-    key_id: str
-    user: str
-    org: str | None
-    tier: str
-    state: KeyState
-    created_at_ms: int
-    expires_at_ms: int | None
-    revoked_at_ms: int | None
-    rotated_to: str | None
-    rotated_from: str | None
-    require_signature: bool
-
-    def to_json(self) -> dict[str, Any]:
-        return {"key_id": self.key_id, "user": self.user, "org": self.org, "tier": self.tier,
-                "state": self.state, "created_at_ms": self.created_at_ms,
-                "expires_at_ms": self.expires_at_ms, "revoked_at_ms": self.revoked_at_ms,
-                "rotated_to": self.rotated_to, "rotated_from": self.rotated_from,
-                "require_signature": self.require_signature}
-
-
-@dataclass(frozen=True, slots=True)
-class KeyPolicy:
-    """The `[keys]` section. max_age_days 0: keys have no maximum age; warn_days 0: no
-    warning."""
-
-    max_age_days: int = 90
-    warn_days: int = 14
-    rotation_grace_s: int = 86_400
-
-    @classmethod
-    def from_config(cls, config: KeysConfig) -> KeyPolicy:
-        return cls(config.max_age_days, config.warn_days, config.rotation_grace_s)
-
-
-@dataclass(frozen=True, slots=True)
-class _Record:
-    key_hash: str
-    user: str
-    org: str
-    tier: str
-    created_ms: int
-    expires_ms: int
-    revoked_ms: int
-    rotated_to: str
-    rotated_from: str
-    require_signature: bool
-    seed: str
-
-    @classmethod
-    def parse(cls, values: Sequence[bytes | None]) -> _Record | None:
-        if not values or values[0] is None:
-            return None
-        h, u, o, t, c, e, r, rt, rf, sg, s = (v.decode() if v is not None else ""
-                                              for v in values)
-        return cls(h, u, o, t, int(c or 0), int(e or 0), int(r or 0), rt, rf, sg == "1", s)
-
-
-# --- the store ----------------------------------------------------------------------------
 
 class KeyStore:
     """API keys: create, rotate, revoke, show (admin) and resolve (every api_key reserve).
@@ -329,7 +81,7 @@ class KeyStore:
     still forgets every entry within `cache_ttl_s`), `close()` to stop.
     """
 
-    def __init__(self, redis: RedisClient, pepper: Pepper, policy: KeyPolicy = KeyPolicy(), *,
+    def __init__(self, redis: RedisClient, pepper: Pepper, policy: KeyPolicy = DEFAULT_POLICY, *,
                  clock: Callable[[], int] | None = None, cache_ttl_s: float = DEFAULT_TTL_S,
                  cache_size: int = DEFAULT_MAX_ENTRIES,
                  known_tiers: Collection[str] | None = None) -> None:
@@ -338,78 +90,25 @@ class KeyStore:
         self.policy = policy
         self._clock = clock
         self._known_tiers = frozenset(known_tiers) if known_tiers is not None else None
-        self.cache: ResolveCache[_Record] = ResolveCache(cache_ttl_s, cache_size)
-        self._inflight: dict[str, asyncio.Future[Entry[_Record] | FailureReason]] = {}
-        self._read = redis.register_script(_READ_LUA)
-        self._resolve = redis.register_script(_RESOLVE_LUA)
-        self._create_script = redis.register_script(_CREATE_LUA)
-        self._rotate_script = redis.register_script(_ROTATE_LUA)
-        self._revoke_script = redis.register_script(_REVOKE_LUA)
-        self._listener: asyncio.Task[None] | None = None
-        self.subscribed = asyncio.Event()
+        self.cache: ResolveCache[Record] = ResolveCache(cache_ttl_s, cache_size)
+        self._inflight: dict[str, asyncio.Future[Entry[Record] | FailureReason]] = {}
+        self._read = redis.register_script(script_source("key_read", clock=True))
+        self._resolve = redis.register_script(script_source("key_resolve", clock=True))
+        self._create_script = redis.register_script(script_source("key_create", clock=True))
+        self._rotate_script = redis.register_script(script_source("key_rotate", clock=True))
+        self._revoke_script = redis.register_script(script_source("key_revoke", clock=True))
+        self._invalidations = Invalidations(redis, self.cache)
+        self.subscribed = self._invalidations.subscribed
 
     # --- lifecycle of the invalidation listener ---
 
     async def start(self) -> None:
         """Listens for revocations and rotations published by any daemon; returns once
         subscribed (or keeps trying in the background if Redis is down)."""
-        if self._listener is None:
-            self._listener = asyncio.create_task(self._listen(), name="keys-invalidations")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.subscribed.wait(), 2.0)
+        await self._invalidations.start()
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-
-    async def _listen(self) -> None:
-        backoff = 0.05
-        while True:
-            try:
-                if isinstance(self._redis, RedisCluster):
-                    # its pub/sub picks a node from the slot map, which the first call loads
-                    await self._redis.initialize()
-            except (RedisError, OSError) as exc:
-                log.warning("key invalidations: cannot reach the cluster (%s)",
-                            type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-                continue
-            pubsub = self._redis.pubsub()
-            try:
-                await pubsub.subscribe(INVALIDATE_CHANNEL)
-                # messages may have been missed while not subscribed
-                self.cache.clear()
-                self.subscribed.set()
-                backoff = 0.05
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
-                    if message is not None and message.get("type") == "message":
-                        data = message["data"]
-                        self.cache.invalidate(data.decode() if isinstance(data, bytes)
-                                              else str(data))
-            except (RedisError, OSError) as exc:
-                self.subscribed.clear()
-                log.warning("key invalidations: lost the subscription (%s); entries still "
-                            "expire within %.1f s", type(exc).__name__, self.cache.ttl_s)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-            finally:
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()
-
-    async def _publish(self, key_id: str) -> None:
-        self.cache.invalidate(key_id)
-        try:
-            await self._redis.publish(INVALIDATE_CHANNEL, key_id)
-        except RedisError as exc:
-            # the change is stored; other daemons' entries still expire within the cache ttl
-            log.warning("key %s: could not publish the invalidation (%s)", key_id,
-                        type(exc).__name__)
+        await self._invalidations.aclose()
 
     # --- resolve (hot path) ---
 
@@ -431,7 +130,7 @@ class KeyStore:
         if not ok:
             hmac.compare_digest(digest, _NO_DIGEST)
             return KeyFailure("malformed")
-        entry: Entry[_Record] | FailureReason | None = self.cache.get(key_id)
+        entry: Entry[Record] | FailureReason | None = self.cache.get(key_id)
         if entry is None:
             entry = await self._fetch(key_id, digest)
         if isinstance(entry, str):
@@ -444,7 +143,7 @@ class KeyStore:
             entry.redis_now_ms + int((self.cache.monotonic() - entry.born) * 1000))
         return self._decide(key_id, record, now)
 
-    async def _fetch(self, key_id: str, digest: str) -> Entry[_Record] | FailureReason:
+    async def _fetch(self, key_id: str, digest: str) -> Entry[Record] | FailureReason:
         """The live record from Redis, or why there is none; concurrent misses of one key
         share one call. The call runs as its own task, so a caller that gives up (a timeout)
         does not fail the others."""
@@ -457,22 +156,22 @@ class KeyStore:
         return await asyncio.shield(task)
 
     async def _load(self, key_id: str, digest: str, epoch: int,
-                    born: float) -> Entry[_Record] | FailureReason:
+                    born: float) -> Entry[Record] | FailureReason:
         """epoch, born: the cache's epoch and the time when the miss happened."""
-        reply = await self._resolve(keys=[_record_key(key_id)],
+        reply = await self._resolve(keys=[record_key(key_id)],
                                     args=[self._override(), digest])
         if reply[1] != 1:
             # revoked keys are not cached either, like unknown ones: a cached answer is
             # faster, and would tell a prober which keys once existed
             return "revoked" if reply[1] == 2 else "unknown"
-        record = _Record.parse(reply[2])
+        record = Record.parse(reply[2])
         if record is None:  # pragma: no cover - the script answered 1: the record exists
             return "unknown"
         entry = Entry(record, int(reply[0]), born)
         self.cache.put(key_id, entry, epoch)
         return entry
 
-    def _decide(self, key_id: str, record: _Record, now: int) -> ResolvedKey | KeyFailure:
+    def _decide(self, key_id: str, record: Record, now: int) -> ResolvedKey | KeyFailure:
         if record.revoked_ms:
             return KeyFailure("revoked")
         expires = self._effective_expiry(record)
@@ -496,7 +195,7 @@ class KeyStore:
                            record.created_ms, expires, warn_from, record.require_signature,
                            record.rotated_to or None, tuple(warnings), secret)
 
-    def _effective_expiry(self, record: _Record) -> int | None:
+    def _effective_expiry(self, record: Record) -> int | None:
         candidates = [record.expires_ms] if record.expires_ms else []
         if self.policy.max_age_days > 0:
             candidates.append(record.created_ms + self.policy.max_age_days * DAY_MS)
@@ -546,7 +245,7 @@ class KeyStore:
                       "rt", "", "rf", rotated_from, "sg", "1" if require_signature else "0",
                       "s", seed]
             status, _now, expires = await self._create_script(
-                keys=[_record_key(key_id)],
+                keys=[record_key(key_id)],
                 args=[self._override(), lifetime_ms, RETENTION_MS, *fields])
             if status == 1:
                 secret = self._pepper.signing_secret(key_id, seed) if seed else None
@@ -578,17 +277,17 @@ class KeyStore:
         new = await self._create(record.user, record.tier, record.org, lifetime,
                                  record.require_signature, key_id)
         status, _now, *rest = await self._rotate_script(
-            keys=[_record_key(key_id)],
+            keys=[record_key(key_id)],
             args=[self._override(), new.key_id, grace * 1000,
                   self.policy.max_age_days * DAY_MS, RETENTION_MS])
         if status != 1:
-            await self._redis.delete(_record_key(new.key_id))
+            await self._redis.delete(record_key(new.key_id))
             raise {0: KeyNotFoundError(key_id),
                    -1: KeyStateError("key_revoked", f"{key_id} is revoked; create a new key"),
                    -2: KeyStateError("key_rotated", f"{key_id} was rotated already"),
                    -3: KeyStateError("key_expired", f"{key_id} has expired; create a new key"),
                    }[int(status)]
-        await self._publish(key_id)
+        await self._invalidations.publish(key_id)
         return RotatedKey(new.key_id, new.api_key, new.expires_at_ms, key_id, int(rest[0]),
                           new.signing_secret)
 
@@ -598,10 +297,10 @@ class KeyStore:
         if not _KEY_ID.fullmatch(key_id):
             raise KeyNotFoundError(key_id)
         status, _now, _at = await self._revoke_script(
-            keys=[_record_key(key_id)], args=[self._override(), RETENTION_MS])
+            keys=[record_key(key_id)], args=[self._override(), RETENTION_MS])
         if status == 0:
             raise KeyNotFoundError(key_id)
-        await self._publish(key_id)
+        await self._invalidations.publish(key_id)
         return int(status) == 1
 
     async def show(self, key_id: str) -> KeyInfo:
@@ -624,19 +323,15 @@ class KeyStore:
                        record.rotated_to or None, record.rotated_from or None,
                        record.require_signature)
 
-    async def _record(self, key_id: str) -> tuple[int, _Record] | None:
+    async def _record(self, key_id: str) -> tuple[int, Record] | None:
         if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
             return None
-        now, values = await self._read(keys=[_record_key(key_id)], args=[self._override()])
-        record = _Record.parse(values)
+        now, values = await self._read(keys=[record_key(key_id)], args=[self._override()])
+        record = Record.parse(values)
         return (self._clock() if self._clock else int(now), record) if record else None
 
     def _override(self) -> int:
         return self._clock() if self._clock else 0
-
-
-def _record_key(key_id: str) -> str:
-    return f"{RECORD_PREFIX}{{{key_id}}}"
 
 
 def _check_text(name: str, value: object) -> None:
