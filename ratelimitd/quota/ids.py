@@ -17,7 +17,6 @@ low bits are zero (a lenient decoder reads several spellings as the same bytes).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -40,12 +39,19 @@ _RAND: Final = re.compile(r"[A-Za-z0-9_-]{24}")
 _STREAM_BLOCK: Final = 64  # BLAKE2b's largest digest
 
 
+# base64's urlsafe functions, without their Python layers: binascii and a translation
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Raises ValueError (binascii.Error is one) for what does not decode."""
+    padded = (text + "=" * (-len(text) % 4)).encode("ascii")
+    return binascii.a2b_base64(padded.translate(_FROM_URLSAFE))
 
 
 def _xor(data: bytes, stream: bytes) -> bytes:
