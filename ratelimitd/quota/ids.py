@@ -94,7 +94,8 @@ class ReservationIds:
         return int.from_bytes(self._random_bytes(7)) >> 4 or 1
 
     def make(self, tag: str, rand: str) -> str:
-        sealed = _xor(tag.encode(), self._keystream(rand, len(tag.encode())))
+        plain = tag.encode()
+        sealed = _xor(plain, self._keystream(rand, len(plain)))
         return f"{PREFIX}{rand}.{_b64(sealed + self._mac(rand, sealed))}"
 
     def parse(self, rid: str) -> tuple[str, str] | None:
@@ -127,6 +128,10 @@ class ReservationIds:
 
     def _keystream(self, rand: str, length: int) -> bytes:
         start = rand.encode()
+        if length <= _STREAM_BLOCK:  # one block: every tag of a realistic length
+            block = self._stream.copy()
+            block.update(start + b"\0\0")  # block number 0, as i.to_bytes(2) below
+            return bytes(block.digest()[:length])
         blocks = []
         for i in range((length + _STREAM_BLOCK - 1) // _STREAM_BLOCK):
             block = self._stream.copy()
