@@ -27,17 +27,20 @@ def _display(lim: Limit, amount: int) -> int | float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _limit_facts(lim: Limit) -> tuple[tuple[str, Any], ...]:
-    """What an answer says of a limit that only changes with the configuration."""
-    return (("name", lim.name), ("scope", lim.scope), ("metric", lim.metric),
-            ("window", lim.window_text if lim.metric != "concurrent" else None),
-            ("limit", _display(lim, lim.capacity)))
+def _limit_facts(lim: Limit) -> dict[str, Any]:
+    """What an answer says of a limit that only changes with the configuration (copied, never
+    changed)."""
+    return {"name": lim.name, "scope": lim.scope, "metric": lim.metric,
+            "window": lim.window_text if lim.metric != "concurrent" else None,
+            "limit": _display(lim, lim.capacity)}
 
 
 def limit_json(state: LimitState) -> dict[str, Any]:
     lim = state.limit
-    answer = dict(_limit_facts(lim))
-    answer["remaining"] = _display(lim, state.remaining)
+    answer = _limit_facts(lim).copy()
+    # _display, written out: once per limit of every answer
+    answer["remaining"] = (nano_to_usd(state.remaining) if lim.metric == "cost_usd"
+                           else state.remaining)
     answer["reset_ms"] = state.reset_ms
     if lim.shadow:  # counted, never denies: "over" says whether it would have denied
         answer["shadow"] = True

@@ -17,10 +17,17 @@ _QUOTA_UNITS: Final = {
 }
 _PERIOD_S: Final = {"day": 86_400}
 _TOKEN_METRICS: Final = ("tokens", "input_tokens", "output_tokens")
+# OpenAI's headers of the tightest requests limit, then of the tightest tokens limit
+_OPENAI_HEADERS: Final = tuple(
+    (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens"))
 # RFC 9651 3.3.1: an sf-integer has at most 15 digits. Config allows limits up to 10^15 (and
 # cost limits up to 10^16 nano-USD), so quotas and remainders above this are written as it:
 # "at least this much", which is what a client needs from a header.
 SF_INTEGER_MAX: Final = 999_999_999_999_999
+# Below this, (ms + 999) // 1000 is seconds_up(ms) (whose float division is exact enough) and
+# far below SF_INTEGER_MAX
+_EXACT_MS: Final = 2**52
 
 
 def sf_integer(value: int) -> int:
@@ -71,9 +78,16 @@ def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
     if not states:
         return headers
     headers["RateLimit-Policy"] = _policy(tuple([s.limit for s in states]))
-    headers["RateLimit"] = ", ".join(
-        [f'"{s.limit.name}";r={sf_integer(s.remaining)};t={sf_integer(seconds_up(s.reset_ms))}'
-         for s in states])
+    # what sf_integer(remaining) and sf_integer(seconds_up(reset_ms)) give, without calls in
+    # the common case (three a limit, on every answer)
+    items = []
+    for s in states:
+        left, reset = s.remaining, s.reset_ms
+        secs = (reset + 999) // 1000 if 0 <= reset < _EXACT_MS else sf_integer(seconds_up(reset))
+        items.append(
+            f'"{s.limit.name}";'
+            f'r={left if -SF_INTEGER_MAX <= left <= SF_INTEGER_MAX else sf_integer(left)};t={secs}')
+    headers["RateLimit"] = ", ".join(items)
     requests = tokens = None
     for state in states:  # the tightest requests limit and tokens limit, OpenAI-style
         metric = state.limit.metric
@@ -81,11 +95,12 @@ def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
             requests = state
         elif metric in _TOKEN_METRICS and (tokens is None or state.remaining < tokens.remaining):
             tokens = state
-    for suffix, tightest in (("requests", requests), ("tokens", tokens)):
+    for (limit_name, remaining_name, reset_name), tightest in zip(
+            _OPENAI_HEADERS, (requests, tokens), strict=True):
         if tightest is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(tightest.limit.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(tightest.remaining)
-            headers[f"x-ratelimit-reset-{suffix}"] = go_duration(tightest.reset_ms)
+            headers[limit_name] = str(tightest.limit.limit)
+            headers[remaining_name] = str(tightest.remaining)
+            headers[reset_name] = go_duration(tightest.reset_ms)
     if denied and retry_after_ms is not None:
         headers["Retry-After"] = str(seconds_up(retry_after_ms))
     return headers

@@ -251,6 +251,11 @@ class _Timestamps:
         return f"{self._text}.{int((now - second) * 1000):03d}Z"
 
 
+# (method, path, status) kinds of access-log line whose redacted parts are kept; a scan of
+# random paths only starts the set over
+ACCESS_PARTS_KEPT: Final = 256
+
+
 class DirectAccessLogger(AbstractAccessLogger):
     """The access log written straight to the root JsonLinesHandler: the same line as a
     record through `logging` would give (ts, level, logger, msg, request_id, method, path,
@@ -260,14 +265,25 @@ class DirectAccessLogger(AbstractAccessLogger):
 
     handler: JsonLinesHandler
     timestamps: _Timestamps
+    # (method, path, status) -> the line's redacted method, path and msg: the same few
+    # routes answer nearly every request
+    parts: dict[tuple[str, str, int], tuple[str, str, str]]
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        method, path, status = redact(request.method), redact(request.path), response.status
+        status = response.status
+        key = (request.method, request.path, status)
+        parts = self.parts.get(key)
+        if parts is None:
+            method, path = redact(key[0]), redact(key[1])
+            parts = (method, path, redact(f"{method} {path} {status}"))
+            if len(self.parts) >= ACCESS_PARTS_KEPT:  # paths are the caller's: bounded
+                self.parts.clear()
+            self.parts[key] = parts
+        method, path, msg = parts
         line: dict[str, Any] = {"ts": self.timestamps.now(), "level": "info",
-                                "logger": self.logger.name,
-                                "msg": redact(f"{method} {path} {status}")}
+                                "logger": self.logger.name, "msg": msg}
         request_id = response.headers.get(REQUEST_ID_HEADER)
         if request_id is not None:
             line["request_id"] = request_id
@@ -292,7 +308,7 @@ def access_log_options(enabled: bool) -> dict[str, Any]:
     if handler is None or logger.handlers or not logger.propagate:
         return {"access_log": logger, "access_log_class": JsonAccessLogger}
     bound = type("DirectAccessLogger", (DirectAccessLogger,),
-                 {"handler": handler, "timestamps": _Timestamps()})
+                 {"handler": handler, "timestamps": _Timestamps(), "parts": {}})
     return {"access_log": logger, "access_log_class": bound}
 
 

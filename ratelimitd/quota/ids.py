@@ -17,7 +17,6 @@ low bits are zero (a lenient decoder reads several spellings as the same bytes).
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import hmac
@@ -40,12 +39,19 @@ _RAND: Final = re.compile(r"[A-Za-z0-9_-]{24}")
 _STREAM_BLOCK: Final = 64  # BLAKE2b's largest digest
 
 
+# base64's urlsafe functions, without their Python layers: binascii and a translation
+_TO_URLSAFE: Final = bytes.maketrans(b"+/", b"-_")
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+
+
 def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+    return binascii.b2a_base64(data, newline=False).translate(_TO_URLSAFE).rstrip(b"=").decode()
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Raises ValueError (binascii.Error is one) for what does not decode."""
+    padded = (text + "=" * (-len(text) % 4)).encode("ascii")
+    return binascii.a2b_base64(padded.translate(_FROM_URLSAFE))
 
 
 def _xor(data: bytes, stream: bytes) -> bytes:
@@ -88,7 +94,8 @@ class ReservationIds:
         return int.from_bytes(self._random_bytes(7)) >> 4 or 1
 
     def make(self, tag: str, rand: str) -> str:
-        sealed = _xor(tag.encode(), self._keystream(rand, len(tag.encode())))
+        plain = tag.encode()
+        sealed = _xor(plain, self._keystream(rand, len(plain)))
         return f"{PREFIX}{rand}.{_b64(sealed + self._mac(rand, sealed))}"
 
     def parse(self, rid: str) -> tuple[str, str] | None:
@@ -121,6 +128,10 @@ class ReservationIds:
 
     def _keystream(self, rand: str, length: int) -> bytes:
         start = rand.encode()
+        if length <= _STREAM_BLOCK:  # one block: every tag of a realistic length
+            block = self._stream.copy()
+            block.update(start + b"\0\0")  # block number 0, as i.to_bytes(2) below
+            return bytes(block.digest()[:length])
         blocks = []
         for i in range((length + _STREAM_BLOCK - 1) // _STREAM_BLOCK):
             block = self._stream.copy()

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from ratelimitd.ops.logs import (
+    ACCESS_PARTS_KEPT,
     REQUEST_ID_HEADER,
     ThrottledLog,
     access_log_options,
@@ -129,6 +130,34 @@ async def test_access_log_over_real_http(stream: io.StringIO) -> None:
     assert access[0]["path"] == "/v1/admin/usage" and access[0]["status"] == 200
     assert access[0]["method"] == "GET" and access[0]["duration_ms"] >= 0
     assert SECRETS[0] not in stream.getvalue() and "u1" not in stream.getvalue()
+
+
+async def test_access_log_redacts_a_path_each_time_it_is_answered(
+        stream: io.StringIO) -> None:
+    """The redacted parts of a line are kept per (method, path, status): the kept ones are
+    the redacted ones, and the kept set stays bounded."""
+    runner, base = await _serve(access_log=True)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):
+                async with session.get(f"{base}/keys/{SECRETS[1]}") as r:
+                    assert r.status == 404
+            for n in range(ACCESS_PARTS_KEPT + 1):
+                async with session.get(f"{base}/scan/{n}") as r:
+                    assert r.status == 404
+            async with session.get(f"{base}/keys/{SECRETS[1]}") as r:
+                assert r.status == 404
+    finally:
+        await runner.cleanup()
+    access = [line for line in lines(stream) if line["logger"] == "ratelimitd.access"]
+    keyed = [line for line in access if line["path"].startswith("/keys/")]
+    assert len(keyed) == 3
+    assert {(line["path"], line["msg"]) for line in keyed} == {
+        ("/keys/rlk_[redacted]", "GET /keys/rlk_[redacted] 404")}
+    assert SECRETS[1] not in stream.getvalue()
+    scans = [line for line in access if line["path"].startswith("/scan/")]
+    assert len(scans) == ACCESS_PARTS_KEPT + 1
+    assert [line["msg"] for line in scans[:2]] == ["GET /scan/0 404", "GET /scan/1 404"]
 
 
 async def test_access_log_switched_off(stream: io.StringIO) -> None:
