@@ -59,3 +59,20 @@ local function parse_record(raw)
   end
   return rec
 end
+
+-- A settle's reply about `rec` (settle.lua): the usage its commit recorded, what it reserved, and
+-- for a resize its limits; then the other subjects and the alerts its commit fired.
+local function settled_reply(rec, now, status, limits)
+  local u1, u2, u3 = 0, 0, 0
+  if rec.state == RECORD_COMMITTED then u1, u2, u3 = unpack(rec.actual, 1, 3) end
+  local actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
+  local reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi,
+                           rec.po, 1)
+  local head = reply_head()
+  head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u1
+  head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u2, u3
+  head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
+  head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
+  head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
+  return packed_reply(limits, now, rec.others, head, rec.alerts and {rec.alerts})
+end

@@ -115,7 +115,7 @@ if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
 end
 
 -- The largest output every limit still allows; a limit that cannot fit the minimum denies.
-local est = amounts(1, input, 0, 0, pi, pi, po, 1)
+local est = amounts(RESERVED_AMOUNTS, 1, input, 0, 0, pi, pi, po, 1)
 local fixed = input * pi
 local floor_out = min(min_out, cap)
 local grant, denied = cap, nil
@@ -149,7 +149,7 @@ end
 local CONCURRENT_RETRY_MS = ttl + math.floor(ttl / 60)
 
 if denied then
-  est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
+  est = amounts(RESERVED_AMOUNTS, 1, input, 0, floor_out, pi, pi, po, 1)
   local retry = 0
   for _, k in ipairs(denied) do
     local lim = limits[k]
