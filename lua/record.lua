@@ -39,14 +39,22 @@ local function record_of_attempt(raw, attempt)
   return spack(RECORD_FORMAT, unpack(f, 1, RECORD_FIELDS)) .. raw:sub(RECORD_SIZE + 1)
 end
 
+-- The parsed record: one table for every call, each parse sets every entry (Redis runs one
+-- call at a time, and a call parses one record)
+local PARSED_RECORD = {state = false, expires = 0, input = 0, output = 0, pi = 0, pc = 0,
+                       po = 0, actual = {0, 0, 0}, attempt = 0, charges = false,
+                       fields = false, others = false, raw = false, alerts = false}
+
 local function parse_record(raw)
   local state, expires, input, output, pi, pc, po, ui, uc, uo, attempt, n =
     sunpack(RECORD_FORMAT, raw)
   local specs_at = RECORD_SIZE + DOUBLE_SIZE * n + 1
-  local rec = {state = state, expires = expires, input = input, output = output,
-               pi = pi, pc = pc, po = po, actual = {ui, uc, uo}, attempt = attempt,
-               charges = false, fields = false, others = raw:sub(specs_at + SPEC_SIZE * n),
-               raw = raw, alerts = false}
+  local rec, actual = PARSED_RECORD, PARSED_RECORD.actual
+  rec.state, rec.expires, rec.input, rec.output = state, expires, input, output
+  rec.pi, rec.pc, rec.po, rec.attempt = pi, pc, po, attempt
+  actual[1], actual[2], actual[3] = ui, uc, uo
+  rec.charges, rec.fields, rec.alerts = false, false, false
+  rec.others, rec.raw = raw:sub(specs_at + SPEC_SIZE * n), raw
   if n > 0 then
     -- the specs as the reserve got them: most likely parsed already
     rec.charges, rec.fields = limits_of(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
