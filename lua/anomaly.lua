@@ -39,15 +39,19 @@ local function moved_average(baseline, sample)
   return baseline + (min(sample, BASELINE_CLIP * baseline) - baseline) / BASELINE_WEIGHT
 end
 
+-- The state of the call's subject, one table for every call (Redis runs one at a time)
+local ANOMALY = {0, 0, 0, 0, 0, 0, 0, 0}
+
 -- The state at `now` from `raw` (K's `n`; a new one from the defaults when absent), with an
 -- hour that is over folded into the baselines; false when absent and no defaults are given.
 local function anomaly_state(raw, now, default_requests, default_tokens)
   local hour = floor(now / HOUR_MS)
-  local st
+  local st = ANOMALY
   if raw and #raw == ANOMALY_STATE_SIZE then
-    st = {sunpack(ANOMALY_STATE_FORMAT, raw)}
+    st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8] = sunpack(ANOMALY_STATE_FORMAT, raw)
   elseif default_requests then
-    st = {hour, 0, 0, 0, default_requests, default_tokens, 0, 0}
+    st[1], st[2], st[3], st[4], st[5], st[6], st[7], st[8] =
+      hour, 0, 0, 0, default_requests, default_tokens, 0, 0
   else
     return false
   end
@@ -63,6 +67,9 @@ local function anomaly_state(raw, now, default_requests, default_tokens)
   end
   return st
 end
+
+-- write_limits' extra field of a reserve: the anomaly state (its value set per call)
+local ANOMALY_FIELD = {'n', false}
 
 local function pack_anomaly(st)
   return spack(ANOMALY_STATE_FORMAT, unpack(st, 1, A_ALERTED))

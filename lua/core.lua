@@ -65,10 +65,15 @@ end
 -- What a call counts in each metric, indexed by metric code: requests, tokens, input and
 -- output tokens, cost (nano-USD, rounded up), and in-flight calls (1 while the call holds a
 -- concurrency slot; settle counts 0 once it ends).
-local function amounts(requests, input, cached, output, pi, pc, po, inflight)
-  return {requests, input + output, input, output,
-          ceil(((input - cached) * pi + cached * pc + output * po) / PRICE_DIVISOR), inflight}
+-- Written into `t` (a table of the caller's, reused call after call: a table per call costs
+-- its allocation and its share of Lua's garbage collection).
+local function amounts(t, requests, input, cached, output, pi, pc, po, inflight)
+  t[1], t[2], t[3], t[4], t[6] = requests, input + output, input, output, inflight
+  t[5] = ceil(((input - cached) * pi + cached * pc + output * po) / PRICE_DIVISOR)
+  return t
 end
+-- Tables for amounts(): what a call reserves, and what it used
+local RESERVED_AMOUNTS, USED_AMOUNTS = {0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0}
 
 -- New arrays with room for 8 or 16 values. Lua grows a table by reallocating it, a good share
 -- of a call's time, so arrays filled in a loop start here (and are read with unpack(t, 1, n)).

@@ -123,8 +123,9 @@ end
 -- is not written: the next load moves it again the same way. `extra`: more field/value pairs
 -- for the same HSET (alert marks, anomaly state, a block), or false; K then lives at least
 -- `keep` ms more.
+local WRITE_ARGS = array16()   -- write_limits' HSET arguments, reused (read up to their count)
 local function write_limits(K, limits, now, x, extra, keep)
-  local out, need, n = array16(), MIN_KEY_TTL_MS, 0
+  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, 0
   for k = 1, #limits do
     local lim = limits[k]
     local algo, t = lim[ALGO], 0
@@ -168,11 +169,16 @@ local function write_limits(K, limits, now, x, extra, keep)
   end
 end
 
--- A new reply head: REPLY_HEAD_SIZE numbers (named by wire.py's REPLY_* or SETTLED_*),
--- zero until set; packed_reply appends the limits after them.
+-- The reply head: REPLY_HEAD_SIZE numbers (named by wire.py's REPLY_* or SETTLED_*), zero
+-- until set; packed_reply appends the limits after them. One table serves every call (Redis
+-- runs one call at a time, and a call builds one reply): a table per call costs its allocation
+-- and its share of Lua's garbage collection.
+local REPLY_HEAD = {0, 0, 0, 0, 0, 0, 0, 0, false, false, false, false, false, false, false,
+                    false, false, false, false, false, false, false, false, false}
 local function reply_head()
-  return {0, 0, 0, 0, 0, 0, 0, 0, false, false, false, false, false, false, false, false,
-          false, false, false, false, false, false, false, false}
+  local h = REPLY_HEAD
+  h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8] = 0, 0, 0, 0, 0, 0, 0, 0
+  return h
 end
 
 -- A reply: the head's numbers, then for every limit what remains (not below 0 unless `exact`

@@ -13,6 +13,9 @@
 -- (Layout: RECORD in ratelimitd/quota/wire.py, docs/wire.md.)
 
 local RECORDS = {}
+-- The sub-bucket or period each limit of a reserve charged, for its record: one table for
+-- every call (Redis runs one at a time), read up to the call's limit count
+local RESERVE_REFS = array8()
 local function record_format(n)   -- RECORD and n charges, built once per n
   local f = RECORDS[n]
   if not f then f = RECORD_FORMAT .. srep('d', n); RECORDS[n] = f end
@@ -36,14 +39,22 @@ local function record_of_attempt(raw, attempt)
   return spack(RECORD_FORMAT, unpack(f, 1, RECORD_FIELDS)) .. raw:sub(RECORD_SIZE + 1)
 end
 
+-- The parsed record: one table for every call, each parse sets every entry (Redis runs one
+-- call at a time, and a call parses one record)
+local PARSED_RECORD = {state = false, expires = 0, input = 0, output = 0, pi = 0, pc = 0,
+                       po = 0, actual = {0, 0, 0}, attempt = 0, charges = false,
+                       fields = false, others = false, raw = false, alerts = false}
+
 local function parse_record(raw)
   local state, expires, input, output, pi, pc, po, ui, uc, uo, attempt, n =
     sunpack(RECORD_FORMAT, raw)
   local specs_at = RECORD_SIZE + DOUBLE_SIZE * n + 1
-  local rec = {state = state, expires = expires, input = input, output = output,
-               pi = pi, pc = pc, po = po, actual = {ui, uc, uo}, attempt = attempt,
-               charges = false, fields = false, others = raw:sub(specs_at + SPEC_SIZE * n),
-               raw = raw, alerts = false}
+  local rec, actual = PARSED_RECORD, PARSED_RECORD.actual
+  rec.state, rec.expires, rec.input, rec.output = state, expires, input, output
+  rec.pi, rec.pc, rec.po, rec.attempt = pi, pc, po, attempt
+  actual[1], actual[2], actual[3] = ui, uc, uo
+  rec.charges, rec.fields, rec.alerts = false, false, false
+  rec.others, rec.raw = raw:sub(specs_at + SPEC_SIZE * n), raw
   if n > 0 then
     -- the specs as the reserve got them: most likely parsed already
     rec.charges, rec.fields = limits_of(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
@@ -55,4 +66,21 @@ local function parse_record(raw)
     if cut then rec.others, rec.alerts = rec.others:sub(1, cut - 1), rec.others:sub(cut + 1) end
   end
   return rec
+end
+
+-- A settle's reply about `rec` (settle.lua): the usage its commit recorded, what it reserved, and
+-- for a resize its limits; then the other subjects and the alerts its commit fired.
+local function settled_reply(rec, now, status, limits)
+  local u1, u2, u3 = 0, 0, 0
+  if rec.state == RECORD_COMMITTED then u1, u2, u3 = unpack(rec.actual, 1, 3) end
+  local actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
+  local reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi,
+                           rec.po, 1)
+  local head = reply_head()
+  head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u1
+  head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u2, u3
+  head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
+  head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
+  head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
+  return packed_reply(limits, now, rec.others, head, rec.alerts and {rec.alerts})
 end

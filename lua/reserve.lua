@@ -115,7 +115,7 @@ if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
 end
 
 -- The largest output every limit still allows; a limit that cannot fit the minimum denies.
-local est = amounts(1, input, 0, 0, pi, pi, po, 1)
+local est = amounts(RESERVED_AMOUNTS, 1, input, 0, 0, pi, pi, po, 1)
 local fixed = input * pi
 local floor_out = min(min_out, cap)
 local grant, denied = cap, nil
@@ -149,7 +149,7 @@ end
 local CONCURRENT_RETRY_MS = ttl + math.floor(ttl / 60)
 
 if denied then
-  est = amounts(1, input, 0, floor_out, pi, pi, po, 1)
+  est = amounts(RESERVED_AMOUNTS, 1, input, 0, floor_out, pi, pi, po, 1)
   local retry = 0
   for _, k in ipairs(denied) do
     local lim = limits[k]
@@ -167,7 +167,7 @@ est[METRIC_TOKENS], est[METRIC_OUTPUT_TOKENS] = input + grant, grant
 est[METRIC_COST_USD] = ceil((fixed + grant * po) / PRICE_DIVISOR)
 local expires = now + ttl
 -- the record keeps the sub-bucket or period each limit charged: settle needs nothing else
-local refs = array8()
+local refs = RESERVE_REFS
 for k = 1, nl do
   local lim = limits[k]
   add_to_limit(lim, est[lim[METRIC]], false)
@@ -176,9 +176,13 @@ end
 if mode ~= MODE_DRY_RUN then
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
                               po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
-  local record_args = {'SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4], 'NX'}
-  if mode ~= MODE_RESERVE then record_args[6] = nil end
-  if not redis.call(unpack(record_args)) then
+  local written
+  if mode == MODE_RESERVE then
+    written = redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4], 'NX')
+  else
+    written = redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
+  end
+  if not written then
     -- a record of this id exists: the cancel of this very attempt ran first
     head[REPLY_STATUS] = RESERVE_CANCELLED
     return packed_reply(limits, now, false, head)
@@ -187,7 +191,8 @@ if mode ~= MODE_DRY_RUN then
   if st then
     fired = count_request(K, AK, now, st, decides, not spike_blocks and request_factor,
                           default_requests, token_factor, default_tokens)
-    extra = {'n', pack_anomaly(st)}
+    extra = ANOMALY_FIELD
+    extra[2] = pack_anomaly(st)
   end
   write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
 end

@@ -35,39 +35,27 @@ if not raw then
 end
 local rec = parse_record(raw)
 
-local function reply(status, limits)
-  local u = rec.actual
-  if rec.state ~= RECORD_COMMITTED then u = {0, 0, 0} end
-  local actual = amounts(1, u[1], u[2], u[3], rec.pi, rec.pc, rec.po, 0)
-  local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
-  local head = reply_head()
-  head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u[1]
-  head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u[2], u[3]
-  head[SETTLED_COST_NANO] = actual[METRIC_COST_USD]
-  head[SETTLED_RESERVED_TOKENS] = reserved[METRIC_TOKENS]
-  head[SETTLED_RESERVED_COST_NANO] = reserved[METRIC_COST_USD]
-  return packed_reply(limits, now, rec.others, head, rec.alerts and {rec.alerts})
-end
-
 if mode == MODE_CANCEL then
-  if rec.attempt ~= attempt then return reply(SETTLE_CONFLICT, false) end
+  if rec.attempt ~= attempt then return settled_reply(rec, now, SETTLE_CONFLICT, false) end
   mode = MODE_RELEASE
 end
 if rec.state ~= RECORD_RESERVED then
   local repeated = (mode == MODE_COMMIT and rec.state == RECORD_COMMITTED)
                    or (mode == MODE_RELEASE and rec.state == RECORD_RELEASED)
-  return reply(repeated and SETTLE_DUPLICATE or SETTLE_CONFLICT, false)
+  return settled_reply(rec, now, repeated and SETTLE_DUPLICATE or SETTLE_CONFLICT, false)
 end
 
-local reserved = amounts(1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+local reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi,
+                         rec.po, 1)
 local u
 if mode == MODE_COMMIT then
-  rec.actual = {input, cached, output}
-  u = amounts(1, input, cached, output, rec.pi, rec.pc, rec.po, 0)
+  local actual = rec.actual
+  actual[1], actual[2], actual[3] = input, cached, output
+  u = amounts(USED_AMOUNTS, 1, input, cached, output, rec.pi, rec.pc, rec.po, 0)
 elseif mode == MODE_RELEASE then
-  u = amounts(0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
+  u = amounts(USED_AMOUNTS, 0, 0, 0, 0, rec.pi, rec.pc, rec.po, 0)
 else
-  u = amounts(1, rec.input, 0, output, rec.pi, rec.pi, rec.po, 1)
+  u = amounts(USED_AMOUNTS, 1, rec.input, 0, output, rec.pi, rec.pi, rec.po, 1)
 end
 
 local limits, fields = rec.charges, rec.fields
@@ -102,7 +90,7 @@ if mode == MODE_RESIZE then
                               rec.pc, rec.po, u_in, u_cached, u_out, rec.attempt,
                               #limits) .. rec.raw:sub(RECORD_SIZE + 1),
              'KEEPTTL')
-  return reply(SETTLE_APPLIED, limits)
+  return settled_reply(rec, now, SETTLE_APPLIED, limits)
 end
 rec.state = (mode == MODE_COMMIT) and RECORD_COMMITTED or RECORD_RELEASED
 -- a settled record only answers repeats: with the alerts its commit fired
@@ -113,4 +101,4 @@ if fired and #fired > 0 then
   settled = settled .. RECORD_ALERTS_SEPARATOR .. rec.alerts
 end
 redis.call('SET', R, settled, 'PX', ARGV[2])
-return reply(SETTLE_APPLIED, false)
+return settled_reply(rec, now, SETTLE_APPLIED, false)
