@@ -247,7 +247,7 @@ def _supervise(config: Config, redis_url: str, sockets: list[socket.socket], wor
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP,
-                  lambda _signum, _frame: _forward_reload(config.source, procs, notifier))
+                  lambda _signum, _frame: _forward_reload(config.source, procs, notifier, beats))
     failed = 0
     gone: set[int] = set()
     pinger = _Pinger(notifier, beats)
@@ -298,7 +298,7 @@ class _Pinger:
 
 
 def _forward_reload(path: str, procs: Sequence[multiprocessing.process.BaseProcess],
-                    notifier: SystemdNotifier) -> None:
+                    notifier: SystemdNotifier, beats: WorkerHeartbeats) -> None:
     """SIGHUP in the supervisor: an invalid file is one error line and nothing changes; a
     valid one is reloaded by every worker (each re-reads it: http/reload.py)."""
     try:
@@ -308,6 +308,7 @@ def _forward_reload(path: str, procs: Sequence[multiprocessing.process.BaseProce
                   extra={"event": "reload", "ok": False})
         return
     notifier.reloading()
+    beats.reload_sent()
     for proc in procs:
         if proc.is_alive() and proc.pid is not None:
             os.kill(proc.pid, signal.SIGHUP)
@@ -358,6 +359,22 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
         fit_to_fd_limit(server.max_connections), server.min_body_bytes_per_s),
         asyncio.get_running_loop())
     guard.start()
+    # before listening: a SIGHUP or SIGTERM from the moment this worker is seen serving is
+    # handled, never the default action (which ends the process)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(_reload(app, liveness))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    if liveness.beats is not None and liveness.beats.reloads_sent:
+        on_sighup()  # passed on while this worker still ignored SIGHUP
     unix = iter(sockets)
     for address in config.server.listen:
         if address.startswith("unix:"):
@@ -374,18 +391,6 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
             raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         log.info("listening on %s (pid %d)", address, os.getpid())
     _settle_collector()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    reloads: set[asyncio.Task[None]] = set()
-
-    def on_sighup() -> None:
-        task = loop.create_task(_reload(app, liveness))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await stopping.wait()
     if liveness.notifier is not None:
         liveness.notifier.stopping()

@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from ratelimitd.abuse import block_guards
-from ratelimitd.auth import identify
+from ratelimitd.auth import Caller, identify
 from ratelimitd.errors import (
     ApiError,
     CountingQueueFull,
@@ -65,29 +65,31 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
 
 
 async def reserve(request: web.Request) -> web.Response:
-    """Every outcome is counted once: an answer by its result, an error by its code."""
+    """Every outcome is counted once: an answer by its result, an error by its code (and the
+    caller's tier, once known)."""
+    services = request.app[LIVE].services
     metrics = request.app[METRICS]
-    tier: list[str] = []  # the caller's tier once known, for the error's count
+    tier_name: str | None = None
     try:
-        return await _reserve(request, tier)
+        body = parse_reserve(await read_json(request))
+        caller = await identify(services.access, api_key=body.api_key, signature=body.signature,
+                                user=body.user, tier=body.tier, org=body.org,
+                                attributes=body.attributes or {})
+        tier_name = caller.identity.tier
+        return await _reserve(request, services, body, caller)
     except ApiError as err:
-        observe.refused(metrics, err, tier[0] if tier else None)
+        observe.refused(metrics, err, tier_name)
         raise
     except StoreUnavailable:
-        metrics.decision("error", "backend_unavailable", tier[0] if tier else None)
+        metrics.decision("error", "backend_unavailable", tier_name)
         raise
 
 
-async def _reserve(request: web.Request, known_tier: list[str]) -> web.Response:
-    services = request.app[LIVE].services
+async def _reserve(request: web.Request, services: Services, body: ReserveBody,
+                   caller: Caller) -> web.Response:
     config = services.config
     metrics = request.app[METRICS]
-    body = parse_reserve(await read_json(request))
-    caller = await identify(services.access, api_key=body.api_key, signature=body.signature,
-                            user=body.user, tier=body.tier, org=body.org,
-                            attributes=body.attributes or {})
     who = caller.identity
-    known_tier.append(who.tier)
     tier = config.tiers.get(who.tier)
     if tier is None:
         field = "tier" if body.api_key is None else "api_key"
@@ -172,7 +174,7 @@ async def commit(request: web.Request) -> web.Response:
     finally:
         call.observe(time.perf_counter() - start)
     if result.status == "applied":
-        # the reservation's tier is not in the engine's answer (not done): counted as "other"
+        # the engine's answer does not carry the reservation's tier: counted as "other"
         used = result.input_tokens + result.output_tokens
         metrics.committed(None, body.model, used, result.cost_nano,
                           max(0, used - result.reserved_tokens))

@@ -189,12 +189,22 @@ class WorkerHeartbeats:
     Worker i runs `beat_forever(i)` on its event loop; the supervisor asks `all_started()` (then
     READY=1) and `all_fresh(max_age_s)` (then WATCHDOG=1). A plain array of doubles, one writer
     per slot, no lock: a torn read is impossible for an aligned double on the platforms we run
-    on, and a stale one only delays a ping."""
+    on, and a stale one only delays a ping. Beside them, how many reloads the supervisor has
+    passed on: a worker that was still starting then (SIGHUP ignored) reloads once it can."""
 
     def __init__(self, workers: int, context: Any = None) -> None:
         ctx = context if context is not None else multiprocessing.get_context("fork")
         self._beats: ctypes.Array[ctypes.c_double] = ctx.RawArray(ctypes.c_double, workers)
+        self._reloads: ctypes.c_long = ctx.RawValue(ctypes.c_long, 0)
         self.workers = workers
+
+    def reload_sent(self) -> None:
+        """The supervisor, before it sends the workers SIGHUP."""
+        self._reloads.value += 1
+
+    @property
+    def reloads_sent(self) -> int:
+        return int(self._reloads.value)
 
     def beat(self, worker: int) -> None:
         self._beats[worker] = time.monotonic()
