@@ -8,17 +8,8 @@ import time
 
 from redis.asyncio import Redis
 
-from ratelimitd.auth.keys import INVALIDATE_CHANNEL, KeyFailure, KeyStore, Pepper, ResolvedKey
-
-
-def ok(result: ResolvedKey | KeyFailure) -> ResolvedKey:
-    assert isinstance(result, ResolvedKey), result
-    return result
-
-
-def failure(result: ResolvedKey | KeyFailure) -> str:
-    assert isinstance(result, KeyFailure), result
-    return result.reason
+from ratelimitd.auth.keys import INVALIDATE_CHANNEL, KeyStore, Pepper, ResolvedKey
+from tests.auth.helpers import failure, ok
 
 
 async def test_a_revocation_reaches_another_daemon_through_pub_sub_within_1s(

@@ -26,20 +26,11 @@ from ratelimitd.auth.keys.store import DAY_MS
 from ratelimitd.auth.signatures import SignatureVerifier, sign_request
 from ratelimitd.policy import Subject
 from tests.auth.conftest import PEPPER_TEXT
+from tests.auth.helpers import failure, ok
 from tests.support.clock import Clock
 from tests.support.redis_servers import RedisServer
 
 HOUR_MS = 3_600_000
-
-
-def ok(result: ResolvedKey | KeyFailure) -> ResolvedKey:
-    assert isinstance(result, ResolvedKey), result
-    return result
-
-
-def failure(result: ResolvedKey | KeyFailure) -> str:
-    assert isinstance(result, KeyFailure), result
-    return result.reason
 
 
 async def test_a_created_key_resolves_to_its_identity(store: KeyStore, clock: Clock) -> None:

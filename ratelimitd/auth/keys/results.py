@@ -81,11 +81,8 @@ class CreatedKey:
 
     def to_json(self) -> dict[str, Any]:
         """The 201 answer of POST /v1/admin/keys (the only time the key is shown)."""
-        out: dict[str, Any] = {"key_id": self.key_id, "api_key": self.api_key,
-                               "expires_at_ms": self.expires_at_ms}
-        if self.signing_secret is not None:
-            out["signing_secret"] = self.signing_secret
-        return out
+        return _key_answer(self.signing_secret, key_id=self.key_id, api_key=self.api_key,
+                           expires_at_ms=self.expires_at_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +97,16 @@ class RotatedKey:
     def to_json(self) -> dict[str, Any]:
         """The 201 answer of POST /v1/admin/keys/{key_id}/rotate. A key that requires
         signatures gets a new signing secret too (the old one works with the old key only)."""
-        out: dict[str, Any] = {"key_id": self.key_id, "api_key": self.api_key,
-                               "expires_at_ms": self.expires_at_ms,
-                               "old_key_id": self.old_key_id,
-                               "old_key_expires_at_ms": self.old_key_expires_at_ms}
-        if self.signing_secret is not None:
-            out["signing_secret"] = self.signing_secret
-        return out
+        return _key_answer(self.signing_secret, key_id=self.key_id, api_key=self.api_key,
+                           expires_at_ms=self.expires_at_ms, old_key_id=self.old_key_id,
+                           old_key_expires_at_ms=self.old_key_expires_at_ms)
+
+
+def _key_answer(signing_secret: str | None, **fields: Any) -> dict[str, Any]:
+    """A new key's answer: its fields, and its signing secret when it has one."""
+    if signing_secret is not None:
+        fields["signing_secret"] = signing_secret
+    return fields
 
 
 @dataclass(frozen=True, slots=True)
