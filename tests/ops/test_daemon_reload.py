@@ -35,12 +35,12 @@ def config_text(port: int, data_dir: Path, per_minute: int) -> str:
 def allowed_in_a_row(port: int, user: str, tries: int) -> int:
     """How many reserves of a fresh user pass before the first denial."""
     for n in range(tries):
-        status, _ = http(port, "POST", "/v1/reserve", {"user": user, "tier": "t",
-                                                       "model": "gpt-4o", "input_tokens": 1,
-                                                       "max_output_tokens": 1})
+        status, answer = http(port, "POST", "/v1/reserve", {"user": user, "tier": "t",
+                                                            "model": "gpt-4o", "input_tokens": 1,
+                                                            "max_output_tokens": 1})
         if status == 429:
             return n
-        assert status == 200
+        assert status == 200, answer
     return tries
 
 
