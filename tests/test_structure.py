@@ -1,5 +1,6 @@
 """The package's shape holds: every error is in the one tree, the packages import each other
-without a cycle, and only store/ touches the Redis driver."""
+without a cycle and in the layer order docs/design.md draws, and only store/ touches the Redis
+driver."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import re
 from pathlib import Path
 
 import ratelimitd
 from ratelimitd import errors
 
 PACKAGE = Path(ratelimitd.__file__).parent
+DESIGN = PACKAGE.parent / "docs" / "design.md"
 
 
 def _modules() -> list[str]:
@@ -54,7 +57,8 @@ def test_every_error_class_is_in_the_drawn_tree() -> None:
             assert cls_name in (errors.__doc__ or ""), f"{name}.{cls_name} is not drawn"
 
 
-def test_the_packages_import_each_other_without_a_cycle() -> None:
+def _package_graph() -> dict[str, set[str]]:
+    """Package -> the other packages it imports."""
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
         relative = path.relative_to(PACKAGE).with_suffix("").parts
@@ -66,6 +70,11 @@ def test_the_packages_import_each_other_without_a_cycle() -> None:
             if (here is not None and there is not None and target.startswith("ratelimitd")
                     and there not in (here, "__init__", "__main__")):
                 graph.setdefault(here, set()).add(there)
+    return graph
+
+
+def test_the_packages_import_each_other_without_a_cycle() -> None:
+    graph = _package_graph()
     state: dict[str, int] = {}  # 1: on the current path, 2: done
 
     def visit(node: str, path: list[str]) -> None:
@@ -88,3 +97,15 @@ def test_only_the_store_imports_the_redis_driver() -> None:
             continue
         driver = {name for name in _imports(path) if name.split(".")[0] == "redis"}
         assert not driver, f"{path.relative_to(PACKAGE)} imports {sorted(driver)}"
+
+
+def test_every_package_imports_only_the_layers_above_it_in_the_design() -> None:
+    """docs/design.md's table of layers, read row by row: `errors.py`, `policy/`, ..."""
+    rows = [line for line in DESIGN.read_text().splitlines() if line.startswith("| `")]
+    layer = {name: index for index, row in enumerate(rows)
+             for name in re.findall(r"`(\w+)(?:/|\.py)`", row.split("|")[1])}
+    packages = {path.parent.name for path in PACKAGE.glob("*/__init__.py")}
+    assert packages <= set(layer), f"not in docs/design.md: {sorted(packages - set(layer))}"
+    for here, theirs in _package_graph().items():
+        for there in theirs:
+            assert layer[there] < layer[here], f"{here} imports {there}, drawn below it"
