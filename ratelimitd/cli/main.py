@@ -359,8 +359,8 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
         fit_to_fd_limit(server.max_connections), server.min_body_bytes_per_s),
         asyncio.get_running_loop())
     guard.start()
-    # before listening: a SIGHUP or SIGTERM from the moment this worker is seen serving is
-    # handled, never the default action (which ends the process)
+    # before listening: from its first answer on, SIGTERM stops this process gently (not the
+    # default action) and SIGHUP reloads it (ignored until now)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
