@@ -3,6 +3,9 @@
 The fixture `serve` (import `serve_fixture` into a test module to use it): `await
 serve(config_dict)` builds the app with `create_app(parse_config(...), redis_server.url)` and
 serves it through pytest-aiohttp's `aiohttp_client`, which binds a real localhost TCP server.
+Unless the config names its own `[redis] timeout_ms`, the app waits up to TEST_REDIS_TIMEOUT_MS:
+the default 100 ms is a production budget, and a test that is not about timeouts must not
+fail because two busy cores held Redis back for a tenth of a second.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from tests.support.redis_servers import RedisServer
 
 Serve = Callable[..., Awaitable[TestClient[Any, Any]]]
 
+TEST_REDIS_TIMEOUT_MS = 2000
+
 # A well-formed reservation id (24 random characters, primary subject user:u1) never issued.
 UNKNOWN_RID = "rsv_" + "A" * 24 + ".dXNlcjp1MQ"
 
@@ -46,7 +51,9 @@ def serve_fixture(aiohttp_client: Any, redis_server: RedisServer, redis_client: 
 
     async def start(data: Mapping[str, Any] | None = None, *, url: str | None = None
                     ) -> TestClient[Any, Any]:
-        config = parse_config(data or {}, "<test>")
+        data = dict(data or {})
+        data["redis"] = {"timeout_ms": TEST_REDIS_TIMEOUT_MS, **data.get("redis", {})}
+        config = parse_config(data, "<test>")
         client: TestClient[Any, Any] = await aiohttp_client(
             create_app(config, url if url is not None else redis_server.url))
         return client
