@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -68,76 +69,76 @@ def thresholds(alerts: list[dict[str, Any]]) -> list[float]:
     return sorted(a["threshold"] for a in alerts)
 
 
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A listening webhook receiver, stopped after the test."""
+    started = Receiver()
+    await started.start()
+    yield started
+    await started.stop()
+
+
 async def outbox(redis: Redis) -> list[Any]:
     entries: Any = await redis.xrange(OUTBOX_KEY)
     return [fields for _, fields in entries]
 
 
-async def test_three_daemons_fire_each_threshold_once(serve: Serve, redis_client: Redis) -> None:
-    receiver = Receiver()
-    await receiver.start()
-    try:
-        daemons = [await serve(config(receiver.url)) for _ in range(3)]
-        # 20 calls of 5 % of the budget, reserved and committed at once on three daemons
-        answers = await asyncio.gather(*(spend(daemons[i % 3], 50_000) for i in range(20)))
-        fired = [a for answer in answers for a in answer["alerts"]]
-        assert thresholds(fired) == [0.5, 0.8, 1.0]
-        assert {a["severity"] for a in fired} == {"warning", "critical", "limit"}
-        assert {a["limit"] for a in fired} == {"daily_budget_usd"}
-        assert all(a["subject"] == {"scope": "user", "id": "u1"} for a in fired)
-        assert all(a["budget_usd"] == 1.0 and a["spend_usd"] >= a["threshold"] for a in fired)
+async def test_three_daemons_fire_each_threshold_once(
+        serve: Serve, redis_client: Redis, receiver: Receiver) -> None:
+    daemons = [await serve(config(receiver.url)) for _ in range(3)]
+    # 20 calls of 5 % of the budget, reserved and committed at once on three daemons
+    answers = await asyncio.gather(*(spend(daemons[i % 3], 50_000) for i in range(20)))
+    fired = [a for answer in answers for a in answer["alerts"]]
+    assert thresholds(fired) == [0.5, 0.8, 1.0]
+    assert {a["severity"] for a in fired} == {"warning", "critical", "limit"}
+    assert {a["limit"] for a in fired} == {"daily_budget_usd"}
+    assert all(a["subject"] == {"scope": "user", "id": "u1"} for a in fired)
+    assert all(a["budget_usd"] == 1.0 and a["spend_usd"] >= a["threshold"] for a in fired)
 
-        await wait_until(lambda: len(receiver.accepted()) == 3, "three alerts delivered")
-        await asyncio.sleep(1.5)            # long enough for a duplicate to show
-        assert receiver.accepted() == Counter({a["id"]: 1 for a in fired})
-        for got in receiver.received:
-            assert verify_webhook_signature(SECRET, got.signature, got.body, time.time())
-            assert not verify_webhook_signature("another-secret-0123", got.signature, got.body,
-                                                time.time())
-            assert orjson.loads(got.body) == next(a for a in fired
-                                                  if a["id"] == orjson.loads(got.body)["id"])
-        assert sorted(f[b"id"].decode() for f in await outbox(redis_client)) == \
-            sorted(a["id"] for a in fired)
+    await wait_until(lambda: len(receiver.accepted()) == 3, "three alerts delivered")
+    await asyncio.sleep(1.5)            # long enough for a duplicate to show
+    assert receiver.accepted() == Counter({a["id"]: 1 for a in fired})
+    for got in receiver.received:
+        assert verify_webhook_signature(SECRET, got.signature, got.body, time.time())
+        assert not verify_webhook_signature("another-secret-0123", got.signature, got.body,
+                                            time.time())
+        assert orjson.loads(got.body) == next(a for a in fired
+                                              if a["id"] == orjson.loads(got.body)["id"])
+    assert sorted(f[b"id"].decode() for f in await outbox(redis_client)) == \
+        sorted(a["id"] for a in fired)
 
-        resp, usage = await call(daemons[1], "/v1/admin/usage?scope=user&id=u1", method="GET",
-                                 headers=AUTH)
-        assert resp.status == 200, usage
-        assert thresholds(usage["alerts"]) == [0.5, 0.8, 1.0]
-        assert [a["threshold"] for a in usage["alerts"]] == [1.0, 0.8, 0.5]   # newest first
-        budget = next(lim for lim in usage["limits"] if lim["name"] == "daily_budget_usd")
-        assert (budget["used"], budget["limit"], budget["remaining"]) == (1.0, 1.0, 0.0)
-        assert budget["tiers"] == ["t", "quiet"]
-        assert usage["block"] is None
-    finally:
-        await receiver.stop()
+    resp, usage = await call(daemons[1], "/v1/admin/usage?scope=user&id=u1", method="GET",
+                             headers=AUTH)
+    assert resp.status == 200, usage
+    assert thresholds(usage["alerts"]) == [0.5, 0.8, 1.0]
+    assert [a["threshold"] for a in usage["alerts"]] == [1.0, 0.8, 0.5]   # newest first
+    budget = next(lim for lim in usage["limits"] if lim["name"] == "daily_budget_usd")
+    assert (budget["used"], budget["limit"], budget["remaining"]) == (1.0, 1.0, 0.0)
+    assert budget["tiers"] == ["t", "quiet"]
+    assert usage["block"] is None
 
 
-async def test_an_overrun_fires_every_threshold_it_jumps(serve: Serve,
-                                                         redis_client: Redis) -> None:
-    receiver = Receiver()
-    await receiver.start()
-    try:
-        client = await serve(config(receiver.url))
-        assert (await spend(client, 400_000))["alerts"] == []
-        resp, res = await call(client, "/v1/reserve", body(tokens=100_000))
-        assert res["warnings"] == [{"code": "budget_50", "limit": "daily_budget_usd",
-                                    "message": "50% of the day budget daily_budget_usd is "
-                                               "spent"}]
-        commit = {"reservation_id": res["reservation_id"], "input_tokens": 700_000,
-                  "output_tokens": 0}
-        resp, done = await call(client, "/v1/commit", commit)          # 40 % -> 110 %
-        assert resp.status == 200, done
-        assert thresholds(done["alerts"]) == [0.5, 0.8, 1.0]
-        assert done["overrun"]["cost_usd"] == 0.6
-        assert max(a["spend_usd"] for a in done["alerts"]) == 1.1
-        resp, again = await call(client, "/v1/commit", commit)
-        assert again == {**done, "duplicate": True}
-        await wait_until(lambda: len(receiver.accepted()) == 3, "three alerts delivered")
-        assert len(await outbox(redis_client)) == 3       # the repeat appended nothing
-        resp, denied = await call(client, "/v1/reserve", body(tokens=10))
-        assert resp.status == 429 and denied["reason"] == "daily_budget_usd"
-    finally:
-        await receiver.stop()
+async def test_an_overrun_fires_every_threshold_it_jumps(
+        serve: Serve, redis_client: Redis, receiver: Receiver) -> None:
+    client = await serve(config(receiver.url))
+    assert (await spend(client, 400_000))["alerts"] == []
+    resp, res = await call(client, "/v1/reserve", body(tokens=100_000))
+    assert res["warnings"] == [{"code": "budget_50", "limit": "daily_budget_usd",
+                                "message": "50% of the day budget daily_budget_usd is "
+                                           "spent"}]
+    commit = {"reservation_id": res["reservation_id"], "input_tokens": 700_000,
+              "output_tokens": 0}
+    resp, done = await call(client, "/v1/commit", commit)          # 40 % -> 110 %
+    assert resp.status == 200, done
+    assert thresholds(done["alerts"]) == [0.5, 0.8, 1.0]
+    assert done["overrun"]["cost_usd"] == 0.6
+    assert max(a["spend_usd"] for a in done["alerts"]) == 1.1
+    resp, again = await call(client, "/v1/commit", commit)
+    assert again == {**done, "duplicate": True}
+    await wait_until(lambda: len(receiver.accepted()) == 3, "three alerts delivered")
+    assert len(await outbox(redis_client)) == 3       # the repeat appended nothing
+    resp, denied = await call(client, "/v1/reserve", body(tokens=10))
+    assert resp.status == 429 and denied["reason"] == "daily_budget_usd"
 
 
 async def alert_counts(client: TestClient[Any, Any]) -> dict[tuple[str, str], float]:
@@ -165,64 +166,55 @@ async def test_metrics_count_each_cost_alert_under_its_kind_and_severity(serve: 
                            ("token_spike", "medium")}
 
 
-async def test_a_request_spike_blocks_and_alerts(serve: Serve, redis_client: Redis) -> None:
-    receiver = Receiver()
-    await receiver.start()
-    try:
-        client = await serve(config(receiver.url))
-        for i in range(50):            # 5x the default 10 requests an hour
-            resp, res = await call(client, "/v1/reserve", body())
-            assert resp.status == 200, (i, res)
-        resp, blocked = await call(client, "/v1/reserve", body())
-        assert_error(resp, blocked, 403, "blocked", "request_spike")
-        assert 899 <= int(resp.headers["Retry-After"]) <= 900
-        resp, again = await call(client, "/v1/reserve", body())
-        assert_error(resp, again, 403, "blocked", "request_spike")
-        await wait_until(lambda: len(receiver.accepted()) == 1, "the spike delivered")
-        [alert] = [orjson.loads(r.body) for r in receiver.received]
-        assert (alert["kind"], alert["severity"], alert["observed"], alert["baseline"]) == \
-            ("request_spike", "high", 51, 10)
-        assert await redis_client.zscore(INDEX_KEY, "user:u1") is not None
-        resp, usage = await call(client, "/v1/admin/usage?scope=user&id=u1&tier=t",
-                                 method="GET", headers=AUTH)
-        assert usage["block"]["reason"] == "request_spike"
-        assert [a["kind"] for a in usage["alerts"]] == ["request_spike"]
-        requests = next(lim for lim in usage["limits"] if lim["name"] == "requests_per_minute")
-        assert requests["used"] == 50 and requests["tiers"] == ["t"]
+async def test_a_request_spike_blocks_and_alerts(
+        serve: Serve, redis_client: Redis, receiver: Receiver) -> None:
+    client = await serve(config(receiver.url))
+    for i in range(50):            # 5x the default 10 requests an hour
+        resp, res = await call(client, "/v1/reserve", body())
+        assert resp.status == 200, (i, res)
+    resp, blocked = await call(client, "/v1/reserve", body())
+    assert_error(resp, blocked, 403, "blocked", "request_spike")
+    assert 899 <= int(resp.headers["Retry-After"]) <= 900
+    resp, again = await call(client, "/v1/reserve", body())
+    assert_error(resp, again, 403, "blocked", "request_spike")
+    await wait_until(lambda: len(receiver.accepted()) == 1, "the spike delivered")
+    [alert] = [orjson.loads(r.body) for r in receiver.received]
+    assert (alert["kind"], alert["severity"], alert["observed"], alert["baseline"]) == \
+        ("request_spike", "high", 51, 10)
+    assert await redis_client.zscore(INDEX_KEY, "user:u1") is not None
+    resp, usage = await call(client, "/v1/admin/usage?scope=user&id=u1&tier=t",
+                             method="GET", headers=AUTH)
+    assert usage["block"]["reason"] == "request_spike"
+    assert [a["kind"] for a in usage["alerts"]] == ["request_spike"]
+    requests = next(lim for lim in usage["limits"] if lim["name"] == "requests_per_minute")
+    assert requests["used"] == 50 and requests["tiers"] == ["t"]
 
-        # a tier with anomaly = false: as many calls, no block, no alert
-        for i in range(60):
-            resp, res = await call(client, "/v1/reserve", body("u9", tier="quiet"))
-            assert resp.status == 200, (i, res)
-        assert await redis_client.lrange("rl:{user:u9}:alerts", 0, -1) == []
-    finally:
-        await receiver.stop()
+    # a tier with anomaly = false: as many calls, no block, no alert
+    for i in range(60):
+        resp, res = await call(client, "/v1/reserve", body("u9", tier="quiet"))
+        assert resp.status == 200, (i, res)
+    assert await redis_client.lrange("rl:{user:u9}:alerts", 0, -1) == []
 
 
-async def test_a_token_spike_alerts_and_a_steady_subject_neither(serve: Serve,
-                                                                 redis_client: Redis) -> None:
-    receiver = Receiver()
-    await receiver.start()
-    try:
-        client = await serve(config(receiver.url))
-        for _ in range(4):         # 2 000 tokens a request: 4x the default 500
-            await spend(client, 2000, user="spiky")
-        resp, res = await call(client, "/v1/reserve", body("spiky"))
-        assert resp.status == 200, res              # alerted, not blocked
-        for _ in range(10):
-            await spend(client, 400, user="steady")
-        await wait_until(lambda: len(receiver.accepted()) == 1, "the token spike delivered")
-        [alert] = [orjson.loads(r.body) for r in receiver.received]
-        assert (alert["kind"], alert["severity"], alert["subject"]["id"]) == \
-            ("token_spike", "medium", "spiky")
-        assert (alert["observed"], alert["baseline"]) == (2000, 500)
-        assert await redis_client.lrange("rl:{user:steady}:alerts", 0, -1) == []
-        resp, res = await call(client, "/v1/reserve", body("spiky"))
-        assert resp.status == 200                   # once an hour
-        await asyncio.sleep(1)
-        assert len(receiver.received) == 1
-    finally:
-        await receiver.stop()
+async def test_a_token_spike_alerts_and_a_steady_subject_neither(
+        serve: Serve, redis_client: Redis, receiver: Receiver) -> None:
+    client = await serve(config(receiver.url))
+    for _ in range(4):         # 2 000 tokens a request: 4x the default 500
+        await spend(client, 2000, user="spiky")
+    resp, res = await call(client, "/v1/reserve", body("spiky"))
+    assert resp.status == 200, res              # alerted, not blocked
+    for _ in range(10):
+        await spend(client, 400, user="steady")
+    await wait_until(lambda: len(receiver.accepted()) == 1, "the token spike delivered")
+    [alert] = [orjson.loads(r.body) for r in receiver.received]
+    assert (alert["kind"], alert["severity"], alert["subject"]["id"]) == \
+        ("token_spike", "medium", "spiky")
+    assert (alert["observed"], alert["baseline"]) == (2000, 500)
+    assert await redis_client.lrange("rl:{user:steady}:alerts", 0, -1) == []
+    resp, res = await call(client, "/v1/reserve", body("spiky"))
+    assert resp.status == 200                   # once an hour
+    await asyncio.sleep(1)
+    assert len(receiver.received) == 1
 
 
 class HangingReceiver:
