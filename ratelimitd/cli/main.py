@@ -37,7 +37,7 @@ from ratelimitd.http.server import (
     GuardedSite,
     fit_to_fd_limit,
 )
-from ratelimitd.ops.logs import access_log_options, setup_logging
+from ratelimitd.ops.logs import access_log_options, flush_log, setup_logging
 from ratelimitd.ops.metric_sharing import MetricsDirectory
 from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 from ratelimitd.quota.runner import shipped_library
@@ -331,8 +331,11 @@ def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_p
            liveness: Liveness | None = None) -> None:
     """One serving process. share_port: the workers of one daemon bind the same TCP ports
     (SO_REUSEPORT); a lone process does not, so a second daemon on its port fails loudly."""
-    uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir,
-                            liveness or Liveness()))
+    try:
+        uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir,
+                                liveness or Liveness()))
+    finally:
+        flush_log()  # the access lines kept for the next write
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],

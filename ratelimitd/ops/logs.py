@@ -6,8 +6,8 @@
 - `request_scope(header)` binds a request id for the duration of one request: the caller's
   `X-Request-Id` when it is a sane token, else a new one. Return it in the answer's header.
 - `access_log_options()` gives aiohttp's access log as JSON lines: a line per answer, written
-  straight to the handler's stream (no `logging` record per request, every line of one event
-  loop turn in one write), or no access log at all.
+  straight to the handler's stream (no `logging` record per request; the lines of up to
+  ACCESS_LINES_KEPT_S in one write), or no access log at all.
 - `ThrottledLog` keeps noisy lines (every line a client can trigger: hang-ups, garbage
   request lines, unhandled errors with their tracebacks, a Redis outage seen by each request)
   to N a window per kind, then says how many it left out.
@@ -39,6 +39,16 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 _SANE_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 # Context-local (one value per asyncio task), not process state.
 request_id_var: ContextVar[str | None] = ContextVar("ratelimitd_request_id", default=None)
+
+# Access lines are kept and written together, at most this long after the first of them: one
+# write for a few hundred lines at full load instead of one a request or a loop turn. A record
+# logged meanwhile writes them first (lines stay in order), and so do flush() and the end of a
+# serving process.
+ACCESS_LINES_KEPT_S: Final = 0.02
+# ... or as soon as this many bytes wait
+ACCESS_BYTES_KEPT: Final = 64 * 1024
+# A flush this late is not coming (its event loop was closed first): the next line writes.
+_FLUSH_LOST_S: Final = 1.0
 
 REDACTED: Final = "[redacted]"
 _BEARER: Final = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
@@ -126,24 +136,32 @@ class JsonFormatter(logging.Formatter):
 
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """The root handler. Beside the records of `logging`, it takes finished lines
-    (`write_line`, the access log's), kept until the end of the event loop's turn and then
-    written together: one write a turn instead of one a request. A record logged meanwhile
-    writes the kept lines first, so lines stay in order."""
+    (`write_line`, the access log's), kept for up to ACCESS_LINES_KEPT_S (or
+    ACCESS_BYTES_KEPT) and then written together. A record logged meanwhile writes the kept
+    lines first, so lines stay in order."""
 
     def __init__(self, stream: IO[str]) -> None:
         super().__init__(stream)
         self._kept: list[bytes] = []
+        self._kept_bytes = 0
+        self._flush_by = 0.0  # when the kept lines' flush is due (time.monotonic)
 
     def write_line(self, line: bytes) -> None:
         """A finished JSON object, without its newline."""
-        if not self._kept:
+        kept = self._kept
+        if not kept:
             try:
-                asyncio.get_running_loop().call_soon(self.flush)
+                asyncio.get_running_loop().call_later(ACCESS_LINES_KEPT_S, self.flush)
             except RuntimeError:  # no loop: write now
-                self._kept.append(line)
+                kept.append(line)
                 self.flush()
                 return
-        self._kept.append(line)
+            self._flush_by = time.monotonic() + ACCESS_LINES_KEPT_S
+        kept.append(line)
+        self._kept_bytes += len(line)
+        if (self._kept_bytes >= ACCESS_BYTES_KEPT
+                or time.monotonic() > self._flush_by + _FLUSH_LOST_S):
+            self.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._kept:
@@ -155,6 +173,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if self._kept:
                 data = b"\n".join(self._kept) + b"\n"
                 self._kept.clear()
+                self._kept_bytes = 0
                 raw = getattr(self.stream, "buffer", None)
                 if raw is not None:  # stderr: past its text layer, no decode and encode
                     self.stream.flush()
@@ -240,15 +259,15 @@ class _Timestamps:
 
     def __init__(self) -> None:
         self._second = -1
-        self._text = ""
+        self._text = b""
 
-    def now(self) -> str:
+    def now(self) -> bytes:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._second = second
-            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._text}.{int((now - second) * 1000):03d}Z"
+            self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
+        return b"%s.%03dZ" % (self._text, int((now - second) * 1000))
 
 
 # (method, path, status) kinds of access-log line whose redacted parts are kept; a scan of
@@ -265,9 +284,9 @@ class DirectAccessLogger(AbstractAccessLogger):
 
     handler: JsonLinesHandler
     timestamps: _Timestamps
-    # (method, path, status) -> the line's redacted method, path and msg: the same few
-    # routes answer nearly every request
-    parts: dict[tuple[str, str, int], tuple[str, str, str]]
+    # (method, path, status) -> the line's JSON before and after its request id, redacted:
+    # the same few routes answer nearly every request
+    parts: dict[tuple[str, str, int], tuple[bytes, bytes]]
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -276,24 +295,32 @@ class DirectAccessLogger(AbstractAccessLogger):
         key = (request.method, request.path, status)
         parts = self.parts.get(key)
         if parts is None:
-            method, path = redact(key[0]), redact(key[1])
-            parts = (method, path, redact(f"{method} {path} {status}"))
-            if len(self.parts) >= ACCESS_PARTS_KEPT:  # paths are the caller's: bounded
-                self.parts.clear()
-            self.parts[key] = parts
-        method, path, msg = parts
-        line: dict[str, Any] = {"ts": self.timestamps.now(), "level": "info",
-                                "logger": self.logger.name, "msg": msg}
+            parts = self._parts(*key)
         request_id = response.headers.get(REQUEST_ID_HEADER)
-        if request_id is not None:
-            line["request_id"] = request_id
-        line["method"] = method
-        line["path"] = path
-        line["status"] = status
-        line["duration_ms"] = round(time * 1000, 3)
-        line["bytes"] = response.body_length
-        line["remote"] = request.remote
-        self.handler.write_line(orjson.dumps(line))
+        self.handler.write_line(
+            b'{"ts":"%s"%s%s%s,"duration_ms":%.3f,"bytes":%d,"remote":%s}' % (
+                self.timestamps.now(), parts[0],
+                b"" if request_id is None else b',"request_id":' + orjson.dumps(request_id),
+                parts[1], time * 1000, response.body_length, orjson.dumps(request.remote)))
+
+    def _parts(self, method: str, path: str, status: int) -> tuple[bytes, bytes]:
+        shown_method, shown_path = redact(method), redact(path)
+        msg = redact(f"{shown_method} {shown_path} {status}")
+        parts = (b',"level":"info","logger":%s,"msg":%s' % (orjson.dumps(self.logger.name),
+                                                            orjson.dumps(msg)),
+                 b',"method":%s,"path":%s,"status":%d' % (
+                     orjson.dumps(shown_method), orjson.dumps(shown_path), status))
+        if len(self.parts) >= ACCESS_PARTS_KEPT:  # paths are the caller's: bounded
+            self.parts.clear()
+        self.parts[(method, path, status)] = parts
+        return parts
+
+
+def flush_log() -> None:
+    """Writes what the root logger's handlers keep: a serving process calls it as it ends (a
+    forked worker exits without `logging`'s own flush at exit)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def access_log_options(enabled: bool) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 from collections.abc import Iterator
@@ -13,10 +14,14 @@ import pytest
 from aiohttp import web
 
 from ratelimitd.ops.logs import (
+    ACCESS_BYTES_KEPT,
+    ACCESS_LINES_KEPT_S,
     ACCESS_PARTS_KEPT,
     REQUEST_ID_HEADER,
+    JsonLinesHandler,
     ThrottledLog,
     access_log_options,
+    flush_log,
     request_id_from,
     request_scope,
     setup_logging,
@@ -122,6 +127,7 @@ async def test_access_log_over_real_http(stream: io.StringIO) -> None:
                 made = r.headers[REQUEST_ID_HEADER]
     finally:
         await runner.cleanup()
+    await asyncio.sleep(ACCESS_LINES_KEPT_S * 2)  # the kept access lines are written by then
     found = lines(stream)
     access = [line for line in found if line["logger"] == "ratelimitd.access"]
     handling = [line for line in found if line["msg"] == "handling"]
@@ -149,6 +155,7 @@ async def test_access_log_redacts_a_path_each_time_it_is_answered(
                 assert r.status == 404
     finally:
         await runner.cleanup()
+    await asyncio.sleep(ACCESS_LINES_KEPT_S * 2)
     access = [line for line in lines(stream) if line["logger"] == "ratelimitd.access"]
     keyed = [line for line in access if line["path"].startswith("/keys/")]
     assert len(keyed) == 3
@@ -160,6 +167,41 @@ async def test_access_log_redacts_a_path_each_time_it_is_answered(
     assert [line["msg"] for line in scans[:2]] == ["GET /scan/0 404", "GET /scan/1 404"]
 
 
+def _handler() -> JsonLinesHandler:
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, JsonLinesHandler)
+    return handler
+
+
+async def test_access_lines_are_written_together_in_order_with_records(
+        stream: io.StringIO) -> None:
+    """Kept up to ACCESS_LINES_KEPT_S, then one write; a record logged meanwhile, a full
+    buffer and flush_log (a worker's end) write the kept lines first."""
+    handler = _handler()
+    stream.seek(0)
+    stream.truncate()  # the loop's own debug line
+    handler.write_line(b'{"n":1}')
+    handler.write_line(b'{"n":2}')
+    assert stream.getvalue() == ""
+    await asyncio.sleep(ACCESS_LINES_KEPT_S * 2)
+    assert [line["n"] for line in lines(stream)] == [1, 2]
+    handler.write_line(b'{"n":3}')
+    logging.getLogger("ratelimitd.test").info("a record")
+    handler.write_line(b'{"n":4}')
+    assert lines(stream)[-1]["msg"] == "a record"
+    flush_log()
+    assert [line.get("n", line.get("msg")) for line in lines(stream)] == [
+        1, 2, 3, "a record", 4]
+    big = b'{"n":5,"pad":"%s"}' % (b"x" * ACCESS_BYTES_KEPT)
+    handler.write_line(big)
+    assert lines(stream)[-1]["n"] == 5  # past ACCESS_BYTES_KEPT: written at once
+
+
+def test_access_lines_without_an_event_loop_are_written_at_once(stream: io.StringIO) -> None:
+    _handler().write_line(b'{"n":1}')
+    assert lines(stream) == [{"n": 1}]
+
+
 async def test_access_log_switched_off(stream: io.StringIO) -> None:
     runner, base = await _serve(access_log=False)
     try:
@@ -167,6 +209,7 @@ async def test_access_log_switched_off(stream: io.StringIO) -> None:
             pass
     finally:
         await runner.cleanup()
+    await asyncio.sleep(ACCESS_LINES_KEPT_S * 2)
     ours = [line["msg"] for line in lines(stream) if line["logger"].startswith("ratelimitd")]
     assert ours == ["handling"]
 
