@@ -42,8 +42,12 @@ INLINE_COUNT_MAX_CHARS: Final = 8192
 MAX_WAITING_PER_CALLER: Final = 32
 
 # Counts of texts this long or longer are kept (a gateway resends the same system prompt and
-# conversation on every call); a shorter one is encoded faster than it is looked up and kept.
+# conversation on every call); a shorter one is encoded faster than it is looked up and kept,
 CACHED_MIN_CHARS: Final = 256
+# except the shortest (roles, names: the same few on every call), which a dict lookup answers
+# in a tenth of an encode. At most SHORT_TEXTS_KEPT of them are kept (the set then starts over).
+SHORT_MAX_CHARS: Final = 16
+SHORT_TEXTS_KEPT: Final = 4096
 # The kept texts' characters, per encoding (the texts themselves are the keys): ~8 MB at most
 CACHE_MAX_CHARS: Final = 2_000_000
 
@@ -110,22 +114,35 @@ def _count_strings(encoding: tiktoken.Encoding, strings: Sequence[str]) -> int:
 
 class CountCache:
     """Token counts of long texts by content (a dict keyed by the text: its hash, then an
-    equality check), least recently used out first once the texts kept reach `max_chars`.
-    Used from the event loop's thread only."""
+    equality check), least recently used out first once the texts kept reach `max_chars`;
+    and of the shortest texts. Texts of other lengths are not kept. Used from the event
+    loop's thread only."""
 
     def __init__(self, max_chars: int = CACHE_MAX_CHARS) -> None:
         self.max_chars = max_chars
         self._counts: dict[str, int] = {}
         self._chars = 0
+        self._short: dict[str, int] = {}
 
     def get(self, text: str) -> int | None:
+        size = len(text)
+        if size <= SHORT_MAX_CHARS:
+            return self._short.get(text)
+        if size < CACHED_MIN_CHARS:
+            return None
         count = self._counts.pop(text, None)
         if count is not None:
             self._counts[text] = count  # to the end: the most recently used
         return count
 
     def put(self, text: str, count: int) -> None:
-        if len(text) > self.max_chars or text in self._counts:
+        size = len(text)
+        if size <= SHORT_MAX_CHARS:
+            if len(self._short) >= SHORT_TEXTS_KEPT:
+                self._short.clear()
+            self._short[text] = count
+            return
+        if size < CACHED_MIN_CHARS or size > self.max_chars or text in self._counts:
             return
         self._counts[text] = count
         self._chars += len(text)
@@ -302,7 +319,7 @@ class TokenCounter:
             cache = self._caches[name] = CountCache()
         known, todo = texts.fixed_tokens, []
         for text in texts.strings:
-            count = cache.get(text) if len(text) >= CACHED_MIN_CHARS else None
+            count = cache.get(text)
             if count is None:
                 todo.append(text)
             else:
@@ -312,8 +329,7 @@ class TokenCounter:
         else:
             counts = await self._count_off_loop(encoding, todo, executor, caller)
         for text, count in zip(todo, counts, strict=True):
-            if len(text) >= CACHED_MIN_CHARS:
-                cache.put(text, count)
+            cache.put(text, count)
         return known + sum(counts)
 
     async def _count_off_loop(self, encoding: tiktoken.Encoding, texts: list[str],

@@ -25,7 +25,13 @@ import tiktoken.model
 from ratelimitd.errors import CountingQueueFull, EncodingUnavailableError, TokenCountError
 from ratelimitd.tokenize import TokenCounter
 from ratelimitd.tokenize import offline as tokens
-from ratelimitd.tokenize.counter import CallerTurns
+from ratelimitd.tokenize.counter import (
+    CACHED_MIN_CHARS,
+    SHORT_MAX_CHARS,
+    SHORT_TEXTS_KEPT,
+    CallerTurns,
+    CountCache,
+)
 from ratelimitd.tokenize.offline import (
     CL100K_BASE_SHA256,
     CL100K_BASE_URL,
@@ -589,3 +595,27 @@ async def test_caller_turns_serialize_one_caller_bound_its_waiting_and_forget_it
     await asyncio.gather(*tasks, other)
     assert most == {"a": 1, "b": 1}
     assert turns._turns == {}                           # no state left for idle callers
+
+
+def test_count_cache_keeps_the_shortest_and_the_long_texts_only() -> None:
+    cache = CountCache(max_chars=3 * CACHED_MIN_CHARS)
+    short, medium = "u" * SHORT_MAX_CHARS, "m" * (SHORT_MAX_CHARS + 1)
+    longs = [c * CACHED_MIN_CHARS for c in "abcd"]
+    for text in (short, medium, *longs):
+        cache.put(text, len(text))
+    assert cache.get(short) == SHORT_MAX_CHARS
+    assert cache.get(medium) is None          # encoded each time: cheaper than keeping it
+    assert cache.get(longs[0]) is None        # the least recently used long text went out
+    assert [cache.get(t) for t in longs[1:]] == [CACHED_MIN_CHARS] * 3
+    for i in range(SHORT_TEXTS_KEPT):         # callers' short texts cannot grow it unbounded
+        cache.put(f"s{i}", 1)
+    cache.put("one more", 2)
+    assert cache.get(short) is None and cache.get("one more") == 2
+
+
+async def test_counts_from_the_cache_equal_tiktoken(counter: TokenCounter) -> None:
+    messages = [{"role": "system", "content": "You are terse. " * 30},
+                {"role": "user", "name": "ann", "content": "Hi"}]
+    expected = counter.count_messages("gpt-4o", messages)
+    texts = counter.prepare("gpt-4o", None, messages)
+    assert [await counter.count("gpt-4o", texts) for _ in range(3)] == [expected] * 3
