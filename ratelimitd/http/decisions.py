@@ -67,8 +67,8 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
 async def reserve(request: web.Request) -> web.Response:
     """Every outcome is counted once: an answer by its result, an error by its code (and the
     caller's tier, once known)."""
-    services = request.app[LIVE].services
-    metrics = request.app[METRICS]
+    app = request.app  # a property of three calls: read once a request
+    services, metrics = app[LIVE].services, app[METRICS]
     tier_name: str | None = None
     try:
         body = parse_reserve(await read_json(request))
@@ -76,7 +76,7 @@ async def reserve(request: web.Request) -> web.Response:
                                 user=body.user, tier=body.tier, org=body.org,
                                 attributes=body.attributes or {})
         tier_name = caller.identity.tier
-        return await _reserve(request, services, body, caller)
+        return await _reserve(app, services, body, caller)
     except ApiError as err:
         observe.refused(metrics, err, tier_name)
         raise
@@ -85,10 +85,10 @@ async def reserve(request: web.Request) -> web.Response:
         raise
 
 
-async def _reserve(request: web.Request, services: Services, body: ReserveBody,
+async def _reserve(app: web.Application, services: Services, body: ReserveBody,
                    caller: Caller) -> web.Response:
     config = services.config
-    metrics = request.app[METRICS]
+    metrics = app[METRICS]
     who = caller.identity
     tier = config.tiers.get(who.tier)
     if tier is None:
@@ -110,7 +110,7 @@ async def _reserve(request: web.Request, services: Services, body: ReserveBody,
                            else config.reservations.min_output_tokens),
         idempotency_key=body.idempotency_key, dry_run=body.dry_run, anomaly=tier.anomaly,
         guards=block_guards(subjects, who, services.access.prefixes))
-    call = request.app[REDIS_CALLS].reserve
+    call = app[REDIS_CALLS].reserve
     start = time.perf_counter()
     try:
         result = await services.engine.reserve(reservation)
@@ -123,21 +123,21 @@ async def _reserve(request: web.Request, services: Services, body: ReserveBody,
         observe.store_failed(call, exc)
         if config.redis.on_error != "allow":
             raise
-        request.app[CLIENT_LOG].warning("redis_unavailable_allowed",
+        app[CLIENT_LOG].warning("redis_unavailable_allowed",
                                         "redis unavailable, admitting by on_error=allow: %s", exc)
         metrics.decision("degraded", "backend_unavailable", who.tier)
         return degraded_answer(input_tokens, cap)
     finally:
         call.observe(time.perf_counter() - start)
     _count_reserve(metrics, result, who.tier, body.model, body.dry_run)
-    request.app[observe.SHADOW_REPORT].reserve(result)
+    app[observe.SHADOW_REPORT].reserve(result)
     if result.alerts:
-        for alert in await after_reserve(request.app, result):
+        for alert in await after_reserve(app, result):
             metrics.alert(alert.kind, alert.severity)
             if alert.kind == "request_spike" and result.blocked is not None:
                 metrics.block(result.blocked.subject.scope, "anomaly")
     warnings = [*caller.warnings,
-                *budget_warnings(result.states, request.app[ALERTING].thresholds)]
+                *budget_warnings(result.states, app[ALERTING].thresholds)]
     return reserve_answer(result, body.dry_run, warnings)
 
 
@@ -156,14 +156,15 @@ def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: st
 
 
 async def commit(request: web.Request) -> web.Response:
-    services = request.app[LIVE].services
+    app = request.app
+    services = app[LIVE].services
     body = parse_commit(await read_json(request))
     output = body.output_tokens
     if output is None:  # output_text: counted with the commit's model, else the default encoding
         text = body.output_text or ""
         output = await services.counter.count_prompt(body.model or "", text, None,
                                                      services.executor) if text else 0
-    call, metrics = request.app[REDIS_CALLS].commit, request.app[METRICS]
+    call, metrics = app[REDIS_CALLS].commit, app[METRICS]
     start = time.perf_counter()
     try:
         result = await services.engine.commit(body.reservation_id, body.input_tokens, output,
@@ -190,7 +191,7 @@ async def commit(request: web.Request) -> web.Response:
                        "reservation_id: this reservation was released; it cannot be committed")
     if result.replicated is False:
         metrics.unreplicated("commit")
-    alerts = request.app[ALERTING].forward(result.alerts)
+    alerts = app[ALERTING].forward(result.alerts)
     if result.status == "applied":
         for alert in alerts:
             metrics.alert(alert.kind, alert.severity)
@@ -198,9 +199,10 @@ async def commit(request: web.Request) -> web.Response:
 
 
 async def release(request: web.Request) -> web.Response:
-    services = request.app[LIVE].services
+    app = request.app
+    services = app[LIVE].services
     rid = parse_release(await read_json(request))
-    call, metrics = request.app[REDIS_CALLS].release, request.app[METRICS]
+    call, metrics = app[REDIS_CALLS].release, app[METRICS]
     start = time.perf_counter()
     try:
         result = await services.engine.release(rid)

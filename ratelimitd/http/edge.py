@@ -207,10 +207,12 @@ async def read_json(request: web.Request) -> Any:
     """The request's JSON body: bounded in size (413) and in time (408), its media type and
     content coding checked (415), a body that does not decode refused (400)."""
     _check_media(request)
-    limit = request.app[MAX_BODY_BYTES]
-    if request.content_length is not None and request.content_length > limit:
-        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=request.content_length)
-    timeout_s = request.app[BODY_TIMEOUT_S]
+    app = request.app
+    limit = app[MAX_BODY_BYTES]
+    length = request.content_length
+    if length is not None and length > limit:
+        raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=length)
+    timeout_s = app[BODY_TIMEOUT_S]
     try:
         if request.content.is_eof():  # the whole body came with the head: no timer needed
             raw = await request.read()

@@ -109,10 +109,17 @@ class Engine:
         """Raises StoreUnavailable unless Redis answers and holds the library (loading it)."""
         await self.scripts.ready()
 
-    async def ids(self) -> ReservationIds:
-        """Reservation ids under the secret all daemons share (made once, kept in Redis)."""
+    def _fresh_ids(self) -> ReservationIds | None:
+        """The ids, when read lately (no coroutine: this is every decision's case)."""
         if self._ids is not None and time.monotonic() - self._ids_read_at < SECRET_REFRESH_S:
             return self._ids
+        return None
+
+    async def ids(self) -> ReservationIds:
+        """Reservation ids under the secret all daemons share (made once, kept in Redis)."""
+        fresh = self._fresh_ids()
+        if fresh is not None:
+            return fresh
         await self.transport.execute("SET", ids.SEAL_REDIS_KEY, os_random(ids.SECRET_BYTES), "NX")
         secret = await self.transport.execute("GET", ids.SEAL_REDIS_KEY)
         if not secret:
@@ -145,7 +152,7 @@ class Engine:
     # -- reserve ---------------------------------------------------------------------------
 
     async def reserve(self, req: ReserveRequest) -> ReserveResult:
-        ids_ = await self.ids()
+        ids_ = self._fresh_ids() or await self.ids()
         primary = req.plan[0][0]
         rand = (ids_.random() if req.idempotency_key is None
                 else ids_.for_key(primary.tag, req.idempotency_key))
@@ -374,21 +381,21 @@ class Engine:
 
     # -- commit / release ------------------------------------------------------------------
 
-    async def commit(
+    def commit(
         self, rid: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0
-    ) -> SettleResult:
+    ) -> Awaitable[SettleResult]:
         """Replaces the estimate by the actual usage, on every subject the reserve charged."""
-        return await self._settle_all(rid, SettleMode.COMMIT, input_tokens, cached_input_tokens,
-                                      output_tokens)
+        return self._settle_all(rid, SettleMode.COMMIT, input_tokens, cached_input_tokens,
+                                output_tokens)
 
-    async def release(self, rid: str) -> SettleResult:
+    def release(self, rid: str) -> Awaitable[SettleResult]:
         """Refunds a call that never happened and frees its concurrency slot."""
-        return await self._settle_all(rid, SettleMode.RELEASE, 0, 0, 0)
+        return self._settle_all(rid, SettleMode.RELEASE, 0, 0, 0)
 
     async def _settle_all(
         self, rid: str, mode: SettleMode, input_tokens: int, cached: int, output: int
     ) -> SettleResult:
-        parsed = (await self.ids()).parse(rid)
+        parsed = (self._fresh_ids() or await self.ids()).parse(rid)
         if parsed is None:
             return SettleResult("not_found")
         rand, primary = parsed
