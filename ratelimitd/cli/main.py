@@ -335,7 +335,7 @@ def _serve(config: Config, redis_url: str, sockets: list[socket.socket], share_p
         uvloop.run(_serve_async(config, redis_url, sockets, share_port, health, metrics_dir,
                                 liveness or Liveness()))
     finally:
-        flush_log()  # the access lines kept for the next write
+        flush_log()  # access lines still kept: a forked worker skips logging's own at exit
 
 
 async def _serve_async(config: Config, redis_url: str, sockets: list[socket.socket],

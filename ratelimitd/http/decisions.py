@@ -124,7 +124,7 @@ async def _reserve(app: web.Application, services: Services, body: ReserveBody,
         if config.redis.on_error != "allow":
             raise
         app[CLIENT_LOG].warning("redis_unavailable_allowed",
-                                        "redis unavailable, admitting by on_error=allow: %s", exc)
+                                "redis unavailable, admitting by on_error=allow: %s", exc)
         metrics.decision("degraded", "backend_unavailable", who.tier)
         return degraded_answer(input_tokens, cap)
     finally:
