@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -192,5 +194,25 @@ async def test_body_over_max_body_bytes_is_413(serve: Serve, redis_client: Redis
                              headers={"Content-Type": "application/json"})
     assert resp.status == 200, await resp.text()
     assert resp.request_info.headers.get("Transfer-Encoding") == "chunked"
+
+
+async def test_a_chunked_body_over_max_body_bytes_sent_whole_is_413(
+        serve: Serve, redis_client: Redis) -> None:
+    """Head, every chunk and the last chunk in one write: the body is whole before the
+    handler reads it, and has no Content-Length to refuse it by."""
+    client = await serve({**small(), "server": {"max_body_bytes": 2048}})
+    body = b'{"user": "u1", "tier": "t", "model": "gpt-4o", "prompt": "' + b"y" * 3000 + b'"}'
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 500]), body[i:i + 500])
+                      for i in range(0, len(body), 500))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + chunks
+                 + b"0\r\n\r\n")
+    answer = await reader.read()
+    writer.close()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert json.loads(payload)["error"]["code"] == "body_too_large"
+    assert await charged_keys(redis_client) == []
 
 
