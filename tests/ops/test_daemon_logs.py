@@ -53,10 +53,10 @@ def json_lines(daemon: Daemon) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines]  # every line parses, or the test fails
 
 
-def start(tmp_path: Path, daemons: list[Daemon], pids: list[int], access_log: bool = True
-          ) -> tuple[Daemon, int]:
+def start(tmp_path: Path, daemons: list[Daemon], pids: list[int], access_log: bool = True,
+          *args: str) -> tuple[Daemon, int]:
     port, data_dir = free_port(), tmp_path / "data"
-    daemon = Daemon(tmp_path, config_text(port, data_dir, access_log))
+    daemon = Daemon(tmp_path, config_text(port, data_dir, access_log), *args)
     daemons.append(daemon)
     wait_healthy(daemon, port)
     pids.append(redis_pid(data_dir))
@@ -96,3 +96,16 @@ def test_the_access_log_can_be_switched_off(
     lines = json_lines(daemon)
     assert not [line for line in lines if line["logger"] == "ratelimitd.access"]
     assert any("stopped" in line["msg"] for line in lines)
+
+
+def test_workers_write_their_kept_access_lines_as_they_stop(
+        tmp_path: Path, daemons: list[Daemon], embedded_redis_pids: list[int]) -> None:
+    """Access lines are kept up to 20 ms before one write: workers stopped at once after
+    their answers still write a line for every one."""
+    daemon, port = start(tmp_path, daemons, embedded_redis_pids, True, "--workers", "2")
+    request_ids = [post(port, "/v1/reserve", RESERVE, request_id=f"gw-{n}")[2]
+                   for n in range(20)]
+    assert daemon.stop() == 0
+    logged = {line.get("request_id") for line in json_lines(daemon)
+              if line["logger"] == "ratelimitd.access"}
+    assert set(request_ids) <= logged
