@@ -50,6 +50,8 @@ from ratelimitd.ops.metric_sharing import render, write_samples
 log = logging.getLogger("ratelimitd.metrics")
 
 FLUSH_INTERVAL_S: Final = 1.0
+# Hot-path calls remembered by their raw labels (callers name tiers and models: bounded)
+CALLS_KEPT: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,9 @@ class Metrics:
         self.directory = directory
         self._samples = Samples()
         self._children: dict[tuple[str, tuple[str, ...]], Counter] = {}
+        # a hot-path call's children by the raw labels it was given: one lookup instead of
+        # bounding and resolving each label again
+        self._by_call: dict[tuple[str | None, ...], tuple[Counter, ...]] = {}
         self._flush_warned = False
         self.tiers = self.models = self.reasons = self.block_scopes = frozenset[str]()
         self.shadow_limits = frozenset[str]()
@@ -103,6 +108,7 @@ class Metrics:
         self.reasons = frozenset(limit_names).union(ERROR_CODES)
         self.block_scopes = BLOCK_SCOPES | frozenset(attribute_scopes)
         self.shadow_limits = frozenset(shadow_limits)
+        self._by_call = {}
         self._precreate()
 
     def _precreate(self) -> None:
@@ -153,27 +159,51 @@ class Metrics:
 
     # -- hot path --------------------------------------------------------------------------
 
+    def _remember(self, call: tuple[str | None, ...], children: tuple[Counter, ...]
+                  ) -> tuple[Counter, ...]:
+        if len(self._by_call) >= CALLS_KEPT:
+            self._by_call.clear()
+        self._by_call[call] = children
+        return children
+
     def decision(self, result: str, reason: str | None, tier: str | None) -> None:
         """One reserve's outcome: result allowed/denied/invalid/…, reason the denying limit's
         name or the error code (None when allowed)."""
-        labels = (bounded(result, DECISION_RESULTS),
-                  "none" if reason is None else bounded(reason, self.reasons),
-                  bounded(tier, self.tiers))
-        self._counter("ratelimitd_decisions", labels).inc()
+        call = ("decision", result, reason, tier)
+        children = self._by_call.get(call)
+        if children is None:
+            children = self._remember(call, (self._counter("ratelimitd_decisions", (
+                bounded(result, DECISION_RESULTS),
+                "none" if reason is None else bounded(reason, self.reasons),
+                bounded(tier, self.tiers))),))
+        children[0].inc()
 
     def reserved(self, tier: str | None, model: str | None, tokens: int, cost_nano: int) -> None:
-        labels = ("reserved", bounded(tier, self.tiers), bounded(model, self.models))
-        self._counter("ratelimitd_tokens", labels).inc(tokens)
-        self._counter("ratelimitd_cost_usd", labels).inc(cost_nano / NANO_PER_USD)
+        call = ("reserved", tier, model)
+        children = self._by_call.get(call)
+        if children is None:
+            labels = ("reserved", bounded(tier, self.tiers), bounded(model, self.models))
+            children = self._remember(call, (self._counter("ratelimitd_tokens", labels),
+                                             self._counter("ratelimitd_cost_usd", labels)))
+        children[0].inc(tokens)
+        children[1].inc(cost_nano / NANO_PER_USD)
 
     def committed(self, tier: str | None, model: str | None, tokens: int, cost_nano: int,
                   overrun_tokens: int = 0) -> None:
         """A first commit (not a duplicate): its actual usage, and its overrun if any."""
-        t, m = bounded(tier, self.tiers), bounded(model, self.models)
-        self._counter("ratelimitd_reservations", ("committed",)).inc()
-        self._counter("ratelimitd_tokens", ("committed", t, m)).inc(tokens)
-        self._counter("ratelimitd_cost_usd", ("committed", t, m)).inc(cost_nano / NANO_PER_USD)
+        call = ("committed", tier, model)
+        children = self._by_call.get(call)
+        if children is None:
+            t, m = bounded(tier, self.tiers), bounded(model, self.models)
+            children = self._remember(call, (
+                self._counter("ratelimitd_reservations", ("committed",)),
+                self._counter("ratelimitd_tokens", ("committed", t, m)),
+                self._counter("ratelimitd_cost_usd", ("committed", t, m))))
+        children[0].inc()
+        children[1].inc(tokens)
+        children[2].inc(cost_nano / NANO_PER_USD)
         if overrun_tokens > 0:
+            t, m = bounded(tier, self.tiers), bounded(model, self.models)
             self._counter("ratelimitd_overruns", (t, m)).inc()
             self._counter("ratelimitd_overrun_tokens", (t, m)).inc(overrun_tokens)
 

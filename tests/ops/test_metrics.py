@@ -17,7 +17,7 @@ from prometheus_client.samples import Sample
 from ratelimitd.errors import ERROR_CODES
 from ratelimitd.ops.metric_catalogue import OTHER, ROUTES
 from ratelimitd.ops.metric_sharing import MetricsDirectory
-from ratelimitd.ops.metrics import Metrics
+from ratelimitd.ops.metrics import CALLS_KEPT, Metrics
 
 TIERS = ("free", "pro")
 MODELS = ("gpt-4o", "gpt-4")
@@ -175,6 +175,20 @@ def test_reload_widens_the_allowed_values_and_keeps_totals() -> None:
     for tier, expected in ((OTHER, 1), ("team", 1), ("free", 2)):
         assert value(found, "ratelimitd_decisions_total", result="allowed", reason="none",
                      tier=tier) == expected
+
+
+def test_callers_naming_ever_new_tiers_are_counted_as_other_in_bounded_memory() -> None:
+    metrics = new_metrics(None)
+    calls = CALLS_KEPT + 100
+    for n in range(calls):
+        metrics.decision("invalid", "invalid_request", f"made-up-{n}")
+        metrics.reserved(f"made-up-{n}", "gpt-4o", 10, 1_000)
+    assert len(metrics._by_call) <= CALLS_KEPT
+    found = samples(metrics.render())
+    assert value(found, "ratelimitd_decisions_total", result="invalid",
+                 reason="invalid_request", tier=OTHER) == calls
+    assert value(found, "ratelimitd_tokens_total", stage="reserved", tier=OTHER,
+                 model="gpt-4o") == 10 * calls
 
 
 def test_every_family_is_in_the_first_scrape() -> None:
