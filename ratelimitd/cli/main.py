@@ -28,16 +28,15 @@ from ratelimitd.config import Config, load_config
 from ratelimitd.envoy.service import grpc_ctx
 from ratelimitd.errors import ConfigError, EmbeddedRedisError, ListenError
 from ratelimitd.http import create_app
-from ratelimitd.http.edge import EdgeLogger
 from ratelimitd.http.lifecycle import BEAT_INTERVAL_S, Liveness, liveness_ctx
 from ratelimitd.http.reload import reload_config
 from ratelimitd.http.server import (
-    ConnectionGuard,
-    ConnectionLimits,
+    SHUTDOWN_TIMEOUT_S,
     GuardedSite,
-    fit_to_fd_limit,
+    connection_guard,
+    runner_options,
 )
-from ratelimitd.ops.logs import access_log_options, flush_log, setup_logging
+from ratelimitd.ops.logs import flush_log, setup_logging
 from ratelimitd.ops.metric_sharing import MetricsDirectory
 from ratelimitd.ops.sdnotify import SystemdNotifier, WorkerHeartbeats
 from ratelimitd.quota.runner import shipped_library
@@ -46,8 +45,6 @@ from ratelimitd.store.supervisor import StoreHealth, Supervisor
 from ratelimitd.units import nano_to_usd
 
 log = logging.getLogger("ratelimitd")
-# in-flight requests get this long; the embedded Redis then stops, all within 10 s
-SHUTDOWN_TIMEOUT_S: Final = 7.0
 # allocations of containers between two collections of the youngest generation (default 700)
 GC_GEN0_THRESHOLD: Final = 20_000
 
@@ -345,22 +342,12 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     app = create_app(config, redis_url, health, metrics_dir)
     app.cleanup_ctx.append(grpc_ctx)  # [grpc] listen: Envoy's rate limit service
     app.cleanup_ctx.append(liveness_ctx(liveness))  # last: READY=1 needs Redis and gRPC
-    runner = web.AppRunner(app,
-                           **access_log_options(server.access_log),
-                           shutdown_timeout=SHUTDOWN_TIMEOUT_S,
-                           # aiohttp reports bad request lines and hang-ups to it: one
-                           # rate-limited INFO line, no traceback
-                           logger=EdgeLogger("ratelimitd.http.edge",
-                                             logging.getLogger("ratelimitd.http")),
-                           keepalive_timeout=server.keepalive_timeout_s,
-                           # a body left unread (an error answered first) is not drained:
-                           # the connection closes after the answer
-                           lingering_time=0)
+    options = runner_options(server)
+    runner = web.AppRunner(app, **options)
     await runner.setup()
-    guard = ConnectionGuard(ConnectionLimits(
-        server.header_timeout_s, server.body_timeout_s, server.keepalive_timeout_s,
-        fit_to_fd_limit(server.max_connections), server.min_body_bytes_per_s),
-        asyncio.get_running_loop())
+    guard = connection_guard(server, app, options)
+    lane = guard.lane
+    assert lane is not None
     guard.start()
     # before listening: from its first answer on, SIGTERM stops this process gently (not the
     # default action) and SIGHUP reloads it (ignored until now)
@@ -398,6 +385,7 @@ async def _serve_async(config: Config, redis_url: str, sockets: list[socket.sock
     if liveness.notifier is not None:
         liveness.notifier.stopping()
     log.info("stopping: finishing requests in flight")
+    await lane.drain(SHUTDOWN_TIMEOUT_S)
     await guard.stop()
     await runner.cleanup()
 

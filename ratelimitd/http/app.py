@@ -20,6 +20,7 @@ from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
     CLIENT_LOG,
     MAX_BODY_BYTES,
+    DecisionHandler,
     Handler,
     api_handler,
     client_log,
@@ -28,6 +29,7 @@ from ratelimitd.http.edge import (
     method_not_allowed,
     not_found,
 )
+from ratelimitd.http.lane import LANE_ROUTES
 from ratelimitd.http.openapi import openapi_spec
 from ratelimitd.quota.engine import Engine
 from ratelimitd.quota.model import AnomalySettings, EngineSettings
@@ -66,10 +68,13 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
+# POST only; served by the lane too (lane.py)
+DECISIONS: Final[tuple[tuple[str, DecisionHandler], ...]] = (
+    ("/v1/reserve", decisions.reserve),
+    ("/v1/commit", decisions.commit),
+    ("/v1/release", decisions.release),
+)
 ROUTES: Final[tuple[tuple[str, str, Handler], ...]] = (
-    ("POST", "/v1/reserve", decisions.reserve),
-    ("POST", "/v1/commit", decisions.commit),
-    ("POST", "/v1/release", decisions.release),
     ("GET", "/healthz", healthz),
     ("GET", "/readyz", readyz),
     ("GET", "/openapi.json", openapi),
@@ -132,6 +137,7 @@ STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
 OPENAPI: Final = web.AppKey("openapi", dict)
 
 
+
 def create_app(config: Config, redis_url: str, health: StoreHealth | None = None,
                metrics_dir: Path | None = None) -> web.Application:
     """The application; `health`: the embedded Redis's supervisor state, for /healthz;
@@ -155,7 +161,11 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     app.cleanup_ctx.append(alerting_ctx)
     app.cleanup_ctx.append(observe.metrics_ctx)
     app.cleanup_ctx.append(observe.shadow_report_ctx)
+    lane_routes = app[LANE_ROUTES] = {}
     by_path: dict[str, list[tuple[str, Handler]]] = {}
+    for path, decision in DECISIONS:
+        lane_routes[path] = api_handler(decision, metrics.route(path))
+        by_path[path] = [("POST", lane_routes[path])]
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))
     for path, handlers in by_path.items():
@@ -163,11 +173,12 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
         allowed = []
         route = metrics.route(path)
         for method, handler in handlers:
-            resource.add_route(method, api_handler(handler, route))
+            wrapped = handler if path in lane_routes else api_handler(handler, route)
+            resource.add_route(method, wrapped)
             allowed.append(method)
             if method == "GET" and not path.startswith("/v1/"):
                 # RFC 9110 9.3.2: a GET resource answers HEAD alike, bodiless (the probes)
-                resource.add_route("HEAD", api_handler(handler, route))
+                resource.add_route("HEAD", wrapped)
                 allowed.append("HEAD")
         resource.add_route("*", api_handler(method_not_allowed(", ".join(allowed)), route))
     app.router.add_route("*", "/{tail:.*}", api_handler(not_found, metrics.route("other")))

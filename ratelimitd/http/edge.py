@@ -14,11 +14,12 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
 
 from ratelimitd.auth.bearer import check_admin_token, check_service_token, is_admin_path
 from ratelimitd.errors import ApiError, RatelimitdError, StoreUnavailable
@@ -26,7 +27,28 @@ from ratelimitd.http.app_keys import LIVE
 from ratelimitd.ops.logs import REQUEST_ID_HEADER, ThrottledLog, request_id_from, request_id_var
 from ratelimitd.ops.metrics import RouteMetrics
 
+
+class PlainRequest:
+    """A decision request as the lane (lane.py) read it: a POST whose whole body is here, or
+    None when it did not come within body_timeout_s."""
+
+    __slots__ = ("app", "body", "headers", "path", "transport")
+    method: Final = "POST"
+
+    def __init__(self, app: web.Application, path: str, headers: CIMultiDictProxy[str],
+                 body: bytes | None, transport: asyncio.Transport) -> None:
+        self.app = app
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.transport = transport
+
+
+# What a decision handler answers: a request aiohttp read, or one the lane read
+ApiRequest = web.Request | PlainRequest
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+DecisionHandler = Callable[[ApiRequest], Awaitable[web.StreamResponse]]
+RequestT = TypeVar("RequestT", bound=ApiRequest)
 # The body bound of an app (its tokens are in its live services: they are reloaded).
 MAX_BODY_BYTES: Final = web.AppKey("max_body_bytes", int)
 BODY_TIMEOUT_S: Final = web.AppKey("body_timeout_s", float)
@@ -105,14 +127,16 @@ def backend_unavailable() -> ApiError:
                     {"Retry-After": "1"})
 
 
-def api_handler(handler: Handler, route: RouteMetrics | None = None) -> Handler:
+def api_handler(handler: Callable[[RequestT], Awaitable[web.StreamResponse]],
+                route: RouteMetrics | None = None
+                ) -> Callable[[RequestT], Awaitable[web.StreamResponse]]:
     """Checks the service token, and turns every failure into the error shape; binds the
     request id (the caller's X-Request-Id when sane, else a new one) for every log line about
     the request and returns it on every answer, errors too; `route`: the route's latency and
     status counters, resolved once when it is registered."""
 
     @functools.wraps(handler)
-    async def handle(request: web.Request) -> web.StreamResponse:
+    async def handle(request: RequestT) -> web.StreamResponse:
         start = time.perf_counter()
         # request_scope without a context manager's generator: this runs on every request
         request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
@@ -134,7 +158,7 @@ def api_handler(handler: Handler, route: RouteMetrics | None = None) -> Handler:
     return handle
 
 
-def _check_token(request: web.Request) -> None:
+def _check_token(request: ApiRequest) -> None:
     """An admin token on /v1/admin/*, the service token (when configured) on the rest of
     /v1/."""
     path = request.path
@@ -148,7 +172,7 @@ def _check_token(request: web.Request) -> None:
             check_service_token(request.headers.get("Authorization", ""), tokens)
 
 
-def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+def _error_answer(request: ApiRequest, exc: Exception) -> web.StreamResponse:
     """The error shape for what a handler raised; what is not a failure to answer (a
     redirect, a client gone) is raised on."""
     if isinstance(exc, ClosingApiError):
@@ -176,18 +200,18 @@ def _error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     return error_response(ApiError(500, "internal_error", "internal error; see the logs"))
 
 
-async def not_found(request: web.Request) -> web.Response:
+async def not_found(request: ApiRequest) -> web.Response:
     raise ApiError(404, "not_found", "Not Found")
 
 
 def method_not_allowed(allowed: str) -> Handler:
-    async def answer(request: web.Request) -> web.Response:
+    async def answer(request: ApiRequest) -> web.Response:
         # a 405 must say which methods the resource allows (RFC 9110, 15.5.6)
         raise ApiError(405, "method_not_allowed", "Method Not Allowed", {"Allow": allowed})
     return answer
 
 
-def _check_media(request: web.Request) -> bool:
+def _check_media(request: ApiRequest) -> bool:
     """Whether the body is encoded (gzip, deflate)."""
     headers = request.headers
     content_type = headers.get("Content-Type")
@@ -209,10 +233,14 @@ def _check_media(request: web.Request) -> bool:
     return encoding not in ("", "identity")
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_json(request: ApiRequest) -> Any:
     """The request's JSON body: bounded in size (413) and in time (408), its media type and
     content coding checked (415), a body that does not decode refused (400)."""
     encoded = _check_media(request)
+    if isinstance(request, PlainRequest):  # read whole, bounded and plain (lane.py)
+        if request.body is None:
+            raise _body_late(request.app[BODY_TIMEOUT_S])
+        return _decode(request.body)
     app = request.app
     limit = app[MAX_BODY_BYTES]
     length = request.content_length
@@ -233,8 +261,7 @@ async def read_json(request: web.Request) -> Any:
             async with asyncio.timeout(timeout_s):
                 raw = await request.read()
     except TimeoutError:
-        raise ClosingApiError(408, "request_timeout",
-                              f"body: not received within {timeout_s:g} s") from None
+        raise _body_late(timeout_s) from None
     except RequestPayloadError as exc:
         if request.transport is None or request.transport.is_closing():
             raise ClientGone(str(exc)) from None
@@ -243,6 +270,14 @@ async def read_json(request: web.Request) -> Any:
                               f"body: cannot be read ({encoding or 'plain'}): {exc}") from None
     except ConnectionError as exc:
         raise ClientGone(str(exc) or type(exc).__name__) from None
+    return _decode(raw)
+
+
+def _body_late(timeout_s: float) -> ClosingApiError:
+    return ClosingApiError(408, "request_timeout", f"body: not received within {timeout_s:g} s")
+
+
+def _decode(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

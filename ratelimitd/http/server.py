@@ -36,6 +36,11 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from ratelimitd.config.model import ServerConfig
+from ratelimitd.http.edge import EdgeLogger
+from ratelimitd.http.lane import Lane, LaneConnection
+from ratelimitd.ops.logs import access_log_of, access_log_options
+
 log = logging.getLogger("ratelimitd.http.server")
 
 # Descriptors kept free beside the client connections: Redis pools (64) and the pipelined
@@ -47,6 +52,8 @@ BODY_GRACE_S: Final = 5.0
 # A body's pace is measured from this long after its head: a request whose head and body come
 # in separate writes, or whose handler is still answering, is not behind when it starts.
 BODY_PACE_GRACE_S: Final = 1.0
+# in-flight requests get this long; the embedded Redis then stops, all within 10 s
+SHUTDOWN_TIMEOUT_S: Final = 7.0
 _HEAD_END: Final = b"\r\n\r\n"
 _HEAD, _BODY, _IDLE = 0, 1, 2
 _PHASE_NAMES: Final = ("request head", "request body", "idle keep-alive")
@@ -59,6 +66,31 @@ class ConnectionLimits:
     keepalive_timeout_s: float = 30.0
     max_connections: int = 4096
     min_body_bytes_per_s: float = 500.0
+
+
+def runner_options(server: ServerConfig) -> dict[str, Any]:
+    """web.AppRunner's keyword arguments for a serving process."""
+    return {**access_log_options(server.access_log),
+            "shutdown_timeout": SHUTDOWN_TIMEOUT_S,
+            # aiohttp reports bad request lines and hang-ups to it: one rate-limited INFO
+            # line, no traceback
+            "logger": EdgeLogger("ratelimitd.http.edge", logging.getLogger("ratelimitd.http")),
+            "keepalive_timeout": server.keepalive_timeout_s,
+            # a body left unread (an error answered first) is not drained: the connection
+            # closes after the answer
+            "lingering_time": 0}
+
+
+def connection_guard(server: ServerConfig, app: web.Application,
+                     options: dict[str, Any]) -> ConnectionGuard:
+    """The guard of a serving process's connections, with the lane that serves the decision
+    routes (`options`: its runner_options, whose access log the lane writes too)."""
+    guard = ConnectionGuard(ConnectionLimits(
+        server.header_timeout_s, server.body_timeout_s, server.keepalive_timeout_s,
+        fit_to_fd_limit(server.max_connections), server.min_body_bytes_per_s),
+        asyncio.get_running_loop())
+    guard.lane = Lane(app, access_log_of(options))
+    return guard
 
 
 def fit_to_fd_limit(max_connections: int) -> int:
@@ -123,8 +155,8 @@ class _TransportView:
 class GuardedProtocol(asyncio.Protocol):
     """One client connection: aiohttp's protocol inside, its phase and since-when outside."""
 
-    __slots__ = ("_admitted", "_guard", "_inner", "_tail", "_time", "phase", "received",
-                 "since", "transport")
+    __slots__ = ("_admitted", "_guard", "_inner", "_lane", "_tail", "_time", "phase",
+                 "received", "since", "transport")
 
     def __init__(self, guard: ConnectionGuard, inner: asyncio.Protocol) -> None:
         self._guard = guard
@@ -136,6 +168,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.since = self._time()
         self.received = 0  # bytes since the head ended (counted from the read that ended it)
         self.transport: asyncio.Transport | None = None
+        # the lane serves the connection until it hands it to aiohttp's protocol (lane.py)
+        self._lane: LaneConnection | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
@@ -146,7 +180,19 @@ class GuardedProtocol(asyncio.Protocol):
             transport.abort()
             return
         self._admitted = True
-        self._inner.connection_made(_TransportView(transport, self))  # type: ignore[arg-type]
+        lane = self._guard.lane
+        if lane is not None and not lane.closing:
+            self._lane = lane.connection(transport, self.went_idle, self._hand_over)
+        else:
+            self._inner.connection_made(_TransportView(transport, self))  # type: ignore[arg-type]
+
+    def _hand_over(self, data: bytes) -> None:
+        """From now on aiohttp's protocol serves the connection, from `data` on."""
+        self._lane = None
+        assert self.transport is not None
+        self._inner.connection_made(_TransportView(self.transport, self))  # type: ignore[arg-type]
+        if data:
+            self._inner.data_received(data)
 
     def data_received(self, data: bytes) -> None:
         if self.phase == _BODY:
@@ -162,22 +208,37 @@ class GuardedProtocol(asyncio.Protocol):
                 if self.phase == _IDLE:
                     self.phase, self.since = _HEAD, self._time()
                 self._tail = (self._tail + data[-3:])[-3:]
-        self._inner.data_received(data)
+        if self._lane is not None:
+            self._lane.data_received(data)
+        else:
+            self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self._inner.eof_received() if self._admitted else None
+        if self._admitted and self._lane is None:
+            return self._inner.eof_received()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._guard.forget(self)
-        if self._admitted:
+        if self._lane is not None:
+            self._lane.connection_lost()
+            self._lane = None
+            self._admitted = False
+        elif self._admitted:
             self._admitted = False
             self._inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
-        self._inner.pause_writing()
+        if self._lane is not None:
+            self._lane.pause_writing()
+        else:
+            self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        self._inner.resume_writing()
+        if self._lane is not None:
+            self._lane.resume_writing()
+        else:
+            self._inner.resume_writing()
 
     def went_idle(self) -> None:
         """A response went out: the connection is idle from now."""
@@ -199,6 +260,7 @@ class ConnectionGuard:
         self._limits_s = (limits.header_timeout_s, limits.body_timeout_s + BODY_GRACE_S,
                           limits.keepalive_timeout_s)
         self._sweeper: asyncio.Task[None] | None = None
+        self.lane: Lane | None = None  # set before serving to serve the decision routes
         self.evicted = 0
         self.refused = 0
         self.expired = 0

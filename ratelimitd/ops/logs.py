@@ -24,6 +24,7 @@ import random
 import re
 import sys
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -232,21 +233,34 @@ def request_scope(header: str | None) -> Iterator[str]:
 
 # -- access log ---------------------------------------------------------------------------------
 
-class JsonAccessLogger(AbstractAccessLogger):
+class AccessLog(AbstractAccessLogger):
+    """An access log: aiohttp calls `log` for the answers it writes, the HTTP lane calls
+    `entry` for its own (http/lane.py), with what the line holds."""
+
+    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+        self.entry(request.method, request.path, response.status,
+                   response.headers.get(REQUEST_ID_HEADER), time, response.body_length,
+                   request.remote)
+
+    def entry(self, method: str, path: str, status: int, request_id: str | None,
+              seconds: float, sent_bytes: int, remote: str | None) -> None:
+        raise NotImplementedError
+
+
+class JsonAccessLogger(AccessLog):
     """aiohttp's access log through `logging` (when the root logger has no JsonLinesHandler,
     as in a program that embeds the app): one JSON line per answer, with the request id of
     the answer's X-Request-Id header. The path is logged without its query string (admin calls
     carry ids there); the Authorization header is never read."""
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        request_id = response.headers.get(REQUEST_ID_HEADER)
+    def entry(self, method: str, path: str, status: int, request_id: str | None,
+              seconds: float, sent_bytes: int, remote: str | None) -> None:
         token = request_id_var.set(request_id) if request_id else None
         try:
-            self.logger.info("%s %s %d", request.method, request.path, response.status,
-                             extra={"method": request.method, "path": request.path,
-                                    "status": response.status,
-                                    "duration_ms": round(time * 1000, 3),
-                                    "bytes": response.body_length, "remote": request.remote})
+            self.logger.info("%s %s %d", method, path, status,
+                             extra={"method": method, "path": path, "status": status,
+                                    "duration_ms": round(seconds * 1000, 3),
+                                    "bytes": sent_bytes, "remote": remote})
         finally:
             if token is not None:
                 request_id_var.reset(token)
@@ -275,7 +289,7 @@ class _Timestamps:
 ACCESS_PARTS_KEPT: Final = 256
 
 
-class DirectAccessLogger(AbstractAccessLogger):
+class DirectAccessLogger(AccessLog):
     """The access log written straight to the root JsonLinesHandler: the same line as a
     record through `logging` would give (ts, level, logger, msg, request_id, method, path,
     status, duration_ms, bytes, remote), redacted alike, without a LogRecord per request.
@@ -288,20 +302,19 @@ class DirectAccessLogger(AbstractAccessLogger):
     # the same few routes answer nearly every request
     parts: dict[tuple[str, str, int], tuple[bytes, bytes]]
 
-    def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
+    def entry(self, method: str, path: str, status: int, request_id: str | None,
+              seconds: float, sent_bytes: int, remote: str | None) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
             return
-        status = response.status
-        key = (request.method, request.path, status)
+        key = (method, path, status)
         parts = self.parts.get(key)
         if parts is None:
             parts = self._parts(*key)
-        request_id = response.headers.get(REQUEST_ID_HEADER)
         self.handler.write_line(
             b'{"ts":"%s"%s%s%s,"duration_ms":%.3f,"bytes":%d,"remote":%s}' % (
                 self.timestamps.now(), parts[0],
                 b"" if request_id is None else b',"request_id":' + orjson.dumps(request_id),
-                parts[1], time * 1000, response.body_length, orjson.dumps(request.remote)))
+                parts[1], seconds * 1000, sent_bytes, orjson.dumps(remote)))
 
     def _parts(self, method: str, path: str, status: int) -> tuple[bytes, bytes]:
         shown_method, shown_path = redact(method), redact(path)
@@ -337,6 +350,14 @@ def access_log_options(enabled: bool) -> dict[str, Any]:
     bound = type("DirectAccessLogger", (DirectAccessLogger,),
                  {"handler": handler, "timestamps": _Timestamps(), "parts": {}})
     return {"access_log": logger, "access_log_class": bound}
+
+
+def access_log_of(options: dict[str, Any]) -> AccessLog | None:
+    """The access log that `options` (access_log_options) give aiohttp, for the answers the
+    HTTP lane writes (http/lane.py)."""
+    logger = options["access_log"]
+    return None if logger is None else typing.cast(
+        AccessLog, options["access_log_class"](logger, ""))
 
 
 # -- noisy lines --------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The fixture `serve` (import `serve_fixture` into a test module to use it): `await
 serve(config_dict)` builds the app with `create_app(parse_config(...), redis_server.url)` and
-serves it through pytest-aiohttp's `aiohttp_client`, which binds a real localhost TCP server.
+serves it as `ratelimitd serve` does (its runner options, the connection guard, the lane of the
+decision routes) on a real localhost TCP socket, through pytest-aiohttp's `aiohttp_client`.
 Unless the config names its own `[redis] timeout_ms`, the app waits up to TEST_REDIS_TIMEOUT_MS:
 the default 100 ms is a production budget, and a test that is not about timeouts must not
 fail because two busy cores held Redis back for a tenth of a second.
@@ -12,17 +13,26 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
 import tiktoken
-from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
+from yarl import URL
 
-from ratelimitd.config import parse_config
+from ratelimitd.config import Config, parse_config
 from ratelimitd.http import create_app
+from ratelimitd.http.server import (
+    SHUTDOWN_TIMEOUT_S,
+    ConnectionGuard,
+    GuardedSite,
+    connection_guard,
+    runner_options,
+)
 from ratelimitd.quota.ids import SEAL_REDIS_KEY
 from tests.support.redis_servers import RedisServer
 
@@ -43,6 +53,36 @@ SMALL_TIER: dict[str, Any] = {
 }
 
 
+class DaemonTestServer(TestServer):
+    """The app served as a serving process of the daemon serves it (cli/main.py)."""
+
+    def __init__(self, app: web.Application, config: Config) -> None:
+        super().__init__(app)
+        self.config = config
+        self.guard: ConnectionGuard | None = None
+
+    async def start_server(self, loop: Any = None, **kwargs: Any) -> None:
+        if self.runner:
+            return
+        options = runner_options(self.config.server)
+        self.runner = web.AppRunner(self.app, **options)
+        await self.runner.setup()
+        self.guard = connection_guard(self.config.server, self.app, options)
+        self.guard.start()
+        sock = self.socket_factory(self.host, 0, socket.AF_INET)
+        await GuardedSite(self.runner, self.guard, sock=sock).start()
+        self.port = sock.getsockname()[1]
+        self.scheme = "http"
+        self._root = URL(f"http://{self.host}:{self.port}")
+
+    async def close(self) -> None:
+        if self.guard is not None and not self.closed:
+            assert self.guard.lane is not None
+            await self.guard.lane.drain(SHUTDOWN_TIMEOUT_S)
+            await self.guard.stop()
+        await super().close()
+
+
 @pytest.fixture(name="serve")
 def serve_fixture(aiohttp_client: Any, redis_server: RedisServer, redis_client: Redis) -> Serve:
     """Factory: `await serve({...toml as a dict...}, url=...)` -> a client of a live server.
@@ -54,8 +94,8 @@ def serve_fixture(aiohttp_client: Any, redis_server: RedisServer, redis_client: 
         data = dict(data or {})
         data["redis"] = {"timeout_ms": TEST_REDIS_TIMEOUT_MS, **data.get("redis", {})}
         config = parse_config(data, "<test>")
-        client: TestClient[Any, Any] = await aiohttp_client(
-            create_app(config, url if url is not None else redis_server.url))
+        app = create_app(config, url if url is not None else redis_server.url)
+        client: TestClient[Any, Any] = await aiohttp_client(DaemonTestServer(app, config))
         return client
 
     return start
