@@ -163,7 +163,7 @@ local function write_limits(K, limits, now, x, extra, keep)
       out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
       redis.call('HSET', K, unpack(out, 1, n + 2))
     end
-    redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
+    redis.call('PEXPIRE', K, int_text(x - now))  -- relative: a test clock need not agree with Redis
   else
     redis.call('HSET', K, unpack(out, 1, n))
   end

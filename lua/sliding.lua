@@ -14,19 +14,29 @@
 -- The entries of a loaded sliding window, after core.lua's: sub-buckets, sub-bucket ms,
 -- current and newest-stored sub-bucket, running total, current count; after a move: whether
 -- it moved, the old newest count, whether the window was idle for a whole window, and deltas
--- for older sub-buckets
+-- for older sub-buckets; then the names of the cells' fields (made as first needed)
 local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
-local CELL, MOVED, PREV, IDLE, INCR = 13, 14, 15, 16, 17
+local CELL, MOVED, PREV, IDLE, INCR, CELLS = 13, 14, 15, 16, 17, 18
 
 -- spec parameters: a = window ms, b = sub-buckets
 local function sliding_parse(lid, algo, metric, limit, a, b)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV
-  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0}
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV,
+  -- IDLE, INCR, CELLS
+  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0, false,
+          false, {}}
 end
 
--- The field of an older sub-bucket.
+-- The field of an older sub-bucket. Its name is made once per parsed limit: a number
+-- concatenated to a string is formatted with printf, slowly.
 local function cell_field(lim, bucket)
-  return lim[LID] .. ':' .. (bucket % (lim[N] + 1))
+  local i = bucket % (lim[N] + 1)
+  local cells = lim[CELLS]
+  local f = cells[i + 1]
+  if not f then
+    f = lim[LID] .. ':' .. i
+    cells[i + 1] = f
+  end
+  return f
 end
 
 -- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
@@ -34,7 +44,7 @@ end
 -- then given to sliding_forget; returned, made when first needed) and the newest count leaves
 -- SLIDING_STATE for its own field (written by sliding_fields).
 local function sliding_load(lim, raw, now, expired)
-  lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, nil, nil
+  lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, false, false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
   if raw then head, total, cell = sunpack(SLIDING_STATE_FORMAT, raw) end
@@ -97,13 +107,13 @@ local function sliding_fields(K, lim, out, n)
     for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
     redis.call('HDEL', K, unpack(drop))
   elseif lim[MOVED] then
-    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), lim[PREV], n + 2
+    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), int_text(lim[PREV]), n + 2
     for b = lim[HEAD] + 1, lim[CUR] - 1 do
-      out[n + 1], out[n + 2], n = cell_field(lim, b), 0, n + 2
+      out[n + 1], out[n + 2], n = cell_field(lim, b), '0', n + 2
     end
   end
   if lim[INCR] then
-    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], inc[2]) end
+    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], int_text(inc[2])) end
   end
   return n
 end
