@@ -123,9 +123,12 @@ end
 -- is not written: the next load moves it again the same way. `extra`: more field/value pairs
 -- for the same HSET (alert marks, anomaly state, a block), or false; K then lives at least
 -- `keep` ms more.
-local WRITE_ARGS = array16()   -- write_limits' HSET arguments, reused (read up to their count)
+-- write_limits' HSET arguments, reused (read up to their count). The limits' fields start
+-- after WRITE_HEAD_ROOM entries: room for a new hash's `x`, `b` and `n`, which go first.
+local WRITE_HEAD_ROOM = 6
+local WRITE_ARGS = array16()
 local function write_limits(K, limits, now, x, extra, keep)
-  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, 0
+  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
   for k = 1, #limits do
     local lim = limits[k]
     local algo, t = lim[ALGO], 0
@@ -146,26 +149,27 @@ local function write_limits(K, limits, now, x, extra, keep)
     n = n + #extra
     if keep > need then need = keep end
   end
-  if n == 0 then return end
+  if n == WRITE_HEAD_ROOM then return end
   -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
   -- PEXPIRE takes whole ms, and `need` may be fractional (a sub-bucket width may be).
   if x < now + need then
     local first = x == 0
     x = ceil(now + need + need / EXPIRY_SLACK_DIVISOR) + MIN_KEY_TTL_MS
     if first then
-      -- a new hash: `x`, `b` and `n` go first, where lookups find them at once
-      local head = {'x', spack(DOUBLE_FORMAT, x)}
-      if MISSING_B then head[#head + 1], head[#head + 2] = 'b', '' end
-      if MISSING_N then head[#head + 1], head[#head + 2] = 'n', '' end
-      redis.call('HSET', K, unpack(head))
-      redis.call('HSET', K, unpack(out, 1, n))
+      -- a new hash: `x`, `b` and `n` go first, where lookups find them at once (HSET sets its
+      -- pairs in order), in the room before the limits' fields
+      local from = WRITE_HEAD_ROOM + 1
+      if MISSING_N then out[from - 2], out[from - 1], from = 'n', '', from - 2 end
+      if MISSING_B then out[from - 2], out[from - 1], from = 'b', '', from - 2 end
+      out[from - 2], out[from - 1], from = 'x', spack(DOUBLE_FORMAT, x), from - 2
+      redis.call('HSET', K, unpack(out, from, n))
     else
       out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
-      redis.call('HSET', K, unpack(out, 1, n + 2))
+      redis.call('HSET', K, unpack(out, WRITE_HEAD_ROOM + 1, n + 2))
     end
     redis.call('PEXPIRE', K, int_text(x - now))  -- relative: a test clock need not agree with Redis
   else
-    redis.call('HSET', K, unpack(out, 1, n))
+    redis.call('HSET', K, unpack(out, WRITE_HEAD_ROOM + 1, n))
   end
 end
 
