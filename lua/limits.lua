@@ -68,8 +68,10 @@ local MISSING_B, MISSING_N = false, false
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
 -- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
--- (anomaly state), raw.
-local function load_limits(K, limits, fields, now)
+-- (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
+-- nor reports the limit's usage (its USED is then not exact: sliding_load skips a moved
+-- window's read of the sub-buckets that slid out).
+local function load_limits(K, limits, fields, now, unused)
   local v = redis.call('HMGET', K, unpack(fields))
   local expired = false
   for k = 1, #limits do
@@ -77,7 +79,7 @@ local function load_limits(K, limits, fields, now)
     local algo = lim[ALGO]
     lim[USED], lim[DIRTY] = 0, false
     if algo == ALG_SLIDING then
-      expired = sliding_load(lim, raw, now, expired)
+      expired = sliding_load(lim, raw, now, expired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
       calendar_load(lim, raw, now)
     else

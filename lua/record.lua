@@ -16,6 +16,9 @@ local RECORDS = {}
 -- The sub-bucket or period each limit of a reserve charged, for its record: one table for
 -- every call (Redis runs one at a time), read up to the call's limit count
 local RESERVE_REFS = array8()
+-- A settle's change of each limit, and whether it leaves the limit as it is (settle.lua): one
+-- table each for every call, read up to the call's limit count
+local SETTLE_DELTAS, SETTLE_UNUSED = array8(), array8()
 local function record_format(n)   -- RECORD and n charges, built once per n
   local f = RECORDS[n]
   if not f then f = RECORD_FORMAT .. srep('d', n); RECORDS[n] = f end

@@ -60,12 +60,19 @@ end
 
 local limits, fields = rec.charges, rec.fields
 if not limits then limits, fields = limits_of('') end
-local x, _, anomaly_raw = load_limits(K, limits, fields, now)
+-- A limit the settle leaves as it is need not be loaded exactly, unless the reply reports it
+-- (a resize) or a cost alert may read it.
+local deltas, unused = SETTLE_DELTAS, SETTLE_UNUSED
 for k = 1, #limits do
-  local lim = limits[k]
-  local metric = lim[METRIC]
+  local metric = limits[k][METRIC]
   local delta = u[metric] - reserved[metric]
-  if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
+  deltas[k] = delta
+  unused[k] = delta == 0 and mode ~= MODE_RESIZE and metric ~= METRIC_COST_USD
+end
+local x, _, anomaly_raw = load_limits(K, limits, fields, now, unused)
+for k = 1, #limits do
+  local delta = deltas[k]
+  if delta ~= 0 then add_to_limit(limits[k], delta, limits[k][REF]) end
 end
 local extra, fired = false, false
 if mode == MODE_COMMIT then

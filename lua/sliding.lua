@@ -42,8 +42,9 @@ end
 -- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
 -- reuse cells of sub-buckets that slid out: their fields go to `expired` (read by the caller,
 -- then given to sliding_forget; returned, made when first needed) and the newest count leaves
--- SLIDING_STATE for its own field (written by sliding_fields).
-local function sliding_load(lim, raw, now, expired)
+-- SLIDING_STATE for its own field (written by sliding_fields). `unused`: the call neither
+-- changes nor reports this window, so what slid out is not read (its total stays as stored).
+local function sliding_load(lim, raw, now, expired, unused)
   lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, false, false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
@@ -54,7 +55,7 @@ local function sliding_load(lim, raw, now, expired)
     lim[MOVED], lim[PREV] = true, cell
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
-    else
+    elseif not unused then
       expired = expired or {}
       for b = head + 1, cur do expired[#expired + 1] = {lim, cell_field(lim, b)} end
     end
