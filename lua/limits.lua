@@ -73,24 +73,23 @@ local MISSING_B, MISSING_N = false, false
 -- window's read of the sub-buckets that slid out).
 local function load_limits(K, limits, fields, now, unused)
   local v = redis.call('HMGET', K, unpack(fields))
-  local expired = false
+  local nexpired = 0
   for k = 1, #limits do
     local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
     lim[USED], lim[DIRTY] = 0, false
     if algo == ALG_SLIDING then
-      expired = sliding_load(lim, raw, now, expired, unused and unused[k])
+      nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
       calendar_load(lim, raw, now)
     else
       bucket_load(lim, raw, now)
     end
   end
-  if expired then
-    local f = {}
-    for j = 1, #expired do f[j] = expired[j][2] end
-    local got = redis.call('HMGET', K, unpack(f))
-    for j = 1, #expired do sliding_forget(expired[j][1], tonumber(got[j]) or 0) end
+  if nexpired > 0 then
+    local got = redis.call('HMGET', K, unpack(EXPIRED_FIELDS, 1, nexpired))
+    local lims = EXPIRED_LIMITS
+    for j = 1, nexpired do sliding_forget(lims[j], tonumber(got[j]) or 0) end
   end
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again

@@ -84,8 +84,12 @@ if mode == MODE_COMMIT then
   local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)
   if st then
     count_commit(st, u[METRIC_TOKENS])
-    extra = extra or {}
-    extra[#extra + 1], extra[#extra + 2] = 'n', pack_anomaly(st)
+    if extra then
+      extra[3], extra[4] = 'n', pack_anomaly(st)
+    else
+      extra = ANOMALY_FIELD
+      extra[2] = pack_anomaly(st)
+    end
   end
 end
 write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)

@@ -39,12 +39,17 @@ local function cell_field(lim, bucket)
   return f
 end
 
+-- The cells that slid out of the windows a call loads, and their limits, from 1 to the count
+-- sliding_load returns: one pair of tables for every call (Redis runs one call at a time)
+local EXPIRED_FIELDS, EXPIRED_LIMITS = array16(), array16()
+
 -- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
--- reuse cells of sub-buckets that slid out: their fields go to `expired` (read by the caller,
--- then given to sliding_forget; returned, made when first needed) and the newest count leaves
--- SLIDING_STATE for its own field (written by sliding_fields). `unused`: the call neither
--- changes nor reports this window, so what slid out is not read (its total stays as stored).
-local function sliding_load(lim, raw, now, expired, unused)
+-- reuse cells of sub-buckets that slid out: they are listed in EXPIRED_FIELDS and
+-- EXPIRED_LIMITS after the `nexpired` listed already (read by the caller, then given to
+-- sliding_forget), and the newest count leaves SLIDING_STATE for its own field (written by
+-- sliding_fields). `unused`: the call neither changes nor reports this window, so what slid
+-- out is not read (its total stays as stored). Returns the new count of listed cells.
+local function sliding_load(lim, raw, now, nexpired, unused)
   lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, false, false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
@@ -56,13 +61,16 @@ local function sliding_load(lim, raw, now, expired, unused)
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
     elseif not unused then
-      expired = expired or {}
-      for b = head + 1, cur do expired[#expired + 1] = {lim, cell_field(lim, b)} end
+      local fields, lims = EXPIRED_FIELDS, EXPIRED_LIMITS
+      for b = head + 1, cur do
+        nexpired = nexpired + 1
+        fields[nexpired], lims[nexpired] = cell_field(lim, b), lim
+      end
     end
     cell = 0
   end
   lim[CUR], lim[HEAD], lim[TOTAL], lim[CELL], lim[USED] = cur, head, total, cell, total
-  return expired
+  return nexpired
 end
 
 -- A cell that slid out held `count`: it no longer counts.
