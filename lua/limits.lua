@@ -88,8 +88,12 @@ local function load_limits(K, limits, fields, now, unused)
   end
   if nexpired > 0 then
     local got = redis.call('HMGET', K, unpack(EXPIRED_FIELDS, 1, nexpired))
-    local lims = EXPIRED_LIMITS
-    for j = 1, nexpired do sliding_forget(lims[j], tonumber(got[j]) or 0) end
+    local lims, counts = EXPIRED_LIMITS, EXPIRED_COUNTS
+    for j = 1, nexpired do
+      local count = tonumber(got[j]) or 0
+      counts[j] = count
+      sliding_forget(lims[j], count)
+    end
   end
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again

@@ -14,16 +14,17 @@
 -- The entries of a loaded sliding window, after core.lua's: sub-buckets, sub-bucket ms,
 -- current and newest-stored sub-bucket, running total, current count; after a move: whether
 -- it moved, the old newest count, whether the window was idle for a whole window, and deltas
--- for older sub-buckets; then the names of the cells' fields (made as first needed)
+-- for older sub-buckets; then the names of the cells' fields (made as first needed), and where
+-- the cells that slid out are listed in EXPIRED_FIELDS (false: not read)
 local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
-local CELL, MOVED, PREV, IDLE, INCR, CELLS = 13, 14, 15, 16, 17, 18
+local CELL, MOVED, PREV, IDLE, INCR, CELLS, EXPIRED_AT = 13, 14, 15, 16, 17, 18, 19
 
 -- spec parameters: a = window ms, b = sub-buckets
 local function sliding_parse(lid, algo, metric, limit, a, b)
   -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV,
-  -- IDLE, INCR, CELLS
+  -- IDLE, INCR, CELLS, EXPIRED_AT
   return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0, false,
-          false, {}}
+          false, {}, false}
 end
 
 -- The field of an older sub-bucket. Its name is made once per parsed limit: a number
@@ -39,9 +40,10 @@ local function cell_field(lim, bucket)
   return f
 end
 
--- The cells that slid out of the windows a call loads, and their limits, from 1 to the count
--- sliding_load returns: one pair of tables for every call (Redis runs one call at a time)
-local EXPIRED_FIELDS, EXPIRED_LIMITS = array16(), array16()
+-- The cells that slid out of the windows a call loads, their limits, and what they held
+-- (once read), from 1 to the count sliding_load returns: one set of tables for every call
+-- (Redis runs one call at a time)
+local EXPIRED_FIELDS, EXPIRED_LIMITS, EXPIRED_COUNTS = array16(), array16(), array16()
 
 -- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
 -- reuse cells of sub-buckets that slid out: they are listed in EXPIRED_FIELDS and
@@ -51,6 +53,7 @@ local EXPIRED_FIELDS, EXPIRED_LIMITS = array16(), array16()
 -- out is not read (its total stays as stored). Returns the new count of listed cells.
 local function sliding_load(lim, raw, now, nexpired, unused)
   lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, false, false
+  lim[EXPIRED_AT] = false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
   if raw then head, total, cell = sunpack(SLIDING_STATE_FORMAT, raw) end
@@ -62,6 +65,7 @@ local function sliding_load(lim, raw, now, nexpired, unused)
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
     elseif not unused then
       local fields, lims = EXPIRED_FIELDS, EXPIRED_LIMITS
+      lim[EXPIRED_AT] = nexpired + 1
       for b = head + 1, cur do
         nexpired = nexpired + 1
         fields[nexpired], lims[nexpired] = cell_field(lim, b), lim
@@ -107,7 +111,8 @@ end
 
 -- The changed window's fields, appended to out (from index n+1); returns the new n.
 -- After a move the old newest count gets its own field and the sub-buckets skipped on the way
--- start at 0; the cell of the new newest one is not read until the window moves again.
+-- start at 0 (but those that held 0, or nothing, when read); the cell of the new newest one is
+-- not read until the window moves again.
 local function sliding_fields(K, lim, out, n)
   out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, lim[CUR], lim[TOTAL], lim[CELL])
   n = n + 2
@@ -116,9 +121,15 @@ local function sliding_fields(K, lim, out, n)
     for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
     redis.call('HDEL', K, unpack(drop))
   elseif lim[MOVED] then
-    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), int_text(lim[PREV]), n + 2
-    for b = lim[HEAD] + 1, lim[CUR] - 1 do
-      out[n + 1], out[n + 2], n = cell_field(lim, b), '0', n + 2
+    local head, at = lim[HEAD], lim[EXPIRED_AT]
+    out[n + 1], out[n + 2], n = cell_field(lim, head), int_text(lim[PREV]), n + 2
+    -- (a HINCRBY below runs first: its cell is written 0 after it, as always)
+    if lim[INCR] then at = false end
+    local counts = EXPIRED_COUNTS
+    for b = head + 1, lim[CUR] - 1 do
+      if not at or counts[at + b - head - 1] ~= 0 then
+        out[n + 1], out[n + 2], n = cell_field(lim, b), '0', n + 2
+      end
     end
   end
   if lim[INCR] then
