@@ -92,7 +92,7 @@ local function load_limits(K, limits, fields, now, unused)
     for j = 1, nexpired do
       local count = tonumber(got[j]) or 0
       counts[j] = count
-      sliding_forget(lims[j], count)
+      if count ~= 0 then sliding_forget(lims[j], count) end
     end
   end
   local x = v[1]
@@ -116,11 +116,19 @@ local function add_to_limit(lim, delta, ref)
   if changed then lim[DIRTY] = true end
 end
 
--- The sub-bucket or period a reserve charged, for its record (0: the algorithm needs none).
-local function charged_ref(lim)
+-- A reserve's charge: add_to_limit(lim, amount, false), in one call (a Lua call costs about
+-- as much as a few table reads). Returns the sub-bucket or period it charged, for the record
+-- (0: the algorithm needs none).
+local function charge_limit(lim, amount)
   local algo = lim[ALGO]
-  if algo == ALG_SLIDING then return sliding_ref(lim) end
-  if algo == ALG_CALENDAR then return calendar_ref(lim) end
+  if algo == ALG_SLIDING then
+    if sliding_add(lim, amount, false) then lim[DIRTY] = true end
+    return sliding_ref(lim)
+  elseif algo == ALG_CALENDAR then
+    if calendar_add(lim, amount, false) then lim[DIRTY] = true end
+    return calendar_ref(lim)
+  end
+  if bucket_add(lim, amount) then lim[DIRTY] = true end
   return 0
 end
 

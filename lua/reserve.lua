@@ -170,8 +170,7 @@ local expires = now + ttl
 local refs = RESERVE_REFS
 for k = 1, nl do
   local lim = limits[k]
-  add_to_limit(lim, est[lim[METRIC]], false)
-  refs[k] = charged_ref(lim)
+  refs[k] = charge_limit(lim, est[lim[METRIC]])
 end
 if mode ~= MODE_DRY_RUN then
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,

@@ -28,7 +28,8 @@ local function sliding_parse(lid, algo, metric, limit, a, b)
 end
 
 -- The field of an older sub-bucket. Its name is made once per parsed limit: a number
--- concatenated to a string is formatted with printf, slowly.
+-- concatenated to a string is formatted with printf, slowly. (Loops look a name up in
+-- lim[CELLS], at bucket % (N+1) + 1, before they call this: a Lua call costs more.)
 local function cell_field(lim, bucket)
   local i = bucket % (lim[N] + 1)
   local cells = lim[CELLS]
@@ -64,11 +65,11 @@ local function sliding_load(lim, raw, now, nexpired, unused)
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
     elseif not unused then
-      local fields, lims = EXPIRED_FIELDS, EXPIRED_LIMITS
+      local fields, lims, cells, m = EXPIRED_FIELDS, EXPIRED_LIMITS, lim[CELLS], n + 1
       lim[EXPIRED_AT] = nexpired + 1
       for b = head + 1, cur do
         nexpired = nexpired + 1
-        fields[nexpired], lims[nexpired] = cell_field(lim, b), lim
+        fields[nexpired], lims[nexpired] = cells[b % m + 1] or cell_field(lim, b), lim
       end
     end
     cell = 0
@@ -125,10 +126,10 @@ local function sliding_fields(K, lim, out, n)
     out[n + 1], out[n + 2], n = cell_field(lim, head), int_text(lim[PREV]), n + 2
     -- (a HINCRBY below runs first: its cell is written 0 after it, as always)
     if lim[INCR] then at = false end
-    local counts = EXPIRED_COUNTS
+    local counts, cells, m = EXPIRED_COUNTS, lim[CELLS], lim[N] + 1
     for b = head + 1, lim[CUR] - 1 do
       if not at or counts[at + b - head - 1] ~= 0 then
-        out[n + 1], out[n + 2], n = cell_field(lim, b), '0', n + 2
+        out[n + 1], out[n + 2], n = cells[b % m + 1] or cell_field(lim, b), '0', n + 2
       end
     end
   end
