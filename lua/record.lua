@@ -82,13 +82,15 @@ local function parse_record(raw)
 end
 
 -- A settle's reply about `rec` (settle.lua): the usage its commit recorded, what it reserved, and
--- for a resize its limits; then the other subjects and the alerts its commit fired.
-local function settled_reply(rec, now, status, limits)
+-- for a resize its limits; then the other subjects and the alerts its commit fired. `actual`
+-- and `reserved`: the record's amounts (amounts()) when the caller has them, or nil.
+local function settled_reply(rec, now, status, limits, actual, reserved)
   local u1, u2, u3 = 0, 0, 0
   if rec.state == RECORD_COMMITTED then u1, u2, u3 = unpack(rec.actual, 1, 3) end
-  local actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
-  local reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi,
-                           rec.po, 1)
+  if not actual then
+    actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
+    reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+  end
   local head = reply_head()
   head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u1
   head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u2, u3

@@ -112,4 +112,5 @@ if fired and #fired > 0 then
   settled = settled .. RECORD_ALERTS_SEPARATOR .. rec.alerts
 end
 redis.call('SET', R, settled, 'PX', ARGV[2])
-return settled_reply(rec, now, SETTLE_APPLIED, false)
+-- (a commit's `u` is what the reply reports; a release's reports no cost, as its `u`)
+return settled_reply(rec, now, SETTLE_APPLIED, false, u, reserved)
