@@ -77,7 +77,7 @@ local function load_limits(K, limits, fields, now, unused)
   for k = 1, #limits do
     local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
-    lim[USED], lim[DIRTY] = 0, false
+    lim[DIRTY] = false   -- (each load sets USED)
     if algo == ALG_SLIDING then
       nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
@@ -146,11 +146,17 @@ local function write_limits(K, limits, now, x, extra, keep)
     local lim = limits[k]
     local algo, t = lim[ALGO], 0
     if algo == ALG_SLIDING then
-      if lim[DIRTY] then n = sliding_fields(K, lim, out, n) end
-      t = sliding_ttl(lim, now)
+      if lim[DIRTY] then
+        n, t = sliding_fields(K, lim, out, n, now)
+      else
+        t = sliding_ttl(lim, now)
+      end
     elseif algo == ALG_CALENDAR then
-      if lim[DIRTY] then n = calendar_fields(lim, out, n) end
-      t = calendar_ttl(lim, now)
+      if lim[DIRTY] then
+        n, t = calendar_fields(lim, out, n, now)
+      else
+        t = calendar_ttl(lim, now)
+      end
     else
       if lim[DIRTY] then n = bucket_fields(lim, out, n) end
       t = bucket_ttl(lim)

@@ -53,15 +53,15 @@ local EXPIRED_FIELDS, EXPIRED_LIMITS, EXPIRED_COUNTS = array16(), array16(), arr
 -- sliding_fields). `unused`: the call neither changes nor reports this window, so what slid
 -- out is not read (its total stays as stored). Returns the new count of listed cells.
 local function sliding_load(lim, raw, now, nexpired, unused)
-  lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, false, false
-  lim[EXPIRED_AT] = false
+  lim[INCR] = false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
   if raw then head, total, cell = sunpack(SLIDING_STATE_FORMAT, raw) end
   -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
   if head > cur then cur = head end
   if cur > head then
-    lim[MOVED], lim[PREV] = true, cell
+    -- (PREV, IDLE and EXPIRED_AT are read only after a move: set only then)
+    lim[MOVED], lim[PREV], lim[IDLE], lim[EXPIRED_AT] = true, cell, false, false
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
     elseif not unused then
@@ -73,6 +73,8 @@ local function sliding_load(lim, raw, now, nexpired, unused)
       end
     end
     cell = 0
+  else
+    lim[MOVED] = false
   end
   lim[CUR], lim[HEAD], lim[TOTAL], lim[CELL], lim[USED] = cur, head, total, cell, total
   return nexpired
@@ -110,14 +112,16 @@ local function sliding_ref(lim)
   return lim[CUR]
 end
 
--- The changed window's fields, appended to out (from index n+1); returns the new n.
+-- The changed window's fields, appended to out (from index n+1); returns the new n, and
+-- sliding_ttl's (computed here: a Lua call costs more).
 -- After a move the old newest count gets its own field and the sub-buckets skipped on the way
 -- start at 0 (but those that held 0, or nothing, when read); the cell of the new newest one is
 -- not read until the window moves again.
-local function sliding_fields(K, lim, out, n)
-  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, lim[CUR], lim[TOTAL], lim[CELL])
+local function sliding_fields(K, lim, out, n, now)
+  local cur = lim[CUR]
+  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, cur, lim[TOTAL], lim[CELL])
   n = n + 2
-  if lim[IDLE] then
+  if lim[MOVED] and lim[IDLE] then
     local drop = {}
     for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
     redis.call('HDEL', K, unpack(drop))
@@ -127,7 +131,7 @@ local function sliding_fields(K, lim, out, n)
     -- (a HINCRBY below runs first: its cell is written 0 after it, as always)
     if lim[INCR] then at = false end
     local counts, cells, m = EXPIRED_COUNTS, lim[CELLS], lim[N] + 1
-    for b = head + 1, lim[CUR] - 1 do
+    for b = head + 1, cur - 1 do
       if not at or counts[at + b - head - 1] ~= 0 then
         out[n + 1], out[n + 2], n = cells[b % m + 1] or cell_field(lim, b), '0', n + 2
       end
@@ -136,7 +140,7 @@ local function sliding_fields(K, lim, out, n)
   if lim[INCR] then
     for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], int_text(inc[2])) end
   end
-  return n
+  return n, (cur + lim[N] + 1) * lim[WIDTH] - now
 end
 
 -- How long K must live so that this window forgets no usage that still counts.
