@@ -70,10 +70,11 @@ local MISSING_B, MISSING_N = false, false
 -- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
 -- (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
 -- nor reports the limit's usage (its USED is then not exact: sliding_load skips a moved
--- window's read of the sub-buckets that slid out).
+-- window's read of the sub-buckets that slid out). Returns, last, whether a calendar limit
+-- found Redis time outside the periods the engine sent (its STALE).
 local function load_limits(K, limits, fields, now, unused)
   local v = redis.call('HMGET', K, unpack(fields))
-  local nexpired = 0
+  local nexpired, stale = 0, false
   for k = 1, #limits do
     local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
@@ -82,6 +83,7 @@ local function load_limits(K, limits, fields, now, unused)
       nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
       calendar_load(lim, raw, now)
+      if lim[STALE] then stale = true end
     else
       bucket_load(lim, raw, now)
     end
@@ -99,7 +101,7 @@ local function load_limits(K, limits, fields, now, unused)
   -- none yet, or not ours: K's expiry is set again
   x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
   MISSING_B, MISSING_N = not v[2], not v[3]
-  return x, v[2], v[3]
+  return x, v[2], v[3], stale
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta

@@ -102,8 +102,8 @@ local function sliding_add(lim, delta, ref)
     lim[INCR] = lim[INCR] or {}
     lim[INCR][#lim[INCR] + 1] = {cell_field(lim, target), delta}
   end
-  lim[TOTAL] = lim[TOTAL] + delta
-  lim[USED] = lim[TOTAL]
+  local total = lim[TOTAL] + delta
+  lim[TOTAL], lim[USED] = total, total
   return true
 end
 
