@@ -77,13 +77,22 @@ local function parse_marks(raw)
   return marks
 end
 
+-- The lowest threshold of each thresholds argument seen (a daemon sends the same one with
+-- every commit), at most MAX_PARSED_BLOBS of them; then the cache starts over
+local LOWEST_THRESHOLD, nlowest = {}, 0
+
 -- Fires every threshold (ppm doubles, ascending) that a loaded cost budget's spend has reached
 -- and that has not fired in its period. Reads K's `a` only then. Returns the new `a` and the
 -- alerts' JSONs, or false when nothing fired.
 local function cost_alerts(K, AK, now, limits, thresholds)
   local marks, changed, fired = false, false, false
   local nt = #thresholds / DOUBLE_SIZE
-  local lowest = sunpack(DOUBLE_FORMAT, thresholds)
+  local lowest = LOWEST_THRESHOLD[thresholds]
+  if not lowest then
+    if nlowest >= MAX_PARSED_BLOBS then LOWEST_THRESHOLD, nlowest = {}, 0 end
+    lowest = sunpack(DOUBLE_FORMAT, thresholds)
+    LOWEST_THRESHOLD[thresholds], nlowest = lowest, nlowest + 1
+  end
   local ppms
   for k = 1, #limits do
     local lim = limits[k]

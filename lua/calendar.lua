@@ -23,7 +23,7 @@ local function period_of(lim, t)
 end
 
 local function calendar_load(lim, raw, now)
-  lim[STALE] = false
+  lim[STALE], lim[USED] = false, 0
   local start, stop = period_of(lim, now)
   if not start then lim[STALE], start, stop = true, now, now + 1 end
   if raw then
@@ -58,9 +58,10 @@ local function calendar_ref(lim)
   return lim[START]
 end
 
-local function calendar_fields(lim, out, n)
+-- (returns the new n, and calendar_ttl's)
+local function calendar_fields(lim, out, n, now)
   out[n + 1], out[n + 2] = lim[LID], spack(PAIR_FORMAT, lim[START], lim[USED])
-  return n + 2
+  return n + 2, lim[STOP] - now
 end
 
 local function calendar_ttl(lim, now)

@@ -33,12 +33,13 @@
 
 -- Redis runs a library's top level without globals, so bind_globals() binds these on the first
 -- call (to the same values every time).
-local tonumber, ipairs, unpack, floor, ceil, max, min, spack, sunpack, srep
+local tonumber, ipairs, unpack, floor, ceil, max, min, spack, sunpack, srep, sformat
 local function bind_globals()
   if floor then return end
   tonumber, ipairs, unpack = _G.tonumber, _G.ipairs, _G.unpack
   floor, ceil, max, min = _G.math.floor, _G.math.ceil, _G.math.max, _G.math.min
   spack, sunpack, srep = _G.struct.pack, _G.struct.unpack, _G.string.rep
+  sformat = _G.string.format
 end
 
 -- The entries of a loaded limit (an array), common to every algorithm: LID, ALGO, METRIC,
@@ -55,6 +56,20 @@ local MIN_KEY_TTL_MS, EXPIRY_SLACK_DIVISOR = 1000, 8
 -- Microseconds per millisecond (TIME answers seconds and microseconds); nano-USD per
 -- micro-USD per 1M tokens times a token (prices are micro-USD per 1M tokens)
 local US_PER_MS, PRICE_DIVISOR = 1000, 1000
+
+-- A whole number as a Redis argument. redis.call formats a number with printf('%.17g'),
+-- slowly; a whole number's digits are the same text, and those of small ones are kept once
+-- made. Anything else is left to redis.call.
+local INT_TEXT_KEPT = 4096
+local INT_TEXT = {}
+local function int_text(v)
+  local s = INT_TEXT[v]
+  if s then return s end
+  if v ~= floor(v) or v >= 1e15 or v <= -1e15 then return v end
+  s = sformat('%d', v)
+  if v < INT_TEXT_KEPT and v > -INT_TEXT_KEPT then INT_TEXT[v] = s end
+  return s
+end
 
 local function now_ms(override)
   if override > 0 then return override end

@@ -68,33 +68,40 @@ local MISSING_B, MISSING_N = false, false
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
 -- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
--- (anomaly state), raw.
-local function load_limits(K, limits, fields, now)
+-- (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
+-- nor reports the limit's usage (its USED is then not exact: sliding_load skips a moved
+-- window's read of the sub-buckets that slid out). Returns, last, whether a calendar limit
+-- found Redis time outside the periods the engine sent (its STALE).
+local function load_limits(K, limits, fields, now, unused)
   local v = redis.call('HMGET', K, unpack(fields))
-  local expired = false
+  local nexpired, stale = 0, false
   for k = 1, #limits do
     local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
-    lim[USED], lim[DIRTY] = 0, false
+    lim[DIRTY] = false   -- (each load sets USED)
     if algo == ALG_SLIDING then
-      expired = sliding_load(lim, raw, now, expired)
+      nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
       calendar_load(lim, raw, now)
+      if lim[STALE] then stale = true end
     else
       bucket_load(lim, raw, now)
     end
   end
-  if expired then
-    local f = {}
-    for j = 1, #expired do f[j] = expired[j][2] end
-    local got = redis.call('HMGET', K, unpack(f))
-    for j = 1, #expired do sliding_forget(expired[j][1], tonumber(got[j]) or 0) end
+  if nexpired > 0 then
+    local got = redis.call('HMGET', K, unpack(EXPIRED_FIELDS, 1, nexpired))
+    local lims, counts = EXPIRED_LIMITS, EXPIRED_COUNTS
+    for j = 1, nexpired do
+      local count = tonumber(got[j]) or 0
+      counts[j] = count
+      if count ~= 0 then sliding_forget(lims[j], count) end
+    end
   end
   local x = v[1]
   -- none yet, or not ours: K's expiry is set again
   x = (x and #x == DOUBLE_SIZE) and sunpack(DOUBLE_FORMAT, x) or 0
   MISSING_B, MISSING_N = not v[2], not v[3]
-  return x, v[2], v[3]
+  return x, v[2], v[3], stale
 end
 
 -- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
@@ -111,11 +118,19 @@ local function add_to_limit(lim, delta, ref)
   if changed then lim[DIRTY] = true end
 end
 
--- The sub-bucket or period a reserve charged, for its record (0: the algorithm needs none).
-local function charged_ref(lim)
+-- A reserve's charge: add_to_limit(lim, amount, false), in one call (a Lua call costs about
+-- as much as a few table reads). Returns the sub-bucket or period it charged, for the record
+-- (0: the algorithm needs none).
+local function charge_limit(lim, amount)
   local algo = lim[ALGO]
-  if algo == ALG_SLIDING then return sliding_ref(lim) end
-  if algo == ALG_CALENDAR then return calendar_ref(lim) end
+  if algo == ALG_SLIDING then
+    if sliding_add(lim, amount, false) then lim[DIRTY] = true end
+    return sliding_ref(lim)
+  elseif algo == ALG_CALENDAR then
+    if calendar_add(lim, amount, false) then lim[DIRTY] = true end
+    return calendar_ref(lim)
+  end
+  if bucket_add(lim, amount) then lim[DIRTY] = true end
   return 0
 end
 
@@ -123,18 +138,27 @@ end
 -- is not written: the next load moves it again the same way. `extra`: more field/value pairs
 -- for the same HSET (alert marks, anomaly state, a block), or false; K then lives at least
 -- `keep` ms more.
-local WRITE_ARGS = array16()   -- write_limits' HSET arguments, reused (read up to their count)
+-- write_limits' HSET arguments, reused (read up to their count). The limits' fields start
+-- after WRITE_HEAD_ROOM entries: room for a new hash's `x`, `b` and `n`, which go first.
+local WRITE_HEAD_ROOM = 6
+local WRITE_ARGS = array16()
 local function write_limits(K, limits, now, x, extra, keep)
-  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, 0
+  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
   for k = 1, #limits do
     local lim = limits[k]
     local algo, t = lim[ALGO], 0
     if algo == ALG_SLIDING then
-      if lim[DIRTY] then n = sliding_fields(K, lim, out, n) end
-      t = sliding_ttl(lim, now)
+      if lim[DIRTY] then
+        n, t = sliding_fields(K, lim, out, n, now)
+      else
+        t = sliding_ttl(lim, now)
+      end
     elseif algo == ALG_CALENDAR then
-      if lim[DIRTY] then n = calendar_fields(lim, out, n) end
-      t = calendar_ttl(lim, now)
+      if lim[DIRTY] then
+        n, t = calendar_fields(lim, out, n, now)
+      else
+        t = calendar_ttl(lim, now)
+      end
     else
       if lim[DIRTY] then n = bucket_fields(lim, out, n) end
       t = bucket_ttl(lim)
@@ -146,26 +170,27 @@ local function write_limits(K, limits, now, x, extra, keep)
     n = n + #extra
     if keep > need then need = keep end
   end
-  if n == 0 then return end
+  if n == WRITE_HEAD_ROOM then return end
   -- K lives `need` ms more, plus slack so a busy subject pays for a PEXPIRE only now and then.
   -- PEXPIRE takes whole ms, and `need` may be fractional (a sub-bucket width may be).
   if x < now + need then
     local first = x == 0
     x = ceil(now + need + need / EXPIRY_SLACK_DIVISOR) + MIN_KEY_TTL_MS
     if first then
-      -- a new hash: `x`, `b` and `n` go first, where lookups find them at once
-      local head = {'x', spack(DOUBLE_FORMAT, x)}
-      if MISSING_B then head[#head + 1], head[#head + 2] = 'b', '' end
-      if MISSING_N then head[#head + 1], head[#head + 2] = 'n', '' end
-      redis.call('HSET', K, unpack(head))
-      redis.call('HSET', K, unpack(out, 1, n))
+      -- a new hash: `x`, `b` and `n` go first, where lookups find them at once (HSET sets its
+      -- pairs in order), in the room before the limits' fields
+      local from = WRITE_HEAD_ROOM + 1
+      if MISSING_N then out[from - 2], out[from - 1], from = 'n', '', from - 2 end
+      if MISSING_B then out[from - 2], out[from - 1], from = 'b', '', from - 2 end
+      out[from - 2], out[from - 1], from = 'x', spack(DOUBLE_FORMAT, x), from - 2
+      redis.call('HSET', K, unpack(out, from, n))
     else
       out[n + 1], out[n + 2] = 'x', spack(DOUBLE_FORMAT, x)
-      redis.call('HSET', K, unpack(out, 1, n + 2))
+      redis.call('HSET', K, unpack(out, WRITE_HEAD_ROOM + 1, n + 2))
     end
-    redis.call('PEXPIRE', K, x - now)  -- relative: a test clock need not agree with Redis
+    redis.call('PEXPIRE', K, int_text(x - now))  -- relative: a test clock need not agree with Redis
   else
-    redis.call('HSET', K, unpack(out, 1, n))
+    redis.call('HSET', K, unpack(out, WRITE_HEAD_ROOM + 1, n))
   end
 end
 

@@ -16,6 +16,12 @@ local RECORDS = {}
 -- The sub-bucket or period each limit of a reserve charged, for its record: one table for
 -- every call (Redis runs one at a time), read up to the call's limit count
 local RESERVE_REFS = array8()
+-- A settle's change of each limit, and whether it leaves the limit as it is (settle.lua): one
+-- table each for every call, read up to the call's limit count
+local SETTLE_DELTAS, SETTLE_UNUSED = array8(), array8()
+-- The charges a record lists, when at most MAX_LIMITS (parse_record; then what follows
+-- them): one table for every call
+local RECORD_REFS = array8()
 local function record_format(n)   -- RECORD and n charges, built once per n
   local f = RECORDS[n]
   if not f then f = RECORD_FORMAT .. srep('d', n); RECORDS[n] = f end
@@ -58,8 +64,15 @@ local function parse_record(raw)
   if n > 0 then
     -- the specs as the reserve got them: most likely parsed already
     rec.charges, rec.fields = limits_of(raw:sub(specs_at, specs_at + SPEC_SIZE * n - 1))
-    local refs = {sunpack(doubles(n), raw, RECORD_SIZE + 1)}
-    for k = 1, n do rec.charges[k][REF] = refs[k] end
+    local refs = RECORD_REFS
+    if n > MAX_LIMITS then
+      refs = {sunpack(doubles(n), raw, RECORD_SIZE + 1)}
+    else
+      refs[1], refs[2], refs[3], refs[4], refs[5], refs[6], refs[7], refs[8] =
+        sunpack(doubles(n), raw, RECORD_SIZE + 1)
+    end
+    local charges = rec.charges
+    for k = 1, n do charges[k][REF] = refs[k] end
   elseif rec.state ~= RECORD_RESERVED then
     -- a settled record: the alerts its commit fired follow the other subjects
     local cut = rec.others:find(RECORD_ALERTS_SEPARATOR, 1, true)
@@ -69,13 +82,15 @@ local function parse_record(raw)
 end
 
 -- A settle's reply about `rec` (settle.lua): the usage its commit recorded, what it reserved, and
--- for a resize its limits; then the other subjects and the alerts its commit fired.
-local function settled_reply(rec, now, status, limits)
+-- for a resize its limits; then the other subjects and the alerts its commit fired. `actual`
+-- and `reserved`: the record's amounts (amounts()) when the caller has them, or nil.
+local function settled_reply(rec, now, status, limits, actual, reserved)
   local u1, u2, u3 = 0, 0, 0
   if rec.state == RECORD_COMMITTED then u1, u2, u3 = unpack(rec.actual, 1, 3) end
-  local actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
-  local reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi,
-                           rec.po, 1)
+  if not actual then
+    actual = amounts(USED_AMOUNTS, 1, u1, u2, u3, rec.pi, rec.pc, rec.po, 0)
+    reserved = amounts(RESERVED_AMOUNTS, 1, rec.input, 0, rec.output, rec.pi, rec.pi, rec.po, 1)
+  end
   local head = reply_head()
   head[SETTLED_STATUS], head[SETTLED_INPUT_TOKENS] = status, u1
   head[SETTLED_CACHED_INPUT_TOKENS], head[SETTLED_OUTPUT_TOKENS] = u2, u3

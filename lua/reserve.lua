@@ -27,11 +27,9 @@ local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
 local now = now_ms(clock)
 local limits, fields = limits_of(ARGV[3])
 local nl = #limits
-local x, block, anomaly_raw = load_limits(K, limits, fields, now)
-for k = 1, nl do
-  if limits[k][ALGO] == ALG_CALENDAR and limits[k][STALE] then
-    return redis.error_reply('ERR calendar boundaries do not cover Redis time')
-  end
+local x, block, anomaly_raw, stale = load_limits(K, limits, fields, now)
+if stale then
+  return redis.error_reply('ERR calendar boundaries do not cover Redis time')
 end
 local head = reply_head()
 head[REPLY_INPUT_TOKENS] = input
@@ -143,18 +141,17 @@ for k = 1, nl do
   end
 end
 
--- A concurrency slot frees when a call in flight is committed or released, which no one can
--- foresee, and at the latest when its reservation expires, at most one sub-bucket (ttl / 60)
--- late: that latest moment is the hint (a client may retry sooner once one of its calls ends)
-local CONCURRENT_RETRY_MS = ttl + math.floor(ttl / 60)
-
 if denied then
+  -- A concurrency slot frees when a call in flight is committed or released, which no one can
+  -- foresee, and at the latest when its reservation expires, at most one sub-bucket (ttl / 60)
+  -- late: that latest moment is the hint (a client may retry sooner once one of its calls ends)
+  local concurrent_retry_ms = ttl + math.floor(ttl / 60)
   est = amounts(RESERVED_AMOUNTS, 1, input, 0, floor_out, pi, pi, po, 1)
   local retry = 0
   for _, k in ipairs(denied) do
     local lim = limits[k]
     local r = retry_after(K, lim, est[lim[METRIC]], now)
-    if lim[METRIC] == METRIC_CONCURRENT and r >= 0 then r = CONCURRENT_RETRY_MS end
+    if lim[METRIC] == METRIC_CONCURRENT and r >= 0 then r = concurrent_retry_ms end
     if r < 0 or retry < 0 then retry = -1 elseif r > retry then retry = r end
   end
   head[REPLY_STATUS], head[REPLY_DENIED_LIMIT], head[REPLY_RETRY_AFTER_MS] =
@@ -170,8 +167,7 @@ local expires = now + ttl
 local refs = RESERVE_REFS
 for k = 1, nl do
   local lim = limits[k]
-  add_to_limit(lim, est[lim[METRIC]], false)
-  refs[k] = charged_ref(lim)
+  refs[k] = charge_limit(lim, est[lim[METRIC]])
 end
 if mode ~= MODE_DRY_RUN then
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,

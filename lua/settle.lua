@@ -60,12 +60,19 @@ end
 
 local limits, fields = rec.charges, rec.fields
 if not limits then limits, fields = limits_of('') end
-local x, _, anomaly_raw = load_limits(K, limits, fields, now)
+-- A limit the settle leaves as it is need not be loaded exactly, unless the reply reports it
+-- (a resize) or a cost alert may read it.
+local deltas, unused = SETTLE_DELTAS, SETTLE_UNUSED
 for k = 1, #limits do
-  local lim = limits[k]
-  local metric = lim[METRIC]
+  local metric = limits[k][METRIC]
   local delta = u[metric] - reserved[metric]
-  if delta ~= 0 then add_to_limit(lim, delta, lim[REF]) end
+  deltas[k] = delta
+  unused[k] = delta == 0 and mode ~= MODE_RESIZE and metric ~= METRIC_COST_USD
+end
+local x, _, anomaly_raw = load_limits(K, limits, fields, now, unused)
+for k = 1, #limits do
+  local delta = deltas[k]
+  if delta ~= 0 then add_to_limit(limits[k], delta, limits[k][REF]) end
 end
 local extra, fired = false, false
 if mode == MODE_COMMIT then
@@ -77,8 +84,12 @@ if mode == MODE_COMMIT then
   local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)
   if st then
     count_commit(st, u[METRIC_TOKENS])
-    extra = extra or {}
-    extra[#extra + 1], extra[#extra + 2] = 'n', pack_anomaly(st)
+    if extra then
+      extra[3], extra[4] = 'n', pack_anomaly(st)
+    else
+      extra = ANOMALY_FIELD
+      extra[2] = pack_anomaly(st)
+    end
   end
 end
 write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
@@ -101,4 +112,5 @@ if fired and #fired > 0 then
   settled = settled .. RECORD_ALERTS_SEPARATOR .. rec.alerts
 end
 redis.call('SET', R, settled, 'PX', ARGV[2])
-return settled_reply(rec, now, SETTLE_APPLIED, false)
+-- (a commit's `u` is what the reply reports; a release's reports no cost, as its `u`)
+return settled_reply(rec, now, SETTLE_APPLIED, false, u, reserved)

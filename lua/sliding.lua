@@ -14,44 +14,70 @@
 -- The entries of a loaded sliding window, after core.lua's: sub-buckets, sub-bucket ms,
 -- current and newest-stored sub-bucket, running total, current count; after a move: whether
 -- it moved, the old newest count, whether the window was idle for a whole window, and deltas
--- for older sub-buckets
+-- for older sub-buckets; then the names of the cells' fields (made as first needed), and where
+-- the cells that slid out are listed in EXPIRED_FIELDS (false: not read)
 local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
-local CELL, MOVED, PREV, IDLE, INCR = 13, 14, 15, 16, 17
+local CELL, MOVED, PREV, IDLE, INCR, CELLS, EXPIRED_AT = 13, 14, 15, 16, 17, 18, 19
 
 -- spec parameters: a = window ms, b = sub-buckets
 local function sliding_parse(lid, algo, metric, limit, a, b)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV
-  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0}
+  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV,
+  -- IDLE, INCR, CELLS, EXPIRED_AT
+  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0, false,
+          false, {}, false}
 end
 
--- The field of an older sub-bucket.
+-- The field of an older sub-bucket. Its name is made once per parsed limit: a number
+-- concatenated to a string is formatted with printf, slowly. (Loops look a name up in
+-- lim[CELLS], at bucket % (N+1) + 1, before they call this: a Lua call costs more.)
 local function cell_field(lim, bucket)
-  return lim[LID] .. ':' .. (bucket % (lim[N] + 1))
+  local i = bucket % (lim[N] + 1)
+  local cells = lim[CELLS]
+  local f = cells[i + 1]
+  if not f then
+    f = lim[LID] .. ':' .. i
+    cells[i + 1] = f
+  end
+  return f
 end
+
+-- The cells that slid out of the windows a call loads, their limits, and what they held
+-- (once read), from 1 to the count sliding_load returns: one set of tables for every call
+-- (Redis runs one call at a time)
+local EXPIRED_FIELDS, EXPIRED_LIMITS, EXPIRED_COUNTS = array16(), array16(), array16()
 
 -- Brings the window to `now`, in memory. When it moved on, the sub-buckets head+1 .. cur
--- reuse cells of sub-buckets that slid out: their fields go to `expired` (read by the caller,
--- then given to sliding_forget; returned, made when first needed) and the newest count leaves
--- SLIDING_STATE for its own field (written by sliding_fields).
-local function sliding_load(lim, raw, now, expired)
-  lim[MOVED], lim[PREV], lim[IDLE], lim[INCR] = false, 0, nil, nil
+-- reuse cells of sub-buckets that slid out: they are listed in EXPIRED_FIELDS and
+-- EXPIRED_LIMITS after the `nexpired` listed already (read by the caller, then given to
+-- sliding_forget), and the newest count leaves SLIDING_STATE for its own field (written by
+-- sliding_fields). `unused`: the call neither changes nor reports this window, so what slid
+-- out is not read (its total stays as stored). Returns the new count of listed cells.
+local function sliding_load(lim, raw, now, nexpired, unused)
+  lim[INCR] = false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
   if raw then head, total, cell = sunpack(SLIDING_STATE_FORMAT, raw) end
   -- Redis time stepped back (a failover): keep counting in the newer sub-bucket
   if head > cur then cur = head end
   if cur > head then
-    lim[MOVED], lim[PREV] = true, cell
+    -- (PREV, IDLE and EXPIRED_AT are read only after a move: set only then)
+    lim[MOVED], lim[PREV], lim[IDLE], lim[EXPIRED_AT] = true, cell, false, false
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
-    else
-      expired = expired or {}
-      for b = head + 1, cur do expired[#expired + 1] = {lim, cell_field(lim, b)} end
+    elseif not unused then
+      local fields, lims, cells, m = EXPIRED_FIELDS, EXPIRED_LIMITS, lim[CELLS], n + 1
+      lim[EXPIRED_AT] = nexpired + 1
+      for b = head + 1, cur do
+        nexpired = nexpired + 1
+        fields[nexpired], lims[nexpired] = cells[b % m + 1] or cell_field(lim, b), lim
+      end
     end
     cell = 0
+  else
+    lim[MOVED] = false
   end
   lim[CUR], lim[HEAD], lim[TOTAL], lim[CELL], lim[USED] = cur, head, total, cell, total
-  return expired
+  return nexpired
 end
 
 -- A cell that slid out held `count`: it no longer counts.
@@ -76,8 +102,8 @@ local function sliding_add(lim, delta, ref)
     lim[INCR] = lim[INCR] or {}
     lim[INCR][#lim[INCR] + 1] = {cell_field(lim, target), delta}
   end
-  lim[TOTAL] = lim[TOTAL] + delta
-  lim[USED] = lim[TOTAL]
+  local total = lim[TOTAL] + delta
+  lim[TOTAL], lim[USED] = total, total
   return true
 end
 
@@ -86,26 +112,35 @@ local function sliding_ref(lim)
   return lim[CUR]
 end
 
--- The changed window's fields, appended to out (from index n+1); returns the new n.
+-- The changed window's fields, appended to out (from index n+1); returns the new n, and
+-- sliding_ttl's (computed here: a Lua call costs more).
 -- After a move the old newest count gets its own field and the sub-buckets skipped on the way
--- start at 0; the cell of the new newest one is not read until the window moves again.
-local function sliding_fields(K, lim, out, n)
-  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, lim[CUR], lim[TOTAL], lim[CELL])
+-- start at 0 (but those that held 0, or nothing, when read); the cell of the new newest one is
+-- not read until the window moves again.
+local function sliding_fields(K, lim, out, n, now)
+  local cur = lim[CUR]
+  out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, cur, lim[TOTAL], lim[CELL])
   n = n + 2
-  if lim[IDLE] then
+  if lim[MOVED] and lim[IDLE] then
     local drop = {}
     for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
     redis.call('HDEL', K, unpack(drop))
   elseif lim[MOVED] then
-    out[n + 1], out[n + 2], n = cell_field(lim, lim[HEAD]), lim[PREV], n + 2
-    for b = lim[HEAD] + 1, lim[CUR] - 1 do
-      out[n + 1], out[n + 2], n = cell_field(lim, b), 0, n + 2
+    local head, at = lim[HEAD], lim[EXPIRED_AT]
+    out[n + 1], out[n + 2], n = cell_field(lim, head), int_text(lim[PREV]), n + 2
+    -- (a HINCRBY below runs first: its cell is written 0 after it, as always)
+    if lim[INCR] then at = false end
+    local counts, cells, m = EXPIRED_COUNTS, lim[CELLS], lim[N] + 1
+    for b = head + 1, cur - 1 do
+      if not at or counts[at + b - head - 1] ~= 0 then
+        out[n + 1], out[n + 2], n = cells[b % m + 1] or cell_field(lim, b), '0', n + 2
+      end
     end
   end
   if lim[INCR] then
-    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], inc[2]) end
+    for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], int_text(inc[2])) end
   end
-  return n
+  return n, (cur + lim[N] + 1) * lim[WIDTH] - now
 end
 
 -- How long K must live so that this window forgets no usage that still counts.
