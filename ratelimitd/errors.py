@@ -29,6 +29,7 @@
     ├── AlertDecodeError       (quota/alert_record.py) fields that are not an alert
     ├── CredentialError        (config/credentials.py) a systemd credential missing or empty
     ├── ClientGone             (http/edge.py) the client hung up before its request was read
+    ├── NotPlain               (http/lane.py) a request the lane leaves to aiohttp
     └── UsageError             (cli/usage_report.py) the daemon could not be asked, or refused
 
 The client (client/errors.py) draws its own tree: it imports nothing of the daemon.

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Final
 
 import httptools
@@ -28,7 +27,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_writer import _serialize_headers
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from ratelimitd.errors import ApiError
+from ratelimitd.errors import ApiError, RatelimitdError
 from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
@@ -50,10 +49,9 @@ _HEAD_END: Final = b"\r\n\r\n"
 # Headers that make a request aiohttp's: a body the lane does not decode, a 100-continue, an
 # upgrade
 _NOT_PLAIN: Final = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
-_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
 
 
-class NotPlain(Exception):
+class NotPlain(RatelimitdError):
     """A request the lane leaves to aiohttp."""
 
 
@@ -309,6 +307,5 @@ def _encode(response: web.StreamResponse, keep_alive: bool) -> bytes:
     headers.setdefault("Server", SERVER_SOFTWARE)
     if not keep_alive and "Connection" not in headers:
         headers["Connection"] = "close"
-    status = response.status
     return _serialize_headers(
-        f"HTTP/1.1 {status} {response.reason or _REASONS.get(status, '')}", headers) + body
+        f"HTTP/1.1 {response.status} {response.reason}", headers) + body
