@@ -137,7 +137,6 @@ STORE_HEALTH: Final = web.AppKey("store_health", StoreHealth)
 OPENAPI: Final = web.AppKey("openapi", dict)
 
 
-
 def create_app(config: Config, redis_url: str, health: StoreHealth | None = None,
                metrics_dir: Path | None = None) -> web.Application:
     """The application; `health`: the embedded Redis's supervisor state, for /healthz;
