@@ -9,12 +9,10 @@ import functools
 from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
-
 from ratelimitd.abuse import blocked_error
 from ratelimitd.alerts import Alert
 from ratelimitd.errors import ApiError
-from ratelimitd.http.edge import json_response
+from ratelimitd.http.edge import JsonAnswer
 from ratelimitd.http.headers import ratelimit_headers, seconds_up
 from ratelimitd.policy import Limit
 from ratelimitd.quota.model import LimitState, ReserveResult, SettleResult
@@ -60,7 +58,7 @@ def _never_fits(limit: Limit) -> ApiError:
 
 
 def reserve_answer(result: ReserveResult, dry_run: bool,
-                   warnings: Sequence[dict[str, str]] = ()) -> web.Response:
+                   warnings: Sequence[dict[str, str]] = ()) -> JsonAnswer:
     """200 allowed; 429 denied; 400 exceeds_limit when the call can never fit a limit; a
     blocked subject raises 403 blocked. `warnings` (an API key's key_expiring, key_rotated)
     ride on 200 and 429."""
@@ -85,7 +83,7 @@ def reserve_answer(result: ReserveResult, dry_run: bool,
         answer["limits"] = [limit_json(s) for s in result.states]
         if warnings:
             answer["warnings"] = list(warnings)
-        return json_response(answer, 429, headers)
+        return JsonAnswer(answer, 429, headers)
     limits = [limit_json(s) for s in result.states]
     headers = ratelimit_headers(result.states, None, False)
     answer = {"allowed": True, "reservation_id": result.reservation_id or None,
@@ -97,12 +95,12 @@ def reserve_answer(result: ReserveResult, dry_run: bool,
               "limits": limits, "warnings": list(warnings), "duplicate": result.duplicate}
     if dry_run:
         answer["dry_run"] = True
-    return json_response(answer, 200, headers)
+    return JsonAnswer(answer, 200, headers)
 
 
-def degraded_answer(input_tokens: int, cap: int) -> web.Response:
+def degraded_answer(input_tokens: int, cap: int) -> JsonAnswer:
     """[redis] on_error = "allow": admitted without a quota check, and said so."""
-    return json_response({
+    return JsonAnswer({
         "allowed": True, "reservation_id": None, "degraded": True, "expires_at_ms": None,
         "input_tokens": input_tokens, "max_output_tokens": cap,
         "reserved": {"requests": 0, "tokens": 0, "cost_usd": 0.0}, "limits": [],
@@ -113,7 +111,7 @@ def degraded_answer(input_tokens: int, cap: int) -> web.Response:
         "duplicate": False})
 
 
-def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> web.Response:
+def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> JsonAnswer:
     answer: dict[str, Any] = {
         "committed": True, "duplicate": result.status == "duplicate",
         "cost_usd": nano_to_usd(result.cost_nano),
@@ -128,4 +126,4 @@ def commit_answer(result: SettleResult, alerts: list[Alert] | None = None) -> we
     if over_tokens > 0 or over_cost > 0:
         answer["overrun"] = {"tokens": max(0, over_tokens),
                              "cost_usd": nano_to_usd(max(0, over_cost))}
-    return json_response(answer)
+    return JsonAnswer(answer)

@@ -28,6 +28,7 @@ from ratelimitd.http.edge import (
     json_response,
     method_not_allowed,
     not_found,
+    served_by_aiohttp,
 )
 from ratelimitd.http.lane import LANE_ROUTES
 from ratelimitd.http.openapi import openapi_spec
@@ -164,7 +165,7 @@ def create_app(config: Config, redis_url: str, health: StoreHealth | None = None
     by_path: dict[str, list[tuple[str, Handler]]] = {}
     for path, decision in DECISIONS:
         lane_routes[path] = api_handler(decision, metrics.route(path))
-        by_path[path] = [("POST", lane_routes[path])]
+        by_path[path] = [("POST", served_by_aiohttp(lane_routes[path]))]
     for method, path, handler in ROUTES:     # one resource per path, whatever its methods
         by_path.setdefault(path, []).append((method, handler))
     for path, handlers in by_path.items():

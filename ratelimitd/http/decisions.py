@@ -26,7 +26,7 @@ from ratelimitd.http import observe
 from ratelimitd.http.alerting import ALERTING, after_reserve, budget_warnings
 from ratelimitd.http.answers import commit_answer, degraded_answer, reserve_answer
 from ratelimitd.http.app_keys import LIVE, Services
-from ratelimitd.http.edge import CLIENT_LOG, ApiRequest, json_response, read_json
+from ratelimitd.http.edge import CLIENT_LOG, ApiRequest, JsonAnswer, read_json
 from ratelimitd.http.observe import METRICS, REDIS_CALLS
 from ratelimitd.http.schema import (
     ReserveBody,
@@ -64,7 +64,7 @@ async def _input_tokens(services: Services, body: ReserveBody, max_chars: int | 
                        {"Retry-After": "1"}) from exc
 
 
-async def reserve(request: ApiRequest) -> web.Response:
+async def reserve(request: ApiRequest) -> JsonAnswer:
     """Every outcome is counted once: an answer by its result, an error by its code (and the
     caller's tier, once known)."""
     app = request.app  # a property of three calls: read once a request
@@ -86,7 +86,7 @@ async def reserve(request: ApiRequest) -> web.Response:
 
 
 async def _reserve(app: web.Application, services: Services, body: ReserveBody,
-                   caller: Caller) -> web.Response:
+                   caller: Caller) -> JsonAnswer:
     config = services.config
     metrics = app[METRICS]
     who = caller.identity
@@ -155,7 +155,7 @@ def _count_reserve(metrics: Metrics, result: ReserveResult, tier: str, model: st
         metrics.decision("denied", denied.limit.name if denied is not None else None, tier)
 
 
-async def commit(request: ApiRequest) -> web.Response:
+async def commit(request: ApiRequest) -> JsonAnswer:
     app = request.app
     services = app[LIVE].services
     body = parse_commit(await read_json(request))
@@ -198,7 +198,7 @@ async def commit(request: ApiRequest) -> web.Response:
     return commit_answer(result, alerts)
 
 
-async def release(request: ApiRequest) -> web.Response:
+async def release(request: ApiRequest) -> JsonAnswer:
     app = request.app
     services = app[LIVE].services
     rid = parse_release(await read_json(request))
@@ -224,4 +224,4 @@ async def release(request: ApiRequest) -> web.Response:
         answer["replicated"] = result.replicated
         if not result.replicated:
             metrics.unreplicated("release")
-    return json_response(answer)
+    return JsonAnswer(answer)

@@ -44,11 +44,32 @@ class PlainRequest:
         self.transport = transport
 
 
+class JsonAnswer:
+    """A decision route's JSON answer, not yet written: the lane (lane.py) writes it straight
+    to the socket, aiohttp gets it as a web.Response (`response()`); both write its headers in
+    this order, then Content-Length, Date and Server (so `headers` holds none of those)."""
+
+    __slots__ = ("body", "headers", "status")
+    keep_alive: Final = None  # as a web.Response's not forced closed
+
+    def __init__(self, data: Any, status: int = 200, headers: dict[str, str] | None = None
+                 ) -> None:
+        self.body = orjson.dumps(data)
+        self.status = status
+        # Content-Type after the answer's own headers, where aiohttp's content_type puts it
+        self.headers = {**headers, **_JSON_TYPE} if headers else {**_JSON_TYPE}
+
+    def response(self) -> web.Response:
+        return web.Response(body=self.body, status=self.status, headers=self.headers)
+
+
+_JSON_TYPE: Final = {"Content-Type": "application/json"}
 # What a decision handler answers: a request aiohttp read, or one the lane read
 ApiRequest = web.Request | PlainRequest
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-DecisionHandler = Callable[[ApiRequest], Awaitable[web.StreamResponse]]
+DecisionHandler = Callable[[ApiRequest], Awaitable[JsonAnswer | web.StreamResponse]]
 RequestT = TypeVar("RequestT", bound=ApiRequest)
+AnswerT = TypeVar("AnswerT", bound=JsonAnswer | web.StreamResponse)
 # The body bound of an app (its tokens are in its live services: they are reloaded).
 MAX_BODY_BYTES: Final = web.AppKey("max_body_bytes", int)
 BODY_TIMEOUT_S: Final = web.AppKey("body_timeout_s", float)
@@ -127,22 +148,23 @@ def backend_unavailable() -> ApiError:
                     {"Retry-After": "1"})
 
 
-def api_handler(handler: Callable[[RequestT], Awaitable[web.StreamResponse]],
+def api_handler(handler: Callable[[RequestT], Awaitable[AnswerT]],
                 route: RouteMetrics | None = None
-                ) -> Callable[[RequestT], Awaitable[web.StreamResponse]]:
+                ) -> Callable[[RequestT], Awaitable[AnswerT | web.StreamResponse]]:
     """Checks the service token, and turns every failure into the error shape; binds the
     request id (the caller's X-Request-Id when sane, else a new one) for every log line about
     the request and returns it on every answer, errors too; `route`: the route's latency and
     status counters, resolved once when it is registered."""
 
     @functools.wraps(handler)
-    async def handle(request: RequestT) -> web.StreamResponse:
+    async def handle(request: RequestT) -> AnswerT | web.StreamResponse:
         start = time.perf_counter()
         # request_scope without a context manager's generator: this runs on every request
         request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         scope = request_id_var.set(request_id)
         try:
             # the handler awaited here, not in a coroutine of its own: one layer less a request
+            response: AnswerT | web.StreamResponse
             try:
                 _check_token(request)
                 response = await handler(request)
@@ -156,6 +178,16 @@ def api_handler(handler: Callable[[RequestT], Awaitable[web.StreamResponse]],
             request_id_var.reset(scope)
 
     return handle
+
+
+def served_by_aiohttp(handler: DecisionHandler) -> Handler:
+    """A decision route as aiohttp serves it (the requests the lane leaves to it)."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = await handler(request)
+        return response.response() if isinstance(response, JsonAnswer) else response
+
+    return answer
 
 
 def _check_token(request: ApiRequest) -> None:

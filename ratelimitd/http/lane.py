@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Final
 
 import httptools
@@ -32,6 +33,7 @@ from ratelimitd.http.edge import (
     BODY_TIMEOUT_S,
     MAX_BODY_BYTES,
     DecisionHandler,
+    JsonAnswer,
     PlainRequest,
     error_response,
 )
@@ -49,6 +51,9 @@ _HEAD_END: Final = b"\r\n\r\n"
 # Headers that make a request aiohttp's: a body the lane does not decode, a 100-continue, an
 # upgrade
 _NOT_PLAIN: Final = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+# The status line and the last header of an answer as aiohttp writes them
+_STATUS_LINES: Final = {s.value: f"HTTP/1.1 {s.value} {s.phrase}" for s in HTTPStatus}
+_SERVER_LINE: Final = f"Server: {SERVER_SOFTWARE}"
 
 
 class NotPlain(RatelimitdError):
@@ -92,6 +97,10 @@ class Lane:
         self.routes = {path.encode(): (path, handler)
                        for path, handler in app[LANE_ROUTES].items()}
         self.access_log = access_log
+        # read once: asyncio.get_running_loop() costs a system call (getpid) each time
+        self.loop = asyncio.get_running_loop()
+        self.max_body_bytes = app[MAX_BODY_BYTES]
+        self.body_timeout_s = app[BODY_TIMEOUT_S]
         self.closing = False
         self._answering: set[asyncio.Task[None]] = set()
         self._idle: set[LaneConnection] = set()
@@ -193,8 +202,8 @@ class LaneConnection:
         buffer = self._buffer
         if len(buffer) < end:
             if pending.timer is None:  # answered 408 if it does not come in time
-                pending.timer = asyncio.get_running_loop().call_later(
-                    self._lane.app[BODY_TIMEOUT_S], self._body_late)
+                pending.timer = self._lane.loop.call_later(self._lane.body_timeout_s,
+                                                           self._body_late)
             return
         if pending.timer is not None:
             pending.timer.cancel()
@@ -220,7 +229,7 @@ class LaneConnection:
             length = head.content_length
             if (lane.closing or route is None or length is None or parser.get_method() != b"POST"
                     or parser.get_http_version() != "1.1"
-                    or length > lane.app[MAX_BODY_BYTES]):
+                    or length > lane.max_body_bytes):
                 raise NotPlain("not a plain decision request")
         except (httptools.HttpParserError, NotPlain, ValueError):
             self._give_up()
@@ -244,7 +253,7 @@ class LaneConnection:
         lane._idle.discard(self)
         request = PlainRequest(lane.app, pending.path, CIMultiDictProxy(pending.headers), body,
                                self._transport)
-        task = asyncio.get_running_loop().create_task(
+        task = lane.loop.create_task(
             self._answer(pending.handler, request, pending.keep_alive and body is not None))
         lane._answering.add(task)
         task.add_done_callback(lane._answering.discard)
@@ -258,7 +267,7 @@ class LaneConnection:
 
     async def _answer(self, handler: DecisionHandler, request: PlainRequest,
                       keep_alive: bool) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._lane.loop
         start = loop.time()
         try:
             response = await handler(request)
@@ -269,7 +278,7 @@ class LaneConnection:
         if not self.active:
             return  # the client hung up meanwhile
         keep_alive = keep_alive and response.keep_alive is not False and not self._lane.closing
-        data = _encode(response, keep_alive)
+        data = encode_answer(response, keep_alive)
         self._went_idle()
         self._transport.write(data)
         access_log = self._lane.access_log
@@ -295,8 +304,10 @@ def _remote(transport: asyncio.Transport) -> str | None:
     return None if peer is None else str(peer)
 
 
-def _encode(response: web.StreamResponse, keep_alive: bool) -> bytes:
+def encode_answer(response: JsonAnswer | web.StreamResponse, keep_alive: bool) -> bytes:
     """The answer as aiohttp writes it: its headers, then Content-Length, Date, Server."""
+    if isinstance(response, JsonAnswer):
+        return _encode_json(response, keep_alive)
     assert isinstance(response, web.Response)
     body = response.body
     assert isinstance(body, bytes)
@@ -309,3 +320,20 @@ def _encode(response: web.StreamResponse, keep_alive: bool) -> bytes:
         headers["Connection"] = "close"
     return _serialize_headers(
         f"HTTP/1.1 {response.status} {response.reason}", headers) + body
+
+
+def _encode_json(answer: JsonAnswer, keep_alive: bool) -> bytes:
+    """What encode_answer writes for answer.response(), without making one."""
+    body = answer.body
+    headers = answer.headers
+    # a CR or LF in a header would end it early: refused, as aiohttp refuses it (the names
+    # are the code's own)
+    values = "".join(headers.values())
+    if "\n" in values or "\r" in values:
+        raise ValueError("newline or carriage return in an answer's header")
+    lines = [_STATUS_LINES[answer.status]]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += (f"Content-Length: {len(body)}", f"Date: {rfc822_formatted_time()}", _SERVER_LINE)
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

@@ -12,7 +12,9 @@ import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 
-from ratelimitd.http.lane import MAX_HEAD_BYTES
+from ratelimitd.http.edge import JsonAnswer
+from ratelimitd.http.lane import MAX_HEAD_BYTES, encode_answer
+from ratelimitd.ops.logs import REQUEST_ID_HEADER
 from tests.support.http import Serve
 
 TIER = {"t": {"requests_per_minute": 100000, "anomaly": False}}
@@ -176,3 +178,55 @@ async def test_the_access_log_counts_the_bytes_sent(serve: Serve,
     assert (line.method, line.path, line.status) == ("POST", "/v1/reserve", 200)
     assert line.bytes == answer.size
     assert line.remote == "127.0.0.1"
+
+
+async def test_an_allowed_reserve_is_written_as_aiohttp_writes_it(serve: Serve) -> None:
+    """The lane writes a decision's answer itself (no web.Response): the same headers, in the
+    same order, and the same body as aiohttp's for the same request."""
+    client = await serve({"tiers": TIER})
+    body = orjson.dumps({**RESERVE, "dry_run": True})
+    reader, writer = await connect(client)
+    writer.write(post("/v1/reserve", body, "X-Request-Id: same"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lane = await read_answer_after(head, reader)
+    writer.write(b"POST /v1/reserve HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"X-Request-Id: same\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    handed = await read_answer_after(head, reader)
+    writer.close()
+    assert lane[0].split(b"\r\n")[0] == handed[0].split(b"\r\n")[0] == b"HTTP/1.1 200 OK"
+    assert untimed(lane[0]) == untimed(handed[0])
+    lane_json, handed_json = orjson.loads(lane[1]), orjson.loads(handed[1])
+    assert lane_json.pop("expires_at_ms") <= handed_json.pop("expires_at_ms")
+    for answer in (lane_json, handed_json):  # the windows moved on between the two
+        for limit in answer["limits"]:
+            limit.pop("reset_ms")
+    assert lane_json == handed_json and lane_json["dry_run"] is True
+
+
+async def read_answer_after(head: bytes, reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return head, await reader.readexactly(length)
+
+
+def untimed(head: bytes) -> list[bytes]:
+    """A head's lines, those that tell the time (Date, resets) by their name only."""
+    timed = (b"Date:", b"RateLimit:", b"x-ratelimit-reset-")
+    return [line.partition(b":")[0] if line.startswith(timed) else line
+            for line in head.split(b"\r\n")]
+
+
+@pytest.mark.parametrize(("status", "keep_alive"), [(200, True), (429, True), (404, False)])
+def test_a_json_answer_is_encoded_as_its_web_response(status: int, keep_alive: bool) -> None:
+    answer = JsonAnswer({"allowed": False, "reason": "rpm"}, status,
+                        {"RateLimit": '"rpm";r=0;t=60', "Retry-After": "60"})
+    answer.headers[REQUEST_ID_HEADER] = "abc"
+    assert encode_answer(answer, keep_alive) == encode_answer(answer.response(), keep_alive)
+
+
+def test_a_header_with_a_line_break_is_refused() -> None:
+    answer = JsonAnswer({}, 200, {"X-Request-Id": "a\r\nSet-Cookie: stolen=1"})
+    with pytest.raises(ValueError, match="newline"):
+        encode_answer(answer, True)
