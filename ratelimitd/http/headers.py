@@ -17,10 +17,6 @@ _QUOTA_UNITS: Final = {
 }
 _PERIOD_S: Final = {"day": 86_400}
 _TOKEN_METRICS: Final = ("tokens", "input_tokens", "output_tokens")
-# OpenAI's headers of the tightest requests limit, then of the tightest tokens limit
-_OPENAI_HEADERS: Final = tuple(
-    (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
-    for kind in ("requests", "tokens"))
 # RFC 9651 3.3.1: an sf-integer has at most 15 digits. Config allows limits up to 10^15 (and
 # cost limits up to 10^16 nano-USD), so quotas and remainders above this are written as it:
 # "at least this much", which is what a client needs from a header.
@@ -42,12 +38,14 @@ def go_duration(ms: int) -> str:
     """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
     if ms < 1000:
         return f"{ms}ms"
-    seconds = math.ceil(ms / 1000)
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+    seconds = (ms + 999) // 1000 if ms < _EXACT_MS else math.ceil(ms / 1000)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes}m{secs}s"
 
 
 def _window_s(lim: Limit) -> int | None:
@@ -78,29 +76,32 @@ def ratelimit_headers(states: Sequence[LimitState], retry_after_ms: int | None,
     if not states:
         return headers
     headers["RateLimit-Policy"] = _policy(tuple([s.limit for s in states]))
-    # what sf_integer(remaining) and sf_integer(seconds_up(reset_ms)) give, without calls in
-    # the common case (three a limit, on every answer)
+    # One pass (this runs on every answer): each limit's item, written as sf_integer(remaining)
+    # and sf_integer(seconds_up(reset_ms)) give them without calls in the common case; and
+    # the tightest requests limit and tokens limit, OpenAI-style.
     items = []
-    for s in states:
-        left, reset = s.remaining, s.reset_ms
+    requests = tokens = None
+    for state in states:
+        left, reset = state.remaining, state.reset_ms
         secs = (reset + 999) // 1000 if 0 <= reset < _EXACT_MS else sf_integer(seconds_up(reset))
         items.append(
-            f'"{s.limit.name}";'
+            f'"{state.limit.name}";'
             f'r={left if -SF_INTEGER_MAX <= left <= SF_INTEGER_MAX else sf_integer(left)};t={secs}')
-    headers["RateLimit"] = ", ".join(items)
-    requests = tokens = None
-    for state in states:  # the tightest requests limit and tokens limit, OpenAI-style
         metric = state.limit.metric
-        if metric == "requests" and (requests is None or state.remaining < requests.remaining):
-            requests = state
-        elif metric in _TOKEN_METRICS and (tokens is None or state.remaining < tokens.remaining):
+        if metric == "requests":
+            if requests is None or left < requests.remaining:
+                requests = state
+        elif metric in _TOKEN_METRICS and (tokens is None or left < tokens.remaining):
             tokens = state
-    for (limit_name, remaining_name, reset_name), tightest in zip(
-            _OPENAI_HEADERS, (requests, tokens), strict=True):
-        if tightest is not None:
-            headers[limit_name] = str(tightest.limit.limit)
-            headers[remaining_name] = str(tightest.remaining)
-            headers[reset_name] = go_duration(tightest.reset_ms)
+    headers["RateLimit"] = ", ".join(items)
+    if requests is not None:
+        headers["x-ratelimit-limit-requests"] = str(requests.limit.limit)
+        headers["x-ratelimit-remaining-requests"] = str(requests.remaining)
+        headers["x-ratelimit-reset-requests"] = go_duration(requests.reset_ms)
+    if tokens is not None:
+        headers["x-ratelimit-limit-tokens"] = str(tokens.limit.limit)
+        headers["x-ratelimit-remaining-tokens"] = str(tokens.remaining)
+        headers["x-ratelimit-reset-tokens"] = go_duration(tokens.reset_ms)
     if denied and retry_after_ms is not None:
         headers["Retry-After"] = str(seconds_up(retry_after_ms))
     return headers

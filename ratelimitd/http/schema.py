@@ -160,8 +160,11 @@ def parse_reserve(data: Any) -> ReserveBody:
         raise invalid("prompt", "must be a string")
     messages = body.get("messages")
     if messages is not None:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        if not isinstance(messages, list):
             raise invalid("messages", "must be an array of message objects")
+        for message in messages:
+            if not isinstance(message, dict):
+                raise invalid("messages", "must be an array of message objects")
         if len(messages) > MAX_MESSAGES:
             raise invalid("messages", f"at most {MAX_MESSAGES} messages")
     tools = body.get("tools")
@@ -173,25 +176,21 @@ def parse_reserve(data: Any) -> ReserveBody:
     dry_run = body.get("dry_run", False)
     if not isinstance(dry_run, bool):
         raise invalid("dry_run", "must be true or false")
-    return ReserveBody(
-        user=_text(body, "user", required=api_key is None) or "",
-        tier=_text(body, "tier", required=api_key is None) or "",
-        model=_text(body, "model", required=True) or "",
-        org=_text(body, "org"),
-        prompt=prompt,
-        messages=messages,
-        tools=tools,
-        input_tokens=_count(body, "input_tokens"),
-        # a call allowed no output at all is not a call: at least 1 (below min_output_tokens
-        # the request's own cap is its floor: granted as asked, or denied)
-        max_output_tokens=_count(body, "max_output_tokens", minimum=1),
-        min_output_tokens=_count(body, "min_output_tokens", minimum=1),
-        attributes=_attributes(body),
-        idempotency_key=_text(body, "idempotency_key"),
-        dry_run=dry_run,
-        api_key=api_key,
-        signature=body.get("signature"),
-    )
+    user = _text(body, "user", required=api_key is None) or ""
+    tier = _text(body, "tier", required=api_key is None) or ""
+    model = _text(body, "model", required=True) or ""
+    org = _text(body, "org")
+    input_tokens = _count(body, "input_tokens")
+    # a call allowed no output at all is not a call: at least 1 (below min_output_tokens the
+    # request's own cap is its floor: granted as asked, or denied)
+    max_output_tokens = _count(body, "max_output_tokens", minimum=1)
+    min_output_tokens = _count(body, "min_output_tokens", minimum=1)
+    attributes = _attributes(body)
+    idempotency_key = _text(body, "idempotency_key")
+    # positional, in the fields' order: fifteen keywords cost a third of this function
+    return ReserveBody(user, tier, model, org, prompt, messages, tools, input_tokens,
+                       max_output_tokens, min_output_tokens, attributes, idempotency_key,
+                       dry_run, api_key, body.get("signature"))
 
 
 def parse_commit(data: Any) -> CommitBody:

@@ -16,12 +16,13 @@ class Subject:
 
     scope: str
     id: str
+    # made once: a reserve names its subjects' tags several times
+    tag: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def tag(self) -> str:
+    def __post_init__(self) -> None:
         # '{' and '}' would end the Redis Cluster hash tag early; '%' escapes them.
         safe = self.id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
-        return f"{self.scope}:{safe}"
+        object.__setattr__(self, "tag", f"{self.scope}:{safe}")
 
 
 @dataclass(frozen=True, slots=True)

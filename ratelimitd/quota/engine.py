@@ -256,7 +256,8 @@ class Engine:
             holds.append(hold)
             if first is None:
                 first = reply
-            grant = min(grant, hold.granted)
+            if hold.granted < grant:
+                grant = hold.granted
         assert first is not None  # the plan always has the caller's user
         cost = first.reserved_cost_nano
         if not req.dry_run and holds[0].granted > grant:
@@ -506,6 +507,10 @@ def _states(subject: Subject, limits: Sequence[Limit], pairs: Sequence[int]
             ) -> list[LimitState]:
     """Limit states from a reply's tail: remaining, reset ms per limit (a shadow limit's
     remaining comes unclamped: below 0, it is over)."""
-    return [LimitState(lim, subject, max(pairs[2 * k], 0), pairs[2 * k + 1],
-                       over=pairs[2 * k] < 0)
-            for k, lim in enumerate(limits)]
+    states = []
+    for k, lim in enumerate(limits):
+        remaining = pairs[2 * k]
+        # positional, and no max(): this runs for every limit of every call
+        states.append(LimitState(lim, subject, remaining if remaining > 0 else 0,
+                                 pairs[2 * k + 1], remaining < 0))
+    return states

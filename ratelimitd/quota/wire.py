@@ -176,6 +176,12 @@ SETTLE_REPLY: Final = ("status", "input_tokens", "cached_input_tokens", "output_
                        "cost_nano", "reserved_tokens", "reserved_cost_nano", "alerts_at")
 REPLY_HEAD_SIZE: Final = len(RESERVE_REPLY)
 _COUNT: Final = struct.Struct("<q")
+# A reply's numbers by their count, compiled once up to this count (a head and 60 limits)
+_UNPACKED_MAX: Final = REPLY_HEAD_SIZE + 2 * 60
+_UNPACKERS: Final = tuple(struct.Struct(f"<{count}q").unpack_from
+                          for count in range(_UNPACKED_MAX + 1))
+_RESERVE_STATUSES: Final = {status.value: status for status in ReserveStatus}
+_SETTLE_STATUSES: Final = {status.value: status for status in SettleStatus}
 
 
 @dataclass(slots=True)
@@ -210,26 +216,30 @@ class SettleReply:
 
 def _numbers(reply: bytes) -> tuple[tuple[int, ...], bytes]:
     (count,) = _COUNT.unpack_from(reply)
-    end = _COUNT.size * (count + 1)
-    return struct.unpack_from(f"<{count}q", reply, _COUNT.size), reply[end:]
+    numbers = (_UNPACKERS[count](reply, _COUNT.size) if 0 <= count <= _UNPACKED_MAX
+               else struct.unpack_from(f"<{count}q", reply, _COUNT.size))
+    return numbers, reply[_COUNT.size * (count + 1):]
 
 
+# Replies are decoded on every call: a status is looked up (an enum call costs more than the
+# rest of the decoding), and the replies are made positionally, in the order of their fields
+# and of the numbers Redis sends.
 def decode_reserve(reply: bytes) -> ReserveReply:
     n, tail = _numbers(reply)
     at = n[7]
-    return ReserveReply(ReserveStatus(n[0]), granted_output=n[1], expires_at_ms=n[2],
-                        denied_limit=n[3], retry_after_ms=n[4], input_tokens=n[5],
-                        reserved_cost_nano=n[6], alerts_at=at,
-                        limit_states=n[REPLY_HEAD_SIZE:], tail=tail[:at], alerts=tail[at:])
+    status = _RESERVE_STATUSES.get(n[0])
+    return ReserveReply(ReserveStatus(n[0]) if status is None else status,
+                        n[1], n[2], n[3], n[4], n[5], n[6], at,
+                        n[REPLY_HEAD_SIZE:], tail[:at], tail[at:])
 
 
 def decode_settle(reply: bytes) -> SettleReply:
     n, tail = _numbers(reply)
     at = n[7]
-    return SettleReply(SettleStatus(n[0]), input_tokens=n[1], cached_input_tokens=n[2],
-                       output_tokens=n[3], cost_nano=n[4], reserved_tokens=n[5],
-                       reserved_cost_nano=n[6], alerts_at=at,
-                       limit_states=n[REPLY_HEAD_SIZE:], others=tail[:at], alerts=tail[at:])
+    status = _SETTLE_STATUSES.get(n[0])
+    return SettleReply(SettleStatus(n[0]) if status is None else status,
+                       n[1], n[2], n[3], n[4], n[5], n[6], at,
+                       n[REPLY_HEAD_SIZE:], tail[:at], tail[at:])
 
 
 # -- the Lua side -----------------------------------------------------------------------------

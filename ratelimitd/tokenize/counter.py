@@ -48,6 +48,9 @@ CACHED_MIN_CHARS: Final = 256
 # in a tenth of an encode. At most SHORT_TEXTS_KEPT of them are kept (the set then starts over).
 SHORT_MAX_CHARS: Final = 16
 SHORT_TEXTS_KEPT: Final = 4096
+# Model names whose encoding and count cache are kept (a lookup per call instead of tiktoken's
+# model map); a caller sending ever new names only starts the set over.
+MODELS_KEPT: Final = 1024
 # The kept texts' characters, per encoding (the texts themselves are the keys): ~8 MB at most
 CACHE_MAX_CHARS: Final = 2_000_000
 
@@ -155,6 +158,11 @@ class CountCache:
         return len(self._counts)
 
 
+# A message is a JSON object: a dict, checked before the (slower) abstract Mapping
+_OBJECT_TYPES: Final = (dict, Mapping)
+_CALL_KEYS: Final = frozenset({"tool_calls", "function_call"})
+
+
 @dataclass(slots=True)
 class _Collector:
     """Walks chat messages, validating them, and gathers what they cost."""
@@ -165,31 +173,36 @@ class _Collector:
     fixed: int = 0
     content: bool = False
 
-    def message(self, message: object, path: str) -> None:
-        if not isinstance(message, Mapping):
-            raise TokenCountError(f"{path} must be an object, not {_kind(message)}")
-        if not isinstance(message.get("role"), str):
-            raise TokenCountError(
-                f"{path}.role must be a string, not {_kind(message.get('role'))}")
+    def message(self, message: object, index: int) -> None:
+        """messages[index]; field paths are spelled only for an error (this runs for every
+        message of every call)."""
+        if not isinstance(message, _OBJECT_TYPES):
+            raise TokenCountError(f"messages[{index}] must be an object, not {_kind(message)}")
+        role = message.get("role")
+        if not isinstance(role, str):
+            raise TokenCountError(f"messages[{index}].role must be a string, not {_kind(role)}")
         self.fixed += TOKENS_PER_MESSAGE
         for key, value in message.items():
-            field = f"{path}.{key}"
-            if key == "content":
-                self.message_content(value, field)
+            if isinstance(value, str) and key not in _CALL_KEYS:  # role, content, name
+                self.strings.append(value)
+                if key == "content":
+                    self.content = self.content or bool(value.strip())
+                elif key == "name":
+                    self.fixed += TOKENS_PER_NAME
+            elif key == "content":
+                self.message_content(value, f"messages[{index}].content")
             elif value is None:  # null is absent
                 continue
             elif key == "tool_calls":
-                self.fixed += tool_call_texts(value, field, self.strings)
+                self.fixed += tool_call_texts(value, f"messages[{index}].{key}", self.strings)
                 self.content = self.content or bool(value)
             elif key == "function_call":
-                self.fixed += function_call_texts(value, field, self.strings)
+                self.fixed += function_call_texts(value, f"messages[{index}].{key}",
+                                                  self.strings)
                 self.content = True
-            elif isinstance(value, str):
-                self.strings.append(value)
-                self.fixed += TOKENS_PER_NAME if key == "name" else 0
             else:
-                raise TokenCountError(f"{field} is {_kind(value)}: cannot count its tokens; "
-                                      "pass input_tokens instead")
+                raise TokenCountError(f"messages[{index}].{key} is {_kind(value)}: cannot "
+                                      "count its tokens; pass input_tokens instead")
 
     def message_content(self, content: object, path: str) -> None:
         if content is None:  # an assistant message that only carried tool calls
@@ -239,7 +252,7 @@ def prompt_texts(model: str, prompt: object, messages: object, tools: object = N
         raise TokenCountError(f"messages must be a list of objects, not {_kind(messages)}")
     collector = _Collector(model, image_tokens_default, [], REPLY_PRIMING_TOKENS)
     for i, message in enumerate(messages):
-        collector.message(message, f"messages[{i}]")
+        collector.message(message, i)
     if tools is not None:
         strings, fixed = tools_texts(tools)  # type: ignore[arg-type]
         collector.strings.extend(strings)
@@ -272,6 +285,7 @@ class TokenCounter:
         self._loadable = OFFLINE_ENCODINGS | {default_encoding, *self._overrides.values()}
         self._turns = CallerTurns()
         self._caches: dict[str, CountCache] = {}  # by encoding name
+        self._by_model: dict[str, tuple[tiktoken.Encoding, CountCache]] = {}
         # Also load the bundled encodings tiktoken's model map may pick (~0.1-0.25 s and
         # 30-75 MB each): loading one lazily would stall the event loop on its first request.
         for encoding in OFFLINE_ENCODINGS:
@@ -312,25 +326,35 @@ class TokenCounter:
         """Tokens of prepared texts; long ones are encoded in `executor`, in `caller`'s turn
         when one is named (CountingQueueFull when too many of its prompts wait). Counts of long
         texts seen before come from the cache."""
-        name = self.encoding_name_for(model)
-        encoding = load_encoding(name)
-        cache = self._caches.get(name)
-        if cache is None:
-            cache = self._caches[name] = CountCache()
-        known, todo = texts.fixed_tokens, []
+        encoding, cache = self._by_model.get(model) or self._encoding_and_cache(model)
+        known, todo, todo_chars = texts.fixed_tokens, [], 0
         for text in texts.strings:
             count = cache.get(text)
             if count is None:
                 todo.append(text)
+                todo_chars += len(text)
             else:
                 known += count
-        if sum(len(text) for text in todo) < INLINE_COUNT_MAX_CHARS:
-            counts = [len(encoding.encode_ordinary(text)) for text in todo]
+        if todo_chars < INLINE_COUNT_MAX_CHARS:
+            encode = encoding.encode_ordinary
+            counts = [len(encode(text)) for text in todo]
         else:
             counts = await self._count_off_loop(encoding, todo, executor, caller)
         for text, count in zip(todo, counts, strict=True):
             cache.put(text, count)
         return known + sum(counts)
+
+    def _encoding_and_cache(self, model: str) -> tuple[tiktoken.Encoding, CountCache]:
+        """The model's encoding and the cache of its counts, kept by model name (the names
+        are the callers': at most MODELS_KEPT are kept, then the set starts over)."""
+        name = self.encoding_name_for(model)
+        cache = self._caches.get(name)
+        if cache is None:
+            cache = self._caches[name] = CountCache()
+        if len(self._by_model) >= MODELS_KEPT:
+            self._by_model.clear()
+        found = self._by_model[model] = (load_encoding(name), cache)
+        return found
 
     async def _count_off_loop(self, encoding: tiktoken.Encoding, texts: list[str],
                               executor: Executor | None, caller: str | None) -> list[int]:

@@ -129,6 +129,17 @@ def test_no_image_size_costs_more_than_eight_tiles() -> None:
     ([{"role": "user", "content": "x"}], [{"type": "function", "function": {}}],
      "tools[0].function.name"),
     ([{"role": "user", "content": "x"}], [{"type": "retrieval"}], "tools[0] must be"),
+    # strings where objects or lists belong are named, not counted as text
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "call"}], None,
+     "messages[1].tool_calls must be a list of tool calls, not str"),
+    ([{"role": "assistant", "function_call": "f"}], None,
+     "messages[0].function_call must be an object"),
+    ([{"role": "user", "content": {"text": "x"}}], None,
+     "messages[0].content must be a string or a list of parts, not dict"),
+    ([{"role": "user"}, {"role": 3}], None, "messages[1].role must be a string, not int"),
+    ([{"role": "user", "content": "x"}, "hello"], None, "messages[1] must be an object, not str"),
+    ([{"role": "user", "content": "x", "weight": 2}], None,
+     "messages[0].weight is int: cannot count its tokens"),
 ])
 def test_malformed_tools_and_parts_name_their_path(
         counter: TokenCounter, messages: Any, tools: Any, path: str) -> None:
