@@ -44,13 +44,16 @@ class PlainRequest:
         self.transport = transport
 
 
+_JSON_TYPE: Final = {"Content-Type": "application/json"}
+
+
 class JsonAnswer:
     """A decision route's JSON answer, not yet written: the lane (lane.py) writes it straight
     to the socket, aiohttp gets it as a web.Response (`response()`); both write its headers in
     this order, then Content-Length, Date and Server (so `headers` holds none of those)."""
 
     __slots__ = ("body", "headers", "status")
-    keep_alive: Final = None  # as a web.Response's not forced closed
+    keep_alive: Final = None  # never forces its connection closed (a web.Response may)
 
     def __init__(self, data: Any, status: int = 200, headers: dict[str, str] | None = None
                  ) -> None:
@@ -63,7 +66,6 @@ class JsonAnswer:
         return web.Response(body=self.body, status=self.status, headers=self.headers)
 
 
-_JSON_TYPE: Final = {"Content-Type": "application/json"}
 # What a decision handler answers: a request aiohttp read, or one the lane read
 ApiRequest = web.Request | PlainRequest
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
