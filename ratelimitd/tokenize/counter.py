@@ -353,8 +353,8 @@ class TokenCounter:
             cache = self._caches[name] = CountCache()
         if len(self._by_model) >= MODELS_KEPT:
             self._by_model.clear()
-        found = self._by_model[model] = (load_encoding(name), cache)
-        return found
+        self._by_model[model] = (load_encoding(name), cache)
+        return self._by_model[model]
 
     async def _count_off_loop(self, encoding: tiktoken.Encoding, texts: list[str],
                               executor: Executor | None, caller: str | None) -> list[int]:
