@@ -7,7 +7,12 @@ counting off while it starts and a warm-up wrk run passes, then counts over one 
 instructions divided by the requests served. System calls are not counted: the CPU figures of
 bench/http_bench.py remain the measure of record. Under valgrind the daemon runs ~50x slower,
 so more requests wait at each turn of its event loop than on a real run.
-Usage: python bench/http_callgrind.py [--duration 10] [--tree DIR ...]
+
+With `--workers N` (serve --workers N, N ≥ 1): callgrind_control does not reach forked
+workers, so every process counts from the start of its event loop (--toggle-collect) over two
+runs, one --duration long and one three times as long; the difference of their counts over the
+difference of the requests they answered (access-log lines) cancels startup and warm-up.
+Usage: python bench/http_callgrind.py [--duration 10] [--workers N] [--tree DIR ...]
 Needs valgrind (Debian package valgrind) and wrk (bash scripts/setup.sh bench).
 """
 
@@ -71,12 +76,52 @@ def instructions_per_request(tree: Path, tmp: Path, args: argparse.Namespace) ->
     return int(totals.group(1)) / max(result.requests, 1)
 
 
+def counted_run(tree: Path, tmp: Path, args: argparse.Namespace, duration: int
+                ) -> tuple[int, int]:
+    """(instructions every process ran inside its event loop, access-log lines) of one daemon
+    with args.workers workers over a warm-up and a wrk run of `duration` s."""
+    tmp.mkdir()
+    redis, socket = start_redis(tmp / "redis")
+    port = free_port()
+    config, log = tmp / "bench.toml", tmp / "daemon.log"
+    config.write_text(CONFIG.format(port=port, socket=socket))
+    daemon = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=*uv_run",
+         f"--callgrind-out-file={tmp}/callgrind.out.%p",
+         str(tree / ".venv" / "bin" / "python"), str(tree / ".venv" / "bin" / "ratelimitd"),
+         "serve", "--config", str(config), "--workers", str(args.workers)],
+        stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        env={**os.environ, "PYTHONPATH": str(tree), "PYTHONHASHSEED": "0"})
+    try:
+        wait_up(f"http://127.0.0.1:{port}/healthz", daemon, log)
+        run_wrk(port, argparse.Namespace(**{**vars(args), "duration": 5}))
+        run_wrk(port, argparse.Namespace(**{**vars(args), "duration": duration}))
+    finally:
+        daemon.terminate()
+        daemon.wait(300)
+        redis.terminate()
+        redis.wait(10)
+    total = 0
+    for out in tmp.glob("callgrind.out.*"):
+        found = re.search(r"^totals:\s+(\d+)", out.read_text(errors="replace"), re.M)
+        total += int(found.group(1)) if found else 0
+    return total, log.read_bytes().count(b'"ratelimitd.access"')
+
+
+def instructions_per_request_forked(tree: Path, tmp: Path, args: argparse.Namespace) -> float:
+    short_count, short_lines = counted_run(tree, tmp / "short", args, args.duration)
+    long_count, long_lines = counted_run(tree, tmp / "long", args, 3 * args.duration)
+    return (long_count - short_count) / max(long_lines - short_lines, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="serve --workers N, counted as the module docstring says")
     parser.add_argument("--tree", type=Path, action="append", default=[])
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk"):
@@ -85,8 +130,10 @@ def main() -> None:
                      "bench for wrk)")
     for tree in [tree.resolve() for tree in args.tree] or [ROOT]:
         with tempfile.TemporaryDirectory() as tmp:
-            count = instructions_per_request(tree, Path(tmp), args)
-        print(f"{tree}: {count:,.0f} instructions per request")
+            count = (instructions_per_request_forked(tree, Path(tmp), args) if args.workers
+                     else instructions_per_request(tree, Path(tmp), args))
+        workers = f" ({args.workers} worker{'s' if args.workers > 1 else ''})" * bool(args.workers)
+        print(f"{tree}{workers}: {count:,.0f} instructions per request")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ async def reserve(request: ApiRequest) -> JsonAnswer:
                                 user=body.user, tier=body.tier, org=body.org,
                                 attributes=body.attributes or {})
         tier_name = caller.identity.tier
-        return await _reserve(app, services, body, caller)
+        return await _reserve(app, services, metrics, body, caller)
     except ApiError as err:
         observe.refused(metrics, err, tier_name)
         raise
@@ -85,10 +85,9 @@ async def reserve(request: ApiRequest) -> JsonAnswer:
         raise
 
 
-async def _reserve(app: web.Application, services: Services, body: ReserveBody,
-                   caller: Caller) -> JsonAnswer:
+async def _reserve(app: web.Application, services: Services, metrics: Metrics,
+                   body: ReserveBody, caller: Caller) -> JsonAnswer:
     config = services.config
-    metrics = app[METRICS]
     who = caller.identity
     tier = config.tiers.get(who.tier)
     if tier is None:

@@ -266,6 +266,10 @@ class JsonAccessLogger(AccessLog):
                 request_id_var.reset(token)
 
 
+# ".000Z" to ".999Z": a line's milliseconds, looked up rather than formatted
+_MILLIS: Final = tuple(b".%03dZ" % ms for ms in range(1000))
+
+
 class _Timestamps:
     """The `ts` of a line now: the formatted second is kept while it lasts."""
 
@@ -281,7 +285,7 @@ class _Timestamps:
         if second != self._second:
             self._second = second
             self._text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode()
-        return b"%s.%03dZ" % (self._text, int((now - second) * 1000))
+        return self._text + _MILLIS[int((now - second) * 1000)]
 
 
 # (method, path, status) kinds of access-log line whose redacted parts are kept; a scan of

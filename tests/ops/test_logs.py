@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -117,6 +120,7 @@ async def _serve(access_log: bool) -> tuple[web.AppRunner, str]:
 
 
 async def test_access_log_over_real_http(stream: io.StringIO) -> None:
+    started = time.time()
     runner, base = await _serve(access_log=True)
     try:
         async with aiohttp.ClientSession() as session:
@@ -135,6 +139,10 @@ async def test_access_log_over_real_http(stream: io.StringIO) -> None:
     assert [h["request_id"] for h in handling] == ["gw-7", made]
     assert access[0]["path"] == "/v1/admin/usage" and access[0]["status"] == 200
     assert access[0]["method"] == "GET" and access[0]["duration_ms"] >= 0
+    for line in access:  # UTC to the millisecond, as every other line
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["ts"])
+        when = datetime.strptime(line["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        assert started - 0.001 <= when.timestamp() <= time.time()
     assert SECRETS[0] not in stream.getvalue() and "u1" not in stream.getvalue()
 
 
