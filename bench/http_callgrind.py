@@ -132,7 +132,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             count = (instructions_per_request_forked(tree, Path(tmp), args) if args.workers
                      else instructions_per_request(tree, Path(tmp), args))
-        workers = f" ({args.workers} worker{'s' if args.workers > 1 else ''})" * bool(args.workers)
+        workers = f" ({args.workers} worker{'s' * (args.workers > 1)})" if args.workers else ""
         print(f"{tree}{workers}: {count:,.0f} instructions per request")
 
 
