@@ -54,7 +54,10 @@ local function calendar_add(lim, delta, ref)
   return true
 end
 
-local function calendar_ref(lim)
+-- A reserve's charge: calendar_add(lim, amount, false). Returns what the reservation record
+-- keeps to settle it later: the period it charged.
+local function calendar_charge(lim, amount)
+  if calendar_add(lim, amount, false) then lim[DIRTY] = true end
   return lim[START]
 end
 

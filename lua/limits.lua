@@ -118,18 +118,13 @@ local function add_to_limit(lim, delta, ref)
   if changed then lim[DIRTY] = true end
 end
 
--- A reserve's charge: add_to_limit(lim, amount, false), in one call (a Lua call costs about
--- as much as a few table reads). Returns the sub-bucket or period it charged, for the record
--- (0: the algorithm needs none).
+-- A reserve's charge: add_to_limit(lim, amount, false), and the sub-bucket or period it
+-- charged, for the record (0: the algorithm needs none), in one call per algorithm (a Lua
+-- call costs about as much as a few table reads).
 local function charge_limit(lim, amount)
   local algo = lim[ALGO]
-  if algo == ALG_SLIDING then
-    if sliding_add(lim, amount, false) then lim[DIRTY] = true end
-    return sliding_ref(lim)
-  elseif algo == ALG_CALENDAR then
-    if calendar_add(lim, amount, false) then lim[DIRTY] = true end
-    return calendar_ref(lim)
-  end
+  if algo == ALG_SLIDING then return sliding_charge(lim, amount) end
+  if algo == ALG_CALENDAR then return calendar_charge(lim, amount) end
   if bucket_add(lim, amount) then lim[DIRTY] = true end
   return 0
 end

@@ -107,8 +107,11 @@ local function sliding_add(lim, delta, ref)
   return true
 end
 
--- What a reservation record keeps to settle this limit later: the sub-bucket it charged.
-local function sliding_ref(lim)
+-- A reserve's charge: sliding_add(lim, amount, false), which always applies. Returns what the
+-- reservation record keeps to settle it later: the sub-bucket it charged.
+local function sliding_charge(lim, amount)
+  local total = lim[TOTAL] + amount
+  lim[CELL], lim[TOTAL], lim[USED], lim[DIRTY] = lim[CELL] + amount, total, total, true
   return lim[CUR]
 end
 
