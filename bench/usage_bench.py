@@ -13,6 +13,9 @@ check anomalies on the primary subject, and its commits check the three default 
 Prints every round, then each side's median and best. `--callgrind` counts the instructions
 Redis runs inside FCALL instead (valgrind; free of the machine's noise), on a test clock that
 moves 5 ms a call (so windows move on as often in both runs; the clock skips Redis TIME).
+With 1 000 users 5 ms apart, every call moves its windows on; `--users 30 --step-ms 1` puts a
+user's calls 30 ms apart, so its minute windows move on about once in 30 calls, as under
+bench/engine_bench.py's load.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ CONCURRENCY = 64
 STEP_MS = 5
 
 
-async def _child(port: int, calls: int) -> dict[str, float]:
+async def _child(port: int, calls: int, users: int = USERS, step_ms: int = STEP_MS
+                 ) -> dict[str, float]:
     import dataclasses
 
     import redis
@@ -53,12 +57,12 @@ async def _child(port: int, calls: int) -> dict[str, float]:
     sync = redis.Redis(port=port)
     prices = Prices(input=3_000_000, output=15_000_000, cached_input=1_500_000)
     tier = Tier("bench", shorthand_limits(10**9, 10**12, 10.0**6, 10**6), max_output_tokens=500)
-    plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(USERS)]
+    plans = [plan(tier, Identity(f"user{i}", "bench")) for i in range(users)]
     extra: dict[str, Any] = (
         {"anomaly": True} if "anomaly" in {f.name for f in dataclasses.fields(ReserveRequest)}
         else {})
     out: dict[str, float] = {}
-    # Under callgrind, a clock that moves STEP_MS a call: windows move on as often in both
+    # Under callgrind, a clock that moves step_ms a call: windows move on as often in both
     # runs, however slowly valgrind runs (with Redis TIME they would move on at every call)
     ticks = [1_764_000_000_000]
     counted = os.environ.get("USAGE_BENCH_CALLGRIND_PID") is not None
@@ -73,14 +77,14 @@ async def _child(port: int, calls: int) -> dict[str, float]:
         rids = [""] * calls
 
         async def reserve(i: int, engine: Engine = engine, rids: list[str] = rids) -> None:
-            ticks[0] += STEP_MS
-            result = await engine.reserve(ReserveRequest(plans[i % USERS], 120, 500, prices,
+            ticks[0] += step_ms
+            result = await engine.reserve(ReserveRequest(plans[i % users], 120, 500, prices,
                                                          **extra))
             assert result.allowed, result
             rids[i] = result.reservation_id
 
         async def commit(i: int, engine: Engine = engine, rids: list[str] = rids) -> None:
-            ticks[0] += STEP_MS
+            ticks[0] += step_ms
             await engine.commit(rids[i], 120, 80)
 
         for name, call in (("reserve", reserve), ("commit", commit)):
@@ -131,11 +135,13 @@ def _extract(revision: str, into: Path) -> Path:
     return into
 
 
-def _run(tree: Path, port: int, calls: int, extra_env: dict[str, str]) -> dict[str, float]:
+def _run(tree: Path, port: int, args: argparse.Namespace, extra_env: dict[str, str]
+         ) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), **extra_env}
     code = (f"import sys; sys.path.insert(0, {str(tree)!r}); import asyncio, json; "
             f"sys.path.insert(1, {str(HERE / 'bench')!r}); import usage_bench; "
-            f"print(json.dumps(asyncio.run(usage_bench._child({port}, {calls}))))")
+            f"print(json.dumps(asyncio.run(usage_bench._child({port}, {args.calls}, "
+            f"{args.users}, {args.step_ms}))))")
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, cwd=str(tree))
     if done.returncode:
@@ -149,6 +155,9 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the revision to compare with")
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--users", type=int, default=USERS)
+    parser.add_argument("--step-ms", type=int, default=STEP_MS,
+                        help="how far the test clock moves a call, under --callgrind")
     parser.add_argument("--callgrind", action="store_true",
                         help="count Redis' instructions per call (inside FCALL) under "
                              "valgrind's callgrind instead of timing it (free of a shared "
@@ -182,7 +191,7 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for side, tree in (("baseline", base), ("alerts+anomaly", HERE)):
-                    got = _run(tree, server.port, args.calls, env)
+                    got = _run(tree, server.port, args, env)
                     for key, value in got.items():
                         runs[side].setdefault(key, []).append(value)
                     print(f"round {r + 1} {side:15} " + "  ".join(
