@@ -176,17 +176,17 @@ def main() -> None:
             server.stop()
     print(f"redis-server {version}; {args.batches} batches of {args.batch_calls} `limits` hits, "
           "then as many reserves, then their commits; server time from INFO commandstats")
-    print("| regime | `limits` hit | reserve | commit | reserve / `limits` | commit / `limits` |")
-    print("|---|---|---|---|---|---|")
+    print("| regime | `limits` hit | reserve | commit | reserve / `limits` | commit / `limits` "
+          f"| both <= {TARGET_RATIO}x |")
+    print("|---|---|---|---|---|---|---|")
     for name, batches in runs.items():
         hit, reserve, commit = (statistics.median(b[k] for b in batches) for k in range(3))
         reserve_ratios = [r / h for h, r, _ in batches]
         commit_ratios = [c / h for h, _, c in batches]
-        verdict = ("met" if max(statistics.median(reserve_ratios),
-                                statistics.median(commit_ratios)) <= TARGET_RATIO else "MISSED")
+        worst = max(statistics.median(reserve_ratios), statistics.median(commit_ratios))
         print(f"| {name} | {hit:.2f} µs | {reserve:.2f} µs | {commit:.2f} µs | "
-              f"{summary(reserve_ratios)} | {summary(commit_ratios)} (target <= "
-              f"{TARGET_RATIO}x: {verdict}) |")
+              f"{summary(reserve_ratios)} | {summary(commit_ratios)} | "
+              f"{'met' if worst <= TARGET_RATIO else 'MISSED'} |")
     print("(µs: medians over the batches; ratios: the median of each batch's ratio, then its "
           "quartiles)")
     print()
