@@ -68,7 +68,7 @@ local function anomaly_state(raw, now, default_requests, default_tokens)
   return st
 end
 
--- write_limits' extra field of a reserve: the anomaly state (its value set per call)
+-- store_fields' extra field of a reserve: the anomaly state (its value set per call)
 local ANOMALY_FIELD = {'n', false}
 
 local function pack_anomaly(st)

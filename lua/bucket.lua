@@ -5,12 +5,12 @@
 -- The entries of a loaded token bucket, after core.lua's: refill per window, window ms,
 -- burst, level, last refill, and the time it is counted at (Redis time, or its last refill
 -- when that is ahead: time stepped back)
-local RATE, WINDOW, BURST, LEVEL, TS, AT = 8, 9, 10, 11, 12, 13
+local RATE, WINDOW, BURST, LEVEL, TS, AT = 6, 7, 8, 9, 10, 11
 
 -- spec parameters: a = window ms, b = burst; the limit is the refill per window
 local function bucket_parse(lid, algo, metric, limit, a, b)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, RATE, WINDOW, BURST, LEVEL, TS, AT
-  return {lid, algo, metric, b, 0, false, false, limit, a, b, 0, 0, 0}
+  -- LID, ALGO, METRIC, CAP, USED, RATE, WINDOW, BURST, LEVEL, TS, AT
+  return {lid, algo, metric, b, 0, limit, a, b, 0, 0, 0}
 end
 
 local function bucket_load(lim, raw, now)
@@ -56,6 +56,15 @@ end
 local function bucket_reset(lim)
   if lim[LEVEL] >= lim[BURST] then return 0 end
   return bucket_ttl(lim)
+end
+
+-- A reserve's charge: bucket_add(lim, amount), with its field appended to out (no `out`: a
+-- dry run). Returns the new n, bucket_ttl's, what remains and bucket_reset's (see
+-- sliding_charge).
+local function bucket_charge(lim, amount, out, n)
+  bucket_add(lim, amount)
+  if out then n = bucket_fields(lim, out, n) end
+  return n, bucket_ttl(lim), lim[CAP] - lim[USED], bucket_reset(lim)
 end
 
 -- (the time since the last refill already counts towards the next unit)

@@ -6,12 +6,12 @@
 
 -- The entries of a loaded calendar budget, after core.lua's: the four period starts, then the
 -- current period and whether Redis time is outside all of them
-local P0, P1, P2, P3, START, STOP, STALE = 8, 9, 10, 11, 12, 13, 14
+local P0, P1, P2, P3, START, STOP, STALE = 6, 7, 8, 9, 10, 11, 12
 
 -- spec parameters: the four period starts (ms)
 local function calendar_parse(lid, algo, metric, limit, a, b, c, d)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, P0, P1, P2, P3, START, STOP, STALE
-  return {lid, algo, metric, limit, 0, false, false, a, b, c, d, 0, 0, false}
+  -- LID, ALGO, METRIC, CAP, USED, P0, P1, P2, P3, START, STOP, STALE
+  return {lid, algo, metric, limit, 0, a, b, c, d, 0, 0, false}
 end
 
 -- The period a time falls in among the four starts: its start and stop, or false.
@@ -54,17 +54,19 @@ local function calendar_add(lim, delta, ref)
   return true
 end
 
--- A reserve's charge: calendar_add(lim, amount, false). Returns what the reservation record
--- keeps to settle it later: the period it charged.
-local function calendar_charge(lim, amount)
-  if calendar_add(lim, amount, false) then lim[DIRTY] = true end
-  return lim[START]
-end
-
 -- (returns the new n, and calendar_ttl's)
 local function calendar_fields(lim, out, n, now)
   out[n + 1], out[n + 2] = lim[LID], spack(PAIR_FORMAT, lim[START], lim[USED])
   return n + 2, lim[STOP] - now
+end
+
+-- A reserve's charge: calendar_add(lim, amount, false), with its field appended to out (no
+-- `out`: a dry run). Returns the new n, calendar_ttl's, what remains and calendar_reset's (see
+-- sliding_charge).
+local function calendar_charge(lim, amount, out, n, now)
+  if calendar_add(lim, amount, false) and out then n = calendar_fields(lim, out, n, now) end
+  local left = lim[STOP] - now
+  return n, left, lim[CAP] - lim[USED], left
 end
 
 local function calendar_ttl(lim, now)

@@ -44,9 +44,8 @@ end
 
 -- The entries of a loaded limit (an array), common to every algorithm: LID, ALGO, METRIC,
 -- CAP (capacity in its own metric; a token bucket holds up to its burst), USED (of CAP, as
--- loaded and changed), DIRTY (changed), REF (settle: the sub-bucket or period the reserve
--- charged). Each algorithm's file names the entries from 8 on.
-local LID, ALGO, METRIC, CAP, USED, DIRTY, REF = 1, 2, 3, 4, 5, 6, 7
+-- loaded and changed). Each algorithm's file names the entries from 6 on.
+local LID, ALGO, METRIC, CAP, USED = 1, 2, 3, 4, 5
 
 -- Limits of one subject a call can carry, and the size of a small array (see array8)
 local MAX_LIMITS = 8

@@ -42,8 +42,8 @@ local SHADOW = false
 -- and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
 -- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
 -- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
--- each algorithm's load resets every entry a call sets (but REF, which settle sets on every
--- limit first), so a call starts from the specs alone, as after a fresh parse. Copying the
+-- each algorithm's load resets every entry a call sets, so a call starts from the specs alone,
+-- as after a fresh parse. Copying the
 -- arrays instead costs allocation and garbage (docs/performance.md).
 local PARSED, nparsed = {}, 0
 local function limits_of(blob)
@@ -66,9 +66,9 @@ end
 local MISSING_B, MISSING_N = false, false
 
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
--- that moved on) and brings it to `now`, in memory; write_limits() stores what changed. Sets
--- USED of each limit; returns K's `x` (its expiry, 0 when unknown), then `b` (a block) and `n`
--- (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
+-- that moved on) and brings it to `now`, in memory (changed_fields() or charge_limits(), then
+-- store_fields(), write what changed). Sets USED of each limit; returns K's `x` (its expiry, 0
+-- when unknown), then `b` (a block) and `n` (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
 -- nor reports the limit's usage (its USED is then not exact: sliding_load skips a moved
 -- window's read of the sub-buckets that slid out). Returns, last, whether a calendar limit
 -- found Redis time outside the periods the engine sent (its STALE).
@@ -78,7 +78,6 @@ local function load_limits(K, limits, fields, now, unused)
   for k = 1, #limits do
     local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
     local algo = lim[ALGO]
-    lim[DIRTY] = false   -- (each load sets USED)
     if algo == ALG_SLIDING then
       nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
     elseif algo == ALG_CALENDAR then
@@ -104,62 +103,28 @@ local function load_limits(K, limits, fields, now, unused)
   return x, v[2], v[3], stale
 end
 
--- Adds delta (may be negative) to a loaded limit. ref: the sub-bucket or period the delta
--- belongs to (false: the current one).
-local function add_to_limit(lim, delta, ref)
-  local algo, changed = lim[ALGO], nil
-  if algo == ALG_SLIDING then
-    changed = sliding_add(lim, delta, ref)
-  elseif algo == ALG_CALENDAR then
-    changed = calendar_add(lim, delta, ref)
-  else
-    changed = bucket_add(lim, delta)
-  end
-  if changed then lim[DIRTY] = true end
-end
-
--- A reserve's charge: add_to_limit(lim, amount, false), and the sub-bucket or period it
--- charged, for the record (0: the algorithm needs none), in one call per algorithm (a Lua
--- call costs about as much as a few table reads).
-local function charge_limit(lim, amount)
-  local algo = lim[ALGO]
-  if algo == ALG_SLIDING then return sliding_charge(lim, amount) end
-  if algo == ALG_CALENDAR then return calendar_charge(lim, amount) end
-  if bucket_add(lim, amount) then lim[DIRTY] = true end
-  return 0
-end
-
--- Writes what changed (one HSET) and extends K's life when needed. A window that only moved on
--- is not written: the next load moves it again the same way. `extra`: more field/value pairs
--- for the same HSET (alert marks, anomaly state, a block), or false; K then lives at least
--- `keep` ms more.
--- write_limits' HSET arguments, reused (read up to their count). The limits' fields start
--- after WRITE_HEAD_ROOM entries: room for a new hash's `x`, `b` and `n`, which go first.
-local WRITE_HEAD_ROOM = 6
-local WRITE_ARGS = array16()
-local function write_limits(K, limits, now, x, extra, keep)
-  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
+-- Where a reserve's charge of each limit goes, for its record (settle needs nothing else): the
+-- sub-bucket or period it charges, 0 where the algorithm needs none. Written into `refs`.
+local function charge_refs(limits, refs)
   for k = 1, #limits do
     local lim = limits[k]
-    local algo, t = lim[ALGO], 0
-    if algo == ALG_SLIDING then
-      if lim[DIRTY] then
-        n, t = sliding_fields(K, lim, out, n, now)
-      else
-        t = sliding_ttl(lim, now)
-      end
-    elseif algo == ALG_CALENDAR then
-      if lim[DIRTY] then
-        n, t = calendar_fields(lim, out, n, now)
-      else
-        t = calendar_ttl(lim, now)
-      end
-    else
-      if lim[DIRTY] then n = bucket_fields(lim, out, n) end
-      t = bucket_ttl(lim)
-    end
-    if t > need then need = t end
+    local algo = lim[ALGO]
+    refs[k] = (algo == ALG_SLIDING and lim[CUR]) or (algo == ALG_CALENDAR and lim[START]) or 0
   end
+  return refs
+end
+
+-- The HSET arguments of changed_fields and charge_limits, reused (read up to their count). The
+-- limits' fields start after WRITE_HEAD_ROOM entries: room for a new hash's `x`, `b` and `n`,
+-- which go first.
+local WRITE_HEAD_ROOM = 6
+local WRITE_ARGS = array16()
+
+-- Writes the limits' fields in WRITE_ARGS (up to n) with one HSET, and `extra`: more
+-- field/value pairs (alert marks, anomaly state, a block), or false; K then lives at least
+-- `keep` ms more. Extends K's life when it must live `need` ms more.
+local function store_fields(K, n, now, x, extra, keep, need)
+  local out = WRITE_ARGS
   if extra then
     for j = 1, #extra do out[n + j] = extra[j] end
     n = n + #extra
@@ -189,6 +154,37 @@ local function write_limits(K, limits, now, x, extra, keep)
   end
 end
 
+-- Adds a settle's `deltas` to the limits (by limit index, may be negative; false: none), each
+-- in the sub-bucket or period the reserve charged (`refs`, by limit index), and appends the fields of those that
+-- changed to WRITE_ARGS. Returns their count, for store_fields, and how long K must live for
+-- every limit. A window that only moved on is not written: the next load moves it again the
+-- same way.
+local function changed_fields(K, limits, deltas, refs, now)
+  local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
+  for k = 1, #limits do
+    local lim = limits[k]
+    local algo, delta, t = lim[ALGO], deltas and deltas[k] or 0, 0
+    if algo == ALG_SLIDING then
+      if delta ~= 0 and sliding_add(lim, delta, refs[k]) then
+        n, t = sliding_fields(K, lim, out, n, now)
+      else
+        t = sliding_ttl(lim, now)
+      end
+    elseif algo == ALG_CALENDAR then
+      if delta ~= 0 and calendar_add(lim, delta, refs[k]) then
+        n, t = calendar_fields(lim, out, n, now)
+      else
+        t = calendar_ttl(lim, now)
+      end
+    else
+      if delta ~= 0 and bucket_add(lim, delta) then n = bucket_fields(lim, out, n) end
+      t = bucket_ttl(lim)
+    end
+    if t > need then need = t end
+  end
+  return n, need
+end
+
 -- The reply head: REPLY_HEAD_SIZE numbers (named by wire.py's REPLY_* or SETTLED_*), zero
 -- until set; packed_reply appends the limits after them. One table serves every call (Redis
 -- runs one call at a time, and a call builds one reply): a table per call costs its allocation
@@ -199,6 +195,16 @@ local function reply_head()
   local h = REPLY_HEAD
   h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8] = 0, 0, 0, 0, 0, 0, 0, 0
   return h
+end
+
+-- The reply of the head and limits in `out` (n numbers), `tail` and `alerts`, as packed_reply
+-- makes it.
+local function reply_of(out, n, tail, alerts)
+  out[REPLY_ALERTS_AT] = tail and #tail or 0
+  local reply = spack(longs(n + 1), n, unpack(out, 1, n))
+  if tail then reply = reply .. tail end
+  if alerts and #alerts > 0 then reply = reply .. '[' .. table.concat(alerts, ',') .. ']' end
+  return reply
 end
 
 -- A reply: the head's numbers, then for every limit what remains (not below 0 unless `exact`
@@ -222,11 +228,34 @@ local function packed_reply(limits, now, tail, out, alerts, exact)
     if remaining < 0 and not exact and not (SHADOW and SHADOW[k]) then remaining = 0 end
     out[n + 1], out[n + 2], n = remaining, reset, n + 2
   end
-  out[REPLY_ALERTS_AT] = tail and #tail or 0
-  local reply = spack(longs(n + 1), n, unpack(out, 1, n))
-  if tail then reply = reply .. tail end
-  if alerts and #alerts > 0 then reply = reply .. '[' .. table.concat(alerts, ',') .. ']' end
-  return reply
+  return reply_of(out, n, tail, alerts)
+end
+
+-- A reserve's charge of `est` (by metric) to every limit, and its reply: packed_reply's, with
+-- the head in `out` and no tail. Each limit is charged, written and reported by one call of its
+-- algorithm (one pass over the limits instead of three: docs/performance.md); the fields go in
+-- one HSET with `extra` (store_fields), unless `dry`.
+local function charge_limits(K, limits, est, now, x, extra, keep, out, alerts, dry)
+  local fields, need, n, r = not dry and WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM,
+                             REPLY_HEAD_SIZE
+  for k = 1, #limits do
+    local lim = limits[k]
+    local algo, metric, t, remaining, reset = lim[ALGO], lim[METRIC], 0, 0, 0
+    if algo == ALG_SLIDING then
+      n, t, remaining, reset = sliding_charge(K, lim, est[metric], fields, n, now)
+    elseif algo == ALG_CALENDAR then
+      n, t, remaining, reset = calendar_charge(lim, est[metric], fields, n, now)
+    else
+      n, t, remaining, reset = bucket_charge(lim, est[metric], fields, n)
+    end
+    if t > need then need = t end
+    -- reported as packed_reply reports a limit
+    if remaining < 0 and not (SHADOW and SHADOW[k]) then remaining = 0 end
+    if metric == METRIC_CONCURRENT then reset = 0 end
+    out[r + 1], out[r + 2], r = remaining, reset, r + 2
+  end
+  if not dry then store_fields(K, n, now, x, extra, keep, need) end
+  return reply_of(out, r, false, alerts)
 end
 
 -- Milliseconds until `need` more units fit in a loaded limit; -1 when they never can.

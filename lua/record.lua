@@ -49,7 +49,8 @@ end
 -- call at a time, and a call parses one record)
 local PARSED_RECORD = {state = false, expires = 0, input = 0, output = 0, pi = 0, pc = 0,
                        po = 0, actual = {0, 0, 0}, attempt = 0, charges = false,
-                       fields = false, others = false, raw = false, alerts = false}
+                       fields = false, refs = false, others = false, raw = false,
+                       alerts = false}
 
 local function parse_record(raw)
   local state, expires, input, output, pi, pc, po, ui, uc, uo, attempt, n =
@@ -59,7 +60,7 @@ local function parse_record(raw)
   rec.state, rec.expires, rec.input, rec.output = state, expires, input, output
   rec.pi, rec.pc, rec.po, rec.attempt = pi, pc, po, attempt
   actual[1], actual[2], actual[3] = ui, uc, uo
-  rec.charges, rec.fields, rec.alerts = false, false, false
+  rec.charges, rec.fields, rec.refs, rec.alerts = false, false, false, false
   rec.others, rec.raw = raw:sub(specs_at + SPEC_SIZE * n), raw
   if n > 0 then
     -- the specs as the reserve got them: most likely parsed already
@@ -71,8 +72,7 @@ local function parse_record(raw)
       refs[1], refs[2], refs[3], refs[4], refs[5], refs[6], refs[7], refs[8] =
         sunpack(doubles(n), raw, RECORD_SIZE + 1)
     end
-    local charges = rec.charges
-    for k = 1, n do charges[k][REF] = refs[k] end
+    rec.refs = refs
   elseif rec.state ~= RECORD_RESERVED then
     -- a settled record: the alerts its commit fired follow the other subjects
     local cut = rec.others:find(RECORD_ALERTS_SEPARATOR, 1, true)

@@ -104,9 +104,10 @@ if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
   end
   if spike ~= nil then
     local ends = now + block_ms
-    write_limits(K, limits, now, x, {'n', pack_anomaly(st),
-                                     'b', spack(DOUBLE_FORMAT, ends) .. 'request_spike'},
-                 max(ANOMALY_KEEP_MS, block_ms + MIN_KEY_TTL_MS))
+    local n, need = changed_fields(K, limits, false, false, now)
+    store_fields(K, n, now, x, {'n', pack_anomaly(st),
+                                'b', spack(DOUBLE_FORMAT, ends) .. 'request_spike'},
+                 max(ANOMALY_KEEP_MS, block_ms + MIN_KEY_TTL_MS), need)
     head[REPLY_STATUS], head[REPLY_RETRY_AFTER_MS] = RESERVE_BLOCKED, block_ms
     return packed_reply(limits, now, 'request_spike', head, spike and {spike})
   end
@@ -163,13 +164,11 @@ end
 est[METRIC_TOKENS], est[METRIC_OUTPUT_TOKENS] = input + grant, grant
 est[METRIC_COST_USD] = ceil((fixed + grant * po) / PRICE_DIVISOR)
 local expires = now + ttl
--- the record keeps the sub-bucket or period each limit charged: settle needs nothing else
-local refs = RESERVE_REFS
-for k = 1, nl do
-  local lim = limits[k]
-  refs[k] = charge_limit(lim, est[lim[METRIC]])
-end
+local extra = false
 if mode ~= MODE_DRY_RUN then
+  -- the record keeps the sub-bucket or period each limit is charged in: settle needs nothing
+  -- else
+  local refs = charge_refs(limits, RESERVE_REFS)
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
                               po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
   local written
@@ -183,16 +182,16 @@ if mode ~= MODE_DRY_RUN then
     head[REPLY_STATUS] = RESERVE_CANCELLED
     return packed_reply(limits, now, false, head)
   end
-  local extra = false
   if st then
     fired = count_request(K, AK, now, st, decides, not spike_blocks and request_factor,
                           default_requests, token_factor, default_tokens)
     extra = ANOMALY_FIELD
     extra[2] = pack_anomaly(st)
   end
-  write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
 end
 head[REPLY_STATUS] = mode == MODE_DRY_RUN and RESERVE_DRY_RUN or RESERVE_RESERVED
 head[REPLY_GRANTED_OUTPUT], head[REPLY_EXPIRES_AT_MS] = grant, expires
 head[REPLY_RESERVED_COST_NANO] = est[METRIC_COST_USD]
-return packed_reply(limits, now, false, head, fired)
+-- charged, written (but in a dry run) and reported at once
+return charge_limits(K, limits, est, now, x, extra, ANOMALY_KEEP_MS, head, fired,
+                     mode == MODE_DRY_RUN)

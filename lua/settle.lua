@@ -70,10 +70,7 @@ for k = 1, #limits do
   unused[k] = delta == 0 and mode ~= MODE_RESIZE and metric ~= METRIC_COST_USD
 end
 local x, _, anomaly_raw = load_limits(K, limits, fields, now, unused)
-for k = 1, #limits do
-  local delta = deltas[k]
-  if delta ~= 0 then add_to_limit(limits[k], delta, limits[k][REF]) end
-end
+local n, need = changed_fields(K, limits, deltas, rec.refs, now)
 local extra, fired = false, false
 if mode == MODE_COMMIT then
   if ARGV[3] and ARGV[3] ~= '' then
@@ -92,7 +89,7 @@ if mode == MODE_COMMIT then
     end
   end
 end
-write_limits(K, limits, now, x, extra, ANOMALY_KEEP_MS)
+store_fields(K, n, now, x, extra, ANOMALY_KEEP_MS, need)
 
 local u_in, u_cached, u_out = unpack(rec.actual)
 if mode == MODE_RESIZE then

@@ -16,14 +16,14 @@
 -- it moved, the old newest count, whether the window was idle for a whole window, and deltas
 -- for older sub-buckets; then the names of the cells' fields (made as first needed), and where
 -- the cells that slid out are listed in EXPIRED_FIELDS (false: not read)
-local N, WIDTH, CUR, HEAD, TOTAL = 8, 9, 10, 11, 12
-local CELL, MOVED, PREV, IDLE, INCR, CELLS, EXPIRED_AT = 13, 14, 15, 16, 17, 18, 19
+local N, WIDTH, CUR, HEAD, TOTAL = 6, 7, 8, 9, 10
+local CELL, MOVED, PREV, IDLE, INCR, CELLS, EXPIRED_AT = 11, 12, 13, 14, 15, 16, 17
 
 -- spec parameters: a = window ms, b = sub-buckets
 local function sliding_parse(lid, algo, metric, limit, a, b)
-  -- LID, ALGO, METRIC, CAP, USED, DIRTY, REF, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV,
+  -- LID, ALGO, METRIC, CAP, USED, N, WIDTH, CUR, HEAD, TOTAL, CELL, MOVED, PREV,
   -- IDLE, INCR, CELLS, EXPIRED_AT
-  return {lid, algo, metric, limit, 0, false, false, b, a / b, 0, 0, 0, 0, false, 0, false,
+  return {lid, algo, metric, limit, 0, b, a / b, 0, 0, 0, 0, false, 0, false,
           false, {}, false}
 end
 
@@ -107,39 +107,57 @@ local function sliding_add(lim, delta, ref)
   return true
 end
 
--- A reserve's charge: sliding_add(lim, amount, false), which always applies. Returns what the
--- reservation record keeps to settle it later: the sub-bucket it charged.
-local function sliding_charge(lim, amount)
-  local total = lim[TOTAL] + amount
-  lim[CELL], lim[TOTAL], lim[USED], lim[DIRTY] = lim[CELL] + amount, total, total, true
-  return lim[CUR]
+-- What a window that moved on writes besides its state, appended to out (from index n+1):
+-- the old newest count gets its own field and the sub-buckets skipped on the way start at 0
+-- (but those that held 0, or nothing, when read); the cell of the new newest one is not read
+-- until the window moves again. A window idle for a whole window drops every cell. Returns the
+-- new n.
+local function sliding_moved_fields(K, lim, out, n)
+  if lim[IDLE] then
+    local drop = {}
+    for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
+    redis.call('HDEL', K, unpack(drop))
+    return n
+  end
+  local head, cur, at = lim[HEAD], lim[CUR], lim[EXPIRED_AT]
+  out[n + 1], out[n + 2], n = cell_field(lim, head), int_text(lim[PREV]), n + 2
+  -- (a HINCRBY of sliding_fields runs first: its cell is written 0 after it, as always)
+  if lim[INCR] then at = false end
+  local counts, cells, m = EXPIRED_COUNTS, lim[CELLS], lim[N] + 1
+  for b = head + 1, cur - 1 do
+    if not at or counts[at + b - head - 1] ~= 0 then
+      out[n + 1], out[n + 2], n = cells[b % m + 1] or cell_field(lim, b), '0', n + 2
+    end
+  end
+  return n
 end
 
--- The changed window's fields, appended to out (from index n+1); returns the new n, and
--- sliding_ttl's (computed here: a Lua call costs more).
--- After a move the old newest count gets its own field and the sub-buckets skipped on the way
--- start at 0 (but those that held 0, or nothing, when read); the cell of the new newest one is
--- not read until the window moves again.
+-- A reserve's charge: sliding_add(lim, amount, false), which always applies, with the
+-- window's fields appended to out (from index n+1; no `out`: a dry run, nothing is written).
+-- Returns the new n, how long K must live for this window (sliding_ttl's), what remains of the
+-- limit, and in how many ms it is empty again (sliding_reset's): one call per limit instead of
+-- three. (The loaded limit keeps its usage before the charge: nothing reads it after.)
+local function sliding_charge(K, lim, amount, out, n, now)
+  local cur, span, width = lim[CUR], lim[N] + 1, lim[WIDTH]
+  local total, cell = lim[TOTAL] + amount, lim[CELL] + amount
+  if out then
+    out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, cur, total, cell)
+    n = n + 2
+    if lim[MOVED] then n = sliding_moved_fields(K, lim, out, n) end
+  end
+  local reset = 0
+  if total > 0 then reset = ceil(((cell > 0 and cur or lim[HEAD]) + span) * width - now) end
+  return n, (cur + span) * width - now, lim[CAP] - total, reset
+end
+
+-- The changed window's fields, appended to out (from index n+1), and the HINCRBYs of settled
+-- sub-buckets older than the newest; returns the new n, and sliding_ttl's (computed here: a
+-- Lua call costs more).
 local function sliding_fields(K, lim, out, n, now)
   local cur = lim[CUR]
   out[n + 1], out[n + 2] = lim[LID], spack(SLIDING_STATE_FORMAT, cur, lim[TOTAL], lim[CELL])
   n = n + 2
-  if lim[MOVED] and lim[IDLE] then
-    local drop = {}
-    for c = 0, lim[N] do drop[c + 1] = cell_field(lim, c) end
-    redis.call('HDEL', K, unpack(drop))
-  elseif lim[MOVED] then
-    local head, at = lim[HEAD], lim[EXPIRED_AT]
-    out[n + 1], out[n + 2], n = cell_field(lim, head), int_text(lim[PREV]), n + 2
-    -- (a HINCRBY below runs first: its cell is written 0 after it, as always)
-    if lim[INCR] then at = false end
-    local counts, cells, m = EXPIRED_COUNTS, lim[CELLS], lim[N] + 1
-    for b = head + 1, cur - 1 do
-      if not at or counts[at + b - head - 1] ~= 0 then
-        out[n + 1], out[n + 2], n = cells[b % m + 1] or cell_field(lim, b), '0', n + 2
-      end
-    end
-  end
+  if lim[MOVED] then n = sliding_moved_fields(K, lim, out, n) end
   if lim[INCR] then
     for _, inc in ipairs(lim[INCR]) do redis.call('HINCRBY', K, inc[1], int_text(inc[2])) end
   end
