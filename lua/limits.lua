@@ -68,23 +68,25 @@ local MISSING_B, MISSING_N = false, false
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory (changed_fields() or charge_limits(), then
 -- store_fields(), write what changed). Sets USED of each limit; returns K's `x` (its expiry, 0
--- when unknown), then `b` (a block) and `n` (anomaly state), raw. `unused`: false, or by limit index whether the call neither changes
--- nor reports the limit's usage (its USED is then not exact: sliding_load skips a moved
--- window's read of the sub-buckets that slid out). Returns, last, whether a calendar limit
--- found Redis time outside the periods the engine sent (its STALE).
+-- when unknown), then `b` (a block) and `n` (anomaly state), raw. `unused`: false, or by limit
+-- index whether the call neither changes nor reports the limit's usage: such a limit is not
+-- loaded at all. Returns, last, whether a calendar limit found Redis time outside the periods
+-- the engine sent (its STALE).
 local function load_limits(K, limits, fields, now, unused)
   local v = redis.call('HMGET', K, unpack(fields))
   local nexpired, stale = 0, false
   for k = 1, #limits do
-    local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
-    local algo = lim[ALGO]
-    if algo == ALG_SLIDING then
-      nexpired = sliding_load(lim, raw, now, nexpired, unused and unused[k])
-    elseif algo == ALG_CALENDAR then
-      calendar_load(lim, raw, now)
-      if lim[STALE] then stale = true end
-    else
-      bucket_load(lim, raw, now)
+    if not (unused and unused[k]) then
+      local lim, raw = limits[k], v[k + FIRST_LIMIT_FIELD - 1]
+      local algo = lim[ALGO]
+      if algo == ALG_SLIDING then
+        nexpired = sliding_load(lim, raw, now, nexpired)
+      elseif algo == ALG_CALENDAR then
+        calendar_load(lim, raw, now)
+        if lim[STALE] then stale = true end
+      else
+        bucket_load(lim, raw, now)
+      end
     end
   end
   if nexpired > 0 then
@@ -157,14 +159,17 @@ end
 -- Adds a settle's `deltas` to the limits (by limit index, may be negative; false: none), each
 -- in the sub-bucket or period the reserve charged (`refs`, by limit index), and appends the fields of those that
 -- changed to WRITE_ARGS. Returns their count, for store_fields, and how long K must live for
--- every limit. A window that only moved on is not written: the next load moves it again the
--- same way.
-local function changed_fields(K, limits, deltas, refs, now)
+-- every limit loaded (`unused`: as load_limits'; what such a limit stores lives as long as
+-- when it was written). A window that only moved on is not written: the next load moves it
+-- again the same way.
+local function changed_fields(K, limits, deltas, refs, unused, now)
   local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
   for k = 1, #limits do
     local lim = limits[k]
     local algo, delta, t = lim[ALGO], deltas and deltas[k] or 0, 0
-    if algo == ALG_SLIDING then
+    if unused and unused[k] then
+      -- not loaded, and unchanged
+    elseif algo == ALG_SLIDING then
       if delta ~= 0 and sliding_add(lim, delta, refs[k]) then
         n, t = sliding_fields(K, lim, out, n, now)
       else

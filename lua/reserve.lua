@@ -104,7 +104,7 @@ if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
   end
   if spike ~= nil then
     local ends = now + block_ms
-    local n, need = changed_fields(K, limits, false, false, now)
+    local n, need = changed_fields(K, limits, false, false, false, now)
     store_fields(K, n, now, x, {'n', pack_anomaly(st),
                                 'b', spack(DOUBLE_FORMAT, ends) .. 'request_spike'},
                  max(ANOMALY_KEEP_MS, block_ms + MIN_KEY_TTL_MS), need)

@@ -60,8 +60,8 @@ end
 
 local limits, fields = rec.charges, rec.fields
 if not limits then limits, fields = limits_of('') end
--- A limit the settle leaves as it is need not be loaded exactly, unless the reply reports it
--- (a resize) or a cost alert may read it.
+-- A limit the settle leaves as it is need not be loaded, unless the reply reports it (a
+-- resize) or a cost alert may read it.
 local deltas, unused = SETTLE_DELTAS, SETTLE_UNUSED
 for k = 1, #limits do
   local metric = limits[k][METRIC]
@@ -70,7 +70,7 @@ for k = 1, #limits do
   unused[k] = delta == 0 and mode ~= MODE_RESIZE and metric ~= METRIC_COST_USD
 end
 local x, _, anomaly_raw = load_limits(K, limits, fields, now, unused)
-local n, need = changed_fields(K, limits, deltas, rec.refs, now)
+local n, need = changed_fields(K, limits, deltas, rec.refs, unused, now)
 local extra, fired = false, false
 if mode == MODE_COMMIT then
   if ARGV[3] and ARGV[3] ~= '' then

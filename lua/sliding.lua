@@ -50,9 +50,8 @@ local EXPIRED_FIELDS, EXPIRED_LIMITS, EXPIRED_COUNTS = array16(), array16(), arr
 -- reuse cells of sub-buckets that slid out: they are listed in EXPIRED_FIELDS and
 -- EXPIRED_LIMITS after the `nexpired` listed already (read by the caller, then given to
 -- sliding_forget), and the newest count leaves SLIDING_STATE for its own field (written by
--- sliding_fields). `unused`: the call neither changes nor reports this window, so what slid
--- out is not read (its total stays as stored). Returns the new count of listed cells.
-local function sliding_load(lim, raw, now, nexpired, unused)
+-- sliding_fields). Returns the new count of listed cells.
+local function sliding_load(lim, raw, now, nexpired)
   lim[INCR] = false
   local n, cur = lim[N], floor(now / lim[WIDTH])
   local head, total, cell = cur, 0, 0
@@ -64,7 +63,7 @@ local function sliding_load(lim, raw, now, nexpired, unused)
     lim[MOVED], lim[PREV], lim[IDLE], lim[EXPIRED_AT] = true, cell, false, false
     if cur - head > n then
       total, lim[IDLE] = 0, true          -- idle for a whole window: every cell is stale
-    elseif not unused then
+    else
       local fields, lims, cells, m = EXPIRED_FIELDS, EXPIRED_LIMITS, lim[CELLS], n + 1
       lim[EXPIRED_AT] = nexpired + 1
       for b = head + 1, cur do
