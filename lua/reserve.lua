@@ -4,11 +4,11 @@
 -- KEYS: 1 subject hash K, 2 reservation record R, 3 the subject's alert list (alerts.lua)
 -- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
 --         input tokens, requested output cap, minimum output, input, cached-input and output
---         prices (micro-USD per 1M tokens), the attempt,
+--         prices (micro-USD per 1M tokens), the attempt; then ANOMALY_ARGS, or nothing (no
+--         anomaly check: anomaly.lua),
 --       2 the reservation's other subjects (opaque, kept in the record),
 --       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
---       the commit grace (a number passed to redis.call is formatted with printf, slowly),
---       5 ANOMALY_ARGS, or '' (no anomaly check: anomaly.lua)
+--       the commit grace (a number passed to redis.call is formatted with printf, slowly)
 --   MODE_RETRY: an idempotent retry; a live record of the same id answers instead, when it
 --   is of the same request (the same other subjects and input tokens), else RESERVE_REUSED.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
@@ -92,10 +92,10 @@ end
 local st, decides, spike_blocks = false, false, false
 local request_factor, token_factor, default_requests, default_tokens
 local fired = false
-if ARGV[5] and ARGV[5] ~= '' and mode ~= MODE_DRY_RUN then
+if #ARGV[1] > RESERVE_ARGS_SIZE and mode ~= MODE_DRY_RUN then
   local block_ms, blocks, min_hours
   request_factor, token_factor, block_ms, default_requests, default_tokens, blocks, min_hours =
-    sunpack(ANOMALY_ARGS_FORMAT, ARGV[5])
+    sunpack(ANOMALY_ARGS_FORMAT, ARGV[1], RESERVE_ARGS_SIZE + 1)
   st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
   decides, spike_blocks = st[A_HOURS] >= min_hours, blocks == 1
   local spike

@@ -291,10 +291,10 @@ class Engine:
                 else req.record_ttl_ms,
                 req.input_tokens if inputs is None or index < 0 else inputs[index], grant,
                 req.min_output_tokens, req.prices.input,
-                req.prices.cached_input, req.prices.output, call.attempt),
+                req.prices.cached_input, req.prices.output, call.attempt)
+            + (self._anomaly_args[req.anomaly] if primary and req.anomaly else b""),
             others, self._specs_arg(limits),
-            self._record_ttl_text if req.record_ttl_ms is None else str(req.record_ttl_ms),
-            self._anomaly_args[req.anomaly] if primary and req.anomaly else b""]
+            self._record_ttl_text if req.record_ttl_ms is None else str(req.record_ttl_ms)]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it

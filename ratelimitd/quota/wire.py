@@ -126,8 +126,9 @@ SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<6d", (
 SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "total",
                                                         "newest_count"))
 PAIR: Final = Format("PAIR", "<dd", ("first", "second"))
-# The anomaly arguments of a reserve on its primary subject (lua/anomaly.lua); '' turns the
-# check off (other subjects, tiers with `anomaly = false`). Factors are x 10^6, like thresholds.
+# The anomaly arguments of a reserve on its primary subject (lua/anomaly.lua), after its
+# RESERVE_ARGS in the same argument (one argument less for Redis to make); none turns the check
+# off (other subjects, tiers with `anomaly = false`). Factors are x 10^6, like thresholds.
 # request_spike_blocks: 1 when a request spike blocks the subject, 0 when it only alerts.
 ANOMALY_ARGS: Final = Format("ANOMALY_ARGS", "<7d", (
     "request_factor_ppm", "token_factor_ppm", "block_ms", "default_requests_per_hour",
