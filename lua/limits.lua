@@ -43,8 +43,8 @@ local SHADOW = false
 -- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
 -- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
 -- each algorithm's load resets every entry a call sets, so a call starts from the specs alone,
--- as after a fresh parse. Copying the
--- arrays instead costs allocation and garbage (docs/performance.md).
+-- as after a fresh parse. Copying the arrays instead costs allocation and garbage
+-- (docs/performance.md).
 local PARSED, nparsed = {}, 0
 local function limits_of(blob)
   local parsed = PARSED[blob]
@@ -157,11 +157,11 @@ local function store_fields(K, n, now, x, extra, keep, need)
 end
 
 -- Adds a settle's `deltas` to the limits (by limit index, may be negative; false: none), each
--- in the sub-bucket or period the reserve charged (`refs`, by limit index), and appends the fields of those that
--- changed to WRITE_ARGS. Returns their count, for store_fields, and how long K must live for
--- every limit loaded (`unused`: as load_limits'; what such a limit stores lives as long as
--- when it was written). A window that only moved on is not written: the next load moves it
--- again the same way.
+-- in the sub-bucket or period the reserve charged (`refs`, by limit index), and appends the
+-- fields of those that changed to WRITE_ARGS. Returns their count, for store_fields, and how
+-- long K must live for every limit loaded (`unused`: as load_limits'; what such a limit stores
+-- lives as long as when it was written). A window that only moved on is not written: the next
+-- load moves it again the same way.
 local function changed_fields(K, limits, deltas, refs, unused, now)
   local out, need, n = WRITE_ARGS, MIN_KEY_TTL_MS, WRITE_HEAD_ROOM
   for k = 1, #limits do
