@@ -166,8 +166,7 @@ est[METRIC_COST_USD] = ceil((fixed + grant * po) / PRICE_DIVISOR)
 local expires = now + ttl
 local extra = false
 if mode ~= MODE_DRY_RUN then
-  -- the record keeps the sub-bucket or period each limit is charged in: settle needs nothing
-  -- else
+  -- the record keeps where each limit is charged (sub-bucket, period): settle needs no more
   local refs = charge_refs(limits, RESERVE_REFS)
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
                               po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
