@@ -60,9 +60,9 @@ local function calendar_fields(lim, out, n, now)
   return n + 2, lim[STOP] - now
 end
 
--- A reserve's charge: calendar_add(lim, amount, false), with its field appended to out (no
--- `out`: a dry run). Returns the new n, calendar_ttl's, what remains and calendar_reset's (see
--- sliding_charge).
+-- A reserve's charge: calendar_add(lim, amount, false), to the current period START (which
+-- charge_refs records for settle), with its field appended to out (no `out`: a dry run).
+-- Returns the new n, calendar_ttl's, what remains and calendar_reset's (see sliding_charge).
 local function calendar_charge(lim, amount, out, n, now)
   if calendar_add(lim, amount, false) and out then n = calendar_fields(lim, out, n, now) end
   local left = lim[STOP] - now

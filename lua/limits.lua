@@ -106,7 +106,8 @@ local function load_limits(K, limits, fields, now, unused)
 end
 
 -- Where a reserve's charge of each limit goes, for its record (settle needs nothing else): the
--- sub-bucket or period it charges, 0 where the algorithm needs none. Written into `refs`.
+-- sub-bucket or period it charges (the loaded CUR or START that sliding_charge and
+-- calendar_charge add to), 0 where the algorithm needs none. Written into `refs`.
 local function charge_refs(limits, refs)
   for k = 1, #limits do
     local lim = limits[k]

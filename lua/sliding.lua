@@ -135,7 +135,8 @@ end
 -- window's fields appended to out (from index n+1; no `out`: a dry run, nothing is written).
 -- Returns the new n, how long K must live for this window (sliding_ttl's), what remains of the
 -- limit, and in how many ms it is empty again (sliding_reset's): one call per limit instead of
--- three. (The loaded limit keeps its usage before the charge: nothing reads it after.)
+-- three. It charges the current sub-bucket, CUR, which charge_refs records for settle. (The
+-- loaded limit keeps its usage before the charge: nothing reads it after.)
 local function sliding_charge(K, lim, amount, out, n, now)
   local cur, span, width = lim[CUR], lim[N] + 1, lim[WIDTH]
   local total, cell = lim[TOTAL] + amount, lim[CELL] + amount
