@@ -77,29 +77,20 @@ local function parse_marks(raw)
   return marks
 end
 
--- The lowest threshold of each thresholds argument seen (a daemon sends the same one with
--- every commit), at most MAX_PARSED_BLOBS of them; then the cache starts over
-local LOWEST_THRESHOLD, nlowest = {}, 0
-
--- Fires every threshold (ppm doubles, ascending) that a loaded cost budget's spend has reached
--- and that has not fired in its period. Reads K's `a` only then. Returns the new `a` and the
--- alerts' JSONs, or false when nothing fired.
-local function cost_alerts(K, AK, now, limits, thresholds)
+-- Fires every threshold (ppm doubles, ascending, in `args` from `at` on; the lowest is
+-- `lowest`) that a loaded cost budget's spend has reached and that has not fired in its
+-- period. Reads K's `a` only then. Returns the new `a` and the alerts' JSONs, or false when
+-- nothing fired.
+local function cost_alerts(K, AK, now, limits, lowest, args, at)
   local marks, changed, fired = false, false, false
-  local nt = #thresholds / DOUBLE_SIZE
-  local lowest = LOWEST_THRESHOLD[thresholds]
-  if not lowest then
-    if nlowest >= MAX_PARSED_BLOBS then LOWEST_THRESHOLD, nlowest = {}, 0 end
-    lowest = sunpack(DOUBLE_FORMAT, thresholds)
-    LOWEST_THRESHOLD[thresholds], nlowest = lowest, nlowest + 1
-  end
+  local nt = (#args - at + 1) / DOUBLE_SIZE
   local ppms
   for k = 1, #limits do
     local lim = limits[k]
     -- most commits leave every budget below the lowest threshold: nothing more to read
     if lim[METRIC] == METRIC_COST_USD and lim[USED] * PPM >= lowest * lim[CAP] then
       marks = marks or parse_marks(redis.call('HGET', K, 'a'))
-      ppms = ppms or {sunpack(doubles(nt), thresholds)}
+      ppms = ppms or {sunpack(doubles(nt), args, at)}
       local lid, period, mark = lim[LID], alert_period(lim, now), nil
       for j = 1, #marks do
         if marks[j][1] == lid then mark = marks[j] end

@@ -70,6 +70,19 @@ local function int_text(v)
   return s
 end
 
+-- A lifetime (whole ms) as a Redis argument: int_text's, kept for any value, since a daemon
+-- sends the same few lifetimes call after call; at most MS_TEXTS_KEPT, then the set starts over.
+local MS_TEXTS_KEPT = 64
+local MS_TEXT, nms_text = {}, 0
+local function ms_text(ms)
+  local s = MS_TEXT[ms]
+  if s then return s end
+  if nms_text >= MS_TEXTS_KEPT then MS_TEXT, nms_text = {}, 0 end
+  s = int_text(ms)
+  MS_TEXT[ms], nms_text = s, nms_text + 1
+  return s
+end
+
 local function now_ms(override)
   if override > 0 then return override end
   local t = redis.call('TIME')

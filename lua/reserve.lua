@@ -4,11 +4,11 @@
 -- KEYS: 1 subject hash K, 2 reservation record R, 3 the subject's alert list (alerts.lua)
 -- ARGV: 1 RESERVE_ARGS (wire.py): clock override (0 = Redis TIME), mode, reservation ttl ms,
 --         input tokens, requested output cap, minimum output, input, cached-input and output
---         prices (micro-USD per 1M tokens), the attempt; then ANOMALY_ARGS, or nothing (no
---         anomaly check: anomaly.lua),
---       2 the reservation's other subjects (opaque, kept in the record),
---       3 the limit specs (SPEC each), 4 how long the record lives, ms as text: the ttl plus
---       the commit grace (a number passed to redis.call is formatted with printf, slowly)
+--         prices (micro-USD per 1M tokens), the attempt, how long the record lives (the ttl
+--         plus the commit grace, ms), where the other subjects start; then ANOMALY_ARGS, or
+--         nothing (no anomaly check: anomaly.lua); then the reservation's other subjects
+--         (opaque, kept in the record),
+--       2 the limit specs (SPEC each)
 --   MODE_RETRY: an idempotent retry; a live record of the same id answers instead, when it
 --   is of the same request (the same other subjects and input tokens), else RESERVE_REUSED.
 --   MODE_CONFIRM: answers whether a live record of the id is here; charges nothing.
@@ -22,10 +22,11 @@
 -- then the tail, then the alerts the call fired (an anomaly's).
 
 local K, R, AK = KEYS[1], KEYS[2], KEYS[3]
-local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt =
-  sunpack(RESERVE_ARGS_FORMAT, ARGV[1])
+local args = ARGV[1]
+local clock, mode, ttl, input, cap, min_out, pi, pc, po, attempt, record_ttl, others_at =
+  sunpack(RESERVE_ARGS_FORMAT, args)
 local now = now_ms(clock)
-local limits, fields = limits_of(ARGV[3])
+local limits, fields = limits_of(ARGV[2])
 local nl = #limits
 local x, block, anomaly_raw, stale = load_limits(K, limits, fields, now)
 if stale then
@@ -63,7 +64,8 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
     return packed_reply(limits, now, false, head)
   end
   local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
-  if live and mode == MODE_RETRY and (rec.others ~= ARGV[2] or rec.input ~= input) then
+  if live and mode == MODE_RETRY and (rec.others ~= args:sub(others_at) or rec.input ~= input)
+  then
     -- the key's first reserve was another request (other subjects, other input): no retry
     -- of this one can ever be answered with it
     head[REPLY_STATUS] = RESERVE_REUSED
@@ -92,10 +94,10 @@ end
 local st, decides, spike_blocks = false, false, false
 local request_factor, token_factor, default_requests, default_tokens
 local fired = false
-if #ARGV[1] > RESERVE_ARGS_SIZE and mode ~= MODE_DRY_RUN then
+if others_at > RESERVE_ARGS_SIZE + 1 and mode ~= MODE_DRY_RUN then
   local block_ms, blocks, min_hours
   request_factor, token_factor, block_ms, default_requests, default_tokens, blocks, min_hours =
-    sunpack(ANOMALY_ARGS_FORMAT, ARGV[1], RESERVE_ARGS_SIZE + 1)
+    sunpack(ANOMALY_ARGS_FORMAT, args, RESERVE_ARGS_SIZE + 1)
   st = anomaly_state(anomaly_raw, now, default_requests, default_tokens)
   decides, spike_blocks = st[A_HOURS] >= min_hours, blocks == 1
   local spike
@@ -171,10 +173,11 @@ if mode ~= MODE_DRY_RUN then
   local head_and_refs = spack(record_format(nl), RECORD_RESERVED, expires, input, grant, pi, pc,
                               po, 0, 0, 0, attempt, nl, unpack(refs, 1, nl))
   local written
+  local value = head_and_refs .. ARGV[2] .. args:sub(others_at)
   if mode == MODE_RESERVE then
-    written = redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4], 'NX')
+    written = redis.call('SET', R, value, 'PX', ms_text(record_ttl), 'NX')
   else
-    written = redis.call('SET', R, head_and_refs .. ARGV[3] .. ARGV[2], 'PX', ARGV[4])
+    written = redis.call('SET', R, value, 'PX', ms_text(record_ttl))
   end
   if not written then
     -- a record of this id exists: the cancel of this very attempt ran first

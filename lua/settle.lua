@@ -6,9 +6,9 @@
 -- KEYS: 1 subject hash K, 2 reservation record R, 3 the subject's alert list (alerts.lua)
 -- ARGV: 1 SETTLE_ARGS (wire.py): clock override (0 = Redis TIME), mode, input tokens, cached
 --         input tokens, output tokens (MODE_RESIZE: the new output cap), the attempt
---         (MODE_CANCEL: the reserve attempt to cancel),
---       2 how long a settled record is kept (ms, as text; to answer repeats),
---       3 the cost alert thresholds (doubles, ppm, ascending; '' for none)
+--         (MODE_CANCEL: the reserve attempt to cancel), how long a settled record is kept (ms;
+--         to answer repeats), the lowest cost alert threshold (ppm); then every threshold
+--         (doubles, ppm, ascending; none: no cost alerts)
 --   MODE_COMMIT also decides cost alerts (alerts.lua) and feeds the anomaly state (anomaly.lua);
 --   the settled record keeps the alerts, so a repeat answers the same.
 --   MODE_CANCEL: a record of that attempt is released; another attempt's record is left alone
@@ -19,7 +19,9 @@
 --   the alerts the commit fired.
 
 local K, R, AK = KEYS[1], KEYS[2], KEYS[3]
-local clock, mode, input, cached, output, attempt = sunpack(SETTLE_ARGS_FORMAT, ARGV[1])
+local args = ARGV[1]
+local clock, mode, input, cached, output, attempt, kept_ms, lowest =
+  sunpack(SETTLE_ARGS_FORMAT, args)
 local now = now_ms(clock)
 
 local raw = redis.call('GET', R)
@@ -28,7 +30,7 @@ if not raw then
   head[SETTLED_STATUS] = SETTLE_NOT_FOUND
   if mode == MODE_CANCEL then
     local barred = record(RECORD_RELEASED, now, 0, 0, 0, 0, 0, 0, 0, 0, attempt, 0)
-    redis.call('SET', R, barred .. '[]', 'PX', ARGV[2])
+    redis.call('SET', R, barred .. '[]', 'PX', ms_text(kept_ms))
     head[SETTLED_STATUS] = SETTLE_APPLIED
   end
   return packed_reply(false, now, '[]', head)
@@ -73,9 +75,9 @@ local x, _, anomaly_raw = load_limits(K, limits, fields, now, unused)
 local n, need = changed_fields(K, limits, deltas, rec.refs, unused, now)
 local extra, fired = false, false
 if mode == MODE_COMMIT then
-  if ARGV[3] and ARGV[3] ~= '' then
+  if #args > SETTLE_ARGS_SIZE then
     local a
-    a, fired = cost_alerts(K, AK, now, limits, ARGV[3])
+    a, fired = cost_alerts(K, AK, now, limits, lowest, args, SETTLE_ARGS_SIZE + 1)
     if a then extra = {'a', a} end
   end
   local st = anomaly_raw and anomaly_state(anomaly_raw, now, false, false)
@@ -108,6 +110,6 @@ if fired and #fired > 0 then
   rec.alerts = table.concat(fired, ',')
   settled = settled .. RECORD_ALERTS_SEPARATOR .. rec.alerts
 end
-redis.call('SET', R, settled, 'PX', ARGV[2])
+redis.call('SET', R, settled, 'PX', ms_text(kept_ms))
 -- (a commit's `u` is what the reply reports; a release's reports no cost, as its `u`)
 return settled_reply(rec, now, SETTLE_APPLIED, false, u, reserved)

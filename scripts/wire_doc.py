@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+import textwrap
 from pathlib import Path
 
 from ratelimitd.quota import wire
@@ -38,6 +39,12 @@ UNITS = {
     "price_input": "micro-USD per 1M tokens", "price_cached_input": "micro-USD per 1M tokens",
     "price_output": "micro-USD per 1M tokens",
     "attempt": "a random whole number < 2^52 naming one reserve attempt (cancel: the attempt)",
+    "record_ttl_ms": "how long the reservation record lives: the ttl plus the commit grace, ms",
+    "others_at": "where the other subjects (JSON) start in the argument, 1-based; after the "
+                 "ANOMALY_ARGS when there are any",
+    "kept_ms": "how long a settled record is kept to answer repeats, ms",
+    "lowest_threshold_ppm": "the lowest cost alert threshold x 10^6 (0: none); all of them, "
+                            "ascending doubles, follow",
     "cached_input_tokens": "tokens", "output_tokens": "tokens (resize: the new output cap)",
     "newest_sub_bucket": "index: floor(ms / sub-bucket width)", "total": "the window's count",
     "newest_count": "the newest sub-bucket's count",
@@ -54,6 +61,8 @@ UNITS = {
     "block_ms": "[anomaly] block_s x 1000",
     "default_requests_per_hour": "the baseline of a subject without history",
     "default_tokens_per_request": "the baseline of a subject without history",
+    "request_spike_blocks": "1: a request spike blocks (action `block`); 0: it alerts",
+    "min_history_hours": "active hours of baseline before any spike decision",
     "hour": "the hour the counts belong to: floor(ms / 3 600 000)",
     "requests": "reserves admitted this hour", "committed_requests": "commits this hour",
     "committed_tokens": "their tokens (input + output)",
@@ -110,12 +119,13 @@ def render() -> str:
             "numbers an opaque tail (reserve: a block's reason; settle: the JSON list of the",
             "reservation's other subjects), then from byte `alerts_at` of the tail the alerts",
             "the call fired: a JSON array of alerts, each the JSON array of its field/value",
-            "strings (`ratelimitd/alerts/record.py`); nothing when none.",
+            "strings (`ratelimitd/quota/alert_record.py`); nothing when none.",
             "", "| position | reserve (`RESERVE_REPLY`) | settle (`SETTLE_REPLY`) |",
             "|---|---|---|"]
     for i, (a, b) in enumerate(zip(wire.RESERVE_REPLY, wire.SETTLE_REPLY, strict=True), 1):
         out.append(f"| {i} | `{a}` | `{b}` |")
-    out += ["", "Reserve statuses: " + _codes((s.name, s.value) for s in wire.ReserveStatus) + ".",
+    out += ["", textwrap.fill("Reserve statuses: "
+                              + _codes((s.name, s.value) for s in wire.ReserveStatus) + ".", 100),
             "Settle statuses: " + _codes((s.name, s.value) for s in wire.SettleStatus) + ".",
             "`denied_limit` is 1-based (0: none); `retry_after_ms` is -1 when the call can never",
             "fit.", "", TAIL]

@@ -79,12 +79,12 @@ class Engine:
         self._specs: dict[Limit, bytes] = {}
         self._denying: dict[str, float] = {}       # subject tag -> until (monotonic s)
         ttl = self.settings.reservation_ttl_ms
-        # times as text: a number passed on to a Redis command costs Lua a printf
-        self._ttl_text = str(ttl)
-        self._record_ttl_text = str(ttl + self.settings.commit_grace_ms)
-        self.compensator = Compensator(self._cancel, (ttl + self.settings.commit_grace_ms) / 1000)
+        self._record_ttl_ms = ttl + self.settings.commit_grace_ms
+        self.compensator = Compensator(self._cancel, self._record_ttl_ms / 1000)
         ppm = sorted({round(t * wire.PPM) for t in self.settings.alert_thresholds})
-        self._thresholds_arg = struct.pack(f"<{len(ppm)}d", *ppm) if ppm else b""
+        # a settle's lowest threshold, then all of them (after its SETTLE_ARGS)
+        self._lowest_threshold = ppm[0] if ppm else 0
+        self._thresholds = struct.pack(f"<{len(ppm)}d", *ppm)
         # ANOMALY_ARGS by ReserveRequest.anomaly (False sends none)
         self._anomaly_args = anomaly_args(self.settings.anomaly)
 
@@ -283,18 +283,20 @@ class Engine:
                       index: int = -1) -> list[Any]:
         req = call.req
         inputs = req.subject_inputs
+        anomaly = self._anomaly_args[req.anomaly] if primary and req.anomaly else b""
+        if req.record_ttl_ms is None:
+            ttl, record_ttl = self.settings.reservation_ttl_ms, self._record_ttl_ms
+        else:
+            ttl = record_ttl = req.record_ttl_ms
         return [
             *call_keys(subject.tag, call.rand),
             wire.RESERVE_ARGS.pack(
-                self._clock_override(), mode,
-                self.settings.reservation_ttl_ms if req.record_ttl_ms is None
-                else req.record_ttl_ms,
+                self._clock_override(), mode, ttl,
                 req.input_tokens if inputs is None or index < 0 else inputs[index], grant,
                 req.min_output_tokens, req.prices.input,
-                req.prices.cached_input, req.prices.output, call.attempt)
-            + (self._anomaly_args[req.anomaly] if primary and req.anomaly else b""),
-            others, self._specs_arg(limits),
-            self._record_ttl_text if req.record_ttl_ms is None else str(req.record_ttl_ms)]
+                req.prices.cached_input, req.prices.output, call.attempt, record_ttl,
+                wire.RESERVE_ARGS.size + len(anomaly) + 1) + anomaly + others.encode(),
+            self._specs_arg(limits)]
 
     async def _precheck(self, call: _Attempt) -> ReserveResult | None:
         """Asks each subject that denied lately (after the first), read-only: a reserve it
@@ -439,8 +441,8 @@ class Engine:
                      cached: int, output: int, attempt: int) -> list[Any]:
         return [*call_keys(tag, rand),
                 wire.SETTLE_ARGS.pack(self._clock_override(), mode, input_tokens, cached, output,
-                                      attempt),
-                self._ttl_text, self._thresholds_arg]
+                                      attempt, self.settings.reservation_ttl_ms,
+                                      self._lowest_threshold) + self._thresholds]
 
     # -- usage -------------------------------------------------------------------------------
 

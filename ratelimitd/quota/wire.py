@@ -114,14 +114,17 @@ SPEC: Final = Format("SPEC", "<8sBBddddd", (
 SPEC_HEAD: Final = Format("SPEC_HEAD", "<8sBBd", ("lid", "algorithm", "metric", "limit"))
 CALENDAR_STARTS: Final = Format("CALENDAR_STARTS", "<dddd", (
     "previous", "current", "next", "after_next"))
-# The numeric arguments of a call, packed (Lua parses a number from a string slowly).
+# The numeric arguments of a call, packed (Lua parses a number from a string slowly), at the
+# head of a call's first argument: Redis makes a Lua string and a table slot of each argument,
+# so what varies per call travels in one (lua/reserve.lua and lua/settle.lua list what follows).
 # clock_ms: a test clock's ms, 0 for Redis TIME; attempt: a random whole number below 2^53
 # naming one reserve attempt, so that cancelling it is exact whatever runs first.
-RESERVE_ARGS: Final = Format("RESERVE_ARGS", "<10d", (
+RESERVE_ARGS: Final = Format("RESERVE_ARGS", "<12d", (
     "clock_ms", "mode", "ttl_ms", "input_tokens", "output_cap", "min_output", "price_input",
-    "price_cached_input", "price_output", "attempt"))
-SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<6d", (
-    "clock_ms", "mode", "input_tokens", "cached_input_tokens", "output_tokens", "attempt"))
+    "price_cached_input", "price_output", "attempt", "record_ttl_ms", "others_at"))
+SETTLE_ARGS: Final = Format("SETTLE_ARGS", "<8d", (
+    "clock_ms", "mode", "input_tokens", "cached_input_tokens", "output_tokens", "attempt",
+    "kept_ms", "lowest_threshold_ppm"))
 # Limit state in the subject hash, one field per limit (see lua/sliding.lua and the others).
 SLIDING_STATE: Final = Format("SLIDING_STATE", "<ddd", ("newest_sub_bucket", "total",
                                                         "newest_count"))

@@ -84,7 +84,7 @@ def test_decoders_read_the_fields_in_their_declared_order(declared: tuple[str, .
 def test_lua_formats_describe_the_same_bytes_as_python() -> None:
     assert wire.SPEC.lua == "<c8BBddddd" and wire.SPEC.size == 50
     assert wire.RECORD.lua == "<c1" + "d" * 11 and wire.RECORD.size == 89
-    assert wire.RESERVE_ARGS.lua == "<" + "d" * 10
+    assert wire.RESERVE_ARGS.lua == "<" + "d" * 12
     assert all(fmt.size == len(fmt.fields) * 8 for fmt in (wire.RESERVE_ARGS, wire.SETTLE_ARGS,
                                                            wire.CALENDAR_STARTS))
 
@@ -99,8 +99,9 @@ async def test_a_reserve_reply_means_what_its_fields_say(redis_client: Redis,
     def args(output_cap: int) -> list[object]:
         return [*keys, wire.RESERVE_ARGS.pack(clock(), wire.ReserveMode.RESERVE, 300_000, 100,
                                               output_cap, 16, PRICES.input, PRICES.cached_input,
-                                              PRICES.output, 12345),
-                "[]", engine._specs_arg([tokens, cap]), "300000", ""]
+                                              PRICES.output, 12345, 300_000,
+                                              wire.RESERVE_ARGS.size + 1) + b"[]",
+                engine._specs_arg([tokens, cap])]
 
     granted = wire.decode_reserve(await engine.scripts.reserve(args(2000)))
     assert granted.status == wire.ReserveStatus.RESERVED
@@ -127,7 +128,7 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     rand = (await engine.ids()).parse(res.reservation_id)[0]  # type: ignore[index]
     reply = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
-        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50, 0), "300000"]))
+        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.COMMIT, 100, 40, 50, 0, 300_000, 0)]))
     assert reply.status == wire.SettleStatus.APPLIED
     assert (reply.input_tokens, reply.cached_input_tokens, reply.output_tokens) == (100, 40, 50)
     assert reply.cost_nano == -(-(60 * PRICES.input + 40 * PRICES.cached_input
@@ -137,5 +138,5 @@ async def test_a_settle_reply_means_what_its_fields_say(redis_client: Redis,
     assert reply.others == b"[]"
     again = wire.decode_settle(await engine.scripts.settle([
         2, "rl:{user:u1}", f"rl:{{user:u1}}:r:{rand}",
-        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0, 0), "300000"]))
+        wire.SETTLE_ARGS.pack(clock(), wire.SettleMode.RELEASE, 0, 0, 0, 0, 300_000, 0)]))
     assert again.status == wire.SettleStatus.CONFLICT
