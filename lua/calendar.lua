@@ -60,13 +60,20 @@ local function calendar_fields(lim, out, n, now)
   return n + 2, lim[STOP] - now
 end
 
--- A reserve's charge: calendar_add(lim, amount, false), to the current period START (which
--- charge_refs records for settle), with its field appended to out (no `out`: a dry run).
--- Returns the new n, calendar_ttl's, what remains and calendar_reset's (see sliding_charge).
+-- A reserve's charge: calendar_add(lim, amount, false) and calendar_fields, inline (a Lua call
+-- costs more), to the current period START (which charge_refs records for settle), with its
+-- field appended to out (no `out`: a dry run). Returns the new n, calendar_ttl's, what remains
+-- and calendar_reset's (see sliding_charge).
 local function calendar_charge(lim, amount, out, n, now)
-  if calendar_add(lim, amount, false) and out then n = calendar_fields(lim, out, n, now) end
-  local left = lim[STOP] - now
-  return n, left, lim[CAP] - lim[USED], left
+  local left, used = lim[STOP] - now, lim[USED]
+  if not lim[STALE] then
+    used = max(0, used + amount)
+    lim[USED] = used
+    if out then
+      out[n + 1], out[n + 2], n = lim[LID], spack(PAIR_FORMAT, lim[START], used), n + 2
+    end
+  end
+  return n, left, lim[CAP] - used, left
 end
 
 local function calendar_ttl(lim, now)
