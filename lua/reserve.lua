@@ -64,8 +64,8 @@ if mode ~= MODE_DRY_RUN and mode ~= MODE_RESERVE then
     return packed_reply(limits, now, false, head)
   end
   local live = rec and rec.state ~= RECORD_RELEASED and rec.expires > now
-  if live and mode == MODE_RETRY and (rec.others ~= args:sub(others_at) or rec.input ~= input)
-  then
+  if live and mode == MODE_RETRY
+     and (rec.others ~= args:sub(others_at) or rec.input ~= input) then
     -- the key's first reserve was another request (other subjects, other input): no retry
     -- of this one can ever be answered with it
     head[REPLY_STATUS] = RESERVE_REUSED
