@@ -15,7 +15,8 @@
 -- bit per threshold (in the order the thresholds are sent, ascending). A mark of a newer
 -- period (Redis time stepped back) is kept, and fires nothing meanwhile.
 
--- Severities of a threshold, as alert_record.py's severity_for: from 1.0 `limit`, from 0.8 `critical`
+-- Severities of a threshold, as alert_record.py's severity_for: from 1.0 `limit`, from 0.8
+-- `critical`
 local LIMIT_PPM, CRITICAL_PPM = 1000000, 800000
 
 -- Integers as text: Lua's own number formatting keeps 14 digits; a budget has up to 17.

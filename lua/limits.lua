@@ -38,13 +38,12 @@ end
 -- reserve.lua and packed_reply (Redis runs one call at a time)
 local SHADOW = false
 
--- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b`
--- and `n`, then each limit's state). Every call of one tier and subject kind sends the same blob (until a
--- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed
--- once. Each call with the blob uses the same limit arrays (Redis runs one call at a time):
--- each algorithm's load resets every entry a call sets, so a call starts from the specs alone,
--- as after a fresh parse. Copying the arrays instead costs allocation and garbage
--- (docs/performance.md).
+-- Limits parsed from a spec blob, by blob, with the fields load_limits reads (K's `x`, `b` and `n`,
+-- then each limit's state). Every call of one tier and subject kind sends the same blob (until a
+-- calendar period ends), and a settle finds it in the reservation record, so a blob is parsed once.
+-- Each call with the blob uses the same limit arrays (Redis runs one call at a time): each
+-- algorithm's load resets every entry a call sets, so a call starts from the specs alone, as after
+-- a fresh parse. Copying the arrays instead costs allocation and garbage (docs/performance.md).
 local PARSED, nparsed = {}, 0
 local function limits_of(blob)
   local parsed = PARSED[blob]
@@ -67,7 +66,7 @@ local MISSING_B, MISSING_N = false, false
 
 -- Reads every limit's state (one HMGET of `fields`, from limits_of(), and one more for windows
 -- that moved on) and brings it to `now`, in memory (changed_fields() or charge_limits(), then
--- store_fields(), write what changed). Sets USED of each limit; returns K's `x` (its expiry, 0
+-- store_fields(), writes what changed). Sets USED of each limit; returns K's `x` (its expiry, 0
 -- when unknown), then `b` (a block) and `n` (anomaly state), raw. `unused`: false, or by limit
 -- index whether the call neither changes nor reports the limit's usage: such a limit is not
 -- loaded at all. Returns, last, whether a calendar limit found Redis time outside the periods

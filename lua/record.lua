@@ -1,16 +1,16 @@
 -- record.lua: the reservation record R, kept beside the subject hash in its hash slot.
 --
--- R = RECORD(state, expires, input, output, prices, actual usage, attempt, n), then for each of the n
--- charged limits the sub-bucket or period it charged (a double), then the limit specs as the
--- reserve got them, then the other subjects (the rest). The amounts charged follow from the
--- record (input, output, prices), so they are not kept. A settled record keeps no charges: it
--- only answers repeats. `attempt` names the reserve attempt that wrote the record: cancelling
--- that attempt (settle's MODE_CANCEL) refunds it, and a cancel that runs first leaves a released
--- record with that attempt, which the attempt's late reserve finds and then charges nothing.
--- A record outlives its expiry by the commit grace, so a late commit still charges the actual
--- usage. A settled record keeps, after the other subjects and RECORD_ALERTS_SEPARATOR, the
--- alerts its commit fired (comma-joined JSON), so a repeated commit answers them again.
--- (Layout: RECORD in ratelimitd/quota/wire.py, docs/wire.md.)
+-- R = RECORD(state, expires, input, output, prices, actual usage, attempt, n), then for each of the
+-- n charged limits the sub-bucket or period it charged (a double), then the limit specs as the
+-- reserve got them, then the other subjects (the rest). The amounts charged follow from the record
+-- (input, output, prices), so they are not kept. A settled record keeps no charges: it only answers
+-- repeats. `attempt` names the reserve attempt that wrote the record: cancelling that attempt
+-- (settle's MODE_CANCEL) refunds it, and a cancel that runs first leaves a released record with
+-- that attempt, which the attempt's late reserve finds and then charges nothing. A record outlives
+-- its expiry by the commit grace, so a late commit still charges the actual usage. A settled record
+-- keeps, after the other subjects and RECORD_ALERTS_SEPARATOR, the alerts its commit fired
+-- (comma-joined JSON), so a repeated commit answers them again. (Layout: RECORD in
+-- ratelimitd/quota/wire.py, docs/wire.md.)
 
 local RECORDS = {}
 -- The sub-bucket or period each limit of a reserve charged, for its record: one table for
